@@ -1,0 +1,240 @@
+//! The one error table.
+//!
+//! Every error a client or a peer role can see has an [`ErrorCode`]. This table is the only place
+//! that decides its HTTP status, its gRPC code and whether a retry can help. Clients get
+//! `{"error":{"code":"…","message":"…"}}`; internal details stay in the log.
+
+use axum::Json;
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+
+/// Machine-readable error kinds, stable on the wire (their `as_str` is part of the API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is malformed (bad query parameter, bad multipart body, …).
+    BadRequest,
+    /// No or unknown API key.
+    Unauthorized,
+    /// The key is known but may not do this.
+    Forbidden,
+    /// No such job, result or route.
+    NotFound,
+    /// The method is not allowed on this route.
+    MethodNotAllowed,
+    /// The resource exists but is not in the right state (e.g. result not ready yet).
+    NotReady,
+    /// An idempotency key was reused with a different request.
+    IdempotencyConflict,
+    /// The request body is larger than allowed.
+    PayloadTooLarge,
+    /// The image has more pixels or a longer side than allowed.
+    ImageTooLarge,
+    /// The bytes are not an image format pixmesh accepts.
+    UnsupportedFormat,
+    /// The image could not be decoded (corrupt, truncated).
+    CorruptImage,
+    /// The image is decodable but breaks a processing limit (frames, scans, …).
+    LimitExceeded,
+    /// Too many requests for this key.
+    RateLimited,
+    /// A dependency is down or full; retry later.
+    Unavailable,
+    /// The work did not finish within its deadline.
+    Timeout,
+    /// A bug or an unexpected failure inside pixmesh.
+    Internal,
+}
+
+/// One row of the table.
+struct Row {
+    code: ErrorCode,
+    name: &'static str,
+    http: StatusCode,
+    grpc: tonic::Code,
+    /// True when trying again (maybe elsewhere) can succeed.
+    retryable: bool,
+}
+
+const TABLE: &[Row] = &[
+    Row { code: ErrorCode::BadRequest, name: "bad_request", http: StatusCode::BAD_REQUEST, grpc: tonic::Code::InvalidArgument, retryable: false },
+    Row { code: ErrorCode::Unauthorized, name: "unauthorized", http: StatusCode::UNAUTHORIZED, grpc: tonic::Code::Unauthenticated, retryable: false },
+    Row { code: ErrorCode::Forbidden, name: "forbidden", http: StatusCode::FORBIDDEN, grpc: tonic::Code::PermissionDenied, retryable: false },
+    Row { code: ErrorCode::NotFound, name: "not_found", http: StatusCode::NOT_FOUND, grpc: tonic::Code::NotFound, retryable: false },
+    Row { code: ErrorCode::MethodNotAllowed, name: "method_not_allowed", http: StatusCode::METHOD_NOT_ALLOWED, grpc: tonic::Code::Unimplemented, retryable: false },
+    Row { code: ErrorCode::NotReady, name: "not_ready", http: StatusCode::CONFLICT, grpc: tonic::Code::FailedPrecondition, retryable: true },
+    Row { code: ErrorCode::IdempotencyConflict, name: "idempotency_conflict", http: StatusCode::UNPROCESSABLE_ENTITY, grpc: tonic::Code::AlreadyExists, retryable: false },
+    Row { code: ErrorCode::PayloadTooLarge, name: "payload_too_large", http: StatusCode::PAYLOAD_TOO_LARGE, grpc: tonic::Code::OutOfRange, retryable: false },
+    Row { code: ErrorCode::ImageTooLarge, name: "image_too_large", http: StatusCode::PAYLOAD_TOO_LARGE, grpc: tonic::Code::OutOfRange, retryable: false },
+    Row { code: ErrorCode::UnsupportedFormat, name: "unsupported_format", http: StatusCode::UNSUPPORTED_MEDIA_TYPE, grpc: tonic::Code::InvalidArgument, retryable: false },
+    Row { code: ErrorCode::CorruptImage, name: "corrupt_image", http: StatusCode::UNPROCESSABLE_ENTITY, grpc: tonic::Code::InvalidArgument, retryable: false },
+    Row { code: ErrorCode::LimitExceeded, name: "limit_exceeded", http: StatusCode::UNPROCESSABLE_ENTITY, grpc: tonic::Code::FailedPrecondition, retryable: false },
+    Row { code: ErrorCode::RateLimited, name: "rate_limited", http: StatusCode::TOO_MANY_REQUESTS, grpc: tonic::Code::ResourceExhausted, retryable: true },
+    Row { code: ErrorCode::Unavailable, name: "unavailable", http: StatusCode::SERVICE_UNAVAILABLE, grpc: tonic::Code::Unavailable, retryable: true },
+    Row { code: ErrorCode::Timeout, name: "timeout", http: StatusCode::GATEWAY_TIMEOUT, grpc: tonic::Code::DeadlineExceeded, retryable: true },
+    Row { code: ErrorCode::Internal, name: "internal", http: StatusCode::INTERNAL_SERVER_ERROR, grpc: tonic::Code::Internal, retryable: true },
+];
+
+impl ErrorCode {
+    /// Every code, in table order.
+    pub fn all() -> impl Iterator<Item = ErrorCode> {
+        TABLE.iter().map(|row| row.code)
+    }
+
+    fn row(self) -> &'static Row {
+        // The table has exactly one row per variant (checked by a test); fall back to the
+        // `internal` row rather than panicking in service code.
+        TABLE.iter().find(|row| row.code == self).unwrap_or(&TABLE[TABLE.len() - 1])
+    }
+
+    /// The stable wire name, e.g. `image_too_large`.
+    pub fn as_str(self) -> &'static str {
+        self.row().name
+    }
+
+    /// Parses a wire name back into a code.
+    pub fn parse(name: &str) -> Option<ErrorCode> {
+        TABLE.iter().find(|row| row.name == name).map(|row| row.code)
+    }
+
+    pub fn http_status(self) -> StatusCode {
+        self.row().http
+    }
+
+    pub fn grpc_code(self) -> tonic::Code {
+        self.row().grpc
+    }
+
+    /// True when a retry (possibly on another instance) can succeed.
+    pub fn is_retryable(self) -> bool {
+        self.row().retryable
+    }
+
+    /// The code to assume for a gRPC status that carries no pixmesh code
+    /// (transport failures, deadline exceeded, a crashed peer).
+    pub fn from_grpc(code: tonic::Code) -> ErrorCode {
+        match code {
+            tonic::Code::DeadlineExceeded => ErrorCode::Timeout,
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Aborted => ErrorCode::Unavailable,
+            tonic::Code::ResourceExhausted => ErrorCode::RateLimited,
+            tonic::Code::InvalidArgument => ErrorCode::BadRequest,
+            tonic::Code::NotFound => ErrorCode::NotFound,
+            tonic::Code::Unauthenticated => ErrorCode::Unauthorized,
+            tonic::Code::PermissionDenied => ErrorCode::Forbidden,
+            tonic::Code::OutOfRange => ErrorCode::PayloadTooLarge,
+            tonic::Code::FailedPrecondition => ErrorCode::LimitExceeded,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error as a client sees it: a code from the table and a message that says what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// Seconds after which a retry makes sense (sent as `Retry-After`).
+    pub retry_after_secs: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError { code, message: message.into(), retry_after_secs: None }
+    }
+
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
+    }
+
+    /// The JSON body: `{"error":{"code":"…","message":"…"}}`.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({ "error": { "code": self.code.as_str(), "message": self.message } })
+    }
+
+    /// As a gRPC status, with the pixmesh code in the `x-pixmesh-error` metadata entry.
+    pub fn to_grpc_status(&self) -> tonic::Status {
+        let mut status = tonic::Status::new(self.code.grpc_code(), self.message.clone());
+        if let Ok(value) = self.code.as_str().parse() {
+            status.metadata_mut().insert(GRPC_ERROR_METADATA, value);
+        }
+        status
+    }
+
+    /// Reads a gRPC status back into an [`ApiError`], preferring the pixmesh code it carries.
+    pub fn from_grpc_status(status: &tonic::Status) -> ApiError {
+        let code = status
+            .metadata()
+            .get(GRPC_ERROR_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(ErrorCode::parse)
+            .unwrap_or_else(|| ErrorCode::from_grpc(status.code()));
+        ApiError::new(code, status.message().to_string())
+    }
+}
+
+/// Metadata key that carries the pixmesh error code on a gRPC error.
+pub const GRPC_ERROR_METADATA: &str = "x-pixmesh-error";
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.code.http_status(), Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after_secs
+            && let Ok(value) = http::HeaderValue::from_str(&secs.to_string())
+        {
+            response.headers_mut().insert(http::header::RETRY_AFTER, value);
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn table_has_one_row_per_code_and_unique_names() {
+        let codes: HashSet<_> = TABLE.iter().map(|r| r.code).collect();
+        let names: HashSet<_> = TABLE.iter().map(|r| r.name).collect();
+        assert_eq!(codes.len(), TABLE.len());
+        assert_eq!(names.len(), TABLE.len());
+        for row in TABLE {
+            assert_eq!(row.code.as_str(), row.name);
+            assert_eq!(ErrorCode::parse(row.name), Some(row.code));
+            // serde and the table agree on the wire name.
+            assert_eq!(serde_json::to_value(row.code).unwrap(), serde_json::Value::String(row.name.into()));
+        }
+    }
+
+    #[test]
+    fn image_errors_map_to_client_statuses() {
+        let check = |code: ErrorCode, http: u16, retry: bool| {
+            assert_eq!(code.http_status().as_u16(), http, "{code}");
+            assert_eq!(code.is_retryable(), retry, "{code}");
+        };
+        check(ErrorCode::UnsupportedFormat, 415, false);
+        check(ErrorCode::ImageTooLarge, 413, false);
+        check(ErrorCode::CorruptImage, 422, false);
+        check(ErrorCode::Unavailable, 503, true);
+        check(ErrorCode::NotReady, 409, true);
+    }
+
+    #[test]
+    fn grpc_round_trip_keeps_the_pixmesh_code() {
+        let err = ApiError::new(ErrorCode::CorruptImage, "truncated JPEG");
+        let back = ApiError::from_grpc_status(&err.to_grpc_status());
+        assert_eq!(back, err);
+        // A status without metadata falls back on its gRPC code.
+        let bare = tonic::Status::unavailable("connection reset");
+        assert_eq!(ApiError::from_grpc_status(&bare).code, ErrorCode::Unavailable);
+    }
+}

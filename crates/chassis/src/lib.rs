@@ -1,0 +1,21 @@
+//! The pixmesh microservice chassis: what every role shares.
+//!
+//! - [`config`]: typed configuration from file + environment + flags, unknown keys rejected.
+//! - [`error`]: the one table that maps error kinds to HTTP status, gRPC code and retryability.
+//! - [`telemetry`]: structured logs and the Prometheus metrics recorder.
+//! - [`admin`]: the admin listener with `/healthz`, `/readyz` and `/metrics`.
+//! - [`shutdown`]: one shutdown path, driven by SIGINT/SIGTERM or by the caller.
+//! - [`announce`]: the line a role prints when it listens, so supervisors and tests learn its ports.
+//! - [`serve`]: serving an axum router on an already-bound listener until shutdown.
+
+pub mod admin;
+pub mod announce;
+pub mod config;
+pub mod error;
+pub mod serve;
+pub mod shutdown;
+pub mod telemetry;
+pub mod time;
+
+pub use error::{ApiError, ErrorCode};
+pub use shutdown::Shutdown;

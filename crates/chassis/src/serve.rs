@@ -1,0 +1,50 @@
+//! Serving an axum router on an already-bound listener until shutdown, then draining.
+
+use crate::admin::{self, Readiness};
+use crate::shutdown::Shutdown;
+use axum::Router;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// Serves `app` on `listener` until `shutdown` fires; in-flight requests then get `grace` to finish.
+pub async fn http(name: &'static str, listener: TcpListener, app: Router, shutdown: Shutdown, grace: Duration) -> std::io::Result<()> {
+    let local = listener.local_addr()?;
+    tracing::info!(listener = name, addr = %local, "serving");
+    let stop = shutdown.wait_owned();
+    let server = axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).with_graceful_shutdown(stop);
+    let drained = async move { server.await };
+    // The server future completes only after in-flight requests finish; bound that by `grace`
+    // once shutdown has started.
+    tokio::pin!(drained);
+    tokio::select! {
+        res = &mut drained => res,
+        _ = async { shutdown.wait().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(listener = name, grace_ms = grace.as_millis() as u64, "grace period over; closing remaining connections");
+            Ok(())
+        }
+    }
+}
+
+/// A running admin listener. It keeps answering while the role drains (with `/readyz` = 503),
+/// and stops when the role calls [`AdminServer::stop`] at the very end.
+pub struct AdminServer {
+    stop: Shutdown,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl AdminServer {
+    pub async fn stop(self) {
+        self.stop.trigger();
+        let _ = self.task.await;
+    }
+}
+
+/// Spawns the admin listener of a role. `shutdown` is the role's: readiness turns off with it.
+pub fn admin(role: &'static str, listener: TcpListener, readiness: Readiness, shutdown: Shutdown) -> AdminServer {
+    let app = admin::router(role, readiness, shutdown);
+    let stop = Shutdown::new();
+    let serving = stop.clone();
+    let task = tokio::spawn(async move { http("admin", listener, app, serving, Duration::from_millis(100)).await });
+    AdminServer { stop, task }
+}

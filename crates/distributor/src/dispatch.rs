@@ -1,0 +1,200 @@
+use crate::DistributorConfig;
+use crate::workers::WorkerSet;
+use bytes::Bytes;
+use pixmesh_chassis::{ApiError, ErrorCode, Shutdown};
+use pixmesh_proto::v1::{Operations, ProcessRequest};
+use pixmesh_store::{Job, JobError, JobResult, StoreError, Stores};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+/// How long a try waits for a worker with a free slot before giving up on this claim.
+const WAIT_FOR_WORKER: Duration = Duration::from_secs(3);
+
+#[derive(Clone)]
+pub struct Dispatcher {
+    config: DistributorConfig,
+    stores: Stores,
+    workers: WorkerSet,
+    owner: Arc<str>,
+}
+
+fn ops(job: &Job) -> Operations {
+    let o = &job.options;
+    Operations {
+        width: o.width.unwrap_or(0),
+        height: o.height.unwrap_or(0),
+        fit: o.fit.as_str().into(),
+        format: o.format.as_str().into(),
+        quality: o.quality.map(u32::from).unwrap_or(0),
+        enlarge: o.enlarge,
+    }
+}
+
+fn job_error(e: &ApiError) -> JobError {
+    JobError { code: e.code.as_str().to_string(), message: e.message.clone() }
+}
+
+impl Dispatcher {
+    pub fn new(config: DistributorConfig, stores: Stores, workers: WorkerSet, owner: String) -> Dispatcher {
+        Dispatcher { config, stores, workers, owner: owner.into() }
+    }
+
+    /// Claims and dispatches jobs until `shutdown`; then waits (within the grace period) for the
+    /// jobs in flight. A job still unfinished after that keeps its lease until it expires and is
+    /// claimed again: nothing is lost.
+    pub async fn run(&self, shutdown: Shutdown) {
+        let slots = Arc::new(Semaphore::new(self.config.concurrency));
+        let poll = Duration::from_millis(self.config.poll_interval_ms);
+        let lease = Duration::from_millis(self.config.lease_ms);
+        let mut tasks = JoinSet::new();
+        loop {
+            while tasks.try_join_next().is_some() {}
+            let permit = tokio::select! {
+                p = Arc::clone(&slots).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = shutdown.wait() => break,
+            };
+            if !self.workers.has_free_slot() {
+                drop(permit);
+                tokio::select! {
+                    _ = tokio::time::sleep(poll) => continue,
+                    _ = shutdown.wait() => break,
+                }
+            }
+            match self.stores.jobs.claim(&self.owner, lease, self.config.max_attempts).await {
+                Ok(Some(job)) => {
+                    metrics::counter!("pixmesh_distributor_claims_total").increment(1);
+                    let this = self.clone();
+                    tasks.spawn(async move {
+                        this.handle(job).await;
+                        drop(permit);
+                    });
+                }
+                Ok(None) => {
+                    drop(permit);
+                    tokio::select! {
+                        _ = tokio::time::sleep(poll) => {}
+                        _ = shutdown.wait() => break,
+                    }
+                }
+                Err(e) => {
+                    drop(permit);
+                    tracing::error!(error = %e, "claim failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(poll * 10) => {}
+                        _ = shutdown.wait() => break,
+                    }
+                }
+            }
+        }
+        tracing::info!(in_flight = tasks.len(), "distributor draining");
+        let grace = Duration::from_millis(self.config.drain_grace_ms);
+        let drained = pixmesh_chassis::shutdown::drain_within("distributor jobs", grace, async { while tasks.join_next().await.is_some() {} }).await;
+        if drained.is_none() {
+            tasks.abort_all();
+        }
+    }
+
+    /// Runs one claimed job to a terminal state or back to the queue.
+    pub async fn handle(&self, job: Job) {
+        let started = Instant::now();
+        let outcome = self.try_workers(&job).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let label = match &outcome {
+            Ok(Outcome::Succeeded) => "succeeded",
+            Ok(Outcome::Failed) => "failed",
+            Ok(Outcome::Released) => "released",
+            Err(StoreError::Fenced { .. }) => "fenced",
+            Err(_) => "store_error",
+        };
+        metrics::counter!("pixmesh_distributor_jobs_total", "outcome" => label).increment(1);
+        metrics::histogram!("pixmesh_distributor_job_seconds").record(elapsed);
+        match outcome {
+            Ok(_) => {}
+            Err(StoreError::Fenced { id, attempt }) => {
+                tracing::warn!(job = %id, attempt, "result dropped: this attempt no longer holds the job");
+            }
+            Err(e) => tracing::error!(job = %job.id, attempt = job.attempt, error = %e, "job store error; the lease will expire and the job will be claimed again"),
+        }
+    }
+
+    async fn try_workers(&self, job: &Job) -> Result<Outcome, StoreError> {
+        let jobs = &self.stores.jobs;
+        let Some(input) = self.stores.blobs.get(&job.input.digest).await? else {
+            let error = JobError { code: ErrorCode::Internal.as_str().into(), message: "the uploaded image is missing from the blob store".into() };
+            jobs.fail(&job.id, job.attempt, &error).await?;
+            return Ok(Outcome::Failed);
+        };
+        let lease = Duration::from_millis(self.config.lease_ms);
+        let mut tried: Vec<String> = Vec::new();
+        let mut last_error = ApiError::new(ErrorCode::Unavailable, "no image worker is available");
+        for _ in 0..self.config.tries_per_claim {
+            let Some(slot) = self.wait_for_worker(&tried).await else { break };
+            let endpoint = Arc::clone(slot.endpoint());
+            jobs.extend_lease(&job.id, job.attempt, lease).await?;
+            match self.call(&endpoint.client(), job, input.clone()).await {
+                Ok(response) => {
+                    drop(slot);
+                    let blob = self.stores.blobs.put(response.image).await?;
+                    let result = JobResult { blob, format: response.format, content_type: response.content_type, width: response.width, height: response.height };
+                    jobs.succeed(&job.id, job.attempt, &result).await?;
+                    tracing::info!(job = %job.id, attempt = job.attempt, worker = %endpoint.address, width = result.width, height = result.height, "job succeeded");
+                    return Ok(Outcome::Succeeded);
+                }
+                Err(error) if !error.code.is_retryable() => {
+                    jobs.fail(&job.id, job.attempt, &job_error(&error)).await?;
+                    tracing::info!(job = %job.id, attempt = job.attempt, code = %error.code, reason = %error.message, "job failed");
+                    return Ok(Outcome::Failed);
+                }
+                Err(error) => {
+                    tracing::warn!(job = %job.id, attempt = job.attempt, worker = %endpoint.address, code = %error.code, reason = %error.message, "worker call failed; trying another worker");
+                    metrics::counter!("pixmesh_distributor_worker_failures_total", "code" => error.code.as_str()).increment(1);
+                    jobs.record_retry(&job.id, job.attempt, &endpoint.address, &job_error(&error)).await?;
+                    tried.push(endpoint.address.clone());
+                    last_error = error;
+                }
+            }
+        }
+        let delay = Duration::from_millis(self.config.retry_delay_ms);
+        jobs.release(&job.id, job.attempt, &job_error(&last_error), delay).await?;
+        Ok(Outcome::Released)
+    }
+
+    async fn wait_for_worker(&self, exclude: &[String]) -> Option<crate::workers::SlotGuard> {
+        let deadline = Instant::now() + WAIT_FOR_WORKER;
+        loop {
+            if let Some(slot) = self.workers.acquire(exclude) {
+                return Some(slot);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn call(
+        &self,
+        client: &pixmesh_proto::v1::image_worker_client::ImageWorkerClient<tonic::transport::Channel>,
+        job: &Job,
+        input: Bytes,
+    ) -> Result<pixmesh_proto::v1::ProcessResponse, ApiError> {
+        let deadline = self.workers.call_timeout();
+        let mut request = tonic::Request::new(ProcessRequest { job_id: job.id.clone(), attempt: job.attempt, image: input, ops: Some(ops(job)) });
+        // Sent to the worker as `grpc-timeout`.
+        request.set_timeout(deadline);
+        let mut client = client.clone();
+        match tokio::time::timeout(deadline + Duration::from_millis(100), client.process(request)).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(ApiError::from_grpc_status(&status)),
+            Err(_) => Err(ApiError::new(ErrorCode::Timeout, format!("worker did not answer within {} ms", deadline.as_millis()))),
+        }
+    }
+}
+
+enum Outcome {
+    Succeeded,
+    Failed,
+    Released,
+}

@@ -1,0 +1,394 @@
+//! decode under limits → orient → resize → encode.
+
+use crate::error::ImagingError;
+use crate::options::{Fit, Limits, Options, OutputFormat};
+use crate::sniff::{Format, sniff};
+use fast_image_resize as fir;
+use image::codecs::jpeg::JpegEncoder;
+use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
+use image::codecs::webp::WebPEncoder;
+use image::{DynamicImage, ExtendedColorType, ImageDecoder, ImageEncoder, ImageError, ImageReader};
+use std::io::Cursor;
+
+const DEFAULT_JPEG_QUALITY: u8 = 80;
+
+/// An encoded result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    pub bytes: Vec<u8>,
+    pub width: u32,
+    pub height: u32,
+    pub format: Format,
+}
+
+/// What the header says, checked against the limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    pub format: Format,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Reads only the header: format, dimensions, limits. Allocates no pixel buffer.
+pub fn probe(bytes: &[u8], limits: &Limits) -> Result<Probe, ImagingError> {
+    let (format, decoder) = open(bytes, limits)?;
+    let (width, height) = decoder.dimensions();
+    Ok(Probe { format, width, height })
+}
+
+/// Runs the whole pipeline on `bytes`.
+pub fn process(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Output, ImagingError> {
+    options.validate()?;
+    let (format, mut decoder) = open(bytes, limits)?;
+    // A broken EXIF block must not fail the image: orientation then defaults to "as stored".
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?;
+    img.apply_orientation(orientation);
+
+    let output_format = match options.format {
+        OutputFormat::Jpeg => Format::Jpeg,
+        OutputFormat::Png => Format::Png,
+        OutputFormat::Webp => Format::Webp,
+        OutputFormat::Same => match format {
+            Format::Jpeg | Format::Png | Format::Webp => format,
+            Format::Gif | Format::Bmp | Format::Tiff => Format::Png,
+        },
+    };
+    let keep_alpha = img.color().has_alpha() && output_format != Format::Jpeg;
+    let pixels = Pixels::from_image(img, keep_alpha);
+    let plan = Plan::new(pixels.width, pixels.height, options);
+    let resized = resize(&pixels, &plan)?;
+    let framed = match plan.canvas {
+        Some((cw, ch)) => pad(resized, cw, ch, output_format == Format::Jpeg),
+        None => resized,
+    };
+    let bytes = encode(&framed, output_format, options.quality)?;
+    Ok(Output { bytes, width: framed.width, height: framed.height, format: output_format })
+}
+
+fn open<'a>(bytes: &'a [u8], limits: &Limits) -> Result<(Format, impl ImageDecoder + 'a), ImagingError> {
+    if bytes.len() > limits.max_input_bytes {
+        return Err(ImagingError::InputTooLarge { bytes: bytes.len(), max_bytes: limits.max_input_bytes });
+    }
+    let format = sniff(bytes).ok_or_else(|| {
+        ImagingError::UnsupportedFormat("the bytes are not JPEG, PNG, WebP, GIF, BMP or TIFF".to_string())
+    })?;
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format.to_image_format());
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_image_width = Some(limits.max_side);
+    decoder_limits.max_image_height = Some(limits.max_side);
+    // Decoded pixels (up to 4 channels of 16 bits) plus working space.
+    decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    reader.limits(decoder_limits);
+    let decoder = reader.into_decoder().map_err(|e| decode_error(format, e))?;
+    let (width, height) = decoder.dimensions();
+    check_dimensions(width, height, limits)?;
+    Ok((format, decoder))
+}
+
+fn check_dimensions(width: u32, height: u32, limits: &Limits) -> Result<(), ImagingError> {
+    let pixels = u64::from(width) * u64::from(height);
+    if width > limits.max_side || height > limits.max_side || pixels > limits.max_pixels {
+        return Err(ImagingError::TooLarge { width, height, pixels, max_pixels: limits.max_pixels, max_side: limits.max_side });
+    }
+    if width == 0 || height == 0 {
+        return Err(ImagingError::Corrupt { format: Format::Png, reason: format!("image has no pixels ({width}x{height})") });
+    }
+    Ok(())
+}
+
+fn decode_error(format: Format, err: ImageError) -> ImagingError {
+    match err {
+        ImageError::Limits(e) => ImagingError::LimitExceeded(e.to_string()),
+        ImageError::Unsupported(e) => ImagingError::UnsupportedFormat(format!("{format}: {e}")),
+        ImageError::Decoding(e) => ImagingError::Corrupt { format, reason: e.to_string() },
+        ImageError::IoError(e) => ImagingError::Corrupt { format, reason: format!("truncated or unreadable data: {e}") },
+        ImageError::Parameter(e) => ImagingError::Corrupt { format, reason: e.to_string() },
+        ImageError::Encoding(e) => ImagingError::Corrupt { format, reason: e.to_string() },
+    }
+}
+
+/// 8-bit interleaved pixels, RGB or RGBA.
+struct Pixels {
+    width: u32,
+    height: u32,
+    alpha: bool,
+    data: Vec<u8>,
+}
+
+impl Pixels {
+    fn from_image(img: DynamicImage, keep_alpha: bool) -> Pixels {
+        let (width, height) = (img.width(), img.height());
+        if keep_alpha {
+            Pixels { width, height, alpha: true, data: img.into_rgba8().into_raw() }
+        } else if img.color().has_alpha() {
+            // JPEG has no alpha: composite over white rather than letting transparent pixels
+            // turn black.
+            let rgba = img.into_rgba8();
+            let mut data = Vec::with_capacity(width as usize * height as usize * 3);
+            for px in rgba.pixels() {
+                let a = u16::from(px[3]);
+                for c in 0..3 {
+                    let v = (u16::from(px[c]) * a + 255 * (255 - a) + 127) / 255;
+                    data.push(v as u8);
+                }
+            }
+            Pixels { width, height, alpha: false, data }
+        } else {
+            Pixels { width, height, alpha: false, data: img.into_rgb8().into_raw() }
+        }
+    }
+
+    fn pixel_type(&self) -> fir::PixelType {
+        if self.alpha { fir::PixelType::U8x4 } else { fir::PixelType::U8x3 }
+    }
+
+    fn channels(&self) -> usize {
+        if self.alpha { 4 } else { 3 }
+    }
+}
+
+/// Where the pixels go: the resized size, an optional centred source crop (cover) and an
+/// optional canvas to pad to (contain).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Plan {
+    width: u32,
+    height: u32,
+    crop: Option<(f64, f64, f64, f64)>,
+    canvas: Option<(u32, u32)>,
+}
+
+fn scaled(side: u32, scale: f64) -> u32 {
+    ((f64::from(side) * scale).round() as u32).max(1)
+}
+
+impl Plan {
+    fn new(src_w: u32, src_h: u32, o: &Options) -> Plan {
+        let (fw, fh) = (f64::from(src_w), f64::from(src_h));
+        let cap = |scale: f64| if o.enlarge { scale } else { scale.min(1.0) };
+        let keep = Plan { width: src_w, height: src_h, crop: None, canvas: None };
+        match (o.width, o.height) {
+            (None, None) => keep,
+            (Some(w), None) => {
+                let s = cap(f64::from(w) / fw);
+                Plan { width: scaled(src_w, s), height: scaled(src_h, s), ..keep }
+            }
+            (None, Some(h)) => {
+                let s = cap(f64::from(h) / fh);
+                Plan { width: scaled(src_w, s), height: scaled(src_h, s), ..keep }
+            }
+            (Some(w), Some(h)) => match o.fit {
+                Fit::Fill => {
+                    let (w, h) = if o.enlarge { (w, h) } else { (w.min(src_w), h.min(src_h)) };
+                    Plan { width: w, height: h, ..keep }
+                }
+                Fit::Inside | Fit::Contain => {
+                    let s = cap((f64::from(w) / fw).min(f64::from(h) / fh));
+                    let canvas = (o.fit == Fit::Contain).then_some((w, h));
+                    Plan { width: scaled(src_w, s).min(w), height: scaled(src_h, s).min(h), canvas, ..keep }
+                }
+                Fit::Cover => {
+                    // Without enlargement, shrink the box (same aspect) until it fits the source.
+                    let shrink = if o.enlarge { 1.0 } else { (fw / f64::from(w)).min(fh / f64::from(h)).min(1.0) };
+                    let (bw, bh) = (scaled(w, shrink), scaled(h, shrink));
+                    let target_aspect = f64::from(bw) / f64::from(bh);
+                    let (cw, ch) = if fw / fh > target_aspect { (fh * target_aspect, fh) } else { (fw, fw / target_aspect) };
+                    let crop = Some(((fw - cw) / 2.0, (fh - ch) / 2.0, cw, ch));
+                    Plan { width: bw, height: bh, crop, canvas: None }
+                }
+            },
+        }
+    }
+}
+
+fn resize(src: &Pixels, plan: &Plan) -> Result<Pixels, ImagingError> {
+    if plan.width == src.width && plan.height == src.height && plan.crop.is_none() {
+        return Ok(Pixels { width: src.width, height: src.height, alpha: src.alpha, data: src.data.clone() });
+    }
+    let internal = |e: &dyn std::fmt::Display| ImagingError::LimitExceeded(format!("resize failed: {e}"));
+    let src_view = fir::images::ImageRef::new(src.width, src.height, &src.data, src.pixel_type()).map_err(|e| internal(&e))?;
+    let mut dst = fir::images::Image::new(plan.width, plan.height, src.pixel_type());
+    let mut opts = fir::ResizeOptions::new().resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Lanczos3));
+    if let Some((left, top, w, h)) = plan.crop {
+        opts = opts.crop(left, top, w, h);
+    }
+    fir::Resizer::new().resize(&src_view, &mut dst, &opts).map_err(|e| internal(&e))?;
+    Ok(Pixels { width: plan.width, height: plan.height, alpha: src.alpha, data: dst.into_vec() })
+}
+
+/// Centres `img` on a `cw` × `ch` canvas: white for JPEG, transparent otherwise.
+fn pad(img: Pixels, cw: u32, ch: u32, opaque: bool) -> Pixels {
+    if img.width == cw && img.height == ch {
+        return img;
+    }
+    let alpha = !opaque;
+    let channels = if alpha { 4 } else { 3 };
+    let background: &[u8] = if alpha { &[0, 0, 0, 0] } else { &[255, 255, 255] };
+    let mut data = background.repeat(cw as usize * ch as usize);
+    let (x0, y0) = ((cw - img.width) / 2, (ch - img.height) / 2);
+    let src_channels = img.channels();
+    for y in 0..img.height as usize {
+        for x in 0..img.width as usize {
+            let s = (y * img.width as usize + x) * src_channels;
+            let d = ((y + y0 as usize) * cw as usize + x + x0 as usize) * channels;
+            data[d..d + 3].copy_from_slice(&img.data[s..s + 3]);
+            if alpha {
+                data[d + 3] = if src_channels == 4 { img.data[s + 3] } else { 255 };
+            }
+        }
+    }
+    Pixels { width: cw, height: ch, alpha, data }
+}
+
+fn encode(img: &Pixels, format: Format, quality: Option<u8>) -> Result<Vec<u8>, ImagingError> {
+    let color = if img.alpha { ExtendedColorType::Rgba8 } else { ExtendedColorType::Rgb8 };
+    let mut out = Vec::with_capacity(img.data.len() / 8);
+    let result = match format {
+        Format::Jpeg => {
+            let q = quality.unwrap_or(DEFAULT_JPEG_QUALITY);
+            JpegEncoder::new_with_quality(&mut out, q).write_image(&img.data, img.width, img.height, color)
+        }
+        Format::Webp => WebPEncoder::new_lossless(&mut out).write_image(&img.data, img.width, img.height, color),
+        _ => PngEncoder::new_with_quality(&mut out, CompressionType::Fast, PngFilter::Adaptive).write_image(&img.data, img.width, img.height, color),
+    };
+    result.map_err(|e| ImagingError::Encode { format: format.as_str(), reason: e.to_string() })?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gradient(w: u32, h: u32) -> image::RgbImage {
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 255 / w.max(1)) as u8, (y * 255 / h.max(1)) as u8, 128]))
+    }
+
+    fn encode_test(img: &DynamicImage, format: image::ImageFormat) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    }
+
+    fn decode(bytes: &[u8]) -> DynamicImage {
+        image::load_from_memory(bytes).unwrap()
+    }
+
+    fn opts(w: Option<u32>, h: Option<u32>, fit: Fit, format: OutputFormat) -> Options {
+        Options { width: w, height: h, fit, format, ..Options::default() }
+    }
+
+    #[test]
+    fn plans_follow_fit_modes() {
+        let check = |o: Options, expected: (u32, u32, Option<(u32, u32)>)| {
+            let p = Plan::new(400, 200, &o);
+            assert_eq!((p.width, p.height, p.canvas), expected, "{o:?}");
+        };
+        check(opts(Some(100), None, Fit::Contain, OutputFormat::Same), (100, 50, None));
+        check(opts(None, Some(50), Fit::Contain, OutputFormat::Same), (100, 50, None));
+        check(opts(Some(100), Some(100), Fit::Inside, OutputFormat::Same), (100, 50, None));
+        check(opts(Some(100), Some(100), Fit::Contain, OutputFormat::Same), (100, 50, Some((100, 100))));
+        check(opts(Some(100), Some(100), Fit::Cover, OutputFormat::Same), (100, 100, None));
+        check(opts(Some(100), Some(100), Fit::Fill, OutputFormat::Same), (100, 100, None));
+        // Never enlarge unless asked.
+        check(opts(Some(800), None, Fit::Contain, OutputFormat::Same), (400, 200, None));
+        check(Options { width: Some(800), enlarge: true, ..Options::default() }, (800, 400, None));
+        check(opts(Some(800), Some(800), Fit::Cover, OutputFormat::Same), (200, 200, None));
+    }
+
+    #[test]
+    fn resizes_and_converts_formats() {
+        let src = encode_test(&DynamicImage::ImageRgb8(gradient(64, 48)), image::ImageFormat::Png);
+        for (format, expected) in [(OutputFormat::Jpeg, Format::Jpeg), (OutputFormat::Webp, Format::Webp), (OutputFormat::Png, Format::Png), (OutputFormat::Same, Format::Png)] {
+            let out = process(&src, &opts(Some(32), None, Fit::Contain, format), &Limits::default()).unwrap();
+            assert_eq!((out.width, out.height, out.format), (32, 24, expected));
+            assert_eq!(sniff(&out.bytes), Some(expected));
+            let back = decode(&out.bytes);
+            assert_eq!((back.width(), back.height()), (32, 24));
+        }
+    }
+
+    #[test]
+    fn contain_pads_to_the_box() {
+        let src = encode_test(&DynamicImage::ImageRgb8(gradient(64, 32)), image::ImageFormat::Png);
+        let out = process(&src, &opts(Some(40), Some(40), Fit::Contain, OutputFormat::Png), &Limits::default()).unwrap();
+        let back = decode(&out.bytes).into_rgba8();
+        assert_eq!(back.dimensions(), (40, 40));
+        assert_eq!(back.get_pixel(20, 0)[3], 0, "padding is transparent");
+        assert_eq!(back.get_pixel(20, 20)[3], 255, "image is opaque");
+    }
+
+    #[test]
+    fn transparent_to_jpeg_is_composited_on_white() {
+        let img = image::RgbaImage::from_pixel(8, 8, image::Rgba([0, 0, 0, 0]));
+        let src = encode_test(&DynamicImage::ImageRgba8(img), image::ImageFormat::Png);
+        let out = process(&src, &opts(None, None, Fit::Contain, OutputFormat::Jpeg), &Limits::default()).unwrap();
+        let px = decode(&out.bytes).into_rgb8().get_pixel(4, 4).0;
+        assert!(px.iter().all(|&c| c > 240), "{px:?}");
+    }
+
+    #[test]
+    fn limits_are_checked_from_the_header() {
+        let src = encode_test(&DynamicImage::ImageRgb8(gradient(300, 200)), image::ImageFormat::Png);
+        let tight = Limits { max_pixels: 10_000, ..Limits::default() };
+        let err = process(&src, &Options::default(), &tight).unwrap_err();
+        assert!(matches!(err, ImagingError::TooLarge { width: 300, height: 200, .. }), "{err:?}");
+        let narrow = Limits { max_side: 250, ..Limits::default() };
+        assert!(matches!(probe(&src, &narrow), Err(ImagingError::TooLarge { .. }) | Err(ImagingError::LimitExceeded(_))));
+        let small_input = Limits { max_input_bytes: 10, ..Limits::default() };
+        assert!(matches!(process(&src, &Options::default(), &small_input), Err(ImagingError::InputTooLarge { .. })));
+    }
+
+    #[test]
+    fn hostile_bytes_give_typed_errors() {
+        let png = encode_test(&DynamicImage::ImageRgb8(gradient(64, 64)), image::ImageFormat::Png);
+        let jpeg = encode_test(&DynamicImage::ImageRgb8(gradient(64, 64)), image::ImageFormat::Jpeg);
+        let check = |bytes: &[u8]| match process(bytes, &Options::default(), &Limits::default()) {
+            Err(ImagingError::UnsupportedFormat(_)) | Err(ImagingError::Corrupt { .. }) | Err(ImagingError::LimitExceeded(_)) => {}
+            // A truncated JPEG may still decode (missing rows become grey); that is a result.
+            Ok(out) => assert!(sniff(&out.bytes).is_some()),
+            Err(other) => panic!("unexpected error {other:?}"),
+        };
+        check(b"not an image at all");
+        check(&png[..png.len() / 2]);
+        check(&png[..40]);
+        check(&jpeg[..jpeg.len() / 3]);
+        let mut flipped = png.clone();
+        for b in flipped.iter_mut().skip(60).step_by(7) {
+            *b ^= 0x5a;
+        }
+        check(&flipped);
+        assert!(matches!(process(b"<svg/>", &Options::default(), &Limits::default()), Err(ImagingError::UnsupportedFormat(_))));
+    }
+
+    /// Inserts an EXIF APP1 segment with the given orientation right after the JPEG SOI marker.
+    fn with_exif_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
+        let mut tiff = Vec::new();
+        tiff.extend_from_slice(b"II*\0");
+        tiff.extend_from_slice(&8u32.to_le_bytes()); // first IFD offset
+        tiff.extend_from_slice(&1u16.to_le_bytes()); // one entry
+        tiff.extend_from_slice(&0x0112u16.to_le_bytes()); // Orientation
+        tiff.extend_from_slice(&3u16.to_le_bytes()); // SHORT
+        tiff.extend_from_slice(&1u32.to_le_bytes()); // count
+        tiff.extend_from_slice(&orientation.to_le_bytes());
+        tiff.extend_from_slice(&[0, 0]);
+        tiff.extend_from_slice(&0u32.to_le_bytes()); // no next IFD
+        let mut payload = b"Exif\0\0".to_vec();
+        payload.extend_from_slice(&tiff);
+        let mut out = jpeg[..2].to_vec();
+        out.extend_from_slice(&[0xFF, 0xE1]);
+        out.extend_from_slice(&((payload.len() + 2) as u16).to_be_bytes());
+        out.extend_from_slice(&payload);
+        out.extend_from_slice(&jpeg[2..]);
+        out
+    }
+
+    #[test]
+    fn exif_orientation_is_applied() {
+        let jpeg = encode_test(&DynamicImage::ImageRgb8(gradient(64, 32)), image::ImageFormat::Jpeg);
+        let rotated = with_exif_orientation(&jpeg, 6); // rotate 90° clockwise to display
+        let out = process(&rotated, &Options { format: OutputFormat::Png, ..Options::default() }, &Limits::default()).unwrap();
+        assert_eq!((out.width, out.height), (32, 64));
+        let plain = process(&jpeg, &Options { format: OutputFormat::Png, ..Options::default() }, &Limits::default()).unwrap();
+        assert_eq!((plain.width, plain.height), (64, 32));
+    }
+}

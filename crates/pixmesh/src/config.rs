@@ -1,0 +1,65 @@
+//! The one configuration of a pixmesh deployment: a section per role, plus logs and storage.
+//! The whole file is checked by every role, so a typo fails fast wherever it is.
+
+use pixmesh_chassis::config::Validate;
+use pixmesh_chassis::telemetry::LogConfig;
+use pixmesh_distributor::DistributorConfig;
+use pixmesh_gateway::GatewayConfig;
+use pixmesh_registry::RegistryConfig;
+use pixmesh_status::StatusConfig;
+use pixmesh_store::StoreConfig;
+use pixmesh_upload::UploadConfig;
+use pixmesh_worker::WorkerConfig;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub log: LogConfig,
+    pub store: StoreConfig,
+    pub gateway: GatewayConfig,
+    pub upload: UploadConfig,
+    pub status: StatusConfig,
+    pub distributor: DistributorConfig,
+    pub worker: WorkerConfig,
+    pub registry: RegistryConfig,
+}
+
+impl Validate for Config {
+    fn validate(&self) -> Result<(), String> {
+        self.log.validate()?;
+        self.gateway.validate()?;
+        self.upload.validate()?;
+        self.status.validate()?;
+        self.distributor.validate()?;
+        self.worker.validate()?;
+        self.registry.validate()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn defaults_are_valid_and_typos_are_caught() {
+        let env = HashMap::new();
+        let config: Config = pixmesh_chassis::config::load(None, &env, &[]).unwrap();
+        assert_eq!(config.gateway.listen.port(), 8080);
+        let typo = [("PIXMESH__WORKER__THREADZ".to_string(), "2".to_string())].into_iter().collect();
+        let err = pixmesh_chassis::config::load::<Config>(None, &typo, &[]).unwrap_err();
+        assert!(err.to_string().contains("threadz"), "{err}");
+        let bad = [("PIXMESH__DISTRIBUTOR__CALL_TIMEOUT_MS".to_string(), "999999".to_string())].into_iter().collect();
+        let err = pixmesh_chassis::config::load::<Config>(None, &bad, &[]).unwrap_err();
+        assert!(err.to_string().contains("lease_ms"), "{err}");
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pixmesh.example.toml");
+        let config: Config = pixmesh_chassis::config::load(Some(&path), &HashMap::new(), &[]).unwrap();
+        assert_eq!(config, Config::default(), "the example documents the defaults");
+    }
+}

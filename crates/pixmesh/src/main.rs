@@ -1,0 +1,210 @@
+//! `pixmesh`: one binary, a subcommand per role. Parses flags and config, sets up telemetry,
+//! binds listeners, and hands them to the role's `run`.
+
+mod config;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use config::Config;
+use pixmesh_chassis::Shutdown;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio::net::TcpListener;
+
+/// Exit status for a bad configuration or command line (sysexits' EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(name = "pixmesh", version, about = "A distributed image-processing service with its middleware built in")]
+struct Cli {
+    /// TOML configuration file (see pixmesh.example.toml).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Override one setting, e.g. --set worker.threads=4 (repeatable; later wins).
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the whole system on this machine: every role as a supervised process.
+    Up {
+        /// Where jobs, events and images are kept.
+        #[arg(long, default_value = "./pixmesh-data")]
+        data_dir: PathBuf,
+        /// Gateway address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Number of image workers.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Seconds each role gets to drain after SIGTERM.
+        #[arg(long, default_value_t = 20)]
+        grace_secs: u64,
+    },
+    /// The public HTTP gateway.
+    Gateway,
+    /// The upload service.
+    Upload,
+    /// The status service.
+    Status,
+    /// The distributor.
+    Distributor,
+    /// An image worker (gRPC).
+    Worker,
+    /// The service registry (gRPC).
+    Registry,
+}
+
+impl Command {
+    fn role(&self) -> &'static str {
+        match self {
+            Command::Up { .. } => "up",
+            Command::Gateway => "gateway",
+            Command::Upload => "upload",
+            Command::Status => "status",
+            Command::Distributor => "distributor",
+            Command::Worker => "worker",
+            Command::Registry => "registry",
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let config = match load_config(&cli, &env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pixmesh: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let role = cli.command.role();
+    pixmesh_chassis::telemetry::init_logging(role, &config.log, env.get("RUST_LOG").map(String::as_str));
+    pixmesh_chassis::telemetry::init_metrics(role);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pixmesh: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, config, env, cli.config.clone(), cli.sets.clone())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "{role} stopped with an error");
+            eprintln!("pixmesh {role}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(cli: &Cli, env: &HashMap<String, String>) -> anyhow::Result<Config> {
+    let mut overrides = Vec::new();
+    for s in &cli.sets {
+        let (key, value) = s.split_once('=').with_context(|| format!("--set {s:?} must look like key=value"))?;
+        overrides.push((key.trim().to_string(), pixmesh_chassis::config::scalar(value.trim())));
+    }
+    Ok(pixmesh_chassis::config::load(cli.config.as_deref(), env, &overrides)?)
+}
+
+async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} ({what})"))
+}
+
+/// Under `pixmesh up`, a closed stdin means the supervisor is gone: shut down.
+/// A plain OS thread does the blocking read: a tokio blocking task would keep the runtime
+/// from shutting down at exit, since the read only returns when the supervisor goes away.
+fn exit_with_supervisor(env: &HashMap<String, String>, shutdown: &Shutdown) {
+    if env.get(pixmesh_supervisor::SUPERVISED_ENV).map(String::as_str) != Some("1") {
+        return;
+    }
+    let shutdown = shutdown.clone();
+    let spawned = std::thread::Builder::new().name("supervisor-watch".into()).spawn(move || {
+        use std::io::Read;
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = [0u8; 64];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the supervisor through stdin");
+                    return;
+                }
+            }
+        }
+        tracing::warn!("supervisor is gone; shutting down");
+        shutdown.trigger();
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot watch the supervisor");
+    }
+}
+
+async fn run(command: Command, config: Config, env: HashMap<String, String>, config_file: Option<PathBuf>, sets: Vec<String>) -> anyhow::Result<()> {
+    let shutdown = Shutdown::new();
+    shutdown.on_signals()?;
+    exit_with_supervisor(&env, &shutdown);
+    let store = config.store.clone();
+    match command {
+        Command::Up { data_dir, listen, workers, grace_secs } => {
+            let exe = std::env::current_exe().context("cannot find the pixmesh binary")?;
+            let options = pixmesh_supervisor::UpOptions {
+                exe,
+                config_file,
+                sets,
+                data_dir,
+                listen,
+                workers,
+                grace: std::time::Duration::from_secs(grace_secs),
+            };
+            pixmesh_supervisor::run(options, shutdown).await
+        }
+        Command::Gateway => {
+            let c = config.gateway;
+            let mut plain = Vec::new();
+            if let Some(key) = env.get("PIXMESH_API_KEY").filter(|k| !k.is_empty()) {
+                plain.push(("env".to_string(), key.clone()));
+            }
+            let keys = pixmesh_gateway::ApiKeys::load(&c, &plain).map_err(anyhow::Error::msg)?;
+            let http = bind("gateway", c.listen).await?;
+            let admin = bind("gateway admin", c.admin_listen).await?;
+            Ok(pixmesh_gateway::run(c, keys, http, admin, shutdown).await?)
+        }
+        Command::Upload => {
+            let c = config.upload;
+            let (http, admin) = (bind("upload", c.listen).await?, bind("upload admin", c.admin_listen).await?);
+            Ok(pixmesh_upload::run(c, store, http, admin, shutdown).await?)
+        }
+        Command::Status => {
+            let c = config.status;
+            let (http, admin) = (bind("status", c.listen).await?, bind("status admin", c.admin_listen).await?);
+            Ok(pixmesh_status::run(c, store, http, admin, shutdown).await?)
+        }
+        Command::Distributor => {
+            let c = config.distributor;
+            if c.registry.is_empty() && c.workers.is_empty() {
+                anyhow::bail!("the distributor needs distributor.registry or distributor.workers");
+            }
+            let admin = bind("distributor admin", c.admin_listen).await?;
+            Ok(pixmesh_distributor::run(c, store, admin, shutdown).await?)
+        }
+        Command::Worker => {
+            let c = config.worker;
+            let (grpc, admin) = (bind("worker", c.listen).await?, bind("worker admin", c.admin_listen).await?);
+            Ok(pixmesh_worker::run(c, grpc, admin, shutdown).await?)
+        }
+        Command::Registry => {
+            let c = config.registry;
+            let (grpc, admin) = (bind("registry", c.listen).await?, bind("registry admin", c.admin_listen).await?);
+            Ok(pixmesh_registry::run(c, grpc, admin, shutdown).await?)
+        }
+    }
+}

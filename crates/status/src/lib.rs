@@ -1,0 +1,53 @@
+//! The status service: `GET /api/status/{id}` and `GET /api/result/{id}`.
+//!
+//! The status view is folded from the job's events ([`view::fold`]), not read from the job row:
+//! the event log is the history, the view is a projection of it.
+
+mod handler;
+pub mod view;
+
+pub use handler::router;
+
+use pixmesh_chassis::Shutdown;
+use pixmesh_chassis::admin::Readiness;
+use pixmesh_chassis::announce::Announcement;
+use pixmesh_store::{StoreConfig, Stores};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatusConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub drain_grace_ms: u64,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig { listen: SocketAddr::from(([127, 0, 0, 1], 0)), admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)), drain_grace_ms: 10_000 }
+    }
+}
+
+impl StatusConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Serves the status API on `http` until `shutdown`.
+pub async fn run(config: StatusConfig, store: StoreConfig, http: TcpListener, admin: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
+    let readiness = Readiness::new();
+    let http_addr = http.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    let admin_server = pixmesh_chassis::serve::admin("status", admin, readiness.clone(), shutdown.clone());
+    let stores = Stores::open(&store).await.map_err(std::io::Error::other)?;
+    let app = router(stores);
+    Announcement::new("status").with("http", http_addr).with("admin", admin_addr).print();
+    readiness.set_ready(true);
+    let result = pixmesh_chassis::serve::http("status", http, app, shutdown, Duration::from_millis(config.drain_grace_ms)).await;
+    admin_server.stop().await;
+    result
+}

@@ -1,0 +1,153 @@
+//! `pixmesh up`: the whole system on one machine, as supervised child processes on loopback.
+//!
+//! Start order follows dependencies: registry → upload, status → workers → distributor →
+//! gateway. Each child binds its ports (port 0 unless configured) and announces them on stdout
+//! ([`pixmesh_chassis::announce`]); `up` passes those addresses to the roles that need them.
+//! A child that dies is restarted with exponential backoff on the same addresses, and a crash
+//! loop is reported loudly. On SIGINT/SIGTERM children are stopped in reverse order, each with
+//! SIGTERM and a grace period, then SIGKILL.
+//!
+//! Children watch their stdin: when `up` dies, the pipe closes and they shut down, so a killed
+//! supervisor leaves no orphans.
+
+mod child;
+mod keys;
+
+use child::{ChildSpec, Supervised};
+use pixmesh_chassis::Shutdown;
+use pixmesh_chassis::announce::Announcement;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Environment variable that tells a role it runs under `pixmesh up` (and should exit when its
+/// stdin closes).
+pub const SUPERVISED_ENV: &str = "PIXMESH_SUPERVISED";
+
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// The `pixmesh` binary to run the roles with.
+    pub exe: PathBuf,
+    pub config_file: Option<PathBuf>,
+    /// `key=value` overrides given to `up`, passed on to every child.
+    pub sets: Vec<String>,
+    pub data_dir: PathBuf,
+    /// Gateway listen address.
+    pub listen: String,
+    pub workers: usize,
+    /// Time each child gets to stop after SIGTERM.
+    pub grace: Duration,
+}
+
+fn set(key: &str, value: &str) -> [String; 2] {
+    ["--set".to_string(), format!("{key}={}", toml_string(value))]
+}
+
+fn toml_string(s: &str) -> String {
+    let escaped = s.replace('\\', "\\\\").replace('"', "\\\"");
+    format!("\"{escaped}\"")
+}
+
+fn addr<'a>(a: &'a Announcement, name: &str) -> anyhow::Result<&'a str> {
+    a.get(name).ok_or_else(|| anyhow::anyhow!("{} did not announce its {name} address", a.role))
+}
+
+/// Runs the system until `shutdown`.
+pub async fn run(options: UpOptions, shutdown: Shutdown) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&options.data_dir)?;
+    let data_dir = std::fs::canonicalize(&options.data_dir)?;
+    let key = keys::ensure_dev_key(&data_dir)?;
+    let data = data_dir.display().to_string();
+
+    let mut common: Vec<String> = Vec::new();
+    if let Some(file) = &options.config_file {
+        common.push("--config".into());
+        common.push(file.display().to_string());
+    }
+    for s in &options.sets {
+        common.push("--set".into());
+        common.push(s.clone());
+    }
+    common.extend(set("store.data_dir", &data));
+    let spec = |name: &str, role: &str, extra: Vec<[String; 2]>| ChildSpec {
+        name: name.to_string(),
+        role: role.to_string(),
+        exe: options.exe.clone(),
+        args: common.iter().cloned().chain(extra.into_iter().flatten()).collect(),
+        grace: options.grace,
+    };
+
+    println!("pixmesh up: data in {data}");
+    let mut groups: Vec<Vec<Supervised>> = Vec::new();
+    let result = async {
+        let registry = Supervised::start(spec("registry", "registry", vec![])).await?;
+        let registry_addr = addr(registry.announcement(), "grpc")?.to_string();
+        groups.push(vec![registry]);
+
+        let mut workers = Vec::new();
+        for i in 1..=options.workers {
+            let name = format!("worker-{i}");
+            let extra = vec![set("worker.registry", &registry_addr), set("worker.id", &name)];
+            workers.push(Supervised::start(spec(&name, "worker", extra)).await?);
+        }
+        groups.push(workers);
+
+        let distributor = Supervised::start(spec("distributor", "distributor", vec![set("distributor.registry", &registry_addr)])).await?;
+        groups.push(vec![distributor]);
+
+        let upload = Supervised::start(spec("upload", "upload", vec![])).await?;
+        let status = Supervised::start(spec("status", "status", vec![])).await?;
+        let upload_url = format!("http://{}", addr(upload.announcement(), "http")?);
+        let status_url = format!("http://{}", addr(status.announcement(), "http")?);
+        groups.push(vec![upload, status]);
+
+        let keys_file = data_dir.join(keys::KEYS_FILE).display().to_string();
+        let gateway = Supervised::start(
+            spec(
+                "gateway",
+                "gateway",
+                vec![
+                    set("gateway.listen", &options.listen),
+                    set("gateway.upstreams.upload", &upload_url),
+                    set("gateway.upstreams.status", &status_url),
+                    set("gateway.api_keys_file", &keys_file),
+                ],
+        ))
+        .await?;
+        let gateway_addr = addr(gateway.announcement(), "http")?.to_string();
+        groups.push(vec![gateway]);
+
+        match &key {
+            keys::DevKey::Created(k) => println!("Created a development API key (saved in {}): {k}", data_dir.join(keys::DEV_KEY_FILE).display()),
+            keys::DevKey::Existing(k) => println!("Development API key: {k}"),
+            keys::DevKey::Unknown => println!("API keys: see {}", data_dir.join(keys::KEYS_FILE).display()),
+        }
+        let mut ready = Announcement::new("up").with("gateway", &gateway_addr).with("data_dir", &data);
+        ready.pixmesh = "ready".into();
+        if let Some(k) = key.plain() {
+            ready = ready.with("api_key", k);
+        }
+        ready.print();
+        println!("pixmesh is ready on http://{gateway_addr}  (Ctrl-C to stop)");
+        println!(
+            "  try: curl -H 'X-API-KEY: {}' -H 'Content-Type: image/jpeg' --data-binary @photo.jpg 'http://{gateway_addr}/api/upload?width=800&format=webp'",
+            key.plain().unwrap_or("<your key>")
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = &result {
+        eprintln!("pixmesh up: start failed: {e:#}");
+    } else {
+        shutdown.wait().await;
+        println!("pixmesh up: stopping");
+    }
+    // Stop in reverse start order: the gateway first (no new work), the registry last.
+    for group in groups.into_iter().rev() {
+        let stops: Vec<_> = group.into_iter().map(|s| s.stop()).collect();
+        for stop in stops {
+            stop.await;
+        }
+    }
+    println!("pixmesh up: stopped");
+    result
+}

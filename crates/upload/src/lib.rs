@@ -1,0 +1,71 @@
+//! The upload service: `POST /api/upload`.
+//!
+//! Takes the image as the raw body (`Content-Type: image/*`) or as a `multipart/form-data` file
+//! field, checks its format and dimensions from the header, stores it as a blob, and records the
+//! job and its `accepted` event in one transaction. Answers `202` with the job's URLs.
+
+mod handler;
+
+pub use handler::{parse_options, router};
+
+use pixmesh_chassis::Shutdown;
+use pixmesh_chassis::admin::Readiness;
+use pixmesh_chassis::announce::Announcement;
+use pixmesh_imaging::Limits;
+use pixmesh_store::{StoreConfig, Stores};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UploadConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Uploads read at once; more wait (their bodies are held in memory while read).
+    pub max_concurrent: usize,
+    /// Pixel and side limits checked from the image header.
+    pub limits: Limits,
+    pub drain_grace_ms: u64,
+}
+
+impl Default for UploadConfig {
+    fn default() -> Self {
+        UploadConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            max_body_bytes: 50 * 1024 * 1024,
+            max_concurrent: 64,
+            limits: Limits::default(),
+            drain_grace_ms: 10_000,
+        }
+    }
+}
+
+impl UploadConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_body_bytes == 0 || self.max_concurrent == 0 {
+            return Err("upload.max_body_bytes and upload.max_concurrent must be above 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// Serves the upload API on `http` until `shutdown`.
+pub async fn run(config: UploadConfig, store: StoreConfig, http: TcpListener, admin: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
+    let readiness = Readiness::new();
+    let http_addr = http.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    let admin_server = pixmesh_chassis::serve::admin("upload", admin, readiness.clone(), shutdown.clone());
+    let stores = Stores::open(&store).await.map_err(std::io::Error::other)?;
+    let grace = Duration::from_millis(config.drain_grace_ms);
+    let app = router(config, stores);
+    Announcement::new("upload").with("http", http_addr).with("admin", admin_addr).print();
+    readiness.set_ready(true);
+    let result = pixmesh_chassis::serve::http("upload", http, app, shutdown, grace).await;
+    admin_server.stop().await;
+    result
+}

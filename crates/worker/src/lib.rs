@@ -1,0 +1,141 @@
+//! The image worker: a stateless gRPC service. Bytes in, bytes out; no storage credentials.
+//!
+//! Pixel work runs on a bounded CPU pool ([`pool::CpuPool`]), never on the async reactor.
+//! The worker self-registers with the registry using the address it actually bound, heartbeats,
+//! and on SIGTERM deregisters first, then drains its in-flight calls.
+
+mod errors;
+pub mod pool;
+mod service;
+
+pub use errors::error_code;
+pub use service::ImageWorkerService;
+
+use pixmesh_chassis::Shutdown;
+use pixmesh_chassis::admin::Readiness;
+use pixmesh_chassis::announce::Announcement;
+use pixmesh_imaging::Limits;
+use pixmesh_proto::MAX_MESSAGE_BYTES;
+use pixmesh_proto::v1::Instance;
+use pixmesh_proto::v1::image_worker_server::ImageWorkerServer;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// Threads for pixel work; 0 means one per core.
+    pub threads: usize,
+    /// Calls accepted at once (running + waiting for a thread), advertised to the registry.
+    /// 0 means twice the threads.
+    pub capacity: u32,
+    /// Registry address (`host:port`); empty means do not register.
+    pub registry: String,
+    /// Instance id; empty means generated at start.
+    pub id: String,
+    pub heartbeat_interval_ms: u64,
+    /// How long in-flight calls may take to finish after SIGTERM.
+    pub drain_grace_ms: u64,
+    pub limits: Limits,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            threads: 0,
+            capacity: 0,
+            registry: String::new(),
+            id: String::new(),
+            heartbeat_interval_ms: 1000,
+            drain_grace_ms: 30_000,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl WorkerConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.threads > 256 {
+            return Err("worker.threads must be at most 256".into());
+        }
+        if !(10..=60_000).contains(&self.heartbeat_interval_ms) {
+            return Err("worker.heartbeat_interval_ms must be between 10 and 60000".into());
+        }
+        if self.limits.max_input_bytes > MAX_MESSAGE_BYTES - 1024 * 1024 {
+            return Err(format!("worker.limits.max_input_bytes must be at most {}", MAX_MESSAGE_BYTES - 1024 * 1024));
+        }
+        Ok(())
+    }
+
+    pub fn effective_threads(&self) -> usize {
+        if self.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) } else { self.threads }
+    }
+
+    pub fn effective_capacity(&self) -> u32 {
+        if self.capacity == 0 { (self.effective_threads() * 2) as u32 } else { self.capacity }
+    }
+}
+
+/// Serves the worker on `grpc` until `shutdown`, then deregisters and drains.
+pub async fn run(config: WorkerConfig, grpc: TcpListener, admin: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
+    let readiness = Readiness::new();
+    let grpc_addr = grpc.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    let admin_server = pixmesh_chassis::serve::admin("worker", admin, readiness.clone(), shutdown.clone());
+    let id = if config.id.is_empty() { format!("worker-{}", uuid::Uuid::now_v7().simple()) } else { config.id.clone() };
+    let threads = config.effective_threads();
+    let capacity = config.effective_capacity();
+    let pool = pool::CpuPool::new(threads, capacity as usize).map_err(std::io::Error::other)?;
+    let service = ImageWorkerService::new(pool, config.limits);
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<ImageWorkerServer<ImageWorkerService>>().await;
+
+    // The server stops accepting when `stop_serving` fires; tonic then waits for in-flight calls.
+    let stop_serving = Shutdown::new();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(ImageWorkerServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), stop_serving.wait_owned());
+    let server = tokio::spawn(server);
+
+    let registration = if config.registry.is_empty() {
+        None
+    } else {
+        let channel = pixmesh_registry::client::channel(&config.registry).map_err(std::io::Error::other)?;
+        let instance = Instance {
+            id: id.clone(),
+            service: "worker".into(),
+            address: grpc_addr.to_string(),
+            capacity,
+            version: env!("CARGO_PKG_VERSION").into(),
+            labels: [("threads".to_string(), threads.to_string())].into_iter().collect(),
+        };
+        Some(pixmesh_registry::client::Registration::start(channel, instance, Duration::from_millis(config.heartbeat_interval_ms)))
+    };
+
+    Announcement::new("worker").with("grpc", grpc_addr).with("admin", admin_addr).with("id", &id).print();
+    readiness.set_ready(true);
+    tracing::info!(%id, grpc = %grpc_addr, threads, capacity, "worker ready");
+
+    shutdown.wait().await;
+    // Leave the pool first so no new work is sent here, then drain what is in flight.
+    health_reporter.set_not_serving::<ImageWorkerServer<ImageWorkerService>>().await;
+    if let Some(registration) = registration {
+        registration.deregister().await;
+    }
+    stop_serving.trigger();
+    let drained = pixmesh_chassis::shutdown::drain_within("worker calls", Duration::from_millis(config.drain_grace_ms), server).await;
+    admin_server.stop().await;
+    match drained {
+        Some(Ok(Ok(()))) | None => Ok(()),
+        Some(Ok(Err(e))) => Err(std::io::Error::other(e)),
+        Some(Err(e)) => Err(std::io::Error::other(e)),
+    }
+}
