@@ -7,10 +7,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={file}");
     }
     let descriptors = protox::compile(files, ["proto"])?;
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .bytes(".pixmesh.v1")
-        .compile_fds(descriptors)?;
+    tonic_prost_build::configure().build_client(true).build_server(true).bytes(".pixmesh.v1").compile_fds(descriptors)?;
     Ok(())
 }

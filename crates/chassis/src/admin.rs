@@ -39,11 +39,11 @@ struct AdminState {
 
 /// The admin router (separate from serving, so it can be tested without sockets).
 pub fn router(role: &'static str, readiness: Readiness, shutdown: Shutdown) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(AdminState { role, readiness, shutdown })
+    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).route("/metrics", get(metrics)).with_state(AdminState {
+        role,
+        readiness,
+        shutdown,
+    })
 }
 
 async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
@@ -53,7 +53,13 @@ async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     let ready = s.readiness.is_ready() && !s.shutdown.is_triggered();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let word = if s.shutdown.is_triggered() { "shutting_down" } else if ready { "ready" } else { "starting" };
+    let word = if s.shutdown.is_triggered() {
+        "shutting_down"
+    } else if ready {
+        "ready"
+    } else {
+        "starting"
+    };
     (status, axum::Json(serde_json::json!({ "status": word, "role": s.role })))
 }
 

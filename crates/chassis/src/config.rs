@@ -39,8 +39,7 @@ where
     let mut root = match file {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-            text.parse::<toml::Table>()
-                .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?
+            text.parse::<toml::Table>().map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?
         }
         None => toml::Table::new(),
     };
@@ -130,7 +129,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
         std::fs::write(&file, "workers = 2\n[inner]\nport = 10\nname = \"file\"\n").unwrap();
-        let cfg: Cfg = load(Some(&file), &env(&[("PIXMESH__INNER__PORT", "20"), ("OTHER", "x")]), &[("workers".into(), toml::Value::Integer(3))]).unwrap();
+        let cfg: Cfg =
+            load(Some(&file), &env(&[("PIXMESH__INNER__PORT", "20"), ("OTHER", "x")]), &[("workers".into(), toml::Value::Integer(3))])
+                .unwrap();
         assert_eq!(cfg, Cfg { inner: Inner { port: 20, name: "file".into() }, workers: 3 });
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -90,7 +90,8 @@ impl Dispatcher {
         }
         tracing::info!(in_flight = tasks.len(), "distributor draining");
         let grace = Duration::from_millis(self.config.drain_grace_ms);
-        let drained = pixmesh_chassis::shutdown::drain_within("distributor jobs", grace, async { while tasks.join_next().await.is_some() {} }).await;
+        let drained =
+            pixmesh_chassis::shutdown::drain_within("distributor jobs", grace, async { while tasks.join_next().await.is_some() {} }).await;
         if drained.is_none() {
             tasks.abort_all();
         }
@@ -115,14 +116,17 @@ impl Dispatcher {
             Err(StoreError::Fenced { id, attempt }) => {
                 tracing::warn!(job = %id, attempt, "result dropped: this attempt no longer holds the job");
             }
-            Err(e) => tracing::error!(job = %job.id, attempt = job.attempt, error = %e, "job store error; the lease will expire and the job will be claimed again"),
+            Err(e) => {
+                tracing::error!(job = %job.id, attempt = job.attempt, error = %e, "job store error; the lease will expire and the job will be claimed again")
+            }
         }
     }
 
     async fn try_workers(&self, job: &Job) -> Result<Outcome, StoreError> {
         let jobs = &self.stores.jobs;
         let Some(input) = self.stores.blobs.get(&job.input.digest).await? else {
-            let error = JobError { code: ErrorCode::Internal.as_str().into(), message: "the uploaded image is missing from the blob store".into() };
+            let error =
+                JobError { code: ErrorCode::Internal.as_str().into(), message: "the uploaded image is missing from the blob store".into() };
             jobs.fail(&job.id, job.attempt, &error).await?;
             return Ok(Outcome::Failed);
         };
@@ -137,7 +141,13 @@ impl Dispatcher {
                 Ok(response) => {
                     drop(slot);
                     let blob = self.stores.blobs.put(response.image).await?;
-                    let result = JobResult { blob, format: response.format, content_type: response.content_type, width: response.width, height: response.height };
+                    let result = JobResult {
+                        blob,
+                        format: response.format,
+                        content_type: response.content_type,
+                        width: response.width,
+                        height: response.height,
+                    };
                     jobs.succeed(&job.id, job.attempt, &result).await?;
                     tracing::info!(job = %job.id, attempt = job.attempt, worker = %endpoint.address, width = result.width, height = result.height, "job succeeded");
                     return Ok(Outcome::Succeeded);
@@ -181,7 +191,8 @@ impl Dispatcher {
         input: Bytes,
     ) -> Result<pixmesh_proto::v1::ProcessResponse, ApiError> {
         let deadline = self.workers.call_timeout();
-        let mut request = tonic::Request::new(ProcessRequest { job_id: job.id.clone(), attempt: job.attempt, image: input, ops: Some(ops(job)) });
+        let mut request =
+            tonic::Request::new(ProcessRequest { job_id: job.id.clone(), attempt: job.attempt, image: input, ops: Some(ops(job)) });
         // Sent to the worker as `grpc-timeout`.
         request.set_timeout(deadline);
         let mut client = client.clone();

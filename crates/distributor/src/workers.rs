@@ -27,7 +27,8 @@ impl WorkerEndpoint {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .connect_lazy();
-        let client = ImageWorkerClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let client =
+            ImageWorkerClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(WorkerEndpoint { address: address.to_string(), capacity: capacity.max(1), client, in_flight: AtomicUsize::new(0) })
     }
 
@@ -121,11 +122,8 @@ impl WorkerSet {
 
     /// Takes a slot on the least-loaded worker (by in-flight / capacity) not in `exclude`.
     pub fn acquire(&self, exclude: &[String]) -> Option<SlotGuard> {
-        let mut candidates: Vec<Arc<WorkerEndpoint>> = self
-            .endpoints
-            .read()
-            .map(|m| m.values().filter(|e| !exclude.contains(&e.address)).cloned().collect())
-            .unwrap_or_default();
+        let mut candidates: Vec<Arc<WorkerEndpoint>> =
+            self.endpoints.read().map(|m| m.values().filter(|e| !exclude.contains(&e.address)).cloned().collect()).unwrap_or_default();
         candidates.sort_by(|a, b| {
             let la = a.in_flight() as f64 / a.capacity as f64;
             let lb = b.in_flight() as f64 / b.capacity as f64;
@@ -135,7 +133,11 @@ impl WorkerSet {
     }
 
     /// Keeps the set in sync with the registry (or the static list).
-    pub fn spawn_discovery(&self, config: &DistributorConfig, shutdown: pixmesh_chassis::Shutdown) -> Result<tokio::task::JoinHandle<()>, tonic::transport::Error> {
+    pub fn spawn_discovery(
+        &self,
+        config: &DistributorConfig,
+        shutdown: pixmesh_chassis::Shutdown,
+    ) -> Result<tokio::task::JoinHandle<()>, tonic::transport::Error> {
         let this = self.clone();
         if config.registry.is_empty() {
             let fixed: Vec<(String, usize)> = config.workers.iter().map(|w| (w.clone(), 2)).collect();
@@ -154,7 +156,8 @@ impl WorkerSet {
                 }
                 match client.list(ListRequest { service: "worker".into() }).await {
                     Ok(resp) => {
-                        let instances: Vec<(String, usize)> = resp.into_inner().instances.into_iter().map(|i| (i.address, i.capacity as usize)).collect();
+                        let instances: Vec<(String, usize)> =
+                            resp.into_inner().instances.into_iter().map(|i| (i.address, i.capacity as usize)).collect();
                         this.update(&instances);
                     }
                     // Keep the last known set: a registry outage must not stop dispatch.

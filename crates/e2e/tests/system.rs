@@ -1,5 +1,7 @@
 //! The whole system, end to end, with real processes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 use futures_util::future::join_all;
 use pixmesh_store::{EventKind, JobStore, SqliteJobStore};
 use pixmesh_test_support::{System, corpus, jpeg, png};
@@ -113,7 +115,13 @@ async fn upload_poll_download_concurrency_and_bad_input() {
 
     // Upload and status also work when called directly, without the gateway.
     let upload = system.child("upload").unwrap().addresses["http"].clone();
-    let res = client.post(format!("http://{upload}/api/upload?width=4")).header("content-type", "image/png").body(png(8, 8)).send().await.unwrap();
+    let res = client
+        .post(format!("http://{upload}/api/upload?width=4"))
+        .header("content-type", "image/png")
+        .body(png(8, 8))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 202);
     let direct: Value = res.json().await.unwrap();
     let status = system.child("status").unwrap().addresses["http"].clone();
@@ -224,7 +232,8 @@ async fn edge_corpus_ends_cleanly() {
     };
     let dir = tempfile::tempdir().unwrap();
     let system = System::start(dir.path(), 2, &[]).await.unwrap();
-    let pids_before: Vec<i32> = ["worker-1", "worker-2", "upload", "status", "distributor", "gateway"].iter().map(|n| system.child(n).unwrap().pid).collect();
+    let pids_before: Vec<i32> =
+        ["worker-1", "worker-2", "upload", "status", "distributor", "gateway"].iter().map(|n| system.child(n).unwrap().pid).collect();
     let mut files: Vec<_> = std::fs::read_dir(&edge).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
     let mut accepted = Vec::new();
@@ -248,7 +257,8 @@ async fn edge_corpus_ends_cleanly() {
             Some("succeeded") => {
                 let (code, _, bytes) = system.result(job).await.unwrap();
                 assert_eq!(code, 200, "{name}");
-                let img = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png).unwrap_or_else(|e| panic!("{name}: result does not decode: {e}"));
+                let img = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png)
+                    .unwrap_or_else(|e| panic!("{name}: result does not decode: {e}"));
                 assert!(img.width() <= 64 && img.width() > 0, "{name}");
                 eprintln!("{name}: succeeded, {}x{}", img.width(), img.height());
             }
@@ -262,7 +272,8 @@ async fn edge_corpus_ends_cleanly() {
     }
     // EXIF orientation 6 (rotate 90°): the 128x128 hopper stays square, so check a known
     // non-square case via the generated-image unit tests instead; here: no process restarted.
-    let pids_after: Vec<i32> = ["worker-1", "worker-2", "upload", "status", "distributor", "gateway"].iter().map(|n| system.child(n).unwrap().pid).collect();
+    let pids_after: Vec<i32> =
+        ["worker-1", "worker-2", "upload", "status", "distributor", "gateway"].iter().map(|n| system.child(n).unwrap().pid).collect();
     assert_eq!(pids_before, pids_after, "no process crashed");
     system.stop().await.unwrap();
 }

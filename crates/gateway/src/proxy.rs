@@ -59,11 +59,12 @@ impl Routes {
             });
         }
         // Longest prefix first.
-        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).pool_max_idle_per_host(256).build(connector);
+        let client =
+            Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).pool_max_idle_per_host(256).build(connector);
         Ok(Routes { routes, client })
     }
 
@@ -73,7 +74,8 @@ impl Routes {
 }
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = ["connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "upgrade"];
+const HOP_BY_HOP: [&str; 8] =
+    ["connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "upgrade"];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let listed: Vec<HeaderName> = headers
@@ -103,14 +105,21 @@ pub async fn forward(State(routes): State<Arc<Routes>>, ConnectInfo(peer): Conne
 
 async fn forward_inner(routes: &Routes, peer: SocketAddr, request: Request) -> Result<Response, ApiError> {
     let path = request.uri().path().to_string();
-    let route = routes.find(&path).ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no route for {path}; the API lives under /api/")))?;
+    let route =
+        routes.find(&path).ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no route for {path}; the API lives under /api/")))?;
     if !route.methods.is_empty() && !route.methods.contains(request.method()) {
         let allowed: Vec<&str> = route.methods.iter().map(Method::as_str).collect();
-        return Err(ApiError::new(ErrorCode::MethodNotAllowed, format!("{} is not allowed on {}; use {}", request.method(), route.prefix, allowed.join(" or "))));
+        return Err(ApiError::new(
+            ErrorCode::MethodNotAllowed,
+            format!("{} is not allowed on {}; use {}", request.method(), route.prefix, allowed.join(" or ")),
+        ));
     }
     let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > route.max_body_bytes) {
-        return Err(ApiError::new(ErrorCode::PayloadTooLarge, format!("the request body is larger than the limit of {} bytes for {}", route.max_body_bytes, route.prefix)));
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the request body is larger than the limit of {} bytes for {}", route.max_body_bytes, route.prefix),
+        ));
     }
 
     let (mut parts, body) = request.into_parts();
@@ -152,13 +161,18 @@ async fn forward_inner(routes: &Routes, peer: SocketAddr, request: Request) -> R
         Ok(Err(e)) => {
             tracing::warn!(upstream = %route.upstream_name, error = %e, "upstream request failed");
             metrics::counter!("pixmesh_gateway_upstream_errors_total", "upstream" => route.upstream_name.clone()).increment(1);
-            return Err(ApiError::new(ErrorCode::Unavailable, format!("the {} service is unavailable; retry later", route.upstream_name)).with_retry_after(1));
+            return Err(ApiError::new(ErrorCode::Unavailable, format!("the {} service is unavailable; retry later", route.upstream_name))
+                .with_retry_after(1));
         }
         Err(_) => {
-            return Err(ApiError::new(ErrorCode::Timeout, format!("the {} service did not answer within {} ms", route.upstream_name, route.timeout.as_millis())));
+            return Err(ApiError::new(
+                ErrorCode::Timeout,
+                format!("the {} service did not answer within {} ms", route.upstream_name, route.timeout.as_millis()),
+            ));
         }
     };
-    metrics::histogram!("pixmesh_gateway_upstream_seconds", "upstream" => route.upstream_name.clone()).record(started.elapsed().as_secs_f64());
+    metrics::histogram!("pixmesh_gateway_upstream_seconds", "upstream" => route.upstream_name.clone())
+        .record(started.elapsed().as_secs_f64());
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, Body::new(body.map_err(axum::Error::new))))
@@ -174,7 +188,14 @@ mod tests {
         c.upstreams.insert("upload".into(), "http://127.0.0.1:1".into());
         c.upstreams.insert("status".into(), "http://127.0.0.1:2/".into());
         c.upstreams.insert("legacy".into(), "http://127.0.0.1:3".into());
-        c.routes.push(RouteConfig { prefix: "/legacy/".into(), upstream: "legacy".into(), strip_prefix: true, methods: vec![], timeout_ms: None, max_body_bytes: None });
+        c.routes.push(RouteConfig {
+            prefix: "/legacy/".into(),
+            upstream: "legacy".into(),
+            strip_prefix: true,
+            methods: vec![],
+            timeout_ms: None,
+            max_body_bytes: None,
+        });
         Routes::new(&c).unwrap()
     }
 

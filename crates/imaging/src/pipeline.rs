@@ -70,9 +70,8 @@ fn open<'a>(bytes: &'a [u8], limits: &Limits) -> Result<(Format, impl ImageDecod
     if bytes.len() > limits.max_input_bytes {
         return Err(ImagingError::InputTooLarge { bytes: bytes.len(), max_bytes: limits.max_input_bytes });
     }
-    let format = sniff(bytes).ok_or_else(|| {
-        ImagingError::UnsupportedFormat("the bytes are not JPEG, PNG, WebP, GIF, BMP or TIFF".to_string())
-    })?;
+    let format =
+        sniff(bytes).ok_or_else(|| ImagingError::UnsupportedFormat("the bytes are not JPEG, PNG, WebP, GIF, BMP or TIFF".to_string()))?;
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format.to_image_format());
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_image_width = Some(limits.max_side);
@@ -249,7 +248,8 @@ fn encode(img: &Pixels, format: Format, quality: Option<u8>) -> Result<Vec<u8>, 
             JpegEncoder::new_with_quality(&mut out, q).write_image(&img.data, img.width, img.height, color)
         }
         Format::Webp => WebPEncoder::new_lossless(&mut out).write_image(&img.data, img.width, img.height, color),
-        _ => PngEncoder::new_with_quality(&mut out, CompressionType::Fast, PngFilter::Adaptive).write_image(&img.data, img.width, img.height, color),
+        _ => PngEncoder::new_with_quality(&mut out, CompressionType::Fast, PngFilter::Adaptive)
+            .write_image(&img.data, img.width, img.height, color),
     };
     result.map_err(|e| ImagingError::Encode { format: format.as_str(), reason: e.to_string() })?;
     Ok(out)
@@ -298,7 +298,12 @@ mod tests {
     #[test]
     fn resizes_and_converts_formats() {
         let src = encode_test(&DynamicImage::ImageRgb8(gradient(64, 48)), image::ImageFormat::Png);
-        for (format, expected) in [(OutputFormat::Jpeg, Format::Jpeg), (OutputFormat::Webp, Format::Webp), (OutputFormat::Png, Format::Png), (OutputFormat::Same, Format::Png)] {
+        for (format, expected) in [
+            (OutputFormat::Jpeg, Format::Jpeg),
+            (OutputFormat::Webp, Format::Webp),
+            (OutputFormat::Png, Format::Png),
+            (OutputFormat::Same, Format::Png),
+        ] {
             let out = process(&src, &opts(Some(32), None, Fit::Contain, format), &Limits::default()).unwrap();
             assert_eq!((out.width, out.height, out.format), (32, 24, expected));
             assert_eq!(sniff(&out.bytes), Some(expected));

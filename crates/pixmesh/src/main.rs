@@ -148,7 +148,13 @@ fn exit_with_supervisor(env: &HashMap<String, String>, shutdown: &Shutdown) {
     }
 }
 
-async fn run(command: Command, config: Config, env: HashMap<String, String>, config_file: Option<PathBuf>, sets: Vec<String>) -> anyhow::Result<()> {
+async fn run(
+    command: Command,
+    config: Config,
+    env: HashMap<String, String>,
+    config_file: Option<PathBuf>,
+    sets: Vec<String>,
+) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     shutdown.on_signals()?;
     exit_with_supervisor(&env, &shutdown);

@@ -1,6 +1,7 @@
 use pixmesh_proto::v1::registry_server::Registry as RegistryApi;
 use pixmesh_proto::v1::{
-    DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse, Instance, ListRequest, ListResponse, RegisterRequest, RegisterResponse,
+    DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse, Instance, ListRequest, ListResponse, RegisterRequest,
+    RegisterResponse,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -71,7 +72,8 @@ impl Registry {
     pub fn expire(&self) -> Vec<String> {
         let now = Instant::now();
         let mut entries = self.lock();
-        let expired: Vec<String> = entries.iter().filter(|(_, e)| now.duration_since(e.last_seen) > self.ttl).map(|(id, _)| id.clone()).collect();
+        let expired: Vec<String> =
+            entries.iter().filter(|(_, e)| now.duration_since(e.last_seen) > self.ttl).map(|(id, _)| id.clone()).collect();
         for id in &expired {
             entries.remove(id);
             tracing::warn!(id, "instance expired: missed its heartbeats");

@@ -18,7 +18,10 @@ pub fn router(stores: Stores) -> Router {
 }
 
 async fn not_found(request: Request) -> ApiError {
-    ApiError::new(ErrorCode::NotFound, format!("no such endpoint: {}; use GET /api/status/{{id}} or GET /api/result/{{id}}", request.uri().path()))
+    ApiError::new(
+        ErrorCode::NotFound,
+        format!("no such endpoint: {}; use GET /api/status/{{id}} or GET /api/result/{{id}}", request.uri().path()),
+    )
 }
 
 async fn method_not_allowed(request: Request) -> ApiError {
@@ -46,7 +49,11 @@ async fn result(State(stores): State<Stores>, Path(id): Path<String>, headers: H
     let job = stores.jobs.get(&id).await.map_err(store_error)?.ok_or_else(|| unknown(&id))?;
     match job.state {
         JobState::Queued | JobState::Processing => {
-            return Err(ApiError::new(ErrorCode::NotReady, format!("job {id} is {}; poll /api/status/{id} until it has succeeded", job.state.as_str())).with_retry_after(1));
+            return Err(ApiError::new(
+                ErrorCode::NotReady,
+                format!("job {id} is {}; poll /api/status/{id} until it has succeeded", job.state.as_str()),
+            )
+            .with_retry_after(1));
         }
         JobState::Failed => {
             let error = job.error.unwrap_or_else(|| pixmesh_store::JobError { code: "internal".into(), message: "unknown failure".into() });
@@ -58,7 +65,10 @@ async fn result(State(stores): State<Stores>, Path(id): Path<String>, headers: H
     let result = job.result.ok_or_else(|| ApiError::new(ErrorCode::Internal, "the job succeeded but has no result recorded"))?;
     let etag = format!("\"{}\"", result.blob.digest);
     let cache = HeaderValue::from_static("public, max-age=31536000, immutable");
-    let matches = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
     if matches {
         let mut response = StatusCode::NOT_MODIFIED.into_response();
         response.headers_mut().insert(header::CACHE_CONTROL, cache);
@@ -75,7 +85,10 @@ async fn result(State(stores): State<Stores>, Path(id): Path<String>, headers: H
         .ok_or_else(|| ApiError::new(ErrorCode::Internal, "the result image is missing from the blob store"))?;
     let mut response = bytes.into_response();
     let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_str(&result.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream")));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(&result.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
     if let Ok(v) = HeaderValue::from_str(&etag) {
         h.insert(header::ETAG, v);
     }
@@ -90,7 +103,7 @@ mod tests {
     use bytes::Bytes;
     use http_body_util::BodyExt;
     use pixmesh_imaging::Options;
-    use pixmesh_store::{BlobRef, JobError, JobResult, NewJob};
+    use pixmesh_store::{JobError, JobResult, NewJob};
     use std::time::Duration;
     use tower::ServiceExt;
 
@@ -102,7 +115,14 @@ mod tests {
 
     async fn new_job(stores: &Stores, id: &str) {
         let input = stores.blobs.put(Bytes::from_static(b"input")).await.unwrap();
-        let job = NewJob { id: id.into(), input, input_format: "png".into(), options: Options::default(), idempotency_key: None, request_hash: "h".into() };
+        let job = NewJob {
+            id: id.into(),
+            input,
+            input_format: "png".into(),
+            options: Options::default(),
+            idempotency_key: None,
+            request_hash: "h".into(),
+        };
         stores.jobs.create(job).await.unwrap();
     }
 
@@ -167,6 +187,5 @@ mod tests {
         let (s, _, body) = get(&app, "/api/result/j2", None).await;
         assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
         assert!(json(&body)["error"]["message"].as_str().unwrap().contains("truncated PNG"));
-        let _ = BlobRef::of(b"");
     }
 }

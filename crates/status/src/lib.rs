@@ -27,7 +27,11 @@ pub struct StatusConfig {
 
 impl Default for StatusConfig {
     fn default() -> Self {
-        StatusConfig { listen: SocketAddr::from(([127, 0, 0, 1], 0)), admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)), drain_grace_ms: 10_000 }
+        StatusConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            drain_grace_ms: 10_000,
+        }
     }
 }
 
@@ -38,7 +42,13 @@ impl StatusConfig {
 }
 
 /// Serves the status API on `http` until `shutdown`.
-pub async fn run(config: StatusConfig, store: StoreConfig, http: TcpListener, admin: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
+pub async fn run(
+    config: StatusConfig,
+    store: StoreConfig,
+    http: TcpListener,
+    admin: TcpListener,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
     let readiness = Readiness::new();
     let http_addr = http.local_addr()?;
     let admin_addr = admin.local_addr()?;

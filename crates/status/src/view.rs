@@ -89,7 +89,7 @@ mod tests {
     fn folds_histories() {
         assert_eq!(fold(&[]), None);
         let accepted = ev(EventKind::Accepted, 0, 1000, json!({}));
-        let v = fold(&[accepted.clone()]).unwrap();
+        let v = fold(std::slice::from_ref(&accepted)).unwrap();
         assert_eq!((v.state, v.attempts, v.created_at.as_str()), ("queued", 0, "1970-01-01T00:00:01.000Z"));
 
         let history = [
@@ -98,7 +98,12 @@ mod tests {
             ev(EventKind::Retried, 1, 2500, json!({"code": "unavailable"})),
             ev(EventKind::Released, 1, 3000, json!({})),
             ev(EventKind::Claimed, 2, 4000, json!({})),
-            ev(EventKind::Succeeded, 2, 5000, json!({"width": 800, "height": 500, "format": "webp", "blob": {"digest": "x", "size": 1234}})),
+            ev(
+                EventKind::Succeeded,
+                2,
+                5000,
+                json!({"width": 800, "height": 500, "format": "webp", "blob": {"digest": "x", "size": 1234}}),
+            ),
         ];
         let v = fold(&history).unwrap();
         assert_eq!((v.state, v.attempts), ("succeeded", 2));
@@ -108,7 +113,11 @@ mod tests {
         let states: Vec<_> = (1..=history.len()).map(|n| fold(&history[..n]).unwrap().state).collect();
         assert_eq!(states, vec!["queued", "processing", "processing", "queued", "processing", "succeeded"]);
 
-        let failed = [accepted, ev(EventKind::Claimed, 1, 2000, json!({})), ev(EventKind::Failed, 1, 3000, json!({"code": "corrupt_image", "message": "truncated"}))];
+        let failed = [
+            accepted,
+            ev(EventKind::Claimed, 1, 2000, json!({})),
+            ev(EventKind::Failed, 1, 3000, json!({"code": "corrupt_image", "message": "truncated"})),
+        ];
         let v = fold(&failed).unwrap();
         assert_eq!(v.state, "failed");
         assert_eq!(v.error, Some(ErrorView { code: "corrupt_image".into(), message: "truncated".into() }));

@@ -69,7 +69,14 @@ impl SqliteJobStore {
         Ok(SqliteJobStore { pool })
     }
 
-    async fn append(conn: &mut SqliteConnection, id: &str, kind: EventKind, attempt: u32, at: i64, data: serde_json::Value) -> Result<(), StoreError> {
+    async fn append(
+        conn: &mut SqliteConnection,
+        id: &str,
+        kind: EventKind,
+        attempt: u32,
+        at: i64,
+        data: serde_json::Value,
+    ) -> Result<(), StoreError> {
         sqlx::query("INSERT INTO job_events (job_id, kind, attempt, at, data) VALUES (?, ?, ?, ?, ?)")
             .bind(id)
             .bind(kind.as_str())
@@ -88,7 +95,15 @@ impl SqliteJobStore {
 
     /// Runs one fenced transition: `set` applies only if the job is still held by `attempt`
     /// and not terminal; then `event` is appended in the same transaction.
-    async fn fenced(&self, id: &str, attempt: u32, set: &str, binds: Vec<Bind>, event: EventKind, data: serde_json::Value) -> Result<(), StoreError> {
+    async fn fenced(
+        &self,
+        id: &str,
+        attempt: u32,
+        set: &str,
+        binds: Vec<Bind>,
+        event: EventKind,
+        data: serde_json::Value,
+    ) -> Result<(), StoreError> {
         let now = now_ms();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let sql = format!("UPDATE jobs SET {set}, updated_at = ? WHERE id = ? AND attempt = ? AND state = 'processing'");
@@ -152,7 +167,8 @@ impl JobStore for SqliteJobStore {
         let now = now_ms();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         if let Some(key) = &job.idempotency_key {
-            let existing = sqlx::query("SELECT id, request_hash FROM jobs WHERE idempotency_key = ?").bind(key).fetch_optional(&mut *tx).await?;
+            let existing =
+                sqlx::query("SELECT id, request_hash FROM jobs WHERE idempotency_key = ?").bind(key).fetch_optional(&mut *tx).await?;
             if let Some(row) = existing {
                 let id: String = row.try_get("id")?;
                 let hash: String = row.try_get("request_hash")?;
@@ -192,7 +208,10 @@ impl JobStore for SqliteJobStore {
     }
 
     async fn events(&self, id: &str) -> Result<Vec<JobEvent>, StoreError> {
-        let rows = sqlx::query("SELECT seq, job_id, kind, attempt, at, data FROM job_events WHERE job_id = ? ORDER BY seq").bind(id).fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT seq, job_id, kind, attempt, at, data FROM job_events WHERE job_id = ? ORDER BY seq")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|row| {
                 let kind: String = row.try_get("kind")?;
@@ -234,28 +253,44 @@ impl JobStore for SqliteJobStore {
                 Self::append(&mut tx, &id, EventKind::LeaseExpired, attempt, now, serde_json::json!({ "owner": previous })).await?;
             }
             if attempt >= max_attempts {
-                let error = JobError { code: "unavailable".into(), message: format!("gave up after {attempt} attempts; no worker could process the image") };
-                sqlx::query("UPDATE jobs SET state = 'failed', error = ?, lease_owner = NULL, lease_expires_at = NULL, updated_at = ? WHERE id = ?")
-                    .bind(json(&error)?)
-                    .bind(now)
-                    .bind(&id)
-                    .execute(&mut *tx)
-                    .await?;
-                Self::append(&mut tx, &id, EventKind::Failed, attempt, now, serde_json::json!({ "code": error.code, "message": error.message })).await?;
+                let error = JobError {
+                    code: "unavailable".into(),
+                    message: format!("gave up after {attempt} attempts; no worker could process the image"),
+                };
+                sqlx::query(
+                    "UPDATE jobs SET state = 'failed', error = ?, lease_owner = NULL, lease_expires_at = NULL, updated_at = ? WHERE id = ?",
+                )
+                .bind(json(&error)?)
+                .bind(now)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+                Self::append(
+                    &mut tx,
+                    &id,
+                    EventKind::Failed,
+                    attempt,
+                    now,
+                    serde_json::json!({ "code": error.code, "message": error.message }),
+                )
+                .await?;
                 tx.commit().await?;
                 continue;
             }
             let next = attempt + 1;
             let expires = now + millis(lease);
-            sqlx::query("UPDATE jobs SET state = 'processing', attempt = ?, lease_owner = ?, lease_expires_at = ?, updated_at = ? WHERE id = ?")
-                .bind(i64::from(next))
-                .bind(owner)
-                .bind(expires)
-                .bind(now)
-                .bind(&id)
-                .execute(&mut *tx)
+            sqlx::query(
+                "UPDATE jobs SET state = 'processing', attempt = ?, lease_owner = ?, lease_expires_at = ?, updated_at = ? WHERE id = ?",
+            )
+            .bind(i64::from(next))
+            .bind(owner)
+            .bind(expires)
+            .bind(now)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+            Self::append(&mut tx, &id, EventKind::Claimed, next, now, serde_json::json!({ "owner": owner, "lease_expires_at": expires }))
                 .await?;
-            Self::append(&mut tx, &id, EventKind::Claimed, next, now, serde_json::json!({ "owner": owner, "lease_expires_at": expires })).await?;
             let job = Self::fetch_job(&mut tx, &id).await?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
             tx.commit().await?;
             return Ok(Some(job));
@@ -264,13 +299,14 @@ impl JobStore for SqliteJobStore {
 
     async fn extend_lease(&self, id: &str, attempt: u32, lease: Duration) -> Result<(), StoreError> {
         let now = now_ms();
-        let done = sqlx::query("UPDATE jobs SET lease_expires_at = ?, updated_at = ? WHERE id = ? AND attempt = ? AND state = 'processing'")
-            .bind(now + millis(lease))
-            .bind(now)
-            .bind(id)
-            .bind(i64::from(attempt))
-            .execute(&self.pool)
-            .await?;
+        let done =
+            sqlx::query("UPDATE jobs SET lease_expires_at = ?, updated_at = ? WHERE id = ? AND attempt = ? AND state = 'processing'")
+                .bind(now + millis(lease))
+                .bind(now)
+                .bind(id)
+                .bind(i64::from(attempt))
+                .execute(&self.pool)
+                .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::Fenced { id: id.to_string(), attempt });
         }
@@ -286,17 +322,41 @@ impl JobStore for SqliteJobStore {
     async fn release(&self, id: &str, attempt: u32, reason: &JobError, delay: Duration) -> Result<(), StoreError> {
         let not_before = now_ms() + millis(delay);
         let data = serde_json::json!({ "code": reason.code, "message": reason.message, "not_before": not_before });
-        self.fenced(id, attempt, "state = 'queued', lease_owner = NULL, lease_expires_at = NULL, not_before = ?", vec![Bind::Int(not_before)], EventKind::Released, data).await
+        self.fenced(
+            id,
+            attempt,
+            "state = 'queued', lease_owner = NULL, lease_expires_at = NULL, not_before = ?",
+            vec![Bind::Int(not_before)],
+            EventKind::Released,
+            data,
+        )
+        .await
     }
 
     async fn succeed(&self, id: &str, attempt: u32, result: &JobResult) -> Result<(), StoreError> {
         let data = serde_json::to_value(result).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        self.fenced(id, attempt, "state = 'succeeded', result = ?, lease_owner = NULL, lease_expires_at = NULL", vec![Bind::Text(json(result)?)], EventKind::Succeeded, data).await
+        self.fenced(
+            id,
+            attempt,
+            "state = 'succeeded', result = ?, lease_owner = NULL, lease_expires_at = NULL",
+            vec![Bind::Text(json(result)?)],
+            EventKind::Succeeded,
+            data,
+        )
+        .await
     }
 
     async fn fail(&self, id: &str, attempt: u32, error: &JobError) -> Result<(), StoreError> {
         let data = serde_json::json!({ "code": error.code, "message": error.message });
-        self.fenced(id, attempt, "state = 'failed', error = ?, lease_owner = NULL, lease_expires_at = NULL", vec![Bind::Text(json(error)?)], EventKind::Failed, data).await
+        self.fenced(
+            id,
+            attempt,
+            "state = 'failed', error = ?, lease_owner = NULL, lease_expires_at = NULL",
+            vec![Bind::Text(json(error)?)],
+            EventKind::Failed,
+            data,
+        )
+        .await
     }
 
     async fn counts(&self) -> Result<Vec<(JobState, u64)>, StoreError> {
@@ -336,7 +396,13 @@ mod tests {
     }
 
     fn result() -> JobResult {
-        JobResult { blob: BlobRef { digest: "b".repeat(64), size: 5 }, format: "webp".into(), content_type: "image/webp".into(), width: 100, height: 50 }
+        JobResult {
+            blob: BlobRef { digest: "b".repeat(64), size: 5 },
+            format: "webp".into(),
+            content_type: "image/webp".into(),
+            width: 100,
+            height: 50,
+        }
     }
 
     fn kinds(events: &[JobEvent]) -> Vec<EventKind> {
@@ -375,7 +441,10 @@ mod tests {
         let err = store.fail("j1", second.attempt, &JobError { code: "internal".into(), message: "x".into() }).await.unwrap_err();
         assert!(matches!(err, StoreError::Fenced { .. }));
         let events = kinds(&store.events("j1").await.unwrap());
-        assert_eq!(events, vec![EventKind::Accepted, EventKind::Claimed, EventKind::LeaseExpired, EventKind::Claimed, EventKind::Succeeded]);
+        assert_eq!(
+            events,
+            vec![EventKind::Accepted, EventKind::Claimed, EventKind::LeaseExpired, EventKind::Claimed, EventKind::Succeeded]
+        );
     }
 
     #[tokio::test]

@@ -216,6 +216,9 @@ mod tests {
     #[test]
     fn restarts_pin_the_announced_addresses() {
         let a = Announcement::new("worker").with("grpc", "127.0.0.1:5000").with("admin", "127.0.0.1:5001").with("id", "w1");
-        assert_eq!(pinned_addresses("worker", &a), vec!["--set", "worker.listen=\"127.0.0.1:5000\"", "--set", "worker.admin_listen=\"127.0.0.1:5001\""]);
+        assert_eq!(
+            pinned_addresses("worker", &a),
+            vec!["--set", "worker.listen=\"127.0.0.1:5000\"", "--set", "worker.admin_listen=\"127.0.0.1:5001\""]
+        );
     }
 }

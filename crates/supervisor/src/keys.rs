@@ -48,7 +48,10 @@ pub fn ensure_dev_key(data_dir: &Path) -> std::io::Result<DevKey> {
     let mut file = options.open(&dev)?;
     writeln!(file, "{key}")?;
     file.sync_all()?;
-    let text = format!("# API keys for the pixmesh gateway: name and SHA-256 of each key.\n[[keys]]\nname = \"dev\"\nsha256 = \"{}\"\n", sha256_hex(&key));
+    let text = format!(
+        "# API keys for the pixmesh gateway: name and SHA-256 of each key.\n[[keys]]\nname = \"dev\"\nsha256 = \"{}\"\n",
+        sha256_hex(&key)
+    );
     std::fs::write(&keys, text)?;
     Ok(DevKey::Created(key))
 }

@@ -186,7 +186,8 @@ impl System {
 
 fn record(children: &Mutex<HashMap<String, ChildInfo>>, v: &Value) {
     let (Some(name), Some(pid)) = (v["name"].as_str(), v["pid"].as_str().and_then(|p| p.parse().ok())) else { return };
-    let addresses = v.as_object().map(|o| o.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect()).unwrap_or_default();
+    let addresses =
+        v.as_object().map(|o| o.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect()).unwrap_or_default();
     if let Ok(mut map) = children.lock() {
         map.insert(name.to_string(), ChildInfo { pid, addresses });
     }

@@ -38,7 +38,10 @@ pub fn router(config: UploadConfig, stores: Stores) -> Router {
 }
 
 async fn not_found(request: Request) -> ApiError {
-    ApiError::new(ErrorCode::NotFound, format!("no such endpoint: {} {}; upload with POST /api/upload", request.method(), request.uri().path()))
+    ApiError::new(
+        ErrorCode::NotFound,
+        format!("no such endpoint: {} {}; upload with POST /api/upload", request.method(), request.uri().path()),
+    )
 }
 
 async fn method_not_allowed(request: Request) -> ApiError {
@@ -85,7 +88,9 @@ async fn read_image(request: Request, limit: usize) -> Result<Bytes, ApiError> {
         return Err(too_large(limit));
     }
     let bytes = if content_type.starts_with("multipart/form-data") {
-        let mut multipart = Multipart::from_request(request, &()).await.map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("bad multipart body: {}", e.body_text())))?;
+        let mut multipart = Multipart::from_request(request, &())
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("bad multipart body: {}", e.body_text())))?;
         let mut found = None;
         while let Some(field) = multipart.next_field().await.map_err(|e| multipart_error(e, limit))? {
             let is_file = field.file_name().is_some() || matches!(field.name(), Some("file" | "image"));
@@ -94,7 +99,9 @@ async fn read_image(request: Request, limit: usize) -> Result<Bytes, ApiError> {
                 break;
             }
         }
-        found.ok_or_else(|| ApiError::new(ErrorCode::BadRequest, "the multipart body has no file field; send the image in a field named `file`"))?
+        found.ok_or_else(|| {
+            ApiError::new(ErrorCode::BadRequest, "the multipart body has no file field; send the image in a field named `file`")
+        })?
     } else if content_type.is_empty() || content_type.starts_with("image/") || content_type.starts_with("application/octet-stream") {
         match Limited::new(request.into_body(), limit).collect().await {
             Ok(collected) => collected.to_bytes(),
@@ -104,7 +111,9 @@ async fn read_image(request: Request, limit: usize) -> Result<Bytes, ApiError> {
     } else {
         return Err(ApiError::new(
             ErrorCode::UnsupportedFormat,
-            format!("Content-Type `{content_type}` is not accepted; send the image bytes with Content-Type image/* or as multipart/form-data"),
+            format!(
+                "Content-Type `{content_type}` is not accepted; send the image bytes with Content-Type image/* or as multipart/form-data"
+            ),
         ));
     };
     if bytes.is_empty() {
@@ -114,7 +123,11 @@ async fn read_image(request: Request, limit: usize) -> Result<Bytes, ApiError> {
 }
 
 fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE { too_large(limit) } else { ApiError::new(ErrorCode::BadRequest, format!("bad multipart body: {}", e.body_text())) }
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        too_large(limit)
+    } else {
+        ApiError::new(ErrorCode::BadRequest, format!("bad multipart body: {}", e.body_text()))
+    }
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -140,7 +153,11 @@ fn store_error(e: StoreError) -> ApiError {
     }
 }
 
-async fn upload(State(state): State<AppState>, Query(params): Query<Vec<(String, String)>>, request: Request) -> Result<Response, ApiError> {
+async fn upload(
+    State(state): State<AppState>,
+    Query(params): Query<Vec<(String, String)>>,
+    request: Request,
+) -> Result<Response, ApiError> {
     let options = parse_options(&params)?;
     let idempotency = idempotency_key(request.headers())?;
     let _permit = state.permits.acquire().await.map_err(|_| ApiError::new(ErrorCode::Unavailable, "shutting down"))?;
@@ -271,7 +288,8 @@ mod tests {
     #[tokio::test]
     async fn accepts_multipart() {
         let (_dir, app, _stores) = app(UploadConfig::default()).await;
-        let mut body = b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n".to_vec();
+        let mut body =
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n".to_vec();
         body.extend_from_slice(&png(8, 8));
         body.extend_from_slice(b"\r\n--XyZ--\r\n");
         let (status, _, body) = send(&app, post("/api/upload", "multipart/form-data; boundary=XyZ", body)).await;
@@ -280,9 +298,11 @@ mod tests {
 
     #[tokio::test]
     async fn bad_requests_get_clear_json_errors_and_store_nothing() {
-        let mut config = UploadConfig::default();
-        config.max_body_bytes = 4096;
-        config.limits.max_pixels = 10_000;
+        let config = UploadConfig {
+            max_body_bytes: 64 * 1024,
+            limits: pixmesh_imaging::Limits { max_pixels: 10_000, ..Default::default() },
+            ..UploadConfig::default()
+        };
         let (dir, app, stores) = app(config).await;
         let check = |req, status: StatusCode, code: &'static str| {
             let app = app.clone();
@@ -299,8 +319,9 @@ mod tests {
         check(post("/api/upload?quality=300", "image/png", png(8, 8)), StatusCode::BAD_REQUEST, "bad_request").await;
         check(post("/api/upload", "image/png", vec![]), StatusCode::BAD_REQUEST, "bad_request").await;
         check(post("/api/upload", "text/plain", png(8, 8)), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_format").await;
-        check(post("/api/upload", "image/png", b"GIF? no, plain text".to_vec()), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_format").await;
-        check(post("/api/upload", "image/png", vec![0u8; 5000]), StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+        check(post("/api/upload", "image/png", b"GIF? no, plain text".to_vec()), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_format")
+            .await;
+        check(post("/api/upload", "image/png", vec![0u8; 70_000]), StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
         // 200 x 100 = 20,000 pixels > 10,000, refused from the header.
         check(post("/api/upload", "image/png", png(200, 100)), StatusCode::PAYLOAD_TOO_LARGE, "image_too_large").await;
         let mut broken = png(8, 8);
@@ -315,7 +336,13 @@ mod tests {
     #[tokio::test]
     async fn idempotency_key_replays_the_first_job() {
         let (_dir, app, _stores) = app(UploadConfig::default()).await;
-        let req = |w: u32| http::Request::post(format!("/api/upload?width={w}")).header("content-type", "image/png").header("idempotency-key", "abc").body(Body::from(png(16, 16))).unwrap();
+        let req = |w: u32| {
+            http::Request::post(format!("/api/upload?width={w}"))
+                .header("content-type", "image/png")
+                .header("idempotency-key", "abc")
+                .body(Body::from(png(16, 16)))
+                .unwrap()
+        };
         let (s1, _, first) = send(&app, req(8)).await;
         let (s2, h2, second) = send(&app, req(8)).await;
         assert_eq!((s1, s2), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));

@@ -55,7 +55,13 @@ impl UploadConfig {
 }
 
 /// Serves the upload API on `http` until `shutdown`.
-pub async fn run(config: UploadConfig, store: StoreConfig, http: TcpListener, admin: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
+pub async fn run(
+    config: UploadConfig,
+    store: StoreConfig,
+    http: TcpListener,
+    admin: TcpListener,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
     let readiness = Readiness::new();
     let http_addr = http.local_addr()?;
     let admin_addr = admin.local_addr()?;

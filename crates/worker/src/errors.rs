@@ -24,7 +24,13 @@ mod tests {
         check(ImagingError::LimitExceeded("x".into()), ErrorCode::LimitExceeded);
         check(ImagingError::BadOptions("x".into()), ErrorCode::BadRequest);
         check(ImagingError::Encode { format: "png", reason: "x".into() }, ErrorCode::Internal);
-        for code in [ErrorCode::UnsupportedFormat, ErrorCode::CorruptImage, ErrorCode::ImageTooLarge, ErrorCode::LimitExceeded, ErrorCode::BadRequest] {
+        for code in [
+            ErrorCode::UnsupportedFormat,
+            ErrorCode::CorruptImage,
+            ErrorCode::ImageTooLarge,
+            ErrorCode::LimitExceeded,
+            ErrorCode::BadRequest,
+        ] {
             assert!(!code.is_retryable(), "{code}");
         }
     }

@@ -101,7 +101,9 @@ pub async fn run(config: WorkerConfig, grpc: TcpListener, admin: TcpListener, sh
     let stop_serving = Shutdown::new();
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(ImageWorkerServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES))
+        .add_service(
+            ImageWorkerServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), stop_serving.wait_owned());
     let server = tokio::spawn(server);
 

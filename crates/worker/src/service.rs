@@ -26,7 +26,9 @@ pub(crate) fn options_from(ops: Option<Operations>) -> Result<Options, ApiError>
     let format: OutputFormat = if ops.format.is_empty() { OutputFormat::default() } else { ops.format.parse().map_err(bad)? };
     let quality = match ops.quality {
         0 => None,
-        q => Some(u8::try_from(q).map_err(|_| ApiError::new(ErrorCode::BadRequest, format!("quality must be between 1 and 100, got {q}")))?),
+        q => {
+            Some(u8::try_from(q).map_err(|_| ApiError::new(ErrorCode::BadRequest, format!("quality must be between 1 and 100, got {q}")))?)
+        }
     };
     let options = Options {
         width: (ops.width > 0).then_some(ops.width),
@@ -48,13 +50,9 @@ impl ImageWorker for ImageWorkerService {
         let limits = self.limits;
         let image = req.image;
         let started = Instant::now();
-        let outcome = self
-            .pool
-            .run(move || pixmesh_imaging::process(&image, &options, &limits))
-            .await
-            .map_err(|e| match e {
-                PoolError::Full(_) | PoolError::Closed => ApiError::new(ErrorCode::Unavailable, e.to_string()).to_grpc_status(),
-            })?;
+        let outcome = self.pool.run(move || pixmesh_imaging::process(&image, &options, &limits)).await.map_err(|e| match e {
+            PoolError::Full(_) | PoolError::Closed => ApiError::new(ErrorCode::Unavailable, e.to_string()).to_grpc_status(),
+        })?;
         let elapsed = started.elapsed();
         metrics::histogram!("pixmesh_worker_process_seconds").record(elapsed.as_secs_f64());
         match outcome {

@@ -67,7 +67,9 @@ where
                 None
             }
             _ if !self.required => None,
-            Some(None) => Some(ApiError::new(ErrorCode::Unauthorized, "unknown API key; check the X-API-KEY header or ask the operator for a key")),
+            Some(None) => {
+                Some(ApiError::new(ErrorCode::Unauthorized, "unknown API key; check the X-API-KEY header or ask the operator for a key"))
+            }
             None => Some(ApiError::new(ErrorCode::Unauthorized, "missing X-API-KEY header; send your API key in it")),
         };
         if let Some(error) = refusal {
@@ -94,7 +96,11 @@ mod tests {
         let inner = service_fn(move |req: Request<Body>| {
             counter.fetch_add(1, Ordering::SeqCst);
             let client = req.headers().get(CLIENT_HEADER).cloned();
-            async move { Ok::<_, Infallible>(Response::builder().header("client", client.unwrap_or(HeaderValue::from_static("-"))).body(Body::empty()).unwrap()) }
+            async move {
+                Ok::<_, Infallible>(
+                    Response::builder().header("client", client.unwrap_or(HeaderValue::from_static("-"))).body(Body::empty()).unwrap(),
+                )
+            }
         });
         let mut keys = ApiKeys::default();
         keys.add_plain("alice", "k-alice");

@@ -1,0 +1,46 @@
+//! The command line: subcommands exist, and bad configuration fails fast with exit status 64
+//! and a message that names the problem, before any port is bound.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+use std::process::Command;
+
+fn pixmesh(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pixmesh")).args(args).env_remove("RUST_LOG").output().unwrap();
+    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn help_lists_every_role() {
+    let (code, text) = pixmesh(&["--help"]);
+    assert_eq!(code, 0);
+    for role in ["up", "gateway", "upload", "status", "distributor", "worker", "registry"] {
+        assert!(text.contains(role), "{role} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn bad_configuration_exits_64_before_binding() {
+    let check = |args: &[&str], needle: &str| {
+        let (code, text) = pixmesh(args);
+        assert_eq!(code, 64, "{args:?}: {text}");
+        assert!(text.contains(needle), "{args:?}: expected {needle:?} in {text}");
+    };
+    check(&["--set", "worker.threadz=2", "worker"], "threadz");
+    check(&["--set", "registry.missed_heartbeats=0", "registry"], "missed_heartbeats");
+    check(&["--set", "nonsense", "upload"], "key=value");
+    check(&["--config", "/nonexistent/pixmesh.toml", "status"], "cannot read config file");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[gateway]\nlisten = \"127.0.0.1:1\"\n[gatewy]\n").unwrap();
+    check(&["--config", file.to_str().unwrap(), "gateway"], "gatewy");
+}
+
+#[test]
+fn the_distributor_refuses_to_start_without_workers_to_find() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = format!("store.data_dir=\"{}\"", dir.path().display());
+    let (code, text) = pixmesh(&["--set", &data, "distributor"]);
+    assert_ne!(code, 0);
+    assert!(text.contains("distributor.registry"), "{text}");
+}
