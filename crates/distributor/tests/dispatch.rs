@@ -1,0 +1,113 @@
+//! The distributor against a real SQLite store and real gRPC workers on 127.0.0.1.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+use bytes::Bytes;
+use pixmesh_chassis::Shutdown;
+use pixmesh_distributor::{Dispatcher, DistributorConfig, WorkerSet};
+use pixmesh_imaging::{Options, OutputFormat};
+use pixmesh_store::{EventKind, JobState, NewJob, StoreConfig, Stores};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+async fn worker() -> (String, Shutdown) {
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = grpc.local_addr().unwrap().to_string();
+    let shutdown = Shutdown::new();
+    let config = pixmesh_worker::WorkerConfig { threads: 2, ..Default::default() };
+    tokio::spawn(pixmesh_worker::run(config, grpc, admin, shutdown.clone()));
+    (addr, shutdown)
+}
+
+/// An address where nothing listens (bound, then closed).
+async fn dead_address() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+async fn submit(stores: &Stores, id: &str, image: Vec<u8>) {
+    let input = stores.blobs.put(Bytes::from(image)).await.unwrap();
+    let options = Options { width: Some(32), format: OutputFormat::Png, ..Options::default() };
+    let job = NewJob { id: id.into(), input, input_format: "jpeg".into(), options, idempotency_key: None, request_hash: id.into() };
+    stores.jobs.create(job).await.unwrap();
+}
+
+async fn wait_all_terminal(stores: &Stores, ids: &[String]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut done = 0;
+        for id in ids {
+            if stores.jobs.get(id).await.unwrap().unwrap().state.is_terminal() {
+                done += 1;
+            }
+        }
+        if done == ids.len() {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "only {done} of {} jobs finished", ids.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_workers_are_retried_elsewhere_and_bad_images_fail_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores = Stores::open(&StoreConfig::default().with_data_dir(dir.path())).await.unwrap();
+    let (live, live_stop) = worker().await;
+    let dead = dead_address().await;
+    let config = DistributorConfig { workers: vec![dead.clone(), live.clone()], call_timeout_ms: 5_000, ..DistributorConfig::default() };
+    let workers = WorkerSet::new(Duration::from_millis(config.call_timeout_ms));
+    let discovery = workers.spawn_discovery(&config, Shutdown::new()).unwrap();
+    discovery.await.unwrap();
+    assert_eq!(workers.len(), 2);
+
+    let mut ids: Vec<String> = Vec::new();
+    for i in 0..12 {
+        let id = format!("good-{i:02}");
+        submit(&stores, &id, pixmesh_test_support::jpeg(200, 100)).await;
+        ids.push(id);
+    }
+    let mut corrupt = pixmesh_test_support::jpeg(200, 100);
+    corrupt.truncate(150);
+    submit(&stores, "corrupt", corrupt).await;
+
+    let shutdown = Shutdown::new();
+    let dispatcher = Dispatcher::new(config, stores.clone(), workers, "test-distributor".into());
+    let running = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { dispatcher.run(shutdown).await }
+    });
+    let mut all = ids.clone();
+    all.push("corrupt".into());
+    wait_all_terminal(&stores, &all).await;
+
+    let mut retried = 0;
+    for id in &ids {
+        let job = stores.jobs.get(id).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Succeeded, "{id}: {:?}", job.error);
+        assert_eq!(job.result.as_ref().unwrap().width, 32);
+        let events = stores.jobs.events(id).await.unwrap();
+        assert_eq!(events.iter().filter(|e| e.kind == EventKind::Succeeded).count(), 1);
+        for e in events.iter().filter(|e| e.kind == EventKind::Retried) {
+            assert_eq!(e.data["worker"], dead.as_str(), "only the dead worker fails");
+            retried += 1;
+        }
+    }
+    assert!(retried > 0, "some job was sent to the dead worker first and retried on the live one");
+
+    let bad = stores.jobs.get("corrupt").await.unwrap().unwrap();
+    assert_eq!(bad.state, JobState::Failed);
+    assert_eq!(bad.attempt, 1);
+    assert_eq!(bad.error.unwrap().code, "corrupt_image");
+    // It may have met the dead worker first (a retryable failure), but once the live worker
+    // said the image is corrupt, nothing was tried again.
+    let events = stores.jobs.events("corrupt").await.unwrap();
+    assert!(events.iter().filter(|e| e.kind == EventKind::Retried).all(|e| e.data["worker"] == dead.as_str()));
+    let kinds: Vec<_> = events.iter().map(|e| e.kind).filter(|k| *k != EventKind::Retried).collect();
+    assert_eq!(kinds, vec![EventKind::Accepted, EventKind::Claimed, EventKind::Failed], "not retried after the permanent failure");
+
+    shutdown.trigger();
+    running.await.unwrap();
+    live_stop.trigger();
+}
