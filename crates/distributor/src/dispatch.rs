@@ -29,6 +29,7 @@ fn ops(job: &Job) -> Operations {
         format: o.format.as_str().into(),
         quality: o.quality.map(u32::from).unwrap_or(0),
         enlarge: o.enlarge,
+        lossless: o.lossless,
     }
 }
 

@@ -49,7 +49,7 @@ impl Fit {
 pub enum OutputFormat {
     Jpeg,
     Png,
-    /// WebP, lossless.
+    /// WebP: lossy, or lossless with [`Options::lossless`].
     Webp,
     /// The input's format when pixmesh can encode it (JPEG, PNG, WebP), PNG otherwise.
     #[default]
@@ -92,12 +92,15 @@ pub struct Options {
     pub fit: Fit,
     #[serde(default)]
     pub format: OutputFormat,
-    /// 1..=100; `None` means the format's default (80 for JPEG).
+    /// 1..=100; `None` means 80 (JPEG and lossy WebP).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<u8>,
     /// Allow the output to be larger than the input.
     #[serde(default)]
     pub enlarge: bool,
+    /// WebP only: encode losslessly (`quality` then trades speed for size).
+    #[serde(default)]
+    pub lossless: bool,
 }
 
 /// Largest output side pixmesh will produce.

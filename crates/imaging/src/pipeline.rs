@@ -4,13 +4,11 @@ use crate::error::ImagingError;
 use crate::options::{Fit, Limits, Options, OutputFormat};
 use crate::sniff::{Format, sniff};
 use fast_image_resize as fir;
-use image::codecs::jpeg::JpegEncoder;
 use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
-use image::codecs::webp::WebPEncoder;
 use image::{DynamicImage, ExtendedColorType, ImageDecoder, ImageEncoder, ImageError, ImageReader};
 use std::io::Cursor;
 
-const DEFAULT_JPEG_QUALITY: u8 = 80;
+const DEFAULT_QUALITY: u8 = 80;
 
 /// An encoded result.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +40,26 @@ pub fn process(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Outpu
     let (format, mut decoder) = open(bytes, limits)?;
     // A broken EXIF block must not fail the image: orientation then defaults to "as stored".
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?;
+    let (w, h) = decoder.dimensions();
+    let swaps = matches!(
+        orientation,
+        image::metadata::Orientation::Rotate90
+            | image::metadata::Orientation::Rotate270
+            | image::metadata::Orientation::Rotate90FlipH
+            | image::metadata::Orientation::Rotate270FlipH
+    );
+    let (ow, oh) = if swaps { (h, w) } else { (w, h) };
+    let (need_w, need_h) = Plan::new(ow, oh, options).source_needed(ow, oh);
+    let (need_w, need_h) = if swaps { (need_h, need_w) } else { (need_w, need_h) };
+    let scaled = match format {
+        Format::Jpeg => decode_jpeg_shrunk(bytes, (w, h), (need_w, need_h), limits)?,
+        Format::Webp => decode_webp(bytes),
+        _ => None,
+    };
+    let mut img = match scaled {
+        Some(img) => img,
+        None => DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?,
+    };
     img.apply_orientation(orientation);
 
     let output_format = match options.format {
@@ -62,8 +79,56 @@ pub fn process(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Outpu
         Some((cw, ch)) => pad(resized, cw, ch, output_format == Format::Jpeg),
         None => resized,
     };
-    let bytes = encode(&framed, output_format, options.quality)?;
+    let bytes = encode(&framed, output_format, options.quality, options.lossless)?;
     Ok(Output { bytes, width: framed.width, height: framed.height, format: output_format })
+}
+
+/// JPEG shrink-on-load: decodes at 1/2, 1/4 or 1/8 scale in the IDCT when the result still has
+/// at least `need` pixels per side (twice the output, so the final resample keeps its quality).
+/// `None` when no reduction applies or the image is not 8-bit gray/RGB (the generic decoder
+/// handles CMYK and 16-bit).
+fn decode_jpeg_shrunk(
+    bytes: &[u8],
+    (w, h): (u32, u32),
+    (need_w, need_h): (u32, u32),
+    limits: &Limits,
+) -> Result<Option<DynamicImage>, ImagingError> {
+    let Some(denominator) = [8u32, 4, 2].into_iter().find(|d| w.div_ceil(*d) >= need_w && h.div_ceil(*d) >= need_h) else {
+        return Ok(None);
+    };
+    let (Ok(tw), Ok(th)) = (u16::try_from(w.div_ceil(denominator)), u16::try_from(h.div_ceil(denominator))) else {
+        return Ok(None);
+    };
+    let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
+    decoder.set_max_decoding_buffer_size(usize::try_from(limits.max_pixels.saturating_mul(8)).unwrap_or(usize::MAX));
+    let corrupt = |e: jpeg_decoder::Error| ImagingError::Corrupt { format: Format::Jpeg, reason: e.to_string() };
+    let (sw, sh) = decoder.scale(tw, th).map_err(corrupt)?;
+    let Some(info) = decoder.info() else { return Ok(None) };
+    let layout = match info.pixel_format {
+        jpeg_decoder::PixelFormat::RGB24 => 3,
+        jpeg_decoder::PixelFormat::L8 => 1,
+        _ => return Ok(None),
+    };
+    let pixels = decoder.decode().map_err(corrupt)?;
+    let (sw, sh) = (u32::from(sw), u32::from(sh));
+    let img = if layout == 3 {
+        image::RgbImage::from_raw(sw, sh, pixels).map(DynamicImage::ImageRgb8)
+    } else {
+        image::GrayImage::from_raw(sw, sh, pixels).map(DynamicImage::ImageLuma8)
+    };
+    img.map(Some).ok_or_else(|| ImagingError::Corrupt { format: Format::Jpeg, reason: "decoded size does not match the header".into() })
+}
+
+/// WebP through libwebp (faster than the pure-Rust decoder). `None` for animations and
+/// anything libwebp refuses, which then goes to the generic decoder (first frame, or a typed error).
+fn decode_webp(bytes: &[u8]) -> Option<DynamicImage> {
+    let decoded = webp::Decoder::new(bytes).decode()?;
+    let (w, h) = (decoded.width(), decoded.height());
+    if decoded.is_alpha() {
+        image::RgbaImage::from_raw(w, h, decoded.to_vec()).map(DynamicImage::ImageRgba8)
+    } else {
+        image::RgbImage::from_raw(w, h, decoded.to_vec()).map(DynamicImage::ImageRgb8)
+    }
 }
 
 fn open<'a>(bytes: &'a [u8], limits: &Limits) -> Result<(Format, impl ImageDecoder + 'a), ImagingError> {
@@ -200,6 +265,16 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// The smallest source size that still gives a good resample: twice the output across the
+    /// region that is kept (the whole image, or the cover crop).
+    fn source_needed(&self, src_w: u32, src_h: u32) -> (u32, u32) {
+        let (region_w, region_h) = self.crop.map(|(_, _, w, h)| (w, h)).unwrap_or((f64::from(src_w), f64::from(src_h)));
+        let need = |out: u32, region: f64, full: u32| ((2.0 * f64::from(out) * f64::from(full) / region).ceil() as u32).min(full);
+        (need(self.width, region_w, src_w), need(self.height, region_h, src_h))
+    }
+}
+
 fn resize(src: &Pixels, plan: &Plan) -> Result<Pixels, ImagingError> {
     if plan.width == src.width && plan.height == src.height && plan.crop.is_none() {
         return Ok(Pixels { width: src.width, height: src.height, alpha: src.alpha, data: src.data.clone() });
@@ -239,20 +314,43 @@ fn pad(img: Pixels, cw: u32, ch: u32, opaque: bool) -> Pixels {
     Pixels { width: cw, height: ch, alpha, data }
 }
 
-fn encode(img: &Pixels, format: Format, quality: Option<u8>) -> Result<Vec<u8>, ImagingError> {
-    let color = if img.alpha { ExtendedColorType::Rgba8 } else { ExtendedColorType::Rgb8 };
-    let mut out = Vec::with_capacity(img.data.len() / 8);
-    let result = match format {
+fn encode(img: &Pixels, format: Format, quality: Option<u8>, lossless: bool) -> Result<Vec<u8>, ImagingError> {
+    let fail = |reason: String| ImagingError::Encode { format: format.as_str(), reason };
+    let quality = quality.unwrap_or(DEFAULT_QUALITY);
+    match format {
         Format::Jpeg => {
-            let q = quality.unwrap_or(DEFAULT_JPEG_QUALITY);
-            JpegEncoder::new_with_quality(&mut out, q).write_image(&img.data, img.width, img.height, color)
+            let (w, h) = (u16::try_from(img.width), u16::try_from(img.height));
+            let (Ok(w), Ok(h)) = (w, h) else {
+                return Err(fail(format!("{}x{} is larger than JPEG allows (65535 per side)", img.width, img.height)));
+            };
+            let mut out = Vec::with_capacity(img.data.len() / 10);
+            let mut encoder = jpeg_encoder::Encoder::new(&mut out, quality);
+            // 4:2:0 chroma, as every photo JPEG encoder does by default; optimized Huffman
+            // tables cost little at thumbnail sizes and save a few percent of bytes.
+            encoder.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_2_0);
+            encoder.set_optimized_huffman_tables(true);
+            let color = if img.alpha { jpeg_encoder::ColorType::Rgba } else { jpeg_encoder::ColorType::Rgb };
+            encoder.encode(&img.data, w, h, color).map_err(|e| fail(e.to_string()))?;
+            Ok(out)
         }
-        Format::Webp => WebPEncoder::new_lossless(&mut out).write_image(&img.data, img.width, img.height, color),
-        _ => PngEncoder::new_with_quality(&mut out, CompressionType::Fast, PngFilter::Adaptive)
-            .write_image(&img.data, img.width, img.height, color),
-    };
-    result.map_err(|e| ImagingError::Encode { format: format.as_str(), reason: e.to_string() })?;
-    Ok(out)
+        Format::Webp => {
+            let encoder = if img.alpha {
+                webp::Encoder::from_rgba(&img.data, img.width, img.height)
+            } else {
+                webp::Encoder::from_rgb(&img.data, img.width, img.height)
+            };
+            let memory = encoder.encode_simple(lossless, f32::from(quality)).map_err(|e| fail(format!("{e:?}")))?;
+            Ok(memory.to_vec())
+        }
+        _ => {
+            let color = if img.alpha { ExtendedColorType::Rgba8 } else { ExtendedColorType::Rgb8 };
+            let mut out = Vec::with_capacity(img.data.len() / 4);
+            PngEncoder::new_with_quality(&mut out, CompressionType::Fast, PngFilter::Adaptive)
+                .write_image(&img.data, img.width, img.height, color)
+                .map_err(|e| fail(e.to_string()))?;
+            Ok(out)
+        }
+    }
 }
 
 #[cfg(test)]

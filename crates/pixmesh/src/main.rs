@@ -2,6 +2,7 @@
 //! binds listeners, and hands them to the role's `run`.
 
 mod config;
+mod thumbnail;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -58,6 +59,8 @@ enum Command {
     Worker,
     /// The service registry (gRPC).
     Registry,
+    /// Make thumbnails of local files (no server), like vipsthumbnail.
+    Thumbnail(thumbnail::ThumbnailArgs),
 }
 
 impl Command {
@@ -70,6 +73,7 @@ impl Command {
             Command::Distributor => "distributor",
             Command::Worker => "worker",
             Command::Registry => "registry",
+            Command::Thumbnail(_) => "thumbnail",
         }
     }
 }
@@ -84,6 +88,19 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Command::Thumbnail(args) = cli.command {
+        return match thumbnail::run(args) {
+            Ok(0) => ExitCode::SUCCESS,
+            Ok(failed) => {
+                eprintln!("pixmesh thumbnail: {failed} file(s) failed");
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("pixmesh thumbnail: {e:#}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        };
+    }
     let role = cli.command.role();
     pixmesh_chassis::telemetry::init_logging(role, &config.log, env.get("RUST_LOG").map(String::as_str));
     pixmesh_chassis::telemetry::init_metrics(role);
@@ -212,5 +229,6 @@ async fn run(
             let (grpc, admin) = (bind("registry", c.listen).await?, bind("registry admin", c.admin_listen).await?);
             Ok(pixmesh_registry::run(c, grpc, admin, shutdown).await?)
         }
+        Command::Thumbnail(_) => Ok(()),
     }
 }

@@ -52,6 +52,11 @@ async fn method_not_allowed(request: Request) -> ApiError {
 pub fn parse_options(params: &[(String, String)]) -> Result<Options, ApiError> {
     let bad = |m: String| ApiError::new(ErrorCode::BadRequest, m);
     let number = |name: &str, v: &str| v.parse::<u32>().map_err(|_| bad(format!("{name} must be a positive integer, got {v:?}")));
+    let boolean = |name: &str, v: &str| match v {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        other => Err(bad(format!("{name} must be true or false, got {other:?}"))),
+    };
     let mut options = Options::default();
     for (key, value) in params {
         match key.as_str() {
@@ -63,14 +68,13 @@ pub fn parse_options(params: &[(String, String)]) -> Result<Options, ApiError> {
                 let q = number("quality", value)?;
                 options.quality = Some(u8::try_from(q).map_err(|_| bad(format!("quality must be between 1 and 100, got {q}")))?);
             }
-            "enlarge" => {
-                options.enlarge = match value.as_str() {
-                    "true" | "1" => true,
-                    "false" | "0" => false,
-                    other => return Err(bad(format!("enlarge must be true or false, got {other:?}"))),
-                }
+            "enlarge" => options.enlarge = boolean("enlarge", value)?,
+            "lossless" => options.lossless = boolean("lossless", value)?,
+            other => {
+                return Err(bad(format!(
+                    "unknown query parameter `{other}`; allowed: width, height, fit, format, quality, enlarge, lossless"
+                )));
             }
-            other => return Err(bad(format!("unknown query parameter `{other}`; allowed: width, height, fit, format, quality, enlarge"))),
         }
     }
     options.validate().map_err(|e| bad(e.to_string()))?;

@@ -37,6 +37,7 @@ pub(crate) fn options_from(ops: Option<Operations>) -> Result<Options, ApiError>
         format,
         quality,
         enlarge: ops.enlarge,
+        lossless: ops.lossless,
     };
     options.validate().map_err(bad)?;
     Ok(options)
