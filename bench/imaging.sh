@@ -33,10 +33,16 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 export VIPS_CONCURRENCY=1 MAGICK_THREAD_LIMIT=1 OMP_NUM_THREADS=1
 
-# One thumbnail of $1 by tool $2 into directory $3 (all files of a run share one output name).
+# $4 thumbnails of $1 by tool $2 into directory $3. Each thumbnail reads its own copy of the
+# input under its own name: libvips caches operations by file name, so repeating one name would
+# measure its cache, not its decoder.
 run_tool() {
-  local input="$1" tool="$2" out="$3" n="$4" files=()
-  for _ in $(seq "$n"); do files+=("$input"); done
+  local input="$1" tool="$2" out="$3" n="$4" files=() ext="${1##*.}"
+  mkdir -p "$out/src"
+  for i in $(seq "$n"); do
+    cp "$input" "$out/src/in-$i.$ext"
+    files+=("$out/src/in-$i.$ext")
+  done
   case "$tool" in
     pixmesh) "$PIXMESH" thumbnail "${files[@]}" --width "$WIDTH" --format jpeg --quality "$QUALITY" --threads 1 -o "$out" ;;
     vips) vipsthumbnail "${files[@]}" --size "${WIDTH}x" -o "$out/%s.jpg[Q=$QUALITY]" ;;
@@ -47,9 +53,9 @@ run_tool() {
 # thumbnails/s with PROCS processes making REPS thumbnails each.
 throughput() {
   local input="$1" tool="$2" start end pids=()
+  for p in $(seq "$PROCS"); do rm -rf "$WORK/$tool-$p"; mkdir -p "$WORK/$tool-$p"; done
   start=$(date +%s.%N)
   for p in $(seq "$PROCS"); do
-    mkdir -p "$WORK/$tool-$p"
     run_tool "$input" "$tool" "$WORK/$tool-$p" "$REPS" >/dev/null 2>&1 &
     pids+=($!)
   done
@@ -88,7 +94,7 @@ for input in "$CORPUS"/*; do
   pm=$(throughput "$input" pixmesh); vp=$(throughput "$input" vips); im=$(throughput "$input" magick)
   pm_rss=$(peak_rss "$input" pixmesh); vp_rss=$(peak_rss "$input" vips); peak_rss "$input" magick >/dev/null
   stem="${name%.*}"
-  pm_out="$WORK/one-pixmesh/$stem.jpg"; vp_out="$WORK/one-vips/$stem.jpg"; im_out="$WORK/one-magick/$stem.jpg"
+  pm_out="$WORK/one-pixmesh/in-1.jpg"; vp_out="$WORK/one-vips/in-1.jpg"; im_out="$WORK/one-magick/in-1.jpg"
   pm_b=$(stat -c %s "$pm_out"); vp_b=$(stat -c %s "$vp_out")
   ratio=$(echo "$pm $vp" | awk '{ printf "%.2f", $1 / $2 }')
   printf "%-26s %8s %8s %8s %6s | %7.1f %7.1f %6.2f | %8.1f %8.1f %6.2f | %6s %6s %6s\n" \

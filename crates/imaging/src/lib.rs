@@ -8,6 +8,7 @@ mod error;
 mod options;
 mod pipeline;
 mod sniff;
+mod webp_scaled;
 
 pub use error::ImagingError;
 pub use options::{Fit, Limits, Options, OutputFormat};

@@ -53,7 +53,10 @@ pub fn process(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Outpu
     let (need_w, need_h) = if swaps { (need_h, need_w) } else { (need_w, need_h) };
     let scaled = match format {
         Format::Jpeg => decode_jpeg_shrunk(bytes, (w, h), (need_w, need_h), limits)?,
-        Format::Webp => decode_webp(bytes),
+        Format::Webp => {
+            let alpha = decoder.color_type().has_alpha();
+            crate::webp_scaled::decode(bytes, (w, h), webp_target((w, h), (need_w, need_h)), alpha)
+        }
         _ => None,
     };
     let mut img = match scaled {
@@ -119,16 +122,14 @@ fn decode_jpeg_shrunk(
     img.map(Some).ok_or_else(|| ImagingError::Corrupt { format: Format::Jpeg, reason: "decoded size does not match the header".into() })
 }
 
-/// WebP through libwebp (faster than the pure-Rust decoder). `None` for animations and
-/// anything libwebp refuses, which then goes to the generic decoder (first frame, or a typed error).
-fn decode_webp(bytes: &[u8]) -> Option<DynamicImage> {
-    let decoded = webp::Decoder::new(bytes).decode()?;
-    let (w, h) = (decoded.width(), decoded.height());
-    if decoded.is_alpha() {
-        image::RgbaImage::from_raw(w, h, decoded.to_vec()).map(DynamicImage::ImageRgba8)
-    } else {
-        image::RgbImage::from_raw(w, h, decoded.to_vec()).map(DynamicImage::ImageRgb8)
+/// The size to have libwebp decode to: the smallest that keeps `need` (twice the output) in both
+/// directions with the aspect ratio kept; the full size when shrinking would not save much.
+fn webp_target((w, h): (u32, u32), (need_w, need_h): (u32, u32)) -> (u32, u32) {
+    let f = (f64::from(need_w) / f64::from(w)).max(f64::from(need_h) / f64::from(h));
+    if f > 0.75 {
+        return (w, h);
     }
+    (((f64::from(w) * f).ceil() as u32).clamp(1, w), ((f64::from(h) * f).ceil() as u32).clamp(1, h))
 }
 
 fn open<'a>(bytes: &'a [u8], limits: &Limits) -> Result<(Format, impl ImageDecoder + 'a), ImagingError> {
