@@ -30,6 +30,13 @@ fn ops(job: &Job) -> Operations {
         quality: o.quality.map(u32::from).unwrap_or(0),
         enlarge: o.enlarge,
         lossless: o.lossless,
+        gravity: o.gravity.as_str().into(),
+        rotate: u32::from(o.rotate),
+        flip: o.flip.map(|f| f.as_str().to_string()).unwrap_or_default(),
+        crop: o.crop.map(|c| pixmesh_proto::v1::Crop { x: c.x, y: c.y, width: c.width, height: c.height }),
+        grayscale: o.grayscale,
+        blur: o.blur.unwrap_or(0.0),
+        sharpen: o.sharpen.unwrap_or(0.0),
     }
 }
 

@@ -1,8 +1,9 @@
 //! The pixmesh image pipeline. It does no I/O: bytes in, bytes out.
 //!
-//! `sniff` → header checked against [`Limits`] before any pixel buffer exists → decode →
-//! EXIF auto-orientation → resize ([`Fit`]) → encode ([`OutputFormat`]). Metadata is not copied
-//! to the output.
+//! `sniff` → header checked against [`Limits`] before any pixel buffer exists → decode (with
+//! shrink-on-load for JPEG and WebP) → EXIF auto-orientation → rotate → flip → crop → resize
+//! ([`Fit`], [`Gravity`]) → grayscale → blur → sharpen → encode ([`OutputFormat`]). Metadata is
+//! not copied to the output.
 
 mod error;
 mod options;
@@ -11,6 +12,6 @@ mod sniff;
 mod webp_scaled;
 
 pub use error::ImagingError;
-pub use options::{Fit, Limits, Options, OutputFormat};
+pub use options::{Crop, Fit, Flip, Gravity, Limits, Options, OutputFormat};
 pub use pipeline::{Output, probe, process};
 pub use sniff::{Format, sniff};

@@ -43,6 +43,123 @@ impl Fit {
     }
 }
 
+/// Which part of the image `cover` keeps when it crops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Gravity {
+    #[default]
+    Center,
+    North,
+    South,
+    East,
+    West,
+    NorthEast,
+    NorthWest,
+    SouthEast,
+    SouthWest,
+}
+
+impl Gravity {
+    const ALL: [(Gravity, &'static str); 9] = [
+        (Gravity::Center, "center"),
+        (Gravity::North, "north"),
+        (Gravity::South, "south"),
+        (Gravity::East, "east"),
+        (Gravity::West, "west"),
+        (Gravity::NorthEast, "north-east"),
+        (Gravity::NorthWest, "north-west"),
+        (Gravity::SouthEast, "south-east"),
+        (Gravity::SouthWest, "south-west"),
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        Gravity::ALL.iter().find(|(g, _)| *g == self).map(|(_, n)| *n).unwrap_or("center")
+    }
+
+    /// Where the kept window sits, from 0 (left/top) to 1 (right/bottom).
+    pub(crate) fn anchor(self) -> (f64, f64) {
+        match self {
+            Gravity::Center => (0.5, 0.5),
+            Gravity::North => (0.5, 0.0),
+            Gravity::South => (0.5, 1.0),
+            Gravity::East => (1.0, 0.5),
+            Gravity::West => (0.0, 0.5),
+            Gravity::NorthEast => (1.0, 0.0),
+            Gravity::NorthWest => (0.0, 0.0),
+            Gravity::SouthEast => (1.0, 1.0),
+            Gravity::SouthWest => (0.0, 1.0),
+        }
+    }
+}
+
+impl FromStr for Gravity {
+    type Err = ImagingError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Gravity::ALL.iter().find(|(_, n)| *n == s).map(|(g, _)| *g).ok_or_else(|| {
+            ImagingError::BadOptions(format!(
+                "gravity `{s}` is not one of center, north, south, east, west, north-east, north-west, south-east, south-west"
+            ))
+        })
+    }
+}
+
+/// Mirroring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flip {
+    /// Left-right.
+    H,
+    /// Top-bottom.
+    V,
+    /// Both (the same as rotating by 180°).
+    Hv,
+}
+
+impl FromStr for Flip {
+    type Err = ImagingError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "h" => Ok(Flip::H),
+            "v" => Ok(Flip::V),
+            "hv" | "vh" => Ok(Flip::Hv),
+            other => Err(ImagingError::BadOptions(format!("flip `{other}` is not one of h, v, hv"))),
+        }
+    }
+}
+
+impl Flip {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flip::H => "h",
+            Flip::V => "v",
+            Flip::Hv => "hv",
+        }
+    }
+}
+
+/// A rectangle of the (oriented, rotated, flipped) source, in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Crop {
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl FromStr for Crop {
+    type Err = ImagingError;
+    /// `x,y,width,height`
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<Option<u32>> = s.split(',').map(|p| p.trim().parse().ok()).collect();
+        match parts.as_slice() {
+            [Some(x), Some(y), Some(width), Some(height)] if *width > 0 && *height > 0 => {
+                Ok(Crop { x: *x, y: *y, width: *width, height: *height })
+            }
+            _ => Err(ImagingError::BadOptions(format!("crop `{s}` must be x,y,width,height with width and height above 0"))),
+        }
+    }
+}
+
 /// The output encoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -81,7 +198,7 @@ impl OutputFormat {
 }
 
 /// The operations of one job.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Options {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,6 +218,25 @@ pub struct Options {
     /// WebP only: encode losslessly (`quality` then trades speed for size).
     #[serde(default)]
     pub lossless: bool,
+    /// Which part `cover` keeps.
+    #[serde(default)]
+    pub gravity: Gravity,
+    /// Clockwise rotation after EXIF orientation: 0, 90, 180 or 270.
+    #[serde(default)]
+    pub rotate: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flip: Option<Flip>,
+    /// Applied after rotate and flip, before resizing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crop: Option<Crop>,
+    #[serde(default)]
+    pub grayscale: bool,
+    /// Gaussian blur sigma in output pixels (0.3–100); `None` for none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blur: Option<f32>,
+    /// Unsharp-mask sigma in output pixels (0.3–10); `None` for none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sharpen: Option<f32>,
 }
 
 /// Largest output side pixmesh will produce.
@@ -120,6 +256,16 @@ impl Options {
             && !(1..=100).contains(&q)
         {
             return Err(ImagingError::BadOptions(format!("quality must be between 1 and 100, got {q}")));
+        }
+        if !matches!(self.rotate, 0 | 90 | 180 | 270) {
+            return Err(ImagingError::BadOptions(format!("rotate must be 0, 90, 180 or 270, got {}", self.rotate)));
+        }
+        for (name, value, max) in [("blur", self.blur, 100.0), ("sharpen", self.sharpen, 10.0)] {
+            if let Some(v) = value
+                && !(0.3..=max).contains(&v)
+            {
+                return Err(ImagingError::BadOptions(format!("{name} must be between 0.3 and {max}, got {v}")));
+            }
         }
         Ok(())
     }
@@ -150,6 +296,13 @@ mod tests {
         assert!("stretch".parse::<Fit>().unwrap_err().to_string().contains("contain, cover, fill, inside"));
         assert_eq!("jpg".parse::<OutputFormat>().unwrap(), OutputFormat::Jpeg);
         assert!("avif".parse::<OutputFormat>().is_err());
+        assert_eq!("north-east".parse::<Gravity>().unwrap(), Gravity::NorthEast);
+        assert!("up".parse::<Gravity>().is_err());
+        assert_eq!("vh".parse::<Flip>().unwrap(), Flip::Hv);
+        assert_eq!("1,2,30,40".parse::<Crop>().unwrap(), Crop { x: 1, y: 2, width: 30, height: 40 });
+        for bad in ["1,2,3", "1,2,0,4", "a,b,c,d", ""] {
+            assert!(bad.parse::<Crop>().is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -161,6 +314,9 @@ mod tests {
             Options { height: Some(MAX_OUTPUT_SIDE + 1), ..Options::default() },
             Options { quality: Some(0), ..Options::default() },
             Options { quality: Some(101), ..Options::default() },
+            Options { rotate: 45, ..Options::default() },
+            Options { blur: Some(0.1), ..Options::default() },
+            Options { sharpen: Some(50.0), ..Options::default() },
         ] {
             assert!(matches!(bad.validate(), Err(ImagingError::BadOptions(_))), "{bad:?}");
         }

@@ -1,7 +1,7 @@
 //! decode under limits → orient → resize → encode.
 
 use crate::error::ImagingError;
-use crate::options::{Fit, Limits, Options, OutputFormat};
+use crate::options::{Fit, Flip, Limits, Options, OutputFormat};
 use crate::sniff::{Format, sniff};
 use fast_image_resize as fir;
 use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
@@ -48,8 +48,10 @@ pub fn process(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Outpu
             | image::metadata::Orientation::Rotate90FlipH
             | image::metadata::Orientation::Rotate270FlipH
     );
+    let swaps = swaps ^ matches!(options.rotate, 90 | 270);
     let (ow, oh) = if swaps { (h, w) } else { (w, h) };
-    let (need_w, need_h) = Plan::new(ow, oh, options).source_needed(ow, oh);
+    // With an explicit crop, the kept region is not known before decoding at full size.
+    let (need_w, need_h) = if options.crop.is_some() { (ow, oh) } else { Plan::new(ow, oh, options).source_needed(ow, oh) };
     let (need_w, need_h) = if swaps { (need_h, need_w) } else { (need_w, need_h) };
     let scaled = match format {
         Format::Jpeg => decode_jpeg_shrunk(bytes, (w, h), (need_w, need_h), limits)?,
@@ -64,6 +66,7 @@ pub fn process(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Outpu
         None => DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?,
     };
     img.apply_orientation(orientation);
+    let img = geometry(img, options)?;
 
     let output_format = match options.format {
         OutputFormat::Jpeg => Format::Jpeg,
@@ -82,6 +85,7 @@ pub fn process(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Outpu
         Some((cw, ch)) => pad(resized, cw, ch, output_format == Format::Jpeg),
         None => resized,
     };
+    let framed = effects(framed, options);
     let bytes = encode(&framed, output_format, options.quality, options.lossless)?;
     Ok(Output { bytes, width: framed.width, height: framed.height, format: output_format })
 }
@@ -130,6 +134,74 @@ fn webp_target((w, h): (u32, u32), (need_w, need_h): (u32, u32)) -> (u32, u32) {
         return (w, h);
     }
     (((f64::from(w) * f).ceil() as u32).clamp(1, w), ((f64::from(h) * f).ceil() as u32).clamp(1, h))
+}
+
+/// rotate → flip → crop, on the oriented image.
+fn geometry(img: DynamicImage, o: &Options) -> Result<DynamicImage, ImagingError> {
+    let img = match o.rotate {
+        90 => img.rotate90(),
+        180 => img.rotate180(),
+        270 => img.rotate270(),
+        _ => img,
+    };
+    let img = match o.flip {
+        Some(Flip::H) => img.fliph(),
+        Some(Flip::V) => img.flipv(),
+        Some(Flip::Hv) => img.rotate180(),
+        None => img,
+    };
+    match o.crop {
+        None => Ok(img),
+        Some(c) => {
+            let fits =
+                c.x.checked_add(c.width).is_some_and(|r| r <= img.width()) && c.y.checked_add(c.height).is_some_and(|b| b <= img.height());
+            if !fits {
+                return Err(ImagingError::BadOptions(format!(
+                    "crop {},{},{},{} is outside the {}x{} image",
+                    c.x,
+                    c.y,
+                    c.width,
+                    c.height,
+                    img.width(),
+                    img.height()
+                )));
+            }
+            Ok(img.crop_imm(c.x, c.y, c.width, c.height))
+        }
+    }
+}
+
+/// grayscale → blur → sharpen, on the resized pixels (cheap at output size).
+fn effects(mut img: Pixels, o: &Options) -> Pixels {
+    let channels = img.channels();
+    if o.grayscale {
+        for px in img.data.chunks_exact_mut(channels) {
+            // Rec. 601 luma, as JPEG's own Y.
+            let y = ((299 * u32::from(px[0]) + 587 * u32::from(px[1]) + 114 * u32::from(px[2]) + 500) / 1000) as u8;
+            px[0] = y;
+            px[1] = y;
+            px[2] = y;
+        }
+    }
+    for (sigma, sharpen) in [(o.blur, false), (o.sharpen, true)] {
+        let Some(sigma) = sigma else { continue };
+        let (w, h) = (img.width, img.height);
+        let data = std::mem::take(&mut img.data);
+        img.data = if img.alpha {
+            match image::RgbaImage::from_raw(w, h, data) {
+                Some(buf) if sharpen => image::imageops::unsharpen(&buf, sigma, 0).into_raw(),
+                Some(buf) => image::imageops::blur(&buf, sigma).into_raw(),
+                None => Vec::new(),
+            }
+        } else {
+            match image::RgbImage::from_raw(w, h, data) {
+                Some(buf) if sharpen => image::imageops::unsharpen(&buf, sigma, 0).into_raw(),
+                Some(buf) => image::imageops::blur(&buf, sigma).into_raw(),
+                None => Vec::new(),
+            }
+        };
+    }
+    img
 }
 
 fn open<'a>(bytes: &'a [u8], limits: &Limits) -> Result<(Format, impl ImageDecoder + 'a), ImagingError> {
@@ -258,7 +330,8 @@ impl Plan {
                     let (bw, bh) = (scaled(w, shrink), scaled(h, shrink));
                     let target_aspect = f64::from(bw) / f64::from(bh);
                     let (cw, ch) = if fw / fh > target_aspect { (fh * target_aspect, fh) } else { (fw, fw / target_aspect) };
-                    let crop = Some(((fw - cw) / 2.0, (fh - ch) / 2.0, cw, ch));
+                    let (ax, ay) = o.gravity.anchor();
+                    let crop = Some(((fw - cw) * ax, (fh - ch) * ay, cw, ch));
                     Plan { width: bw, height: bh, crop, canvas: None }
                 }
             },
@@ -462,6 +535,51 @@ mod tests {
         }
         check(&flipped);
         assert!(matches!(process(b"<svg/>", &Options::default(), &Limits::default()), Err(ImagingError::UnsupportedFormat(_))));
+    }
+
+    #[test]
+    fn geometry_and_effects() {
+        let src = encode_test(&DynamicImage::ImageRgb8(gradient(64, 32)), image::ImageFormat::Png);
+        let run = |o: Options| {
+            let out = process(&src, &Options { format: OutputFormat::Png, ..o }, &Limits::default()).unwrap();
+            decode(&out.bytes).into_rgb8()
+        };
+        let plain = run(Options::default());
+        let rotated = run(Options { rotate: 90, ..Options::default() });
+        assert_eq!(rotated.dimensions(), (32, 64));
+        // Rotating 90° clockwise moves the top-left pixel to the top-right.
+        assert_eq!(rotated.get_pixel(31, 0), plain.get_pixel(0, 0));
+        let flipped = run(Options { flip: Some(Flip::H), ..Options::default() });
+        assert_eq!(flipped.get_pixel(0, 5), plain.get_pixel(63, 5));
+        let cropped = run(Options { crop: Some(crate::Crop { x: 10, y: 4, width: 20, height: 8 }), ..Options::default() });
+        assert_eq!(cropped.dimensions(), (20, 8));
+        assert_eq!(cropped.get_pixel(0, 0), plain.get_pixel(10, 4));
+        let err = process(
+            &src,
+            &Options { crop: Some(crate::Crop { x: 60, y: 0, width: 10, height: 10 }), ..Options::default() },
+            &Limits::default(),
+        );
+        assert!(matches!(err, Err(ImagingError::BadOptions(_))));
+        let gray = run(Options { grayscale: true, ..Options::default() });
+        assert!(gray.pixels().all(|p| p[0] == p[1] && p[1] == p[2]));
+        let blurred = run(Options { blur: Some(3.0), ..Options::default() });
+        let sharpened = run(Options { sharpen: Some(1.0), ..Options::default() });
+        assert_eq!((blurred.dimensions(), sharpened.dimensions()), ((64, 32), (64, 32)));
+        assert_ne!(blurred, plain);
+    }
+
+    #[test]
+    fn cover_gravity_picks_the_kept_window() {
+        // Left half black, right half white: cover to a square keeps one side by gravity.
+        let img = image::RgbImage::from_fn(80, 20, |x, _| if x < 40 { image::Rgb([0, 0, 0]) } else { image::Rgb([255, 255, 255]) });
+        let src = encode_test(&DynamicImage::ImageRgb8(img), image::ImageFormat::Png);
+        let run = |g: crate::Gravity| {
+            let o =
+                Options { width: Some(10), height: Some(10), fit: Fit::Cover, format: OutputFormat::Png, gravity: g, ..Options::default() };
+            decode(&process(&src, &o, &Limits::default()).unwrap().bytes).into_rgb8().get_pixel(5, 5)[0]
+        };
+        assert!(run(crate::Gravity::West) < 20);
+        assert!(run(crate::Gravity::East) > 235);
     }
 
     /// Inserts an EXIF APP1 segment with the given orientation right after the JPEG SOI marker.

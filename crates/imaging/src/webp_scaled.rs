@@ -53,8 +53,7 @@ mod tests {
     fn webp(w: u32, h: u32, alpha: bool) -> Vec<u8> {
         let channels = if alpha { 4 } else { 3 };
         let data: Vec<u8> = (0..w * h * channels).map(|i| (i % 251) as u8).collect();
-        let encoder =
-            if alpha { webp::Encoder::from_rgba(&data, w, h) } else { webp::Encoder::from_rgb(&data, w, h) };
+        let encoder = if alpha { webp::Encoder::from_rgba(&data, w, h) } else { webp::Encoder::from_rgb(&data, w, h) };
         encoder.encode(90.0).to_vec()
     }
 

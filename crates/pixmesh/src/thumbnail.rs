@@ -1,7 +1,7 @@
 //! `pixmesh thumbnail`: the image pipeline on local files, like `vipsthumbnail`.
 //! One image per thread, as many threads as cores: across images, not inside one.
 
-use pixmesh_imaging::{Fit, Limits, Options, OutputFormat};
+use pixmesh_imaging::{Crop, Fit, Flip, Gravity, Limits, Options, OutputFormat};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,6 +29,26 @@ pub struct ThumbnailArgs {
     /// Allow output larger than the input.
     #[arg(long)]
     pub enlarge: bool,
+    /// cover: which part to keep (center, north, south-east, …).
+    #[arg(long, default_value = "center")]
+    pub gravity: String,
+    /// Clockwise rotation: 0, 90, 180, 270.
+    #[arg(long, default_value_t = 0)]
+    pub rotate: u16,
+    /// h | v | hv
+    #[arg(long)]
+    pub flip: Option<String>,
+    /// x,y,width,height (after rotate and flip)
+    #[arg(long)]
+    pub crop: Option<String>,
+    #[arg(long)]
+    pub grayscale: bool,
+    /// Gaussian blur sigma.
+    #[arg(long)]
+    pub blur: Option<f32>,
+    /// Unsharp-mask sigma.
+    #[arg(long)]
+    pub sharpen: Option<f32>,
     /// Where to write the results (created if missing).
     #[arg(long, short)]
     pub output: PathBuf,
@@ -53,6 +73,13 @@ pub fn run(args: ThumbnailArgs) -> anyhow::Result<usize> {
         quality: args.quality,
         enlarge: args.enlarge,
         lossless: args.lossless,
+        gravity: args.gravity.parse::<Gravity>()?,
+        rotate: args.rotate,
+        flip: args.flip.as_deref().map(str::parse::<Flip>).transpose()?,
+        crop: args.crop.as_deref().map(str::parse::<Crop>).transpose()?,
+        grayscale: args.grayscale,
+        blur: args.blur,
+        sharpen: args.sharpen,
     };
     options.validate()?;
     std::fs::create_dir_all(&args.output)?;

@@ -72,7 +72,7 @@ pub struct JobError {
 }
 
 /// A job as the job table holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Job {
     pub id: String,
     pub state: JobState,

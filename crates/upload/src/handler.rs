@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use pixmesh_chassis::{ApiError, ErrorCode};
-use pixmesh_imaging::{Fit, Options, OutputFormat};
+use pixmesh_imaging::{Crop, Fit, Flip, Gravity, Options, OutputFormat};
 use pixmesh_store::{NewJob, StoreError, Stores};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -57,6 +57,7 @@ pub fn parse_options(params: &[(String, String)]) -> Result<Options, ApiError> {
         "false" | "0" => Ok(false),
         other => Err(bad(format!("{name} must be true or false, got {other:?}"))),
     };
+    let sigma = |name: &str, v: &str| v.parse::<f32>().map_err(|_| bad(format!("{name} must be a number (a sigma in pixels), got {v:?}")));
     let mut options = Options::default();
     for (key, value) in params {
         match key.as_str() {
@@ -70,9 +71,19 @@ pub fn parse_options(params: &[(String, String)]) -> Result<Options, ApiError> {
             }
             "enlarge" => options.enlarge = boolean("enlarge", value)?,
             "lossless" => options.lossless = boolean("lossless", value)?,
+            "gravity" => options.gravity = value.parse::<Gravity>().map_err(|e| bad(e.to_string()))?,
+            "rotate" => {
+                let r = number("rotate", value)?;
+                options.rotate = u16::try_from(r).map_err(|_| bad(format!("rotate must be 0, 90, 180 or 270, got {r}")))?;
+            }
+            "flip" => options.flip = Some(value.parse::<Flip>().map_err(|e| bad(e.to_string()))?),
+            "crop" => options.crop = Some(value.parse::<Crop>().map_err(|e| bad(e.to_string()))?),
+            "grayscale" => options.grayscale = boolean("grayscale", value)?,
+            "blur" => options.blur = Some(sigma("blur", value)?),
+            "sharpen" => options.sharpen = Some(sigma("sharpen", value)?),
             other => {
                 return Err(bad(format!(
-                    "unknown query parameter `{other}`; allowed: width, height, fit, format, quality, enlarge, lossless"
+                    "unknown query parameter `{other}`; allowed: width, height, fit, gravity, format, quality, lossless, enlarge, rotate, flip, crop, grayscale, blur, sharpen"
                 )));
             }
         }
@@ -275,7 +286,8 @@ mod tests {
     #[tokio::test]
     async fn accepts_a_raw_image_and_records_the_job() {
         let (_dir, app, stores) = app(UploadConfig::default()).await;
-        let (status, headers, body) = send(&app, post("/api/upload?width=10&format=webp", "image/png", png(40, 20))).await;
+        let query = "/api/upload?width=10&format=webp&fit=cover&height=10&gravity=north-east&rotate=90&flip=h&crop=0,0,20,20&grayscale=true&blur=1.5&sharpen=0.5";
+        let (status, headers, body) = send(&app, post(query, "image/png", png(40, 20))).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
         let id = body["id"].as_str().unwrap();
         assert_eq!(body["status_url"], format!("/api/status/{id}"));
@@ -283,6 +295,9 @@ mod tests {
         assert_eq!(headers[header::LOCATION], format!("/api/status/{id}"));
         let job = stores.jobs.get(id).await.unwrap().unwrap();
         assert_eq!(job.options.width, Some(10));
+        assert_eq!((job.options.rotate, job.options.flip, job.options.gravity), (90, Some(Flip::H), Gravity::NorthEast));
+        assert_eq!(job.options.crop, Some(Crop { x: 0, y: 0, width: 20, height: 20 }));
+        assert_eq!((job.options.grayscale, job.options.blur, job.options.sharpen), (true, Some(1.5), Some(0.5)));
         assert_eq!(job.options.format, OutputFormat::Webp);
         assert_eq!(job.input_format, "png");
         assert!(stores.blobs.get(&job.input.digest).await.unwrap().is_some());
@@ -321,6 +336,10 @@ mod tests {
         check(post("/api/upload?fit=stretch", "image/png", png(8, 8)), StatusCode::BAD_REQUEST, "bad_request").await;
         check(post("/api/upload?colour=red", "image/png", png(8, 8)), StatusCode::BAD_REQUEST, "bad_request").await;
         check(post("/api/upload?quality=300", "image/png", png(8, 8)), StatusCode::BAD_REQUEST, "bad_request").await;
+        check(post("/api/upload?rotate=45", "image/png", png(8, 8)), StatusCode::BAD_REQUEST, "bad_request").await;
+        check(post("/api/upload?crop=1,2,3", "image/png", png(8, 8)), StatusCode::BAD_REQUEST, "bad_request").await;
+        check(post("/api/upload?blur=lots", "image/png", png(8, 8)), StatusCode::BAD_REQUEST, "bad_request").await;
+        check(post("/api/upload?gravity=up", "image/png", png(8, 8)), StatusCode::BAD_REQUEST, "bad_request").await;
         check(post("/api/upload", "image/png", vec![]), StatusCode::BAD_REQUEST, "bad_request").await;
         check(post("/api/upload", "text/plain", png(8, 8)), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_format").await;
         check(post("/api/upload", "image/png", b"GIF? no, plain text".to_vec()), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_format")

@@ -1,7 +1,7 @@
 use crate::errors::error_code;
 use crate::pool::{CpuPool, PoolError};
 use pixmesh_chassis::{ApiError, ErrorCode};
-use pixmesh_imaging::{Fit, Limits, Options, OutputFormat};
+use pixmesh_imaging::{Crop, Fit, Flip, Gravity, Limits, Options, OutputFormat};
 use pixmesh_proto::v1::image_worker_server::ImageWorker;
 use pixmesh_proto::v1::{Operations, ProcessRequest, ProcessResponse};
 use std::time::Instant;
@@ -30,6 +30,11 @@ pub(crate) fn options_from(ops: Option<Operations>) -> Result<Options, ApiError>
             Some(u8::try_from(q).map_err(|_| ApiError::new(ErrorCode::BadRequest, format!("quality must be between 1 and 100, got {q}")))?)
         }
     };
+    let gravity: Gravity = if ops.gravity.is_empty() { Gravity::default() } else { ops.gravity.parse().map_err(bad)? };
+    let flip: Option<Flip> = if ops.flip.is_empty() { None } else { Some(ops.flip.parse().map_err(bad)?) };
+    let rotate = u16::try_from(ops.rotate)
+        .map_err(|_| ApiError::new(ErrorCode::BadRequest, format!("rotate must be 0, 90, 180 or 270, got {}", ops.rotate)))?;
+    let crop = ops.crop.map(|c| Crop { x: c.x, y: c.y, width: c.width, height: c.height });
     let options = Options {
         width: (ops.width > 0).then_some(ops.width),
         height: (ops.height > 0).then_some(ops.height),
@@ -38,6 +43,13 @@ pub(crate) fn options_from(ops: Option<Operations>) -> Result<Options, ApiError>
         quality,
         enlarge: ops.enlarge,
         lossless: ops.lossless,
+        gravity,
+        rotate,
+        flip,
+        crop,
+        grayscale: ops.grayscale,
+        blur: (ops.blur > 0.0).then_some(ops.blur),
+        sharpen: (ops.sharpen > 0.0).then_some(ops.sharpen),
     };
     options.validate().map_err(bad)?;
     Ok(options)

@@ -1,0 +1,17 @@
+//! Header sniffing + decode under limits + the rest of the pipeline, on arbitrary bytes.
+//! Any panic, abort, or allocation past libFuzzer's `-rss_limit_mb` is a bug.
+//! Each crash found is saved under `crates/imaging/tests/fuzz-regressions/` and replayed by
+//! `cargo test -p pixmesh-imaging`.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use pixmesh_imaging::{Fit, Limits, Options, OutputFormat};
+
+fuzz_target!(|data: &[u8]| {
+    let limits = Limits { max_pixels: 4_000_000, max_side: 4096, max_input_bytes: 1 << 20 };
+    let _ = pixmesh_imaging::sniff(data);
+    let _ = pixmesh_imaging::probe(data, &limits);
+    let options = Options { width: Some(48), height: Some(32), fit: Fit::Cover, format: OutputFormat::Png, ..Options::default() };
+    let _ = pixmesh_imaging::process(data, &options, &limits);
+});
