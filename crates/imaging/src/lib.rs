@@ -9,6 +9,7 @@ mod error;
 mod options;
 mod pipeline;
 mod sniff;
+mod structure;
 mod webp_scaled;
 
 pub use error::ImagingError;

@@ -278,11 +278,15 @@ pub struct Limits {
     pub max_pixels: u64,
     pub max_side: u32,
     pub max_input_bytes: usize,
+    /// Most scans a (progressive) JPEG may have.
+    pub max_scans: usize,
+    /// Most frames an animated GIF or WebP may have (pixmesh renders the first).
+    pub max_frames: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_pixels: 50_000_000, max_side: 16_384, max_input_bytes: 50 * 1024 * 1024 }
+        Limits { max_pixels: 50_000_000, max_side: 16_384, max_input_bytes: 50 * 1024 * 1024, max_scans: 256, max_frames: 1000 }
     }
 }
 

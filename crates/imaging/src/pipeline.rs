@@ -210,6 +210,15 @@ fn open<'a>(bytes: &'a [u8], limits: &Limits) -> Result<(Format, impl ImageDecod
     }
     let format =
         sniff(bytes).ok_or_else(|| ImagingError::UnsupportedFormat("the bytes are not JPEG, PNG, WebP, GIF, BMP or TIFF".to_string()))?;
+    let (what, count, max) = match format {
+        Format::Jpeg => ("scans", crate::structure::jpeg_scans(bytes), limits.max_scans),
+        Format::Gif => ("frames", crate::structure::gif_frames(bytes), limits.max_frames),
+        Format::Webp => ("frames", crate::structure::webp_frames(bytes), limits.max_frames),
+        _ => ("", 0, usize::MAX),
+    };
+    if count > max {
+        return Err(ImagingError::LimitExceeded(format!("the {format} has {count} {what}; the limit is {max}")));
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format.to_image_format());
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_image_width = Some(limits.max_side);
@@ -513,6 +522,14 @@ mod tests {
         assert!(matches!(probe(&src, &narrow), Err(ImagingError::TooLarge { .. }) | Err(ImagingError::LimitExceeded(_))));
         let small_input = Limits { max_input_bytes: 10, ..Limits::default() };
         assert!(matches!(process(&src, &Options::default(), &small_input), Err(ImagingError::InputTooLarge { .. })));
+    }
+
+    #[test]
+    fn too_many_scans_are_refused_from_the_structure() {
+        let jpeg = encode_test(&DynamicImage::ImageRgb8(gradient(16, 16)), image::ImageFormat::Jpeg);
+        let limits = Limits { max_scans: 0, ..Limits::default() };
+        let err = process(&jpeg, &Options::default(), &limits).unwrap_err();
+        assert!(matches!(err, ImagingError::LimitExceeded(ref m) if m.contains("scans")), "{err}");
     }
 
     #[test]
