@@ -45,8 +45,9 @@ run_tool() {
   done
   case "$tool" in
     pixmesh) "$PIXMESH" thumbnail "${files[@]}" --width "$WIDTH" --format jpeg --quality "$QUALITY" --threads 1 -o "$out" ;;
-    vips) vipsthumbnail "${files[@]}" --size "${WIDTH}x" -o "$out/%s.jpg[Q=$QUALITY]" ;;
-    magick) mogrify -path "$out" -format jpg -define "jpeg:size=$((WIDTH * 2))x" -filter Lanczos -resize "${WIDTH}x" -quality "$QUALITY" "${files[@]}" ;;
+    # Every tool strips metadata, as pixmesh does by default, so bytes compare pixels only.
+    vips) vipsthumbnail "${files[@]}" --size "${WIDTH}x" -o "$out/%s.jpg[Q=$QUALITY,strip]" ;;
+    magick) mogrify -path "$out" -format jpg -define "jpeg:size=$((WIDTH * 2))x" -filter Lanczos -resize "${WIDTH}x" -strip -quality "$QUALITY" "${files[@]}" ;;
   esac
 }
 

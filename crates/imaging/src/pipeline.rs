@@ -408,9 +408,12 @@ fn encode(img: &Pixels, format: Format, quality: Option<u8>, lossless: bool) -> 
             };
             let mut out = Vec::with_capacity(img.data.len() / 10);
             let mut encoder = jpeg_encoder::Encoder::new(&mut out, quality);
-            // 4:2:0 chroma, as every photo JPEG encoder does by default; optimized Huffman
-            // tables cost little at thumbnail sizes and save a few percent of bytes.
+            // 4:2:0 chroma, as every photo JPEG encoder does by default, box-averaged like
+            // libjpeg (the encoder's default takes the top-left pixel of each 2x2 block, which
+            // costs 1.3 dB of PSNR at the same size); optimized Huffman tables cost little at
+            // thumbnail sizes and save a few percent of bytes.
             encoder.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_2_0);
+            encoder.set_chroma_subsampling_method(jpeg_encoder::ChromaSubsamplingMethod::Average);
             encoder.set_optimized_huffman_tables(true);
             let color = if img.alpha { jpeg_encoder::ColorType::Rgba } else { jpeg_encoder::ColorType::Rgb };
             encoder.encode(&img.data, w, h, color).map_err(|e| fail(e.to_string()))?;
