@@ -1,6 +1,7 @@
 //! Serving an axum router on an already-bound listener until shutdown, then draining.
 
 use crate::admin::{self, Readiness};
+use crate::announce::Announcement;
 use crate::shutdown::Shutdown;
 use axum::Router;
 use std::time::Duration;
@@ -47,4 +48,37 @@ pub fn admin(role: &'static str, listener: TcpListener, readiness: Readiness, sh
     let serving = stop.clone();
     let task = tokio::spawn(async move { http("admin", listener, app, serving, Duration::from_millis(100)).await });
     AdminServer { stop, task }
+}
+
+/// The whole life of an HTTP role: start its admin listener, build its app (`build` may open
+/// stores), announce both addresses, turn ready, serve until `shutdown`, drain within `grace`,
+/// then stop the admin listener last.
+pub async fn http_role<F, Fut>(
+    role: &'static str,
+    http_listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: Shutdown,
+    grace: Duration,
+    build: F,
+) -> std::io::Result<()>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<Router>>,
+{
+    let readiness = Readiness::new();
+    let http_addr = http_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let admin_server = admin(role, admin_listener, readiness.clone(), shutdown.clone());
+    let app = match build().await {
+        Ok(app) => app,
+        Err(e) => {
+            admin_server.stop().await;
+            return Err(e);
+        }
+    };
+    Announcement::new(role).with("http", http_addr).with("admin", admin_addr).print();
+    readiness.set_ready(true);
+    let result = http(role, http_listener, app, shutdown, grace).await;
+    admin_server.stop().await;
+    result
 }

@@ -9,8 +9,6 @@ pub mod view;
 pub use handler::router;
 
 use pixmesh_chassis::Shutdown;
-use pixmesh_chassis::admin::Readiness;
-use pixmesh_chassis::announce::Announcement;
 use pixmesh_store::{StoreConfig, Stores};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -49,15 +47,10 @@ pub async fn run(
     admin: TcpListener,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
-    let readiness = Readiness::new();
-    let http_addr = http.local_addr()?;
-    let admin_addr = admin.local_addr()?;
-    let admin_server = pixmesh_chassis::serve::admin("status", admin, readiness.clone(), shutdown.clone());
-    let stores = Stores::open(&store).await.map_err(std::io::Error::other)?;
-    let app = router(stores);
-    Announcement::new("status").with("http", http_addr).with("admin", admin_addr).print();
-    readiness.set_ready(true);
-    let result = pixmesh_chassis::serve::http("status", http, app, shutdown, Duration::from_millis(config.drain_grace_ms)).await;
-    admin_server.stop().await;
-    result
+    let grace = Duration::from_millis(config.drain_grace_ms);
+    pixmesh_chassis::serve::http_role("status", http, admin, shutdown, grace, || async move {
+        let stores = Stores::open(&store).await.map_err(std::io::Error::other)?;
+        Ok(router(stores))
+    })
+    .await
 }

@@ -9,8 +9,6 @@ mod handler;
 pub use handler::{parse_options, router};
 
 use pixmesh_chassis::Shutdown;
-use pixmesh_chassis::admin::Readiness;
-use pixmesh_chassis::announce::Announcement;
 use pixmesh_imaging::Limits;
 use pixmesh_store::{StoreConfig, Stores};
 use serde::Deserialize;
@@ -62,16 +60,10 @@ pub async fn run(
     admin: TcpListener,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
-    let readiness = Readiness::new();
-    let http_addr = http.local_addr()?;
-    let admin_addr = admin.local_addr()?;
-    let admin_server = pixmesh_chassis::serve::admin("upload", admin, readiness.clone(), shutdown.clone());
-    let stores = Stores::open(&store).await.map_err(std::io::Error::other)?;
     let grace = Duration::from_millis(config.drain_grace_ms);
-    let app = router(config, stores);
-    Announcement::new("upload").with("http", http_addr).with("admin", admin_addr).print();
-    readiness.set_ready(true);
-    let result = pixmesh_chassis::serve::http("upload", http, app, shutdown, grace).await;
-    admin_server.stop().await;
-    result
+    pixmesh_chassis::serve::http_role("upload", http, admin, shutdown, grace, || async move {
+        let stores = Stores::open(&store).await.map_err(std::io::Error::other)?;
+        Ok(router(config, stores))
+    })
+    .await
 }
