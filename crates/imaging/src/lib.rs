@@ -5,6 +5,7 @@
 //! ([`Fit`], [`Gravity`]) → grayscale → blur → sharpen → encode ([`OutputFormat`]). Metadata is
 //! not copied to the output.
 
+mod color;
 mod error;
 mod options;
 mod pipeline;

@@ -40,6 +40,8 @@ pub fn process(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Outpu
     let (format, mut decoder) = open(bytes, limits)?;
     // A broken EXIF block must not fail the image: orientation then defaults to "as stored".
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    // Likewise an unreadable ICC profile: the pixels are then taken as sRGB.
+    let icc = decoder.icc_profile().ok().flatten();
     let (w, h) = decoder.dimensions();
     let swaps = matches!(
         orientation,
@@ -80,7 +82,10 @@ pub fn process(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Outpu
     let keep_alpha = img.color().has_alpha() && output_format != Format::Jpeg;
     let pixels = Pixels::from_image(img, keep_alpha);
     let plan = Plan::new(pixels.width, pixels.height, options);
-    let resized = resize(&pixels, &plan)?;
+    let mut resized = resize(&pixels, &plan)?;
+    if let Some(srgb) = icc.as_deref().and_then(|p| crate::color::to_srgb(&resized.data, resized.alpha, p)) {
+        resized.data = srgb;
+    }
     let framed = match plan.canvas {
         Some((cw, ch)) => pad(resized, cw, ch, output_format == Format::Jpeg),
         None => resized,
@@ -600,6 +605,22 @@ mod tests {
         };
         assert!(run(crate::Gravity::West) < 20);
         assert!(run(crate::Gravity::East) > 235);
+    }
+
+    #[test]
+    fn embedded_profiles_are_converted_to_srgb() {
+        let img = image::RgbImage::from_pixel(16, 16, image::Rgb([200, 100, 50]));
+        let mut tagged = Vec::new();
+        let mut encoder = image::codecs::png::PngEncoder::new(&mut tagged);
+        encoder.set_icc_profile(moxcms::ColorProfile::new_display_p3().encode().unwrap()).unwrap();
+        encoder.write_image(img.as_raw(), 16, 16, ExtendedColorType::Rgb8).unwrap();
+        let untagged = encode_test(&DynamicImage::ImageRgb8(img), image::ImageFormat::Png);
+        let o = Options { format: OutputFormat::Png, ..Options::default() };
+        let plain = decode(&process(&untagged, &o, &Limits::default()).unwrap().bytes).into_rgb8();
+        let converted = decode(&process(&tagged, &o, &Limits::default()).unwrap().bytes).into_rgb8();
+        assert_eq!(plain.get_pixel(8, 8).0, [200, 100, 50], "untagged pixels are taken as sRGB");
+        let px = converted.get_pixel(8, 8).0;
+        assert!(px[0] > 200 && px[2] < 50, "P3 orange maps to a more saturated sRGB orange: {px:?}");
     }
 
     /// Inserts an EXIF APP1 segment with the given orientation right after the JPEG SOI marker.
