@@ -36,11 +36,6 @@ impl Shutdown {
         self.token.clone().cancelled_owned()
     }
 
-    /// A child: triggered with this one, but can also be triggered alone.
-    pub fn child(&self) -> Shutdown {
-        Shutdown { token: self.token.child_token() }
-    }
-
     /// Triggers this shutdown on SIGINT or SIGTERM. Must be called inside a tokio runtime.
     pub fn on_signals(&self) -> std::io::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};

@@ -2,7 +2,7 @@ use crate::DistributorConfig;
 use crate::workers::WorkerSet;
 use bytes::Bytes;
 use pixmesh_chassis::{ApiError, ErrorCode, Shutdown};
-use pixmesh_proto::v1::{Operations, ProcessRequest};
+use pixmesh_proto::v1::ProcessRequest;
 use pixmesh_store::{Job, JobError, JobResult, StoreError, Stores};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,26 +18,6 @@ pub struct Dispatcher {
     stores: Stores,
     workers: WorkerSet,
     owner: Arc<str>,
-}
-
-fn ops(job: &Job) -> Operations {
-    let o = &job.options;
-    Operations {
-        width: o.width.unwrap_or(0),
-        height: o.height.unwrap_or(0),
-        fit: o.fit.as_str().into(),
-        format: o.format.as_str().into(),
-        quality: o.quality.map(u32::from).unwrap_or(0),
-        enlarge: o.enlarge,
-        lossless: o.lossless,
-        gravity: o.gravity.as_str().into(),
-        rotate: u32::from(o.rotate),
-        flip: o.flip.map(|f| f.as_str().to_string()).unwrap_or_default(),
-        crop: o.crop.map(|c| pixmesh_proto::v1::Crop { x: c.x, y: c.y, width: c.width, height: c.height }),
-        grayscale: o.grayscale,
-        blur: o.blur.unwrap_or(0.0),
-        sharpen: o.sharpen.unwrap_or(0.0),
-    }
 }
 
 fn job_error(e: &ApiError) -> JobError {
@@ -199,8 +179,12 @@ impl Dispatcher {
         input: Bytes,
     ) -> Result<pixmesh_proto::v1::ProcessResponse, ApiError> {
         let deadline = self.workers.call_timeout();
-        let mut request =
-            tonic::Request::new(ProcessRequest { job_id: job.id.clone(), attempt: job.attempt, image: input, ops: Some(ops(job)) });
+        let mut request = tonic::Request::new(ProcessRequest {
+            job_id: job.id.clone(),
+            attempt: job.attempt,
+            image: input,
+            ops: Some(pixmesh_worker::wire::to_wire(&job.options)),
+        });
         // Sent to the worker as `grpc-timeout`.
         request.set_timeout(deadline);
         let mut client = client.clone();

@@ -7,6 +7,7 @@
 mod errors;
 pub mod pool;
 mod service;
+pub mod wire;
 
 pub use errors::error_code;
 pub use service::ImageWorkerService;

@@ -16,7 +16,6 @@ type Task = Box<dyn FnOnce() + Send + 'static>;
 pub struct CpuPool {
     sender: mpsc::SyncSender<Task>,
     admission: Arc<Semaphore>,
-    threads: usize,
     capacity: usize,
 }
 
@@ -49,11 +48,7 @@ impl CpuPool {
                 }
             })?;
         }
-        Ok(CpuPool { sender, admission: Arc::new(Semaphore::new(capacity)), threads, capacity })
-    }
-
-    pub fn threads(&self) -> usize {
-        self.threads
+        Ok(CpuPool { sender, admission: Arc::new(Semaphore::new(capacity)), capacity })
     }
 
     /// Calls in flight (running or queued).
