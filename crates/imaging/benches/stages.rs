@@ -1,8 +1,8 @@
 //! The hot stages of the pipeline, each beside an anchor in the same run; prints ratios.
 //! `cargo bench -p pixmesh-imaging` (images are generated, so no corpus is needed).
 //!
-//! - decode: JPEG shrink-on-load (scaled IDCT to ≥ 2× the 800 px target) vs a full decode
-//!   (the `image` crate's default JPEG decoder);
+//! - decode: pixmesh's JPEG decoder at 1/2 scale (≥ 2× the 800 px target) vs jpeg-decoder at the
+//!   same scale and vs a full decode (the `image` crate's zune-jpeg), baseline and progressive;
 //! - resize: fast_image_resize Lanczos3 vs `image::imageops::resize` Lanczos3;
 //! - encode: pixmesh's JPEG settings (jpeg-encoder, 4:2:0 averaged) vs the `image` crate's encoder;
 //! - whole pipeline: `pixmesh_imaging::process` vs decode + resize + encode with `image` alone.
@@ -56,14 +56,24 @@ fn main() {
     img.write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
     println!("input: {w}x{h} baseline JPEG, {} KB; target 800 px wide, JPEG q80", jpeg.len() / 1024);
 
-    // decode
-    let ours = time(|| {
-        let mut d = jpeg_decoder::Decoder::new(Cursor::new(&jpeg));
-        d.scale(1600, 1200).unwrap();
-        d.decode().unwrap()
-    });
-    let anchor = time(|| image::load_from_memory_with_format(&jpeg, image::ImageFormat::Jpeg).unwrap());
-    report("decode (shrink-on-load)", ours, anchor, "image full decode");
+    // decode: pixmesh's decoder at 1/2 scale (the pipeline's choice for 800 px) against
+    // jpeg-decoder's scaled IDCT at the same scale, and against a full decode (zune-jpeg, the
+    // `image` crate's decoder); baseline and progressive.
+    let mut progressive = Vec::new();
+    let mut encoder = jpeg_encoder::Encoder::new(&mut progressive, 90);
+    encoder.set_progressive(true);
+    encoder.encode(img.to_rgb8().as_raw(), w as u16, h as u16, jpeg_encoder::ColorType::Rgb).unwrap();
+    for (kind, bytes) in [("baseline", &jpeg), ("progressive", &progressive)] {
+        let ours = time(|| pixmesh_imaging::decode_jpeg_scaled(bytes, 2, &Limits::default()).unwrap());
+        let scaled = time(|| {
+            let mut d = jpeg_decoder::Decoder::new(Cursor::new(bytes));
+            d.scale(2000, 1500).unwrap();
+            d.decode().unwrap()
+        });
+        let full = time(|| image::load_from_memory_with_format(bytes, image::ImageFormat::Jpeg).unwrap());
+        report(&format!("decode {kind} at 1/2"), ours, scaled, "jpeg-decoder at 1/2");
+        report(&format!("decode {kind} at 1/2"), ours, full, "zune-jpeg full size");
+    }
 
     // resize
     let rgb = img.to_rgb8();

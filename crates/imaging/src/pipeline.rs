@@ -5,6 +5,7 @@ use crate::options::{Fit, Flip, Limits, Options, OutputFormat};
 use crate::sniff::{Format, sniff};
 use fast_image_resize as fir;
 use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
+use image::metadata::Orientation;
 use image::{DynamicImage, ExtendedColorType, ImageDecoder, ImageEncoder, ImageError, ImageReader};
 use std::io::Cursor;
 
@@ -29,44 +30,42 @@ pub struct Probe {
 
 /// Reads only the header: format, dimensions, limits. Allocates no pixel buffer.
 pub fn probe(bytes: &[u8], limits: &Limits) -> Result<Probe, ImagingError> {
-    let (format, decoder) = open(bytes, limits)?;
+    let format = check_input(bytes, limits)?;
+    if format == Format::Jpeg
+        && let Ok(header) = crate::jpeg::read_header(bytes)
+    {
+        check_dimensions(header.width, header.height, limits)?;
+        return Ok(Probe { format, width: header.width, height: header.height });
+    }
+    let decoder = open(bytes, format, limits)?;
     let (width, height) = decoder.dimensions();
     Ok(Probe { format, width, height })
+}
+
+/// Decoded pixels, not yet oriented, with what the file says about them.
+struct Source {
+    img: DynamicImage,
+    orientation: Orientation,
+    icc: Option<Vec<u8>>,
 }
 
 /// Runs the whole pipeline on `bytes`.
 pub fn process(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Output, ImagingError> {
     options.validate()?;
-    let (format, mut decoder) = open(bytes, limits)?;
-    // A broken EXIF block must not fail the image: orientation then defaults to "as stored".
-    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    // Likewise an unreadable ICC profile: the pixels are then taken as sRGB.
-    let icc = decoder.icc_profile().ok().flatten();
-    let (w, h) = decoder.dimensions();
-    let swaps = matches!(
-        orientation,
-        image::metadata::Orientation::Rotate90
-            | image::metadata::Orientation::Rotate270
-            | image::metadata::Orientation::Rotate90FlipH
-            | image::metadata::Orientation::Rotate270FlipH
-    );
-    let swaps = swaps ^ matches!(options.rotate, 90 | 270);
-    let (ow, oh) = if swaps { (h, w) } else { (w, h) };
-    // With an explicit crop, the kept region is not known before decoding at full size.
-    let (need_w, need_h) = if options.crop.is_some() { (ow, oh) } else { Plan::new(ow, oh, options).source_needed(ow, oh) };
-    let (need_w, need_h) = if swaps { (need_h, need_w) } else { (need_w, need_h) };
-    let scaled = match format {
-        Format::Jpeg => decode_jpeg_shrunk(bytes, (w, h), (need_w, need_h), limits)?,
-        Format::Webp => {
-            let alpha = decoder.color_type().has_alpha();
-            crate::webp_scaled::decode(bytes, (w, h), webp_target((w, h), (need_w, need_h)), alpha)
-        }
-        _ => None,
+    let format = check_input(bytes, limits)?;
+    let source = match format {
+        // pixmesh's own decoder, with shrink-on-load; the general one for what it does not cover
+        // (arithmetic coding, 12-bit, lossless).
+        Format::Jpeg => match decode_jpeg(bytes, options, limits) {
+            Err(ImagingError::UnsupportedFormat(_)) => {
+                check_jpeg_scans(bytes, limits)?;
+                decode_generic(bytes, format, options, limits)?
+            }
+            other => other?,
+        },
+        _ => decode_generic(bytes, format, options, limits)?,
     };
-    let mut img = match scaled {
-        Some(img) => img,
-        None => DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?,
-    };
+    let Source { mut img, orientation, icc } = source;
     img.apply_orientation(orientation);
     let img = geometry(img, options)?;
 
@@ -83,6 +82,7 @@ pub fn process(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Outpu
     let pixels = Pixels::from_image(img, keep_alpha);
     let plan = Plan::new(pixels.width, pixels.height, options);
     let mut resized = resize(&pixels, &plan)?;
+    drop(pixels);
     if let Some(srgb) = icc.as_deref().and_then(|p| crate::color::to_srgb(&resized.data, resized.alpha, p)) {
         resized.data = srgb;
     }
@@ -95,40 +95,87 @@ pub fn process(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Outpu
     Ok(Output { bytes, width: framed.width, height: framed.height, format: output_format })
 }
 
-/// JPEG shrink-on-load: decodes at 1/2, 1/4 or 1/8 scale in the IDCT when the result still has
-/// at least `need` pixels per side (twice the output, so the final resample keeps its quality).
-/// `None` when no reduction applies or the image is not 8-bit gray/RGB (the generic decoder
-/// handles CMYK and 16-bit).
-fn decode_jpeg_shrunk(
-    bytes: &[u8],
-    (w, h): (u32, u32),
-    (need_w, need_h): (u32, u32),
-    limits: &Limits,
-) -> Result<Option<DynamicImage>, ImagingError> {
-    let Some(denominator) = [8u32, 4, 2].into_iter().find(|d| w.div_ceil(*d) >= need_w && h.div_ceil(*d) >= need_h) else {
-        return Ok(None);
+/// The source pixels each side needs (in stored orientation) for a good resample: twice the
+/// output, or everything when an explicit crop is asked for (its region is only known after
+/// decoding at full size).
+fn source_needed((w, h): (u32, u32), orientation: Orientation, options: &Options) -> (u32, u32) {
+    let swaps =
+        matches!(orientation, Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH)
+            ^ matches!(options.rotate, 90 | 270);
+    let (ow, oh) = if swaps { (h, w) } else { (w, h) };
+    let (need_w, need_h) = if options.crop.is_some() { (ow, oh) } else { Plan::new(ow, oh, options).source_needed(ow, oh) };
+    if swaps { (need_h, need_w) } else { (need_w, need_h) }
+}
+
+/// The bytes a decoder may allocate for pixels and working buffers.
+fn decode_budget(limits: &Limits) -> u64 {
+    limits.max_pixels.saturating_mul(8).saturating_add(64 << 20)
+}
+
+/// JPEG with shrink-on-load: decoded at 1/2, 1/4 or 1/8 scale when the result still has at least
+/// twice the output's pixels per side.
+fn decode_jpeg(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Source, ImagingError> {
+    let header = crate::jpeg::read_header(bytes)?;
+    let (w, h) = (header.width, header.height);
+    check_dimensions(w, h, limits)?;
+    // A broken EXIF block must not fail the image: orientation then defaults to "as stored".
+    let orientation = header.exif.as_deref().and_then(Orientation::from_exif_chunk).unwrap_or(Orientation::NoTransforms);
+    let (need_w, need_h) = source_needed((w, h), orientation, options);
+    let denominator = [8u32, 4, 2].into_iter().find(|d| w.div_ceil(*d) >= need_w && h.div_ceil(*d) >= need_h).unwrap_or(1);
+    let budget = crate::jpeg::Budget { bytes: decode_budget(limits), scans: limits.max_scans };
+    // CMYK with its own profile: converted through the profile (at the decoded, reduced size).
+    let cmyk_profile = header.components == 4 && header.icc.as_deref().is_some_and(crate::color::is_cmyk);
+    let decoded = crate::jpeg::decode(bytes, denominator, budget, cmyk_profile)?;
+    let (dw, dh) = (decoded.width, decoded.height);
+    let (pixels, icc) = match decoded.channels {
+        4 => (crate::color::cmyk_to_srgb(&decoded.pixels, header.icc.as_deref()), None),
+        _ => (decoded.pixels, header.icc),
     };
-    let (Ok(tw), Ok(th)) = (u16::try_from(w.div_ceil(denominator)), u16::try_from(h.div_ceil(denominator))) else {
-        return Ok(None);
-    };
-    let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
-    decoder.set_max_decoding_buffer_size(usize::try_from(limits.max_pixels.saturating_mul(8)).unwrap_or(usize::MAX));
-    let corrupt = |e: jpeg_decoder::Error| ImagingError::Corrupt { format: Format::Jpeg, reason: e.to_string() };
-    let (sw, sh) = decoder.scale(tw, th).map_err(corrupt)?;
-    let Some(info) = decoder.info() else { return Ok(None) };
-    let layout = match info.pixel_format {
-        jpeg_decoder::PixelFormat::RGB24 => 3,
-        jpeg_decoder::PixelFormat::L8 => 1,
-        _ => return Ok(None),
-    };
-    let pixels = decoder.decode().map_err(corrupt)?;
-    let (sw, sh) = (u32::from(sw), u32::from(sh));
-    let img = if layout == 3 {
-        image::RgbImage::from_raw(sw, sh, pixels).map(DynamicImage::ImageRgb8)
+    let img = if decoded.channels == 1 {
+        image::GrayImage::from_raw(dw, dh, pixels).map(DynamicImage::ImageLuma8)
     } else {
-        image::GrayImage::from_raw(sw, sh, pixels).map(DynamicImage::ImageLuma8)
+        image::RgbImage::from_raw(dw, dh, pixels).map(DynamicImage::ImageRgb8)
     };
-    img.map(Some).ok_or_else(|| ImagingError::Corrupt { format: Format::Jpeg, reason: "decoded size does not match the header".into() })
+    let img = img.ok_or_else(|| ImagingError::Corrupt { format: Format::Jpeg, reason: "decoded size does not match the header".into() })?;
+    Ok(Source { img, orientation, icc })
+}
+
+/// Decodes a JPEG at `1/denominator` scale (1, 2, 4 or 8) with pixmesh's decoder, under
+/// `limits`: gray or RGB pixels (CMYK converted by the ink formula), not oriented. For callers
+/// that want the decoder alone (tools, benchmarks); `process` picks the scale itself.
+pub fn decode_jpeg_scaled(bytes: &[u8], denominator: u32, limits: &Limits) -> Result<DynamicImage, ImagingError> {
+    let header = crate::jpeg::read_header(bytes)?;
+    check_dimensions(header.width, header.height, limits)?;
+    let budget = crate::jpeg::Budget { bytes: decode_budget(limits), scans: limits.max_scans };
+    let decoded = crate::jpeg::decode(bytes, denominator, budget, false)?;
+    let (w, h) = (decoded.width, decoded.height);
+    let img = if decoded.channels == 1 {
+        image::GrayImage::from_raw(w, h, decoded.pixels).map(DynamicImage::ImageLuma8)
+    } else {
+        image::RgbImage::from_raw(w, h, decoded.pixels).map(DynamicImage::ImageRgb8)
+    };
+    img.ok_or_else(|| ImagingError::Corrupt { format: Format::Jpeg, reason: "decoded size does not match the header".into() })
+}
+
+/// Every other format (and JPEG variants pixmesh's decoder does not cover), through `image`;
+/// WebP with libwebp's scaled decoding.
+fn decode_generic(bytes: &[u8], format: Format, options: &Options, limits: &Limits) -> Result<Source, ImagingError> {
+    let mut decoder = open(bytes, format, limits)?;
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    // Likewise an unreadable ICC profile: the pixels are then taken as sRGB.
+    let icc = decoder.icc_profile().ok().flatten();
+    let (w, h) = decoder.dimensions();
+    let scaled = if format == Format::Webp {
+        let alpha = decoder.color_type().has_alpha();
+        crate::webp_scaled::decode(bytes, (w, h), webp_target((w, h), source_needed((w, h), orientation, options)), alpha)
+    } else {
+        None
+    };
+    let img = match scaled {
+        Some(img) => img,
+        None => DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?,
+    };
+    Ok(Source { img, orientation, icc })
 }
 
 /// The size to have libwebp decode to: the smallest that keeps `need` (twice the output) in both
@@ -209,14 +256,15 @@ fn effects(mut img: Pixels, o: &Options) -> Pixels {
     img
 }
 
-fn open<'a>(bytes: &'a [u8], limits: &Limits) -> Result<(Format, impl ImageDecoder + 'a), ImagingError> {
+/// Checks what can be checked before any decoding: size, format, scan and frame counts.
+fn check_input(bytes: &[u8], limits: &Limits) -> Result<Format, ImagingError> {
     if bytes.len() > limits.max_input_bytes {
         return Err(ImagingError::InputTooLarge { bytes: bytes.len(), max_bytes: limits.max_input_bytes });
     }
     let format =
         sniff(bytes).ok_or_else(|| ImagingError::UnsupportedFormat("the bytes are not JPEG, PNG, WebP, GIF, BMP or TIFF".to_string()))?;
+    // JPEG scans are counted by pixmesh's decoder as it meets them.
     let (what, count, max) = match format {
-        Format::Jpeg => ("scans", crate::structure::jpeg_scans(bytes), limits.max_scans),
         Format::Gif => ("frames", crate::structure::gif_frames(bytes), limits.max_frames),
         Format::Webp => ("frames", crate::structure::webp_frames(bytes), limits.max_frames),
         _ => ("", 0, usize::MAX),
@@ -224,17 +272,30 @@ fn open<'a>(bytes: &'a [u8], limits: &Limits) -> Result<(Format, impl ImageDecod
     if count > max {
         return Err(ImagingError::LimitExceeded(format!("the {format} has {count} {what}; the limit is {max}")));
     }
+    Ok(format)
+}
+
+/// The scan limit, for JPEGs that go to the general decoder.
+fn check_jpeg_scans(bytes: &[u8], limits: &Limits) -> Result<(), ImagingError> {
+    let scans = crate::structure::jpeg_scans(bytes);
+    if scans > limits.max_scans {
+        return Err(ImagingError::LimitExceeded(format!("the JPEG has {scans} scans; the limit is {}", limits.max_scans)));
+    }
+    Ok(())
+}
+
+fn open<'a>(bytes: &'a [u8], format: Format, limits: &Limits) -> Result<impl ImageDecoder + 'a, ImagingError> {
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format.to_image_format());
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_image_width = Some(limits.max_side);
     decoder_limits.max_image_height = Some(limits.max_side);
     // Decoded pixels (up to 4 channels of 16 bits) plus working space.
-    decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    decoder_limits.max_alloc = Some(decode_budget(limits));
     reader.limits(decoder_limits);
     let decoder = reader.into_decoder().map_err(|e| decode_error(format, e))?;
     let (width, height) = decoder.dimensions();
     check_dimensions(width, height, limits)?;
-    Ok((format, decoder))
+    Ok(decoder)
 }
 
 fn check_dimensions(width: u32, height: u32, limits: &Limits) -> Result<(), ImagingError> {

@@ -13,6 +13,10 @@ fn run(data: &[u8]) {
     if let Ok(out) = pixmesh_imaging::process(data, &options, &limits) {
         assert!(pixmesh_imaging::sniff(&out.bytes).is_some());
     }
+    let tiny = Options { width: Some(6), format: OutputFormat::Jpeg, ..Options::default() };
+    if let Ok(out) = pixmesh_imaging::process(data, &tiny, &limits) {
+        assert!(out.width <= 6);
+    }
 }
 
 #[test]
