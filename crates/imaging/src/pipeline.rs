@@ -57,11 +57,14 @@ pub fn process(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Outpu
         // pixmesh's own decoder, with shrink-on-load; the general one for what it does not cover
         // (arithmetic coding, 12-bit, lossless).
         Format::Jpeg => match decode_jpeg(bytes, options, limits) {
-            Err(ImagingError::UnsupportedFormat(_)) => {
+            // At full size zune-jpeg (through `image`) is faster, with its SIMD IDCT and
+            // upsampling; pixmesh's decoder wins when it can reduce, and handles CMYK.
+            Err(ImagingError::UnsupportedFormat(_)) | Ok(None) => {
                 check_jpeg_scans(bytes, limits)?;
                 decode_generic(bytes, format, options, limits)?
             }
-            other => other?,
+            Ok(Some(source)) => source,
+            Err(e) => return Err(e),
         },
         _ => decode_generic(bytes, format, options, limits)?,
     };
@@ -113,8 +116,9 @@ fn decode_budget(limits: &Limits) -> u64 {
 }
 
 /// JPEG with shrink-on-load: decoded at 1/2, 1/4 or 1/8 scale when the result still has at least
-/// twice the output's pixels per side.
-fn decode_jpeg(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Source, ImagingError> {
+/// twice the output's pixels per side. `None` for a gray or colour (not CMYK) image needed at full
+/// size, which the general decoder does faster.
+fn decode_jpeg(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Option<Source>, ImagingError> {
     let header = crate::jpeg::read_header(bytes)?;
     let (w, h) = (header.width, header.height);
     check_dimensions(w, h, limits)?;
@@ -122,6 +126,9 @@ fn decode_jpeg(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Sourc
     let orientation = header.exif.as_deref().and_then(Orientation::from_exif_chunk).unwrap_or(Orientation::NoTransforms);
     let (need_w, need_h) = source_needed((w, h), orientation, options);
     let denominator = [8u32, 4, 2].into_iter().find(|d| w.div_ceil(*d) >= need_w && h.div_ceil(*d) >= need_h).unwrap_or(1);
+    if denominator == 1 && header.components != 4 {
+        return Ok(None);
+    }
     let budget = crate::jpeg::Budget { bytes: decode_budget(limits), scans: limits.max_scans };
     // CMYK with its own profile: converted through the profile (at the decoded, reduced size).
     let cmyk_profile = header.components == 4 && header.icc.as_deref().is_some_and(crate::color::is_cmyk);
@@ -137,7 +144,7 @@ fn decode_jpeg(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Sourc
         image::RgbImage::from_raw(dw, dh, pixels).map(DynamicImage::ImageRgb8)
     };
     let img = img.ok_or_else(|| ImagingError::Corrupt { format: Format::Jpeg, reason: "decoded size does not match the header".into() })?;
-    Ok(Source { img, orientation, icc })
+    Ok(Some(Source { img, orientation, icc }))
 }
 
 /// Decodes a JPEG at `1/denominator` scale (1, 2, 4 or 8) with pixmesh's decoder, under
