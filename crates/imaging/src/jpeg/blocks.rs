@@ -54,6 +54,16 @@ impl Keep {
 
 type Result<T> = std::result::Result<T, String>;
 
+/// The DC difference that starts every block of a sequential or first DC scan.
+#[inline(always)]
+fn dc_difference(r: &mut BitReader<'_>, dc: &HuffmanTable) -> Result<i32> {
+    let size = u32::from(r.decode(dc)?);
+    if size > 16 {
+        return Err(format!("DC difference of {size} bits"));
+    }
+    Ok(if size == 16 { 32768 } else { r.receive_extend(size) })
+}
+
 /// A whole sequential block: DC difference, then AC run/size codes up to EOB. `block` must be zero.
 #[inline(never)]
 pub(super) fn sequential(
@@ -64,12 +74,7 @@ pub(super) fn sequential(
     block: &mut [i16],
     keep: &Keep,
 ) -> Result<()> {
-    let size = u32::from(r.decode(dc)?);
-    if size > 16 {
-        return Err(format!("DC difference of {size} bits"));
-    }
-    let diff = if size == 16 { 32768 } else { r.receive_extend(size) };
-    *pred = pred.wrapping_add(diff);
+    *pred = pred.wrapping_add(dc_difference(r, dc)?);
     keep.set(block, 0, *pred);
     let mut k = 1usize;
     while k < 64 {
@@ -93,12 +98,7 @@ pub(super) fn sequential(
 /// DC, first scan: the difference, shifted up by the point transform `al`.
 #[inline(never)]
 pub(super) fn dc_first(r: &mut BitReader<'_>, dc: &HuffmanTable, pred: &mut i32, block: &mut [i16], al: u32) -> Result<()> {
-    let size = u32::from(r.decode(dc)?);
-    if size > 16 {
-        return Err(format!("DC difference of {size} bits"));
-    }
-    let diff = if size == 16 { 32768 } else { r.receive_extend(size) };
-    *pred = pred.wrapping_add(diff);
+    *pred = pred.wrapping_add(dc_difference(r, dc)?);
     if let Some(c) = block.first_mut() {
         *c = pred.wrapping_shl(al) as i16;
     }
