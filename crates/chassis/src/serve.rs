@@ -13,6 +13,12 @@ pub async fn http(name: &'static str, listener: TcpListener, app: Router, shutdo
     let local = listener.local_addr()?;
     tracing::info!(listener = name, addr = %local, "serving");
     let stop = shutdown.wait_owned();
+    // No Nagle delay: responses are written whole, and small ones must not wait for an ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).with_graceful_shutdown(stop);
     let drained = async move { server.await };
     // The server future completes only after in-flight requests finish; bound that by `grace`

@@ -1,4 +1,5 @@
 use crate::DistributorConfig;
+use crate::budget::{RetryBudget, remaining};
 use crate::workers::WorkerSet;
 use bytes::Bytes;
 use pixmesh_chassis::{ApiError, ErrorCode, Shutdown};
@@ -18,6 +19,7 @@ pub struct Dispatcher {
     stores: Stores,
     workers: WorkerSet,
     owner: Arc<str>,
+    budget: Arc<RetryBudget>,
 }
 
 fn job_error(e: &ApiError) -> JobError {
@@ -26,7 +28,8 @@ fn job_error(e: &ApiError) -> JobError {
 
 impl Dispatcher {
     pub fn new(config: DistributorConfig, stores: Stores, workers: WorkerSet, owner: String) -> Dispatcher {
-        Dispatcher { config, stores, workers, owner: owner.into() }
+        let budget = RetryBudget::new(f64::from(config.retry_budget_percent) / 100.0, f64::from(config.retry_budget_per_second));
+        Dispatcher { config, stores, workers, owner: owner.into(), budget: Arc::new(budget) }
     }
 
     /// Claims and dispatches jobs until `shutdown`; then waits (within the grace period) for the
@@ -121,13 +124,22 @@ impl Dispatcher {
         let lease = Duration::from_millis(self.config.lease_ms);
         let mut tried: Vec<String> = Vec::new();
         let mut last_error = ApiError::new(ErrorCode::Unavailable, "no image worker is available");
-        for _ in 0..self.config.tries_per_claim {
+        // One deadline for the whole claim: each call gets what the earlier ones left of it.
+        let started = tokio::time::Instant::now();
+        for try_index in 0..self.config.tries_per_claim {
+            if try_index == 0 {
+                self.budget.deposit();
+            } else if !self.budget.withdraw() {
+                tracing::info!(job = %job.id, "retry budget spent; the job goes back to the queue");
+                break;
+            }
             let Some(slot) = self.wait_for_worker(&tried).await else { break };
+            let Some(timeout) = remaining(self.workers.call_timeout(), started) else { break };
             let endpoint = Arc::clone(slot.endpoint());
             jobs.extend_lease(&job.id, job.attempt, lease).await?;
-            match self.call(&endpoint.client(), job, input.clone()).await {
+            match self.call(&endpoint.client(), job, input.clone(), timeout).await {
                 Ok(response) => {
-                    drop(slot);
+                    slot.finish(false);
                     let blob = self.stores.blobs.put(response.image).await?;
                     let result = JobResult {
                         blob,
@@ -140,12 +152,19 @@ impl Dispatcher {
                     tracing::info!(job = %job.id, attempt = job.attempt, worker = %endpoint.address, width = result.width, height = result.height, "job succeeded");
                     return Ok(Outcome::Succeeded);
                 }
-                Err(error) if !error.code.is_retryable() => {
+                Err(CallFailure { error, .. }) if !error.code.is_retryable() => {
+                    // The image's fault, not the worker's.
+                    slot.finish(false);
                     jobs.fail(&job.id, job.attempt, &job_error(&error)).await?;
                     tracing::info!(job = %job.id, attempt = job.attempt, code = %error.code, reason = %error.message, "job failed");
                     return Ok(Outcome::Failed);
                 }
-                Err(error) => {
+                Err(CallFailure { error, refused }) => {
+                    if refused {
+                        slot.refused();
+                    } else {
+                        slot.finish(true);
+                    }
                     tracing::warn!(job = %job.id, attempt = job.attempt, worker = %endpoint.address, code = %error.code, reason = %error.message, "worker call failed; trying another worker");
                     metrics::counter!("pixmesh_distributor_worker_failures_total", "code" => error.code.as_str()).increment(1);
                     jobs.record_retry(&job.id, job.attempt, &endpoint.address, &job_error(&error)).await?;
@@ -177,8 +196,8 @@ impl Dispatcher {
         client: &pixmesh_proto::v1::image_worker_client::ImageWorkerClient<tonic::transport::Channel>,
         job: &Job,
         input: Bytes,
-    ) -> Result<pixmesh_proto::v1::ProcessResponse, ApiError> {
-        let deadline = self.workers.call_timeout();
+        deadline: Duration,
+    ) -> Result<pixmesh_proto::v1::ProcessResponse, CallFailure> {
         let mut request = tonic::Request::new(ProcessRequest {
             job_id: job.id.clone(),
             attempt: job.attempt,
@@ -188,12 +207,36 @@ impl Dispatcher {
         // Sent to the worker as `grpc-timeout`.
         request.set_timeout(deadline);
         let mut client = client.clone();
+        let timed_out = || CallFailure {
+            error: ApiError::new(ErrorCode::Timeout, format!("worker did not answer within {} ms", deadline.as_millis())),
+            refused: false,
+        };
         match tokio::time::timeout(deadline + Duration::from_millis(100), client.process(request)).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) => Err(ApiError::from_grpc_status(&status)),
-            Err(_) => Err(ApiError::new(ErrorCode::Timeout, format!("worker did not answer within {} ms", deadline.as_millis()))),
+            // tonic ends a call whose `grpc-timeout` ran out as CANCELLED; nothing else cancels ours.
+            Ok(Err(status)) if status.code() == tonic::Code::Cancelled => Err(timed_out()),
+            Ok(Err(status)) => Err(CallFailure { error: ApiError::from_grpc_status(&status), refused: connection_refused(&status) }),
+            Err(_) => Err(timed_out()),
         }
     }
+}
+
+/// A failed worker call, and whether the worker refused the connection (it is not there).
+struct CallFailure {
+    error: ApiError,
+    refused: bool,
+}
+
+/// True when the call failed because the connection was refused (found in the error's causes).
+fn connection_refused(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 enum Outcome {

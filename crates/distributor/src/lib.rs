@@ -7,9 +7,13 @@
 //! job `failed` at once. When every try of a claim fails the job is released back to the queue
 //! with a delay; after `max_attempts` claims it fails.
 
+pub mod breaker;
+pub mod budget;
+pub mod discovery;
 mod dispatch;
 mod workers;
 
+pub use breaker::BreakerConfig;
 pub use dispatch::Dispatcher;
 pub use workers::{WorkerEndpoint, WorkerSet};
 
@@ -28,25 +32,38 @@ pub struct DistributorConfig {
     pub admin_listen: SocketAddr,
     /// Registry address (`host:port`) to discover workers from.
     pub registry: String,
-    /// Fixed worker addresses, used when `registry` is empty.
+    /// A DNS name and port resolving to the workers (e.g. a Kubernetes headless Service,
+    /// `pixmesh-worker.pixmesh.svc.cluster.local:50051`), used when `registry` is empty.
+    pub dns: String,
+    /// Fixed worker addresses, used when `registry` and `dns` are empty.
     pub workers: Vec<String>,
+    /// Calls at once per worker found by `dns` or `workers` (registered workers report their own).
+    pub worker_capacity: u32,
     /// Jobs in flight at once.
     pub concurrency: usize,
     pub lease_ms: u64,
-    /// Deadline of one worker call.
+    /// Deadline of a claim's worker calls together (each is sent as `grpc-timeout`, minus the
+    /// time the earlier tries of the claim took).
     pub call_timeout_ms: u64,
     /// Worker calls per claim before the job is released back to the queue.
     pub tries_per_claim: u32,
+    /// Retries (calls after a claim's first) may add this percentage of first calls …
+    pub retry_budget_percent: u32,
+    /// … plus this many per second; past that a failed job goes back to the queue instead.
+    pub retry_budget_per_second: u32,
     /// Claims before a job fails for good.
     pub max_attempts: u32,
     /// Delay before a released job can be claimed again.
     pub retry_delay_ms: u64,
     /// How often to look for new jobs when the queue was empty.
     pub poll_interval_ms: u64,
-    /// How often to refresh the worker list from the registry.
+    /// How often `dns` is resolved again, and how long to wait before asking the registry (or
+    /// DNS) again after a failure. The registry pushes its changes; it is not polled.
     pub discovery_interval_ms: u64,
     /// How long in-flight jobs may take to finish after SIGTERM.
     pub drain_grace_ms: u64,
+    /// The per-worker circuit breaker.
+    pub breaker: BreakerConfig,
 }
 
 impl Default for DistributorConfig {
@@ -54,16 +71,21 @@ impl Default for DistributorConfig {
         DistributorConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             registry: String::new(),
+            dns: String::new(),
             workers: Vec::new(),
+            worker_capacity: 2,
             concurrency: 16,
             lease_ms: 60_000,
             call_timeout_ms: 30_000,
             tries_per_claim: 3,
+            retry_budget_percent: 20,
+            retry_budget_per_second: 10,
             max_attempts: 5,
             retry_delay_ms: 1_000,
             poll_interval_ms: 50,
             discovery_interval_ms: 500,
             drain_grace_ms: 30_000,
+            breaker: BreakerConfig::default(),
         }
     }
 }
@@ -79,10 +101,13 @@ impl DistributorConfig {
         if self.tries_per_claim == 0 || self.max_attempts == 0 {
             return Err("distributor.tries_per_claim and distributor.max_attempts must be at least 1".into());
         }
+        if self.worker_capacity == 0 {
+            return Err("distributor.worker_capacity must be at least 1".into());
+        }
         if self.poll_interval_ms == 0 || self.discovery_interval_ms == 0 {
             return Err("distributor.poll_interval_ms and distributor.discovery_interval_ms must be above 0".into());
         }
-        Ok(())
+        self.breaker.validate()
     }
 }
 
@@ -92,8 +117,9 @@ pub async fn run(config: DistributorConfig, store: StoreConfig, admin: TcpListen
     let admin_addr = admin.local_addr()?;
     let admin_server = pixmesh_chassis::serve::admin("distributor", admin, readiness.clone(), shutdown.clone());
     let stores = Stores::open(&store).await.map_err(std::io::Error::other)?;
-    let workers = WorkerSet::new(Duration::from_millis(config.call_timeout_ms));
-    let discovery = workers.spawn_discovery(&config, shutdown.clone()).map_err(std::io::Error::other)?;
+    let workers = WorkerSet::with_breaker(Duration::from_millis(config.call_timeout_ms), &config.breaker);
+    let source = discovery::from_config(&config).map_err(std::io::Error::other)?;
+    let discovery = discovery::spawn(source, workers.clone(), Duration::from_millis(config.discovery_interval_ms), shutdown.clone());
     let owner = format!("distributor-{}", uuid::Uuid::now_v7().simple());
     Announcement::new("distributor").with("admin", admin_addr).with("id", &owner).print();
     readiness.set_ready(true);

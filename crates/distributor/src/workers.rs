@@ -1,15 +1,23 @@
-//! The set of known image workers and how one is picked.
+//! The set of known image workers and how one is picked: power of two choices over the
+//! workers with a free slot (the per-worker bulkhead) and a closed or half-open breaker, the
+//! lighter of the two by peak-EWMA latency × (calls in flight + 1).
 
-use crate::DistributorConfig;
+use crate::breaker::{Breaker, BreakerConfig};
 use pixmesh_proto::MAX_MESSAGE_BYTES;
-use pixmesh_proto::v1::ListRequest;
 use pixmesh_proto::v1::image_worker_client::ImageWorkerClient;
-use pixmesh_proto::v1::registry_client::RegistryClient;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
+
+/// How fast the latency estimate forgets (Finagle's peak EWMA uses 10 s).
+const DECAY: Duration = Duration::from_secs(10);
+/// The latency assumed for a worker not heard from yet.
+const INITIAL_RTT: f64 = 0.05;
+/// A worker this many times slower than the fastest one is not used while that one is busy.
+const SLOW_FACTOR: f64 = 4.0;
 
 /// One worker instance.
 pub struct WorkerEndpoint {
@@ -17,10 +25,13 @@ pub struct WorkerEndpoint {
     pub capacity: usize,
     client: ImageWorkerClient<Channel>,
     in_flight: AtomicUsize,
+    pub breaker: Breaker,
+    /// Peak-EWMA latency in seconds, and when it was last updated.
+    rtt: Mutex<(f64, Instant)>,
 }
 
 impl WorkerEndpoint {
-    fn new(address: &str, capacity: usize) -> Result<WorkerEndpoint, tonic::transport::Error> {
+    fn new(address: &str, capacity: usize, breaker: BreakerConfig) -> Result<WorkerEndpoint, tonic::transport::Error> {
         let channel = Endpoint::from_shared(format!("http://{address}"))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
@@ -29,7 +40,40 @@ impl WorkerEndpoint {
             .connect_lazy();
         let client =
             ImageWorkerClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(WorkerEndpoint { address: address.to_string(), capacity: capacity.max(1), client, in_flight: AtomicUsize::new(0) })
+        Ok(WorkerEndpoint {
+            address: address.to_string(),
+            capacity: capacity.max(1),
+            client,
+            in_flight: AtomicUsize::new(0),
+            breaker: Breaker::new(address, breaker),
+            rtt: Mutex::new((INITIAL_RTT, Instant::now())),
+        })
+    }
+
+    fn decayed(rtt: f64, since: Instant) -> (f64, f64) {
+        let w = (-since.elapsed().as_secs_f64() / DECAY.as_secs_f64()).exp();
+        (rtt * w, w)
+    }
+
+    /// Folds in an observed latency: a slower one is taken at once (the peak), a faster one
+    /// only gradually.
+    pub fn observe(&self, latency: Duration) {
+        let sample = latency.as_secs_f64();
+        let mut rtt = self.rtt.lock().unwrap_or_else(|p| p.into_inner());
+        let (current, w) = Self::decayed(rtt.0, rtt.1);
+        rtt.0 = if sample > current { sample } else { current * w + sample * (1.0 - w) };
+        rtt.1 = Instant::now();
+    }
+
+    /// The latency estimate now, in seconds.
+    pub fn rtt_estimate(&self) -> f64 {
+        let rtt = self.rtt.lock().unwrap_or_else(|p| p.into_inner());
+        Self::decayed(rtt.0, rtt.1).0
+    }
+
+    /// The expected wait for one more call here: latency estimate × (calls in flight + 1).
+    pub fn load(&self) -> f64 {
+        self.rtt_estimate() * (self.in_flight() as f64 + 1.0)
     }
 
     pub fn in_flight(&self) -> usize {
@@ -48,7 +92,17 @@ impl WorkerEndpoint {
                 return None;
             }
             match self.in_flight.compare_exchange(current, current + 1, Ordering::SeqCst, Ordering::SeqCst) {
-                Ok(_) => return Some(SlotGuard { endpoint: Arc::clone(self) }),
+                Ok(_) => {
+                    let slot = SlotGuard { endpoint: Arc::clone(self), started: Instant::now(), recorded: false };
+                    // The breaker's permission is taken with the slot; a slot given back unused
+                    // returns it.
+                    return if self.breaker.try_call() {
+                        Some(slot)
+                    } else {
+                        drop(slot);
+                        None
+                    };
+                }
                 Err(now) => current = now,
             }
         }
@@ -57,17 +111,38 @@ impl WorkerEndpoint {
 
 pub struct SlotGuard {
     endpoint: Arc<WorkerEndpoint>,
+    started: Instant,
+    recorded: bool,
 }
 
 impl SlotGuard {
     pub fn endpoint(&self) -> &Arc<WorkerEndpoint> {
         &self.endpoint
     }
+
+    /// The worker refused the connection: its breaker opens at once (ejected after its first
+    /// connection failure), and the slot is freed.
+    pub fn refused(mut self) {
+        self.endpoint.breaker.trip();
+        self.recorded = true;
+    }
+
+    /// Records how the call on this slot went (for the breaker and the latency estimate) and
+    /// frees the slot. `failed`: the worker failed (not the image).
+    pub fn finish(mut self, failed: bool) {
+        let latency = self.started.elapsed();
+        self.endpoint.observe(latency);
+        self.endpoint.breaker.record(failed, latency);
+        self.recorded = true;
+    }
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
         self.endpoint.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if !self.recorded {
+            self.endpoint.breaker.release_unused();
+        }
     }
 }
 
@@ -76,11 +151,17 @@ impl Drop for SlotGuard {
 pub struct WorkerSet {
     endpoints: Arc<RwLock<HashMap<String, Arc<WorkerEndpoint>>>>,
     call_timeout: Duration,
+    breaker: BreakerConfig,
 }
 
 impl WorkerSet {
+    /// With the default breaker settings.
     pub fn new(call_timeout: Duration) -> WorkerSet {
-        WorkerSet { endpoints: Arc::default(), call_timeout }
+        WorkerSet::with_breaker(call_timeout, &BreakerConfig::default())
+    }
+
+    pub fn with_breaker(call_timeout: Duration, breaker: &BreakerConfig) -> WorkerSet {
+        WorkerSet { endpoints: Arc::default(), call_timeout, breaker: breaker.for_deadline(call_timeout) }
     }
 
     pub fn call_timeout(&self) -> Duration {
@@ -96,7 +177,7 @@ impl WorkerSet {
             if map.get(addr).is_some_and(|e| e.capacity == *capacity) {
                 continue;
             }
-            match WorkerEndpoint::new(addr, *capacity) {
+            match WorkerEndpoint::new(addr, *capacity, self.breaker.clone()) {
                 Ok(endpoint) => {
                     tracing::info!(worker = %addr, capacity, "worker joined");
                     map.insert(addr.clone(), Arc::new(endpoint));
@@ -105,6 +186,11 @@ impl WorkerSet {
             }
         }
         metrics::gauge!("pixmesh_distributor_workers").set(map.len() as f64);
+    }
+
+    /// The endpoint at `address`, if it is in the set.
+    pub fn endpoint(&self, address: &str) -> Option<Arc<WorkerEndpoint>> {
+        self.endpoints.read().ok()?.get(address).cloned()
     }
 
     pub fn len(&self) -> usize {
@@ -120,51 +206,40 @@ impl WorkerSet {
         self.endpoints.read().map(|m| m.values().any(|e| e.in_flight() < e.capacity)).unwrap_or(false)
     }
 
-    /// Takes a slot on the least-loaded worker (by in-flight / capacity) not in `exclude`.
+    /// Takes a slot by the power of two choices: two distinct workers drawn at random among
+    /// those not in `exclude` with a free slot, a breaker that lets calls through and a latency
+    /// within [`SLOW_FACTOR`] of the fastest; the one with the lower load wins; if its slot went
+    /// meanwhile, the other, then any. `None`: wait and ask again.
     pub fn acquire(&self, exclude: &[String]) -> Option<SlotGuard> {
+        let usable: Vec<(Arc<WorkerEndpoint>, f64)> = self
+            .endpoints
+            .read()
+            .map(|m| {
+                m.values()
+                    .filter(|e| !exclude.contains(&e.address) && e.breaker.would_allow())
+                    .map(|e| (Arc::clone(e), e.rtt_estimate()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // Waiting a moment for a slot on a fast worker beats a call on one many times slower:
+        // workers slower than SLOW_FACTOR × the fastest usable one are left out while it is
+        // merely busy. (When every fast worker is gone, the slow ones are the fastest.)
+        let fastest = usable.iter().map(|(_, rtt)| *rtt).fold(f64::INFINITY, f64::min);
         let mut candidates: Vec<Arc<WorkerEndpoint>> =
-            self.endpoints.read().map(|m| m.values().filter(|e| !exclude.contains(&e.address)).cloned().collect()).unwrap_or_default();
-        candidates.sort_by(|a, b| {
-            let la = a.in_flight() as f64 / a.capacity as f64;
-            let lb = b.in_flight() as f64 / b.capacity as f64;
-            la.total_cmp(&lb).then_with(|| a.address.cmp(&b.address))
-        });
-        candidates.iter().find_map(|e| e.try_acquire())
-    }
-
-    /// Keeps the set in sync with the registry (or the static list).
-    pub fn spawn_discovery(
-        &self,
-        config: &DistributorConfig,
-        shutdown: pixmesh_chassis::Shutdown,
-    ) -> Result<tokio::task::JoinHandle<()>, tonic::transport::Error> {
-        let this = self.clone();
-        if config.registry.is_empty() {
-            let fixed: Vec<(String, usize)> = config.workers.iter().map(|w| (w.clone(), 2)).collect();
-            this.update(&fixed);
-            return Ok(tokio::spawn(async {}));
-        }
-        let mut client = RegistryClient::new(pixmesh_registry::client::channel(&config.registry)?);
-        let interval = Duration::from_millis(config.discovery_interval_ms);
-        Ok(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = shutdown.wait() => return,
-                }
-                match client.list(ListRequest { service: "worker".into() }).await {
-                    Ok(resp) => {
-                        let instances: Vec<(String, usize)> =
-                            resp.into_inner().instances.into_iter().map(|i| (i.address, i.capacity as usize)).collect();
-                        this.update(&instances);
-                    }
-                    // Keep the last known set: a registry outage must not stop dispatch.
-                    Err(e) => tracing::warn!(error = %e, "registry list failed; keeping the last known workers"),
-                }
+            usable.into_iter().filter(|(e, rtt)| e.in_flight() < e.capacity && *rtt <= fastest * SLOW_FACTOR).map(|(e, _)| e).collect();
+        if candidates.len() >= 2 {
+            let i = rand::random_range(0..candidates.len());
+            let mut j = rand::random_range(0..candidates.len() - 1);
+            if j >= i {
+                j += 1;
             }
-        }))
+            let (first, second) = if candidates[i].load() <= candidates[j].load() { (i, j) } else { (j, i) };
+            // Put the pair first, in order, so the fallback below tries them first.
+            candidates.swap(0, first);
+            let second = if second == 0 { first } else { second };
+            candidates.swap(1, second);
+        }
+        candidates.iter().find_map(|e| e.try_acquire())
     }
 }
 
@@ -173,23 +248,52 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn picks_least_loaded_and_respects_capacity() {
+    async fn respects_capacity_and_exclusions() {
         let set = WorkerSet::new(Duration::from_secs(1));
         set.update(&[("127.0.0.1:1".into(), 2), ("127.0.0.1:2".into(), 1)]);
-        let a = set.acquire(&[]).unwrap();
-        assert_eq!(a.endpoint().address, "127.0.0.1:1");
-        let b = set.acquire(&[]).unwrap();
-        assert_eq!(b.endpoint().address, "127.0.0.1:2");
-        let c = set.acquire(&[]).unwrap();
-        assert_eq!(c.endpoint().address, "127.0.0.1:1");
+        let slots: Vec<SlotGuard> = (0..3).map(|_| set.acquire(&[]).unwrap()).collect();
+        assert_eq!(slots.iter().filter(|s| s.endpoint().address == "127.0.0.1:1").count(), 2);
         assert!(set.acquire(&[]).is_none(), "every slot is taken");
         assert!(!set.has_free_slot());
-        drop(b);
-        assert!(set.acquire(&["127.0.0.1:2".to_string()]).is_none(), "excluded worker is not used");
-        assert!(set.acquire(&[]).is_some());
+        drop(slots);
+        for _ in 0..20 {
+            assert_eq!(set.acquire(&["127.0.0.1:2".to_string()]).unwrap().endpoint().address, "127.0.0.1:1", "excluded worker is not used");
+        }
         // Workers that leave are dropped; those that stay keep their counts.
+        let held = set.acquire(&["127.0.0.1:2".to_string()]).unwrap();
         set.update(&[("127.0.0.1:1".into(), 2)]);
         assert_eq!(set.len(), 1);
+        assert_eq!(held.endpoint().in_flight(), 1);
+    }
+
+    #[tokio::test]
+    async fn two_choices_avoid_the_slow_worker_and_the_open_breaker() {
+        let set = WorkerSet::new(Duration::from_secs(30));
+        set.update(&[("127.0.0.1:1".into(), 8), ("127.0.0.1:2".into(), 8), ("127.0.0.1:3".into(), 8)]);
+        let endpoints: Vec<Arc<WorkerEndpoint>> = set.endpoints.read().unwrap().values().cloned().collect();
+        for e in &endpoints {
+            e.observe(if e.address.ends_with(":3") { Duration::from_secs(1) } else { Duration::from_millis(10) });
+        }
+        let picks: Vec<String> = (0..300).map(|_| set.acquire(&[]).unwrap().endpoint().address.clone()).collect();
+        assert_eq!(picks.iter().filter(|a| a.ends_with(":3")).count(), 0, "the slow worker loses every pairing");
+        // Calls in flight raise a worker's load, so held slots spread over the fast two.
+        let held: Vec<SlotGuard> = (0..8).map(|_| set.acquire(&[]).unwrap()).collect();
+        let on = |suffix: &str| held.iter().filter(|s| s.endpoint().address.ends_with(suffix)).count();
+        assert!(on(":1") >= 3 && on(":2") >= 3, "{} and {}", on(":1"), on(":2"));
+        drop(held);
+        // With the fast workers full, the slow one is still not used: better to wait.
+        let full: Vec<SlotGuard> = (0..16).map_while(|_| set.acquire(&[])).collect();
+        assert_eq!(full.len(), 16);
+        assert!(full.iter().all(|s| !s.endpoint().address.ends_with(":3")));
         assert!(set.acquire(&[]).is_none());
+        drop(full);
+        // Worker 1 fails until its breaker opens: it is not picked any more.
+        let one = endpoints.iter().find(|e| e.address.ends_with(":1")).unwrap();
+        while one.breaker.state() == crate::breaker::State::Closed {
+            one.try_acquire().unwrap().finish(true);
+        }
+        let picks: Vec<String> = (0..100).map(|_| set.acquire(&[]).unwrap().endpoint().address.clone()).collect();
+        assert!(picks.iter().all(|a| a.ends_with(":2") || a.ends_with(":3")));
+        assert!(picks.iter().filter(|a| a.ends_with(":2")).count() > 90, "with one healthy fast worker left, it takes nearly all");
     }
 }

@@ -57,10 +57,13 @@ async fn dead_workers_are_retried_elsewhere_and_bad_images_fail_once() {
     let (live, live_stop) = worker().await;
     let dead = dead_address().await;
     let config = DistributorConfig { workers: vec![dead.clone(), live.clone()], call_timeout_ms: 5_000, ..DistributorConfig::default() };
-    let workers = WorkerSet::new(Duration::from_millis(config.call_timeout_ms));
-    let discovery = workers.spawn_discovery(&config, Shutdown::new()).unwrap();
-    discovery.await.unwrap();
-    assert_eq!(workers.len(), 2);
+    let workers = WorkerSet::with_breaker(Duration::from_millis(config.call_timeout_ms), &config.breaker);
+    let source = pixmesh_distributor::discovery::from_config(&config).unwrap();
+    let discovery_stop = Shutdown::new();
+    let _discovery = pixmesh_distributor::discovery::spawn(source, workers.clone(), Duration::from_millis(100), discovery_stop.clone());
+    while workers.len() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
     let mut ids: Vec<String> = Vec::new();
     for i in 0..12 {
@@ -73,7 +76,7 @@ async fn dead_workers_are_retried_elsewhere_and_bad_images_fail_once() {
     submit(&stores, "corrupt", corrupt).await;
 
     let shutdown = Shutdown::new();
-    let dispatcher = Dispatcher::new(config, stores.clone(), workers, "test-distributor".into());
+    let dispatcher = Dispatcher::new(config, stores.clone(), workers.clone(), "test-distributor".into());
     let running = tokio::spawn({
         let shutdown = shutdown.clone();
         async move { dispatcher.run(shutdown).await }
@@ -95,6 +98,10 @@ async fn dead_workers_are_retried_elsewhere_and_bad_images_fail_once() {
         }
     }
     assert!(retried > 0, "some job was sent to the dead worker first and retried on the live one");
+    // Its first refused connection opened its breaker: the jobs picked for it before that
+    // answer came are the only ones it saw.
+    assert_eq!(workers.endpoint(&dead).unwrap().breaker.state(), pixmesh_distributor::breaker::State::Open);
+    assert!(retried <= 8, "{retried} jobs met the dead worker: at most its share of the first burst");
 
     let bad = stores.jobs.get("corrupt").await.unwrap().unwrap();
     assert_eq!(bad.state, JobState::Failed);

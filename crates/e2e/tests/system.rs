@@ -135,7 +135,7 @@ async fn upload_poll_download_concurrency_and_bad_input() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_of_a_worker_mid_load_loses_no_job() {
     let dir = tempfile::tempdir().unwrap();
-    let system = System::start(dir.path(), 2, &[]).await.unwrap();
+    let system = System::start(dir.path(), 3, &[]).await.unwrap();
     let image = jpeg(2400, 1600);
     let mut ids = Vec::new();
     for _ in 0..24 {
@@ -275,5 +275,276 @@ async fn edge_corpus_ends_cleanly() {
     let pids_after: Vec<i32> =
         ["worker-1", "worker-2", "upload", "status", "distributor", "gateway"].iter().map(|n| system.child(n).unwrap().pid).collect();
     assert_eq!(pids_before, pids_after, "no process crashed");
+    system.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_worker_is_routed_around_and_its_late_results_are_dropped() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let dir = tempfile::tempdir().unwrap();
+    // A short claim deadline, so calls stuck on the stopped worker end within the test.
+    let system = System::start(dir.path(), 3, &["distributor.call_timeout_ms=3000"]).await.unwrap();
+    let victim = system.child("worker-1").unwrap();
+    let image = jpeg(800, 600);
+    let mut ids = Vec::new();
+    for _ in 0..30 {
+        let (code, body) = system.upload(image.clone(), "image/jpeg", "width=200&format=png").await.unwrap();
+        assert_eq!(code, 202, "{body}");
+        ids.push(id(&body));
+    }
+    // Freeze one worker mid-load: its calls hang until their deadline.
+    kill(Pid::from_raw(victim.pid), Signal::SIGSTOP).unwrap();
+    let more = {
+        let mut more = Vec::new();
+        for _ in 0..30 {
+            let (code, body) = system.upload(image.clone(), "image/jpeg", "width=200&format=png").await.unwrap();
+            assert_eq!(code, 202, "{body}");
+            more.push(id(&body));
+        }
+        more
+    };
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    kill(Pid::from_raw(victim.pid), Signal::SIGCONT).unwrap();
+    ids.extend(more);
+
+    let statuses = join_all(ids.iter().map(|id| system.wait_terminal(id, JOB_TIMEOUT))).await;
+    for s in statuses {
+        assert_eq!(s.unwrap()["state"], "succeeded");
+    }
+    // Let the thawed worker finish what it held: those answers come after their deadline and
+    // must change nothing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_exactly_one_result(&system, &ids).await;
+
+    let admin = system.child("distributor").unwrap().addresses["admin"].clone();
+    let metrics = system.client().get(format!("http://{admin}/metrics")).send().await.unwrap().text().await.unwrap();
+    let counter = |name: &str, label: &str| -> f64 {
+        metrics.lines().filter(|l| l.starts_with(name) && l.contains(label)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    // Its calls ran into their deadline and went elsewhere. Picking by latency sends it few
+    // calls after the first timeouts; once three in a row have failed, its breaker opens.
+    let timeouts = counter("pixmesh_distributor_worker_failures_total", "code=\"timeout\"");
+    let opened = counter("pixmesh_distributor_breaker_transitions_total", "to=\"open\"") >= 1.0;
+    assert!(timeouts >= 1.0, "calls to the stopped worker timed out and were re-dispatched:\n{metrics}");
+    assert!(timeouts <= 2.0 || opened, "three failures in a row open the breaker:\n{metrics}");
+    system.stop().await.unwrap();
+}
+
+/// `pixmesh_worker_images_total{outcome="ok"}` of a worker, from its admin port.
+async fn images_done(system: &System, admin: &str) -> f64 {
+    let text = system.client().get(format!("http://{admin}/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("pixmesh_worker_images_total") && l.contains("outcome=\"ok\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_joining_worker_is_used_at_once_and_a_slow_one_hardly() {
+    let dir = tempfile::tempdir().unwrap();
+    let system = System::start(dir.path(), 2, &[]).await.unwrap();
+    let registry = system.child("registry").unwrap().addresses["grpc"].clone();
+    let image = jpeg(640, 480);
+    let submit = |n: usize| {
+        let (system, image) = (&system, image.clone());
+        async move {
+            let mut ids = Vec::new();
+            for _ in 0..n {
+                let (code, body) = system.upload(image.clone(), "image/jpeg", "width=100&format=png").await.unwrap();
+                assert_eq!(code, 202, "{body}");
+                ids.push(id(&body));
+            }
+            ids
+        }
+    };
+    let wait = |ids: Vec<String>| {
+        let system = &system;
+        async move {
+            for s in join_all(ids.iter().map(|id| system.wait_terminal(id, JOB_TIMEOUT))).await {
+                assert_eq!(s.unwrap()["state"], "succeeded");
+            }
+        }
+    };
+    // Warm up: the two workers' latency is known.
+    wait(submit(12).await).await;
+
+    // A worker joins under load: its first job comes within a second.
+    let registry_set = format!("worker.registry={registry}");
+    let joiner = pixmesh_test_support::Role::start("worker", None, &[&registry_set, "worker.id=joiner"], &[]).await.unwrap();
+    let joined = std::time::Instant::now();
+    let load = tokio::spawn({
+        let (gateway, key, image) = (system.gateway.clone(), system.api_key.clone(), image.clone());
+        async move {
+            let client = reqwest::Client::new();
+            let mut ids = Vec::new();
+            for _ in 0..40 {
+                let res = client
+                    .post(format!("{gateway}/api/upload?width=100&format=png"))
+                    .header("x-api-key", &key)
+                    .header("content-type", "image/jpeg")
+                    .body(image.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                ids.push(id(&res.json::<Value>().await.unwrap()));
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            ids
+        }
+    });
+    let admin = joiner.addresses["admin"].clone();
+    while images_done(&system, &admin).await < 1.0 {
+        assert!(joined.elapsed() < Duration::from_secs(3), "the new worker got no job within 3 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first_job = joined.elapsed();
+    wait(load.await.unwrap()).await;
+    eprintln!("the joining worker finished its first job {first_job:?} after announcing itself");
+    assert!(first_job < Duration::from_millis(1500), "first job after {first_job:?}");
+
+    // A worker at least 10× slower than the others joins (its delay is ten times the time the
+    // others need for a whole batch, an upper bound on one call): once its first answers show
+    // it, it gets at most 5% of the jobs.
+    let batch = {
+        let started = std::time::Instant::now();
+        wait(submit(8).await).await;
+        started.elapsed()
+    };
+    let delay = format!("worker.extra_delay_ms={}", (batch.as_millis() * 10).max(500));
+    let slow = pixmesh_test_support::Role::start("worker", None, &[&registry_set, "worker.id=slow", &delay], &[]).await.unwrap();
+    let slow_admin = slow.addresses["admin"].clone();
+    wait(submit(12).await).await; // it is tried, and learnt
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = images_done(&system, &slow_admin).await;
+    let ids = submit(60).await;
+    wait(ids).await;
+    let to_slow = images_done(&system, &slow_admin).await - before;
+    eprintln!("the slow worker ({delay}) took {to_slow} of 60 jobs");
+    assert!(to_slow <= 3.0, "the slow worker took {to_slow} of 60 jobs (at most 5%)");
+    drop((joiner, slow));
+    system.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_worker_trips_its_breaker_which_closes_when_it_is_back() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let dir = tempfile::tempdir().unwrap();
+    let system = System::start(dir.path(), 2, &[]).await.unwrap();
+    let registry = system.child("registry").unwrap().addresses["grpc"].clone();
+    let registry_set = format!("worker.registry={registry}");
+    let first = pixmesh_test_support::Role::start("worker", None, &[&registry_set, "worker.id=phoenix"], &[]).await.unwrap();
+    let address = first.addresses["grpc"].clone();
+
+    // Steady load for the whole test.
+    let load = tokio::spawn({
+        let (gateway, key) = (system.gateway.clone(), system.api_key.clone());
+        async move {
+            let client = reqwest::Client::new();
+            let mut ids = Vec::new();
+            for _ in 0..120 {
+                let res = client
+                    .post(format!("{gateway}/api/upload?width=64&format=png"))
+                    .header("x-api-key", &key)
+                    .header("content-type", "image/png")
+                    .body(png(320, 240))
+                    .send()
+                    .await
+                    .unwrap();
+                ids.push(id(&res.json::<Value>().await.unwrap()));
+                tokio::time::sleep(Duration::from_millis(80)).await;
+            }
+            ids
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Dies without a word, and comes back on the same address before the registry notices.
+    let big = jpeg(1200, 900);
+    kill(Pid::from_raw(first.pid().unwrap()), Signal::SIGKILL).unwrap();
+    // A burst that needs every worker's slots, the dead one's included.
+    let mut burst = Vec::new();
+    for _ in 0..24 {
+        let (code, body) = system.upload(big.clone(), "image/jpeg", "width=300&format=png").await.unwrap();
+        assert_eq!(code, 202, "{body}");
+        burst.push(id(&body));
+    }
+    let listen = format!("worker.listen={address}");
+    let second = pixmesh_test_support::Role::start("worker", None, &[&registry_set, "worker.id=phoenix", &listen], &[]).await.unwrap();
+
+    let mut ids = load.await.unwrap();
+    ids.extend(burst);
+    for s in join_all(ids.iter().map(|id| system.wait_terminal(id, JOB_TIMEOUT))).await {
+        assert_eq!(s.unwrap()["state"], "succeeded");
+    }
+    assert_exactly_one_result(&system, &ids).await;
+    let admin = system.child("distributor").unwrap().addresses["admin"].clone();
+    let metrics = system.client().get(format!("http://{admin}/metrics")).send().await.unwrap().text().await.unwrap();
+    let transitions = |to: &str| {
+        metrics.lines().any(|l| l.starts_with("pixmesh_distributor_breaker_transitions_total") && l.contains(&format!("to=\"{to}\"")))
+    };
+    let lines: Vec<&str> = metrics.lines().filter(|l| l.contains("breaker") || l.contains("failures")).collect();
+    assert!(transitions("open") && transitions("halfopen") && transitions("closed"), "open → half-open → closed:\n{lines:#?}");
+    assert!(images_done(&system, &second.addresses["admin"]).await >= 1.0, "the worker is used again once it is back");
+    drop(second);
+    system.stop().await.unwrap();
+}
+
+/// A gauge or counter of a process, from its admin port (summed over label sets).
+async fn metric(system: &System, admin: &str, name: &str) -> f64 {
+    let text = system.client().get(format!("http://{admin}/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_stopped_with_sigterm_leaves_the_pool_and_finishes_its_calls() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let dir = tempfile::tempdir().unwrap();
+    let system = System::start(dir.path(), 1, &[]).await.unwrap();
+    let registry = system.child("registry").unwrap().addresses["grpc"].clone();
+    let distributor = system.child("distributor").unwrap().addresses["admin"].clone();
+    let registry_set = format!("worker.registry={registry}");
+    // Slow enough that its calls are surely in flight when it is told to stop.
+    let mut leaver =
+        pixmesh_test_support::Role::start("worker", None, &[&registry_set, "worker.id=leaver", "worker.extra_delay_ms=1500"], &[])
+            .await
+            .unwrap();
+    let admin = leaver.addresses["admin"].clone();
+    while metric(&system, &distributor, "pixmesh_distributor_workers").await < 2.0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let image = jpeg(320, 240);
+    let mut ids = Vec::new();
+    let started = std::time::Instant::now();
+    while metric(&system, &admin, "pixmesh_worker_in_flight").await < 1.0 {
+        assert!(started.elapsed() < Duration::from_secs(20), "the slow worker never got a call");
+        let (code, body) = system.upload(image.clone(), "image/jpeg", "width=64&format=png").await.unwrap();
+        assert_eq!(code, 202, "{body}");
+        ids.push(id(&body));
+    }
+    let held = metric(&system, &admin, "pixmesh_worker_in_flight").await;
+    kill(Pid::from_raw(leaver.pid().unwrap()), Signal::SIGTERM).unwrap();
+    // It leaves the registry at once: the distributor hears of it through its watch.
+    let told = std::time::Instant::now();
+    while metric(&system, &distributor, "pixmesh_distributor_workers").await > 1.0 {
+        assert!(told.elapsed() < Duration::from_secs(2), "the stopping worker is still in the distributor's set");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..10 {
+        let (code, body) = system.upload(image.clone(), "image/jpeg", "width=64&format=png").await.unwrap();
+        assert_eq!(code, 202, "{body}");
+        ids.push(id(&body));
+    }
+    // Its calls in flight end normally, then it exits cleanly.
+    let status = tokio::time::timeout(Duration::from_secs(20), leaver.child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "the worker exits 0 after draining: {status}");
+    for s in join_all(ids.iter().map(|id| system.wait_terminal(id, JOB_TIMEOUT))).await {
+        assert_eq!(s.unwrap()["state"], "succeeded");
+    }
+    assert_exactly_one_result(&system, &ids).await;
+    // No call was cut off, refused or timed out: every job it held was answered by it.
+    let failures = metric(&system, &distributor, "pixmesh_distributor_worker_failures_total").await;
+    assert_eq!(failures, 0.0, "the draining worker answered the {held} calls it held");
     system.stop().await.unwrap();
 }

@@ -1,17 +1,39 @@
-//! API keys, kept as SHA-256 hashes and compared in constant time.
+//! API keys, kept as SHA-256 hashes and compared in constant time, each with a name, a rate
+//! limiter and optional limits of its own.
 
-use crate::config::{ApiKeyConfig, GatewayConfig};
+use crate::config::{ApiKeyConfig, GatewayConfig, parse_rate};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use std::num::NonZeroU32;
+use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
-#[derive(Debug, Clone)]
-struct Key {
-    name: String,
-    hash: [u8; 32],
+/// Per-key overrides of the route limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyLimits {
+    pub max_pixels: Option<u64>,
+    pub max_side: Option<u32>,
+    pub max_body_bytes: Option<u64>,
 }
 
-#[derive(Debug, Clone, Default)]
+/// Who is calling: what the API-key layer hands to the layers after it.
+#[derive(Debug)]
+pub struct Client {
+    pub name: String,
+    pub limits: KeyLimits,
+    /// `None` when the key's rate is "off".
+    pub limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    quota: Option<Quota>,
+}
+
+#[derive(Debug)]
+struct Key {
+    hash: [u8; 32],
+    client: Arc<Client>,
+}
+
+#[derive(Debug, Default)]
 pub struct ApiKeys {
     keys: Vec<Key>,
 }
@@ -33,48 +55,68 @@ pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
+/// The GCRA quota for a rate text and burst; `None` for "off".
+pub fn quota(rate: &str, burst: u32) -> Result<Option<Quota>, String> {
+    let Some(period) = parse_rate(rate)? else { return Ok(None) };
+    let burst = NonZeroU32::new(burst).ok_or("burst must be at least 1")?;
+    Ok(Quota::with_period(period).map(|q| q.allow_burst(burst)))
+}
+
 impl ApiKeys {
     /// Keys from the config, its keys file, and plain keys (e.g. from the environment).
-    pub fn load(config: &GatewayConfig, plain: &[(String, String)]) -> Result<ApiKeys, String> {
-        let mut keys = ApiKeys::default();
+    /// Rate limiters of `previous` keys whose name and quota are unchanged carry over, so a
+    /// reload does not hand every client a fresh burst.
+    pub fn load(config: &GatewayConfig, plain: &[(String, String)], previous: Option<&ApiKeys>) -> Result<ApiKeys, String> {
+        let mut entries: Vec<(ApiKeyConfig, [u8; 32])> = Vec::new();
         for k in &config.api_keys {
-            keys.add_hashed(&k.name, &k.sha256)?;
+            entries.push((k.clone(), parse_hash(&k.sha256).map_err(|e| format!("API key {}: {e}", k.name))?));
         }
         if let Some(path) = &config.api_keys_file {
             let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read API keys file {}: {e}", path.display()))?;
             let file: KeysFile = toml::from_str(&text).map_err(|e| format!("API keys file {}: {}", path.display(), e.message()))?;
-            for k in &file.keys {
-                keys.add_hashed(&k.name, &k.sha256)?;
+            for k in file.keys {
+                k.validate().map_err(|e| format!("API keys file {}: {e}", path.display()))?;
+                let hash = parse_hash(&k.sha256).map_err(|e| format!("API key {}: {e}", k.name))?;
+                entries.push((k, hash));
             }
         }
         for (name, key) in plain {
-            keys.add_plain(name, key);
+            entries.push((ApiKeyConfig { name: name.clone(), ..ApiKeyConfig::default() }, Sha256::digest(key.as_bytes()).into()));
+        }
+        let mut keys = ApiKeys::default();
+        for (k, hash) in entries {
+            let rate = k.rate.as_deref().unwrap_or(&config.rate);
+            let quota = quota(rate, k.burst.unwrap_or(config.burst)).map_err(|e| format!("API key {}: {e}", k.name))?;
+            let limiter = match previous.and_then(|p| p.client_named(&k.name)).filter(|c| c.quota == quota) {
+                Some(old) => old.limiter.clone(),
+                None => quota.map(|q| Arc::new(RateLimiter::direct(q))),
+            };
+            let limits = KeyLimits { max_pixels: k.max_pixels, max_side: k.max_side, max_body_bytes: k.max_body_bytes };
+            keys.keys.push(Key { hash, client: Arc::new(Client { name: k.name, limits, limiter, quota }) });
         }
         Ok(keys)
     }
 
-    pub fn add_hashed(&mut self, name: &str, sha256: &str) -> Result<(), String> {
-        let hash = parse_hash(sha256).map_err(|e| format!("API key {name}: {e}"))?;
-        self.keys.push(Key { name: name.to_string(), hash });
-        Ok(())
+    fn client_named(&self, name: &str) -> Option<&Arc<Client>> {
+        self.keys.iter().map(|k| &k.client).find(|c| c.name == name)
     }
 
-    pub fn add_plain(&mut self, name: &str, key: &str) {
-        self.keys.push(Key { name: name.to_string(), hash: Sha256::digest(key.as_bytes()).into() });
+    pub fn len(&self) -> usize {
+        self.keys.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
 
-    /// The name of the key, if `presented` is one. Every stored key is compared, in constant
-    /// time, so timing does not reveal which key (or how much of one) matched.
-    pub fn check(&self, presented: &[u8]) -> Option<&str> {
+    /// The client owning `presented`, if it is a key. Every stored key is compared, in
+    /// constant time, so timing does not reveal which key (or how much of one) matched.
+    pub fn check(&self, presented: &[u8]) -> Option<&Arc<Client>> {
         let hash: [u8; 32] = Sha256::digest(presented).into();
         let mut found = None;
         for key in &self.keys {
             if bool::from(key.hash.ct_eq(&hash)) && found.is_none() {
-                found = Some(key.name.as_str());
+                found = Some(&key.client);
             }
         }
         found
@@ -85,16 +127,49 @@ impl ApiKeys {
 mod tests {
     use super::*;
 
+    fn config_with(keys: Vec<ApiKeyConfig>) -> GatewayConfig {
+        GatewayConfig { api_keys: keys, rate: "10/s".into(), burst: 2, ..GatewayConfig::default() }
+    }
+
     #[test]
     fn checks_hashed_and_plain_keys() {
-        let mut keys = ApiKeys::default();
-        keys.add_hashed("ci", &hash_key("secret-1")).unwrap();
-        keys.add_plain("env", "secret-2");
-        assert_eq!(keys.check(b"secret-1"), Some("ci"));
-        assert_eq!(keys.check(b"secret-2"), Some("env"));
-        assert_eq!(keys.check(b"secret-3"), None);
-        assert_eq!(keys.check(b""), None);
-        assert!(keys.add_hashed("bad", "zz").is_err());
+        let k = ApiKeyConfig { name: "ci".into(), sha256: hash_key("secret-1"), ..Default::default() };
+        let keys = ApiKeys::load(&config_with(vec![k]), &[("env".into(), "secret-2".into())], None).unwrap();
+        assert_eq!(keys.check(b"secret-1").map(|c| c.name.as_str()), Some("ci"));
+        assert_eq!(keys.check(b"secret-2").map(|c| c.name.as_str()), Some("env"));
+        assert!(keys.check(b"secret-3").is_none());
+        assert!(keys.check(b"").is_none());
+        let bad = ApiKeyConfig { name: "bad".into(), sha256: "zz".into(), ..Default::default() };
+        assert!(ApiKeys::load(&config_with(vec![bad]), &[], None).is_err());
+    }
+
+    #[test]
+    fn per_key_limits_and_limiters_survive_a_reload() {
+        let slow =
+            ApiKeyConfig { name: "slow".into(), sha256: hash_key("s"), rate: Some("1/m".into()), burst: Some(1), ..Default::default() };
+        let free = ApiKeyConfig {
+            name: "free".into(),
+            sha256: hash_key("f"),
+            rate: Some("off".into()),
+            max_pixels: Some(1920 * 1080),
+            ..Default::default()
+        };
+        let config = config_with(vec![slow.clone(), free]);
+        let keys = ApiKeys::load(&config, &[], None).unwrap();
+        let s = keys.check(b"s").unwrap();
+        assert!(s.limiter.as_ref().unwrap().check().is_ok());
+        assert!(s.limiter.as_ref().unwrap().check().is_err(), "burst of one");
+        let f = keys.check(b"f").unwrap();
+        assert!(f.limiter.is_none());
+        assert_eq!(f.limits.max_pixels, Some(1920 * 1080));
+
+        // Same quota: the limiter (and its spent burst) carries over.
+        let reloaded = ApiKeys::load(&config, &[], Some(&keys)).unwrap();
+        assert!(reloaded.check(b"s").unwrap().limiter.as_ref().unwrap().check().is_err());
+        // A new quota starts fresh.
+        let faster = ApiKeyConfig { rate: Some("5/s".into()), ..slow };
+        let reloaded = ApiKeys::load(&config_with(vec![faster]), &[], Some(&keys)).unwrap();
+        assert!(reloaded.check(b"s").unwrap().limiter.as_ref().unwrap().check().is_ok());
     }
 
     #[test]
@@ -102,12 +177,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pixmesh-keys-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("keys.toml");
-        std::fs::write(&path, format!("[[keys]]\nname = \"dev\"\nsha256 = \"{}\"\n", hash_key("k1"))).unwrap();
+        std::fs::write(&path, format!("[[keys]]\nname = \"dev\"\nsha256 = \"{}\"\nmax_side = 1920\n", hash_key("k1"))).unwrap();
         let config = GatewayConfig { api_keys_file: Some(path.clone()), ..GatewayConfig::default() };
-        let keys = ApiKeys::load(&config, &[]).unwrap();
-        assert_eq!(keys.check(b"k1"), Some("dev"));
+        let keys = ApiKeys::load(&config, &[], None).unwrap();
+        assert_eq!(keys.check(b"k1").unwrap().limits.max_side, Some(1920));
         std::fs::write(&path, "[[keys]]\nname = \"dev\"\nsha = \"x\"\n").unwrap();
-        assert!(ApiKeys::load(&config, &[]).is_err());
+        assert!(ApiKeys::load(&config, &[], None).is_err());
+        std::fs::write(&path, format!("[[keys]]\nname = \"dev\"\nsha256 = \"{}\"\nrate = \"lots\"\n", hash_key("k1"))).unwrap();
+        assert!(ApiKeys::load(&config, &[], None).unwrap_err().contains("rate"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

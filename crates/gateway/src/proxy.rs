@@ -1,112 +1,81 @@
-//! The router: longest-prefix routes to upstream pools, forwarding that streams both ways.
+//! The router: the pinned route's upstream pool, forwarding that streams both ways, passive
+//! ejection of failing instances, and retries on another instance where that is safe.
+//!
+//! Safe to retry: a request with no body (the body is streamed, never kept, so it cannot be
+//! sent twice) whose connection was refused (nothing reached the upstream), or an idempotent
+//! one (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) that failed or got 502/503/504.
 
-use crate::config::GatewayConfig;
+use crate::layers::Pinned;
+use crate::layers::upload_guard::BodyOverLimit;
+use crate::snapshot::Route;
+use crate::upstream::{Clients, Outcome};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use http::header::{self, HeaderMap, HeaderName};
-use http::{HeaderValue, Method, Uri};
-use http_body_util::{BodyExt, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Method, StatusCode};
+use http_body::Body as _;
+use http_body_util::BodyExt;
 use pixmesh_chassis::{ApiError, ErrorCode};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
 
-#[derive(Debug, Clone)]
-pub struct Route {
-    pub prefix: String,
-    pub upstream_name: String,
-    pub upstream: String,
-    pub strip_prefix: bool,
-    pub methods: Vec<Method>,
-    pub timeout: Duration,
-    pub max_body_bytes: u64,
-}
+/// At most this many instances are tried for one request.
+const MAX_ATTEMPTS: usize = 3;
 
-impl Route {
-    fn matches(&self, path: &str) -> bool {
-        let p = self.prefix.trim_end_matches('/');
-        path == p || path.strip_prefix(p).is_some_and(|rest| rest.starts_with('/')) || p.is_empty()
-    }
-}
-
-pub struct Routes {
-    routes: Vec<Route>,
-    client: Client<HttpConnector, Body>,
-}
-
-impl Routes {
-    pub fn new(config: &GatewayConfig) -> Result<Routes, String> {
-        let mut routes = Vec::new();
-        for r in &config.routes {
-            let upstream = config
-                .upstreams
-                .get(&r.upstream)
-                .ok_or_else(|| format!("route {} names upstream {:?}, which has no URL", r.prefix, r.upstream))?
-                .trim_end_matches('/')
-                .to_string();
-            routes.push(Route {
-                prefix: r.prefix.clone(),
-                upstream_name: r.upstream.clone(),
-                upstream,
-                strip_prefix: r.strip_prefix,
-                methods: r.methods.iter().filter_map(|m| Method::from_bytes(m.as_bytes()).ok()).collect(),
-                timeout: Duration::from_millis(r.timeout_ms.unwrap_or(config.timeout_ms)),
-                max_body_bytes: r.max_body_bytes.unwrap_or(config.max_body_bytes),
-            });
-        }
-        // Longest prefix first.
-        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client =
-            Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).pool_max_idle_per_host(256).build(connector);
-        Ok(Routes { routes, client })
-    }
-
-    pub fn find(&self, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matches(path))
-    }
-}
-
-/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] =
-    ["connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "upgrade"];
+/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1). Names are
+/// constants so the hot path does not parse them per request.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     // The body is re-framed on each hop.
     headers.remove(header::TRANSFER_ENCODING);
 }
 
+fn idempotent(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+}
+
 /// Forwards a request to its route's upstream.
-pub async fn forward(State(routes): State<Arc<Routes>>, ConnectInfo(peer): ConnectInfo<SocketAddr>, request: Request) -> Response {
-    match forward_inner(&routes, peer, request).await {
+pub async fn forward(State(clients): State<Clients>, ConnectInfo(peer): ConnectInfo<SocketAddr>, request: Request) -> Response {
+    match forward_inner(&clients, peer, request).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
 }
 
-async fn forward_inner(routes: &Routes, peer: SocketAddr, request: Request) -> Result<Response, ApiError> {
-    let path = request.uri().path().to_string();
-    let route =
-        routes.find(&path).ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no route for {path}; the API lives under /api/")))?;
+async fn forward_inner(clients: &Clients, peer: SocketAddr, request: Request) -> Result<Response, ApiError> {
+    let route = Pinned::of(&request).and_then(|p| p.route.clone());
+    let Some(route) = route else {
+        return Err(ApiError::new(ErrorCode::NotFound, format!("no route for {}; the API lives under /api/", request.uri().path())));
+    };
     if !route.methods.is_empty() && !route.methods.contains(request.method()) {
         let allowed: Vec<&str> = route.methods.iter().map(Method::as_str).collect();
         return Err(ApiError::new(
@@ -114,115 +83,134 @@ async fn forward_inner(routes: &Routes, peer: SocketAddr, request: Request) -> R
             format!("{} is not allowed on {}; use {}", request.method(), route.prefix, allowed.join(" or ")),
         ));
     }
-    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > route.max_body_bytes) {
-        return Err(ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("the request body is larger than the limit of {} bytes for {}", route.max_body_bytes, route.prefix),
-        ));
-    }
-
+    let cut = request.extensions().get::<BodyOverLimit>().cloned();
     let (mut parts, body) = request.into_parts();
-    let upstream_path = if route.strip_prefix {
-        let rest = &path[route.prefix.trim_end_matches('/').len().min(path.len())..];
-        if rest.is_empty() { "/".to_string() } else { rest.to_string() }
-    } else {
-        path.clone()
+    let path_and_query = {
+        let path = route.upstream_path(parts.uri.path());
+        match parts.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        }
     };
-    let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-    let uri: Uri = format!("{}{}{}", route.upstream, upstream_path, query)
-        .parse()
+    prepare_headers(&mut parts.headers, peer, route.pool.config.h2c);
+    let bodiless = body.is_end_stream();
+    let retry_idempotent = bodiless && idempotent(&parts.method);
+    let mut body = Some(body);
+    let mut tried: Vec<usize> = Vec::with_capacity(MAX_ATTEMPTS);
+    let mut last_error = None;
+    let attempts = MAX_ATTEMPTS.min(route.pool.instances.len());
+    let path_and_query = PathAndQuery::try_from(path_and_query)
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("cannot forward this path: {e}")))?;
+    while tried.len() < attempts {
+        let Some(i) = route.pool.pick(&tried) else { break };
+        tried.push(i);
+        let uri = route.pool.instances[i].uri(&path_and_query)?;
+        let mut request = http::Request::new(body.take().unwrap_or_default());
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = uri;
+        // Only a request that may be retried needs its headers kept.
+        *request.headers_mut() =
+            if tried.len() < attempts && bodiless { parts.headers.clone() } else { std::mem::take(&mut parts.headers) };
+        *request.version_mut() = if route.pool.config.h2c { http::Version::HTTP_2 } else { http::Version::HTTP_11 };
+        let started = std::time::Instant::now();
+        match tokio::time::timeout(route.timeout, clients.for_pool(&route.pool).request(request)).await {
+            Ok(Ok(response)) => {
+                let status = response.status();
+                let failed = matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT);
+                route.pool.record(i, if failed { Outcome::Failed } else { Outcome::Ok });
+                if failed && retry_idempotent && tried.len() < route.pool.instances.len() {
+                    route.pool.metrics.retries.increment(1);
+                    continue;
+                }
+                route.pool.metrics.upstream_seconds.record(started.elapsed().as_secs_f64());
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                return Ok(Response::from_parts(parts, Body::new(body.map_err(axum::Error::new))));
+            }
+            Ok(Err(e)) => {
+                if cut.as_ref().is_some_and(BodyOverLimit::is_set) {
+                    // The guard cut the body: the client's doing; it gets its 413 from the guard.
+                    return Err(ApiError::new(ErrorCode::PayloadTooLarge, "the request body is over its limit"));
+                }
+                let refused = e.is_connect();
+                route.pool.record(i, if refused { Outcome::Refused } else { Outcome::Failed });
+                tracing::warn!(upstream = %route.pool.name, instance = %route.pool.instances[i].base, error = %e, "upstream request failed");
+                route.pool.metrics.errors.increment(1);
+                last_error = Some(unavailable(&route));
+                if bodiless && (refused || retry_idempotent) {
+                    route.pool.metrics.retries.increment(1);
+                    continue;
+                }
+                break;
+            }
+            Err(_) => {
+                route.pool.record(i, Outcome::Failed);
+                return Err(ApiError::new(
+                    ErrorCode::Timeout,
+                    format!("the {} service did not answer within {} ms", route.pool.name, route.timeout.as_millis()),
+                ));
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| unavailable(&route)))
+}
 
-    let original_host = parts.headers.get(header::HOST).cloned();
-    strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(header::HOST);
-    let forwarded_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+fn unavailable(route: &Route) -> ApiError {
+    ApiError::new(ErrorCode::Unavailable, format!("the {} service is unavailable; retry later", route.pool.name)).with_retry_after(1)
+}
+
+/// Hop-by-hop headers out, `X-Forwarded-*` in. `Host` goes: the upstream URI names it.
+fn prepare_headers(headers: &mut HeaderMap, peer: SocketAddr, h2c: bool) {
+    let original_host = headers.remove(header::HOST);
+    // gRPC over h2c needs `te: trailers` end to end; it is the one TE value an h2 hop allows.
+    let te_trailers = h2c && headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    strip_hop_by_hop(headers);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) => format!("{prior}, {}", peer.ip()),
         None => peer.ip().to_string(),
     };
     if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
-        parts.headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    parts.headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Some(host) = original_host {
-        parts.headers.insert("x-forwarded-host", host);
+        headers.insert(X_FORWARDED_HOST, host);
     }
-    parts.uri = uri;
-    parts.version = http::Version::HTTP_11;
-    // Streams the body through, cutting it off past the route's limit.
-    let limit = usize::try_from(route.max_body_bytes).unwrap_or(usize::MAX);
-    let body = Body::new(Limited::new(body, limit));
-    let upstream_request = http::Request::from_parts(parts, body);
-
-    let started = std::time::Instant::now();
-    let response = match tokio::time::timeout(route.timeout, routes.client.request(upstream_request)).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(e)) => {
-            tracing::warn!(upstream = %route.upstream_name, error = %e, "upstream request failed");
-            metrics::counter!("pixmesh_gateway_upstream_errors_total", "upstream" => route.upstream_name.clone()).increment(1);
-            return Err(ApiError::new(ErrorCode::Unavailable, format!("the {} service is unavailable; retry later", route.upstream_name))
-                .with_retry_after(1));
-        }
-        Err(_) => {
-            return Err(ApiError::new(
-                ErrorCode::Timeout,
-                format!("the {} service did not answer within {} ms", route.upstream_name, route.timeout.as_millis()),
-            ));
-        }
-    };
-    metrics::histogram!("pixmesh_gateway_upstream_seconds", "upstream" => route.upstream_name.clone())
-        .record(started.elapsed().as_secs_f64());
-    let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    Ok(Response::from_parts(parts, Body::new(body.map_err(axum::Error::new))))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RouteConfig;
-
-    fn routes() -> Routes {
-        let mut c = GatewayConfig::default();
-        c.upstreams.insert("upload".into(), "http://127.0.0.1:1".into());
-        c.upstreams.insert("status".into(), "http://127.0.0.1:2/".into());
-        c.upstreams.insert("legacy".into(), "http://127.0.0.1:3".into());
-        c.routes.push(RouteConfig {
-            prefix: "/legacy/".into(),
-            upstream: "legacy".into(),
-            strip_prefix: true,
-            methods: vec![],
-            timeout_ms: None,
-            max_body_bytes: None,
-        });
-        Routes::new(&c).unwrap()
-    }
 
     #[test]
-    fn matches_on_segment_boundaries_longest_first() {
-        let r = routes();
-        let check = |path: &str, expected: Option<&str>| assert_eq!(r.find(path).map(|x| x.upstream_name.as_str()), expected, "{path}");
-        check("/api/upload", Some("upload"));
-        check("/api/status/123", Some("status"));
-        check("/api/result/123", Some("status"));
-        check("/api/statuses", None);
-        check("/legacy", Some("legacy"));
-        check("/legacy/a/b", Some("legacy"));
-        check("/", None);
-        assert_eq!(r.find("/api/status/1").unwrap().upstream, "http://127.0.0.1:2");
-    }
-
-    #[test]
-    fn hop_by_hop_headers_are_removed() {
+    fn hop_by_hop_headers_are_removed_and_forwarding_headers_added() {
         let mut h = HeaderMap::new();
         h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("host", HeaderValue::from_static("example.com"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         h.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-kept"));
+        prepare_headers(&mut h, "127.0.0.2:5000".parse().unwrap(), false);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-kept"]);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.2");
+        assert_eq!(h["x-forwarded-host"], "example.com");
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("trailers"));
+        prepare_headers(&mut h, "127.0.0.2:5000".parse().unwrap(), true);
+        assert_eq!(h["te"], "trailers", "kept for h2c (gRPC)");
+    }
+
+    #[test]
+    fn only_safe_methods_are_idempotent() {
+        assert!(idempotent(&Method::GET) && idempotent(&Method::PUT) && idempotent(&Method::DELETE));
+        assert!(!idempotent(&Method::POST) && !idempotent(&Method::PATCH));
     }
 }

@@ -1,18 +1,32 @@
 //! The gateway's middleware stack, assembled in one place. Read it top to bottom: a request
 //! passes the layers in this order, and the response comes back through them in reverse.
 
-use crate::keys::ApiKeys;
-use crate::layers::{ApiKeyLayer, RequestIdLayer};
-use crate::proxy::{self, Routes};
+use crate::layers::{
+    AccessLogLayer, ApiKeyLayer, BulkheadLayer, PinLayer, RateLimitLayer, RequestIdLayer, TraceparentLayer, UploadGuardLayer,
+};
+use crate::proxy;
+use crate::snapshot::Shared;
+use crate::upstream::Clients;
 use axum::Router;
-use std::sync::Arc;
 use tower::ServiceBuilder;
 
-pub fn app(routes: Routes, keys: ApiKeys, require_api_key: bool) -> Router {
+pub fn app(shared: Shared, clients: Clients) -> Router {
     let interceptors = ServiceBuilder::new()
-        // First, so every response (refusals included) carries an id to quote in bug reports.
+        // The configuration generation and route this request is served by, whatever reloads.
+        .layer(PinLayer::layer(shared))
+        // Every response, refusals included, carries an id to quote in bug reports.
         .layer(RequestIdLayer::layer())
+        // Continue the caller's trace, or start one.
+        .layer(TraceparentLayer::layer())
+        // Sees every outcome below it, refusals included.
+        .layer(AccessLogLayer::layer())
         // Before anything that costs upstream work: an unauthenticated request stops here.
-        .layer(ApiKeyLayer::layer(keys, require_api_key));
-    Router::new().fallback(proxy::forward).with_state(Arc::new(routes)).layer(interceptors)
+        .layer(ApiKeyLayer::layer())
+        // Per key, so it needs the key.
+        .layer(RateLimitLayer::layer())
+        // Body limits, and image size from the header bytes, before anything is forwarded.
+        .layer(UploadGuardLayer::layer())
+        // Last: only requests that will really be forwarded take a slot.
+        .layer(BulkheadLayer::layer());
+    Router::new().fallback(proxy::forward).with_state(clients).layer(interceptors)
 }

@@ -9,7 +9,7 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{any, get};
 use pixmesh_chassis::Shutdown;
-use pixmesh_gateway::{ApiKeys, GatewayConfig, RouteConfig};
+use pixmesh_gateway::{GatewayConfig, RouteConfig, Source, UpstreamConfig};
 use serde_json::{Value, json};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -37,24 +37,26 @@ async fn upstream() -> String {
 
 async fn gateway(upstream_url: &str) -> (String, Shutdown) {
     let mut config = GatewayConfig { max_body_bytes: 16 * 1024 * 1024, ..GatewayConfig::default() };
-    config.upstreams.insert("legacy".into(), upstream_url.into());
-    config.upstreams.insert("upload".into(), "http://127.0.0.1:9".into()); // nothing listens there
-    config.upstreams.insert("status".into(), upstream_url.into());
+    config.upstreams.insert("legacy".into(), UpstreamConfig::Url(upstream_url.into()));
+    config.upstreams.insert("upload".into(), UpstreamConfig::Url("http://127.0.0.1:9".into())); // nothing listens there
+    config.upstreams.insert("status".into(), UpstreamConfig::Url(upstream_url.into()));
     config.routes.push(RouteConfig {
         prefix: "/legacy".into(),
         upstream: "legacy".into(),
         strip_prefix: true,
+        rewrite_prefix: None,
         methods: vec![],
         timeout_ms: Some(5_000),
         max_body_bytes: Some(12 * 1024 * 1024),
+        max_in_flight: None,
+        image: None,
     });
-    let mut keys = ApiKeys::default();
-    keys.add_plain("tester", "k1");
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", http.local_addr().unwrap());
     let shutdown = Shutdown::new();
-    tokio::spawn(pixmesh_gateway::run(config, keys, http, admin, shutdown.clone()));
+    let source = Source::fixed(config, vec![("tester".into(), "k1".into())]);
+    tokio::spawn(pixmesh_gateway::run(source, http, admin, shutdown.clone()));
     (addr, shutdown)
 }
 
@@ -133,7 +135,8 @@ async fn refusals_are_json_errors() {
     check(c.get(format!("{gw}/nowhere")).header("x-api-key", "k1").send().await.unwrap(), 404, "not_found").await;
     check(c.get(format!("{gw}/api/upload")).header("x-api-key", "k1").send().await.unwrap(), 405, "method_not_allowed").await;
     // The upload upstream is down.
-    let res = c.post(format!("{gw}/api/upload")).header("x-api-key", "k1").body("x").send().await.unwrap();
+    let png = pixmesh_test_support::png(20, 20);
+    let res = c.post(format!("{gw}/api/upload")).header("x-api-key", "k1").body(png).send().await.unwrap();
     assert_eq!(res.headers()["retry-after"], "1");
     check(res, 503, "unavailable").await;
     // Over the route's body limit, from Content-Length.

@@ -122,12 +122,16 @@ fn main() -> ExitCode {
 }
 
 fn load_config(cli: &Cli, env: &HashMap<String, String>) -> anyhow::Result<Config> {
+    load_config_from(cli.config.as_deref(), &cli.sets, env)
+}
+
+fn load_config_from(file: Option<&std::path::Path>, sets: &[String], env: &HashMap<String, String>) -> anyhow::Result<Config> {
     let mut overrides = Vec::new();
-    for s in &cli.sets {
+    for s in sets {
         let (key, value) = s.split_once('=').with_context(|| format!("--set {s:?} must look like key=value"))?;
         overrides.push((key.trim().to_string(), pixmesh_chassis::config::scalar(value.trim())));
     }
-    Ok(pixmesh_chassis::config::load(cli.config.as_deref(), env, &overrides)?)
+    Ok(pixmesh_chassis::config::load(file, env, &overrides)?)
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -192,14 +196,19 @@ async fn run(
         }
         Command::Gateway => {
             let c = config.gateway;
-            let mut plain = Vec::new();
+            let mut plain_keys = Vec::new();
             if let Some(key) = env.get("PIXMESH_API_KEY").filter(|k| !k.is_empty()) {
-                plain.push(("env".to_string(), key.clone()));
+                plain_keys.push(("env".to_string(), key.clone()));
             }
-            let keys = pixmesh_gateway::ApiKeys::load(&c, &plain).map_err(anyhow::Error::msg)?;
+            // A reload reads the same sources as the start: the file, the environment, --set.
+            let (file, reload_env, reload_sets) = (config_file.clone(), env.clone(), sets.clone());
+            let load: pixmesh_gateway::reload::LoadConfig = std::sync::Arc::new(move || {
+                load_config_from(file.as_deref(), &reload_sets, &reload_env).map(|c| c.gateway).map_err(|e| format!("{e:#}"))
+            });
+            let source = pixmesh_gateway::Source { load, config_file, plain_keys };
             let http = bind("gateway", c.listen).await?;
             let admin = bind("gateway admin", c.admin_listen).await?;
-            Ok(pixmesh_gateway::run(c, keys, http, admin, shutdown).await?)
+            Ok(pixmesh_gateway::run(source, http, admin, shutdown).await?)
         }
         Command::Upload => {
             let c = config.upload;
@@ -213,8 +222,8 @@ async fn run(
         }
         Command::Distributor => {
             let c = config.distributor;
-            if c.registry.is_empty() && c.workers.is_empty() {
-                anyhow::bail!("the distributor needs distributor.registry or distributor.workers");
+            if c.registry.is_empty() && c.dns.is_empty() && c.workers.is_empty() {
+                anyhow::bail!("the distributor needs distributor.registry, distributor.dns or distributor.workers");
             }
             let admin = bind("distributor admin", c.admin_listen).await?;
             Ok(pixmesh_distributor::run(c, store, admin, shutdown).await?)

@@ -7,10 +7,21 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-/// Connects lazily to a registry at `address` (`host:port` or `http://host:port`).
-pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
+/// The registry at `address` (`host:port` or `http://host:port`).
+fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
     let uri = if address.starts_with("http://") { address.to_string() } else { format!("http://{address}") };
-    Ok(Endpoint::from_shared(uri)?.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(5)).connect_lazy())
+    Ok(Endpoint::from_shared(uri)?.connect_timeout(Duration::from_secs(2)))
+}
+
+/// Connects lazily to a registry at `address`, for short calls.
+pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(endpoint(address)?.timeout(Duration::from_secs(5)).connect_lazy())
+}
+
+/// Like [`channel`], without a per-request timeout but with keep-alive pings: for the
+/// long-lived watch stream.
+pub fn watch_channel(address: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(endpoint(address)?.http2_keep_alive_interval(Duration::from_secs(5)).keep_alive_timeout(Duration::from_secs(5)).connect_lazy())
 }
 
 /// A live registration: heartbeats run until [`Registration::deregister`].

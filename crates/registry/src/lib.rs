@@ -63,6 +63,11 @@ pub async fn run(config: RegistryConfig, grpc: TcpListener, admin: TcpListener, 
     let admin_server = pixmesh_chassis::serve::admin("registry", admin, readiness.clone(), shutdown.clone());
     let registry = Registry::new(Duration::from_millis(config.heartbeat_interval_ms), config.ttl());
     let sweeper = registry.spawn_sweeper(shutdown.clone());
+    let closing = (registry.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        closing.1.wait().await;
+        closing.0.close();
+    });
     Announcement::new("registry").with("grpc", grpc_addr).with("admin", admin_addr).print();
     readiness.set_ready(true);
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, ttl_ms = config.ttl().as_millis() as u64, "registry ready");

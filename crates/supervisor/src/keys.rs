@@ -49,7 +49,9 @@ pub fn ensure_dev_key(data_dir: &Path) -> std::io::Result<DevKey> {
     writeln!(file, "{key}")?;
     file.sync_all()?;
     let text = format!(
-        "# API keys for the pixmesh gateway: name and SHA-256 of each key.\n[[keys]]\nname = \"dev\"\nsha256 = \"{}\"\n",
+        "# API keys for the pixmesh gateway: name and SHA-256 of each key, and optional limits.\n\
+         # The development key gets a generous rate (a local client polling many jobs); edit and\n\
+         # the gateway reloads this file by itself.\n[[keys]]\nname = \"dev\"\nsha256 = \"{}\"\nrate = \"1000/s\"\nburst = 2000\n",
         sha256_hex(&key)
     );
     std::fs::write(&keys, text)?;

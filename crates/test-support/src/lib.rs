@@ -82,12 +82,8 @@ impl System {
             .arg("--workers")
             .arg(workers.to_string())
             .arg("--grace-secs")
-            .arg("10")
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
+            .arg("10");
+        quiet_with_announcements(&mut cmd);
         let mut up = cmd.spawn().with_context(|| format!("cannot start {}", pixmesh_bin().display()))?;
         let stdout = up.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
         let mut lines = BufReader::new(stdout).lines();
@@ -137,22 +133,31 @@ impl System {
         Ok(tokio::time::timeout(Duration::from_secs(60), self.up.wait()).await.context("up did not stop within 60 s")??)
     }
 
+    /// Sends what `make` builds; a 429 is retried after its `Retry-After`, as a well-behaved
+    /// client does (for at most a minute).
+    async fn send(&self, make: impl Fn() -> reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let res = make().header("x-api-key", &self.api_key).send().await?;
+            if res.status() != reqwest::StatusCode::TOO_MANY_REQUESTS || Instant::now() > deadline {
+                return Ok(res);
+            }
+            let wait = res.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse::<u64>().ok()).unwrap_or(1);
+            tokio::time::sleep(Duration::from_secs(wait.clamp(1, 10))).await;
+        }
+    }
+
     /// POSTs an image to `/api/upload?{query}` through the gateway.
     pub async fn upload(&self, bytes: Vec<u8>, content_type: &str, query: &str) -> anyhow::Result<(u16, Value)> {
-        let res = self
-            .client
-            .post(format!("{}/api/upload?{query}", self.gateway))
-            .header("x-api-key", &self.api_key)
-            .header("content-type", content_type)
-            .body(bytes)
-            .send()
-            .await?;
+        let url = format!("{}/api/upload?{query}", self.gateway);
+        let res = self.send(|| self.client.post(&url).header("content-type", content_type).body(bytes.clone())).await?;
         let status = res.status().as_u16();
         Ok((status, res.json().await.unwrap_or(Value::Null)))
     }
 
     pub async fn status(&self, id: &str) -> anyhow::Result<(u16, Value)> {
-        let res = self.client.get(format!("{}/api/status/{id}", self.gateway)).header("x-api-key", &self.api_key).send().await?;
+        let url = format!("{}/api/status/{id}", self.gateway);
+        let res = self.send(|| self.client.get(&url)).await?;
         let status = res.status().as_u16();
         Ok((status, res.json().await.unwrap_or(Value::Null)))
     }
@@ -177,7 +182,8 @@ impl System {
 
     /// GETs the result: status, headers and bytes.
     pub async fn result(&self, id: &str) -> anyhow::Result<(u16, reqwest::header::HeaderMap, Vec<u8>)> {
-        let res = self.client.get(format!("{}/api/result/{id}", self.gateway)).header("x-api-key", &self.api_key).send().await?;
+        let url = format!("{}/api/result/{id}", self.gateway);
+        let res = self.send(|| self.client.get(&url)).await?;
         let status = res.status().as_u16();
         let headers = res.headers().clone();
         Ok((status, headers, res.bytes().await?.to_vec()))
@@ -186,9 +192,124 @@ impl System {
 
 fn record(children: &Mutex<HashMap<String, ChildInfo>>, v: &Value) {
     let (Some(name), Some(pid)) = (v["name"].as_str(), v["pid"].as_str().and_then(|p| p.parse().ok())) else { return };
-    let addresses =
-        v.as_object().map(|o| o.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect()).unwrap_or_default();
     if let Ok(mut map) = children.lock() {
-        map.insert(name.to_string(), ChildInfo { pid, addresses });
+        map.insert(name.to_string(), ChildInfo { pid, addresses: addresses(v) });
+    }
+}
+
+/// The string fields of an announcement line (`http`, `admin`, `grpc`, …).
+fn addresses(v: &Value) -> HashMap<String, String> {
+    v.as_object().map(|o| o.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect()).unwrap_or_default()
+}
+
+/// A pixmesh process for a test: warnings only (unless `RUST_LOG` says otherwise), stdout
+/// piped for its announcement lines, stderr shown, killed with the test.
+fn quiet_with_announcements(cmd: &mut Command) {
+    cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+}
+
+/// One role started as its own `pixmesh <role>` process, with the addresses it announced.
+pub struct Role {
+    pub child: Child,
+    pub addresses: HashMap<String, String>,
+}
+
+impl Role {
+    /// Starts `pixmesh [--config FILE] [--set …] <role>` and waits for its announcement.
+    pub async fn start(role: &str, config: Option<&Path>, sets: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Role> {
+        let mut cmd = Command::new(pixmesh_bin());
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        for s in sets {
+            cmd.arg("--set").arg(s);
+        }
+        cmd.arg(role).envs(env.iter().copied());
+        quiet_with_announcements(&mut cmd);
+        let mut child = cmd.spawn().with_context(|| format!("cannot start {}", pixmesh_bin().display()))?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let announced = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && v["pixmesh"] == "listening"
+                {
+                    return Ok(v);
+                }
+            }
+            Err(anyhow!("pixmesh {role} exited before it announced its addresses"))
+        })
+        .await
+        .with_context(|| format!("pixmesh {role} did not announce within 30 s"))??;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Role { child, addresses: addresses(&announced) })
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.child.id().map(|p| p as i32)
+    }
+}
+
+/// A third-party Python web application, installed from PyPI into a virtualenv kept in the
+/// build directory (made once, reused by later runs) and served by gunicorn on a port the OS
+/// picks.
+pub struct PythonApp {
+    pub child: Child,
+    pub url: String,
+}
+
+impl PythonApp {
+    /// `requirements`: pip specs (gunicorn must be one); `app`: the WSGI app, e.g. `httpbin:app`.
+    pub async fn start(venv_name: &str, requirements: &[&str], app: &str) -> anyhow::Result<PythonApp> {
+        let exe = std::env::current_exe()?;
+        // target/<profile>/deps/<test> → target/python/<venv_name>
+        let target = exe.parent().and_then(Path::parent).and_then(Path::parent).ok_or_else(|| anyhow!("no target directory"))?;
+        let venv = target.join("python").join(venv_name);
+        let stamp = venv.join("installed.txt");
+        let wanted = requirements.join("\n");
+        if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+            let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+            let ok = Command::new(&python).arg("-m").arg("venv").arg("--clear").arg(&venv).status().await?.success();
+            if !ok {
+                bail!("{python} -m venv {} failed (is python3-venv installed?)", venv.display());
+            }
+            let ok = Command::new(venv.join("bin/pip"))
+                .args(["install", "-q", "--disable-pip-version-check"])
+                .args(requirements)
+                .status()
+                .await?;
+            if !ok.success() {
+                bail!("pip install {} failed (PyPI unreachable?)", requirements.join(" "));
+            }
+            std::fs::write(&stamp, &wanted)?;
+        }
+        let mut child = Command::new(venv.join("bin/gunicorn"))
+            .args(["--bind", "127.0.0.1:0", "--workers", "2", "--threads", "4", "--no-control-socket", app])
+            .current_dir(&venv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start gunicorn")?;
+        let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+        let mut lines = BufReader::new(stderr).lines();
+        let url = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(at) = line.find("Listening at: ") {
+                    let rest = &line[at + "Listening at: ".len()..];
+                    return Ok(rest.split_whitespace().next().unwrap_or_default().to_string());
+                }
+            }
+            Err(anyhow!("gunicorn exited before listening"))
+        })
+        .await
+        .context("gunicorn did not start within 30 s")??;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(PythonApp { child, url })
     }
 }

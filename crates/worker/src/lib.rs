@@ -41,6 +41,9 @@ pub struct WorkerConfig {
     pub heartbeat_interval_ms: u64,
     /// How long in-flight calls may take to finish after SIGTERM.
     pub drain_grace_ms: u64,
+    /// Added to every call before its pixels are processed. For fault tests and benchmarks
+    /// (a slow worker on demand); leave at 0 in production.
+    pub extra_delay_ms: u64,
     pub limits: Limits,
 }
 
@@ -55,6 +58,7 @@ impl Default for WorkerConfig {
             id: String::new(),
             heartbeat_interval_ms: 1000,
             drain_grace_ms: 30_000,
+            extra_delay_ms: 0,
             limits: Limits::default(),
         }
     }
@@ -93,7 +97,10 @@ pub async fn run(config: WorkerConfig, grpc: TcpListener, admin: TcpListener, sh
     let threads = config.effective_threads();
     let capacity = config.effective_capacity();
     let pool = pool::CpuPool::new(threads, capacity as usize).map_err(std::io::Error::other)?;
-    let service = ImageWorkerService::new(pool, config.limits);
+    if config.extra_delay_ms > 0 {
+        tracing::warn!(extra_delay_ms = config.extra_delay_ms, "every call is delayed on purpose (worker.extra_delay_ms)");
+    }
+    let service = ImageWorkerService::new(pool, config.limits).with_extra_delay(std::time::Duration::from_millis(config.extra_delay_ms));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ImageWorkerServer<ImageWorkerService>>().await;

@@ -4,23 +4,55 @@ use pixmesh_chassis::{ApiError, ErrorCode};
 use pixmesh_imaging::Limits;
 use pixmesh_proto::v1::image_worker_server::ImageWorker;
 use pixmesh_proto::v1::{ProcessRequest, ProcessResponse};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 use tonic::{Request, Response, Status};
 
 pub struct ImageWorkerService {
     pool: CpuPool,
     limits: Limits,
+    extra_delay: std::time::Duration,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts a call in `pixmesh_worker_in_flight` from its start until it ends (or is cancelled).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(count: &Arc<AtomicUsize>) -> InFlight {
+        let now = count.fetch_add(1, Ordering::SeqCst) + 1;
+        metrics::gauge!("pixmesh_worker_in_flight").set(now as f64);
+        InFlight(Arc::clone(count))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let now = self.0.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
+        metrics::gauge!("pixmesh_worker_in_flight").set(now as f64);
+    }
 }
 
 impl ImageWorkerService {
     pub fn new(pool: CpuPool, limits: Limits) -> Self {
-        ImageWorkerService { pool, limits }
+        ImageWorkerService { pool, limits, extra_delay: std::time::Duration::ZERO, in_flight: Arc::default() }
+    }
+
+    /// Delays every call (see `WorkerConfig::extra_delay_ms`).
+    pub fn with_extra_delay(mut self, delay: std::time::Duration) -> Self {
+        self.extra_delay = delay;
+        self
     }
 }
 
 #[tonic::async_trait]
 impl ImageWorker for ImageWorkerService {
     async fn process(&self, request: Request<ProcessRequest>) -> Result<Response<ProcessResponse>, Status> {
+        let _in_flight = InFlight::enter(&self.in_flight);
+        if !self.extra_delay.is_zero() {
+            tokio::time::sleep(self.extra_delay).await;
+        }
         let req = request.into_inner();
         let options = crate::wire::options_from(req.ops).map_err(|e| e.to_grpc_status())?;
         let limits = self.limits;
@@ -30,7 +62,6 @@ impl ImageWorker for ImageWorkerService {
             PoolError::Full(_) | PoolError::Closed => ApiError::new(ErrorCode::Unavailable, e.to_string()).to_grpc_status(),
         })?;
         let elapsed = started.elapsed();
-        metrics::gauge!("pixmesh_worker_in_flight").set(self.pool.in_flight() as f64);
         metrics::histogram!("pixmesh_worker_process_seconds").record(elapsed.as_secs_f64());
         match outcome {
             Ok(out) => {

@@ -1,55 +1,33 @@
 //! `X-API-KEY`: no upstream work happens before the key is checked. An unknown or missing key
-//! gets a 401 JSON error. A known key's name is passed upstream in `x-pixmesh-client` (any
-//! client-sent value of that header is removed first, so it cannot be forged).
+//! gets a 401 JSON error. A known key's [`Client`] goes into the request's extensions for the
+//! layers after this one and into the response's for the access log; its name is passed
+//! upstream in `x-pixmesh-client` (any client-sent value of that header is removed first, so
+//! it cannot be forged); the key itself is not passed on.
 
-use crate::keys::ApiKeys;
+use super::{Pinned, ResponseFuture, ready};
+use crate::keys::Client;
 use axum::body::Body;
 use axum::response::IntoResponse;
-use http::{HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use pixmesh_chassis::{ApiError, ErrorCode};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tower::{Layer, Service};
+use tower::Service;
 
-pub const HEADER: &str = "x-api-key";
-pub const CLIENT_HEADER: &str = "x-pixmesh-client";
+pub const HEADER: HeaderName = HeaderName::from_static("x-api-key");
+pub const CLIENT_HEADER: HeaderName = HeaderName::from_static("x-pixmesh-client");
 
-#[derive(Debug, Clone)]
-pub struct ApiKeyLayer {
-    keys: Arc<ApiKeys>,
-    required: bool,
-}
-
-impl ApiKeyLayer {
-    pub fn layer(keys: ApiKeys, required: bool) -> Self {
-        ApiKeyLayer { keys: Arc::new(keys), required }
-    }
-}
-
-impl<S> Layer<S> for ApiKeyLayer {
-    type Service = ApiKey<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        ApiKey { inner, keys: Arc::clone(&self.keys), required: self.required }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct ApiKey<S> {
-    inner: S,
-    keys: Arc<ApiKeys>,
-    required: bool,
-}
+super::interceptor!(ApiKeyLayer, ApiKey);
 
 impl<S> Service<Request<Body>> for ApiKey<S>
 where
     S: Service<Request<Body>, Response = Response<Body>> + Send + 'static,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = ResponseFuture<S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -57,60 +35,76 @@ where
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         request.headers_mut().remove(CLIENT_HEADER);
-        let name = request.headers().get(HEADER).map(|v| self.keys.check(v.as_bytes()));
-        let refusal = match name {
-            Some(Some(name)) => {
-                metrics::counter!("pixmesh_gateway_auth_total", "outcome" => "ok").increment(1);
-                if let Ok(v) = HeaderValue::from_str(name) {
-                    request.headers_mut().insert(CLIENT_HEADER, v);
-                }
-                None
-            }
-            _ if !self.required => None,
-            Some(None) => {
-                Some(ApiError::new(ErrorCode::Unauthorized, "unknown API key; check the X-API-KEY header or ask the operator for a key"))
-            }
-            None => Some(ApiError::new(ErrorCode::Unauthorized, "missing X-API-KEY header; send your API key in it")),
+        let Some(pinned) = Pinned::of(&request).cloned() else {
+            return ready(ApiError::new(ErrorCode::Internal, "the gateway has no configuration loaded").into_response());
         };
-        if let Some(error) = refusal {
-            metrics::counter!("pixmesh_gateway_auth_total", "outcome" => "refused").increment(1);
-            return Box::pin(async move { Ok(error.into_response()) });
+        // The key is a credential for the gateway only: upstreams (which may be third-party
+        // applications) never see it.
+        let presented = request.headers_mut().remove(HEADER);
+        let presented = presented.as_ref();
+        let client: Option<Arc<Client>> = presented.and_then(|v| pinned.snapshot.keys.check(v.as_bytes())).cloned();
+        let refusal = match (&client, presented) {
+            (Some(_), _) => None,
+            (None, _) if !pinned.snapshot.require_api_key => None,
+            (None, Some(_)) => Some("unknown API key; check the X-API-KEY header or ask the operator for a key"),
+            (None, None) => Some("missing X-API-KEY header; send your API key in it"),
+        };
+        if let Some(message) = refusal {
+            pinned.snapshot.metrics.auth_refused.increment(1);
+            return ready(ApiError::new(ErrorCode::Unauthorized, message).into_response());
         }
+        let Some(client) = client else { return Box::pin(self.inner.call(request)) };
+        pinned.snapshot.metrics.auth_ok.increment(1);
+        if let Ok(v) = HeaderValue::from_str(&client.name) {
+            request.headers_mut().insert(CLIENT_HEADER, v);
+        }
+        request.extensions_mut().insert(Arc::clone(&client));
         let future = self.inner.call(request);
-        Box::pin(future)
+        Box::pin(async move {
+            let mut response = future.await?;
+            response.extensions_mut().insert(client);
+            Ok(response)
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::GatewayConfig;
+    use crate::keys::ApiKeys;
+    use crate::snapshot::Snapshot;
     use http_body_util::BodyExt;
     use std::convert::Infallible;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tower::{ServiceExt, service_fn};
+    use tower::{Layer, ServiceExt, service_fn};
 
     #[tokio::test]
-    async fn refuses_before_any_upstream_work() {
+    async fn refuses_before_any_upstream_work_and_keeps_the_key_to_itself() {
         let calls = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&calls);
         let inner = service_fn(move |req: Request<Body>| {
             counter.fetch_add(1, Ordering::SeqCst);
-            let client = req.headers().get(CLIENT_HEADER).cloned();
+            let client = req.headers().get(CLIENT_HEADER).cloned().unwrap_or(HeaderValue::from_static("-"));
+            let leaked = req.headers().contains_key(HEADER);
             async move {
                 Ok::<_, Infallible>(
-                    Response::builder().header("client", client.unwrap_or(HeaderValue::from_static("-"))).body(Body::empty()).unwrap(),
+                    Response::builder().header("client", client).header("leaked", leaked.to_string()).body(Body::empty()).unwrap(),
                 )
             }
         });
-        let mut keys = ApiKeys::default();
-        keys.add_plain("alice", "k-alice");
-        let svc = ApiKeyLayer::layer(keys, true).layer(inner);
+        let config = GatewayConfig { routes: vec![], ..GatewayConfig::default() };
+        let keys = ApiKeys::load(&config, &[("alice".into(), "k-alice".into())], None).unwrap();
+        let pinned = Pinned { snapshot: Arc::new(Snapshot::build(&config, keys, None).unwrap_or_else(|e| panic!("{e}"))), route: None };
+        let svc = ApiKeyLayer::layer().layer(inner);
         let send = |key: Option<&str>| {
             let mut req = Request::post("/api/upload").header(CLIENT_HEADER, "forged");
             if let Some(k) = key {
                 req = req.header(HEADER, k);
             }
-            svc.clone().oneshot(req.body(Body::empty()).unwrap())
+            let mut req = req.body(Body::empty()).unwrap();
+            req.extensions_mut().insert(pinned.clone());
+            svc.clone().oneshot(req)
         };
         for key in [None, Some("wrong")] {
             let res = send(key).await.unwrap();
@@ -122,6 +116,8 @@ mod tests {
         let res = send(Some("k-alice")).await.unwrap();
         assert_eq!(res.status(), 200);
         assert_eq!(res.headers()["client"], "alice", "the forged client header was replaced");
+        assert_eq!(res.headers()["leaked"], "false", "the key is not passed on");
+        assert_eq!(res.extensions().get::<Arc<Client>>().map(|c| c.name.as_str()), Some("alice"));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 }

@@ -2,39 +2,29 @@
 //! request (so upstreams and logs see it) and echoed on the response.
 
 use axum::body::Body;
-use http::{HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use tower::{Layer, Service};
+use tower::Service;
 
-pub const HEADER: &str = "x-request-id";
+pub const HEADER: HeaderName = HeaderName::from_static("x-request-id");
 const MAX_LEN: usize = 128;
 
-#[derive(Debug, Clone, Default)]
-pub struct RequestIdLayer;
-
-impl RequestIdLayer {
-    pub fn layer() -> Self {
-        RequestIdLayer
-    }
-}
-
-impl<S> Layer<S> for RequestIdLayer {
-    type Service = RequestId<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        RequestId { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct RequestId<S> {
-    inner: S,
-}
+super::interceptor!(RequestIdLayer, RequestId);
 
 fn acceptable(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
     !b.is_empty() && b.len() <= MAX_LEN && b.iter().all(|c| c.is_ascii_graphic())
+}
+
+/// A UUIDv7 (time-ordered, so ids sort by arrival). Its random bits come from the thread-local
+/// generator: `Uuid::now_v7` would make a `getrandom` system call per request.
+fn new_id() -> HeaderValue {
+    let millis = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let id = uuid::Builder::from_unix_timestamp_millis(millis, &rand::random::<[u8; 10]>()).into_uuid();
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    HeaderValue::from_bytes(id.hyphenated().encode_lower(&mut buf).as_bytes()).unwrap_or(HeaderValue::from_static("invalid"))
 }
 
 impl<S> Service<Request<Body>> for RequestId<S>
@@ -53,7 +43,7 @@ where
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         let id = match request.headers().get(HEADER) {
             Some(v) if acceptable(v) => v.clone(),
-            _ => HeaderValue::from_str(&uuid::Uuid::now_v7().to_string()).unwrap_or(HeaderValue::from_static("invalid")),
+            _ => new_id(),
         };
         request.headers_mut().insert(HEADER, id.clone());
         let future = self.inner.call(request);
@@ -69,7 +59,7 @@ where
 mod tests {
     use super::*;
     use std::convert::Infallible;
-    use tower::{ServiceExt, service_fn};
+    use tower::{Layer, ServiceExt, service_fn};
 
     async fn echo(req: Request<Body>) -> Result<Response<Body>, Infallible> {
         let seen = req.headers().get(HEADER).cloned().unwrap();

@@ -1,0 +1,259 @@
+//! One generation of the gateway's configuration, ready to serve: routes with their pools,
+//! bulkheads and metrics, and the API keys with their rate limiters.
+//!
+//! A reload builds a new [`Snapshot`] and swaps it in atomically. Each request pins the
+//! snapshot current when it arrived (see `layers::pin`), so a reload never changes the rules
+//! under a request in flight, and no connection is dropped. State that must outlive a reload
+//! (rate limiter cells, bulkhead permits, ejections) is carried over where its settings did
+//! not change.
+
+use crate::config::GatewayConfig;
+use crate::keys::{ApiKeys, quota};
+use crate::sniff::Format;
+use crate::upstream::Pool;
+use arc_swap::ArcSwap;
+use governor::clock::DefaultClock;
+use governor::state::keyed::HashMapStateStore;
+use governor::{Quota, RateLimiter};
+use http::Method;
+use metrics::{Counter, Histogram};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// Limits on an image body, after per-key overrides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageLimits {
+    pub max_pixels: u64,
+    pub max_side: u32,
+    pub formats: Vec<Format>,
+    pub probe_bytes: usize,
+}
+
+/// Per-route request metrics, registered once so the hot path does no label lookups.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    /// Indexed by status class: 1xx … 5xx.
+    pub by_class: [Counter; 5],
+    pub seconds: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn new(route: &str) -> RouteMetrics {
+        let class = |c: &'static str| metrics::counter!("pixmesh_gateway_requests_total", "route" => route.to_string(), "class" => c);
+        RouteMetrics {
+            by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            seconds: metrics::histogram!("pixmesh_gateway_request_seconds", "route" => route.to_string()),
+        }
+    }
+}
+
+/// Gateway-wide counters, registered once.
+#[derive(Debug, Clone)]
+pub struct GatewayMetrics {
+    pub auth_ok: Counter,
+    pub auth_refused: Counter,
+}
+
+impl GatewayMetrics {
+    fn new() -> GatewayMetrics {
+        GatewayMetrics {
+            auth_ok: metrics::counter!("pixmesh_gateway_auth_total", "outcome" => "ok"),
+            auth_refused: metrics::counter!("pixmesh_gateway_auth_total", "outcome" => "refused"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub prefix: String,
+    pub strip_prefix: bool,
+    pub rewrite_prefix: Option<String>,
+    pub methods: Vec<Method>,
+    pub timeout: Duration,
+    pub max_body_bytes: u64,
+    pub image: Option<ImageLimits>,
+    pub pool: Arc<Pool>,
+    pub max_in_flight: u32,
+    pub bulkhead: Arc<Semaphore>,
+    pub metrics: RouteMetrics,
+}
+
+impl Route {
+    fn matches(&self, path: &str) -> bool {
+        let p = self.prefix.trim_end_matches('/');
+        p.is_empty() || path == p || path.strip_prefix(p).is_some_and(|rest| rest.starts_with('/'))
+    }
+
+    /// The path to send upstream.
+    pub fn upstream_path(&self, path: &str) -> String {
+        let rest = if self.strip_prefix { path.get(self.prefix.trim_end_matches('/').len()..).unwrap_or("") } else { path };
+        let mut out = self.rewrite_prefix.as_deref().map(|p| p.trim_end_matches('/').to_string()).unwrap_or_default();
+        if !rest.starts_with('/') {
+            out.push('/');
+        }
+        out.push_str(rest);
+        out
+    }
+}
+
+pub type AnonymousLimiter = RateLimiter<IpAddr, HashMapStateStore<IpAddr>, DefaultClock>;
+
+pub struct Snapshot {
+    /// Longest prefix first.
+    pub routes: Vec<Arc<Route>>,
+    pub keys: ApiKeys,
+    pub require_api_key: bool,
+    pub access_log: bool,
+    /// Per client address, for requests without a key when keys are not required.
+    pub anonymous: Option<(Quota, Arc<AnonymousLimiter>)>,
+    /// Metrics for requests that match no route.
+    pub unrouted: RouteMetrics,
+    pub metrics: GatewayMetrics,
+    /// For the reload log.
+    pub summary: String,
+}
+
+impl Snapshot {
+    /// Builds a generation from `config` and `keys`, carrying over pools and bulkheads from
+    /// `previous` where their settings are unchanged.
+    pub fn build(config: &GatewayConfig, keys: ApiKeys, previous: Option<&Snapshot>) -> Result<Snapshot, String> {
+        let mut pools: BTreeMap<&str, Arc<Pool>> = BTreeMap::new();
+        for (name, upstream) in &config.upstreams {
+            let pc = upstream.pool();
+            let old = previous.and_then(|p| p.routes.iter().map(|r| &r.pool).find(|pool| pool.name == *name && pool.config == pc));
+            pools.insert(name, old.cloned().unwrap_or_else(|| Arc::new(Pool::new(name, &pc))));
+        }
+        let mut routes = Vec::new();
+        for r in &config.routes {
+            let pool = pools
+                .get(r.upstream.as_str())
+                .cloned()
+                .ok_or_else(|| format!("route {} names upstream {:?}, which has no URL", r.prefix, r.upstream))?;
+            let max_in_flight = r.max_in_flight.unwrap_or(config.max_in_flight);
+            let bulkhead = previous
+                .and_then(|p| p.routes.iter().find(|o| o.prefix == r.prefix && o.max_in_flight == max_in_flight))
+                .map(|o| Arc::clone(&o.bulkhead))
+                .unwrap_or_else(|| Arc::new(Semaphore::new(max_in_flight as usize)));
+            let image = r.image.as_ref().map(|i| ImageLimits {
+                max_pixels: i.max_pixels,
+                max_side: i.max_side,
+                formats: i.formats.iter().filter_map(|f| Format::from_name(f)).collect(),
+                probe_bytes: i.probe_bytes as usize,
+            });
+            routes.push(Arc::new(Route {
+                prefix: r.prefix.clone(),
+                strip_prefix: r.strip_prefix,
+                rewrite_prefix: r.rewrite_prefix.clone(),
+                methods: r.methods.iter().filter_map(|m| Method::from_bytes(m.as_bytes()).ok()).collect(),
+                timeout: Duration::from_millis(r.timeout_ms.unwrap_or(config.timeout_ms)),
+                max_body_bytes: r.max_body_bytes.unwrap_or(config.max_body_bytes),
+                image,
+                pool,
+                max_in_flight,
+                bulkhead,
+                metrics: RouteMetrics::new(&r.prefix),
+            }));
+        }
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        let anonymous = match (config.require_api_key, quota(&config.rate, config.burst)?) {
+            (false, Some(q)) => Some(
+                previous
+                    .and_then(|p| p.anonymous.clone())
+                    .filter(|(old, _)| *old == q)
+                    .unwrap_or_else(|| (q, Arc::new(RateLimiter::hashmap(q)))),
+            ),
+            _ => None,
+        };
+        let summary = format!(
+            "{} routes, {} upstreams, {} keys, keys {}, rate {} burst {}",
+            routes.len(),
+            pools.len(),
+            keys.len(),
+            if config.require_api_key { "required" } else { "optional" },
+            config.rate,
+            config.burst
+        );
+        Ok(Snapshot {
+            routes,
+            keys,
+            require_api_key: config.require_api_key,
+            access_log: config.access_log,
+            anonymous,
+            unrouted: RouteMetrics::new("none"),
+            metrics: GatewayMetrics::new(),
+            summary,
+        })
+    }
+
+    pub fn find(&self, path: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.matches(path))
+    }
+}
+
+/// The current generation, swapped atomically on reload.
+pub type Shared = Arc<ArcSwap<Snapshot>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{RouteConfig, UpstreamConfig};
+
+    fn config() -> GatewayConfig {
+        let mut c = GatewayConfig::default();
+        c.upstreams.insert("upload".into(), UpstreamConfig::Url("http://127.0.0.1:1".into()));
+        c.upstreams.insert("status".into(), UpstreamConfig::Url("http://127.0.0.1:2/".into()));
+        c.upstreams.insert("legacy".into(), UpstreamConfig::Url("http://127.0.0.1:3".into()));
+        c.routes.push(RouteConfig {
+            prefix: "/legacy/".into(),
+            upstream: "legacy".into(),
+            strip_prefix: true,
+            rewrite_prefix: Some("/v2".into()),
+            methods: vec![],
+            timeout_ms: None,
+            max_body_bytes: None,
+            max_in_flight: Some(3),
+            image: None,
+        });
+        c
+    }
+
+    #[test]
+    fn matches_on_segment_boundaries_longest_first_and_rewrites() {
+        let s = Snapshot::build(&config(), ApiKeys::default(), None).unwrap();
+        let check = |path: &str, expected: Option<&str>| assert_eq!(s.find(path).map(|x| x.pool.name.as_str()), expected, "{path}");
+        check("/api/upload", Some("upload"));
+        check("/api/status/123", Some("status"));
+        check("/api/result/123", Some("status"));
+        check("/api/statuses", None);
+        check("/legacy", Some("legacy"));
+        check("/legacy/a/b", Some("legacy"));
+        check("/", None);
+        assert_eq!(s.find("/api/status/1").unwrap().pool.instances[0].base, "http://127.0.0.1:2");
+        let legacy = s.find("/legacy/a").unwrap();
+        assert_eq!(legacy.upstream_path("/legacy/a/b"), "/v2/a/b");
+        assert_eq!(legacy.upstream_path("/legacy"), "/v2/");
+        assert_eq!(s.find("/api/status/1").unwrap().upstream_path("/api/status/1"), "/api/status/1");
+        assert!(s.find("/api/upload").unwrap().image.is_some());
+    }
+
+    #[test]
+    fn a_reload_keeps_unchanged_pools_and_bulkheads() {
+        let first = Snapshot::build(&config(), ApiKeys::default(), None).unwrap();
+        let held = Arc::clone(&first.find("/legacy/x").unwrap().bulkhead).try_acquire_owned().unwrap();
+        let second = Snapshot::build(&config(), ApiKeys::default(), Some(&first)).unwrap();
+        let legacy = second.find("/legacy/x").unwrap();
+        assert_eq!(legacy.bulkhead.available_permits(), 2, "the permit taken before the reload still counts");
+        assert!(Arc::ptr_eq(&legacy.pool, &first.find("/legacy/x").unwrap().pool));
+        drop(held);
+        let mut changed = config();
+        changed.upstreams.insert("legacy".into(), UpstreamConfig::Url("http://127.0.0.1:4".into()));
+        changed.routes.last_mut().unwrap().max_in_flight = Some(5);
+        let third = Snapshot::build(&changed, ApiKeys::default(), Some(&second)).unwrap();
+        let legacy = third.find("/legacy/x").unwrap();
+        assert_eq!(legacy.pool.instances[0].base, "http://127.0.0.1:4");
+        assert_eq!(legacy.bulkhead.available_permits(), 5);
+    }
+}

@@ -1,0 +1,399 @@
+//! Reads an image's format and size from its first bytes, as they arrive, without decoding it.
+//!
+//! The gateway holds back only these bytes, decides, and then either forwards them with the
+//! rest of the body or refuses the upload. The imaging library has header readers too, but it
+//! wants the whole file and pulls in the decoders; this is the few hundred lines a proxy needs
+//! to decide on a prefix that may end anywhere.
+
+/// Image formats the gateway can size from their header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    Jpeg,
+    Png,
+    WebP,
+    Gif,
+    Bmp,
+}
+
+impl Format {
+    pub fn from_name(name: &str) -> Option<Format> {
+        match name.to_ascii_lowercase().as_str() {
+            "jpeg" | "jpg" => Some(Format::Jpeg),
+            "png" => Some(Format::Png),
+            "webp" => Some(Format::WebP),
+            "gif" => Some(Format::Gif),
+            "bmp" => Some(Format::Bmp),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Jpeg => "JPEG",
+            Format::Png => "PNG",
+            Format::WebP => "WebP",
+            Format::Gif => "GIF",
+            Format::Bmp => "BMP",
+        }
+    }
+}
+
+/// What a prefix of the body tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sniff {
+    /// Not enough bytes yet.
+    NeedMore,
+    /// The format and the size in pixels.
+    Image { format: Format, width: u32, height: u32 },
+    /// A known format that is not accepted here (TIFF, AVIF, HEIC, PDF, …).
+    Other(&'static str),
+    /// No image format starts like this.
+    Unknown,
+    /// It starts like `format` but its header is broken.
+    Corrupt(Format, &'static str),
+}
+
+/// Sniffs the start of an image file.
+pub fn sniff(b: &[u8]) -> Sniff {
+    if b.len() < 12 {
+        // Decide this early only when even a short prefix cannot be an image.
+        let could_be = b.len() < 4 || MAGICS.iter().any(|m| m.starts_with(b) || b.starts_with(m));
+        return match could_be {
+            false => Sniff::Unknown,
+            true if b.starts_with(&[0xFF, 0xD8, 0xFF]) => jpeg(b),
+            true => Sniff::NeedMore,
+        };
+    }
+    if b.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        jpeg(b)
+    } else if b.starts_with(b"\x89PNG\r\n\x1a\n") {
+        png(b)
+    } else if b.starts_with(b"RIFF") && &b[8..12] == b"WEBP" {
+        webp(b)
+    } else if b.starts_with(b"GIF87a") || b.starts_with(b"GIF89a") {
+        gif(b)
+    } else if b.starts_with(b"BM") && bmp_plausible(b) {
+        bmp(b)
+    } else if b.starts_with(b"II*\0") || b.starts_with(b"MM\0*") {
+        Sniff::Other("TIFF")
+    } else if &b[4..8] == b"ftyp" {
+        match &b[8..12] {
+            b"avif" | b"avis" => Sniff::Other("AVIF"),
+            b"heic" | b"heix" | b"mif1" | b"msf1" => Sniff::Other("HEIF"),
+            _ => Sniff::Unknown,
+        }
+    } else if b.starts_with(b"%PDF") {
+        Sniff::Other("PDF")
+    } else if b.starts_with(b"\0\0\x01\0") {
+        Sniff::Other("ICO")
+    } else if b.starts_with(b"<svg") || b.starts_with(b"<?xml") {
+        Sniff::Other("SVG")
+    } else {
+        Sniff::Unknown
+    }
+}
+
+/// Starts of the formats above, to tell "too short yet" from "not an image" on tiny prefixes.
+const MAGICS: [&[u8]; 9] = [&[0xFF, 0xD8, 0xFF], b"\x89PNG\r\n\x1a\n", b"RIFF", b"GIF87a", b"GIF89a", b"BM", b"II*\0", b"MM\0*", b"%PDF"];
+
+fn be16(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?])))
+}
+fn le16(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from(u16::from_le_bytes([*b.get(at)?, *b.get(at + 1)?])))
+}
+fn le24(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes([*b.get(at)?, *b.get(at + 1)?, *b.get(at + 2)?, 0]))
+}
+fn be32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+fn le32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn sized(format: Format, width: u32, height: u32) -> Sniff {
+    if width == 0 || height == 0 {
+        Sniff::Corrupt(format, "the header gives a zero width or height")
+    } else {
+        Sniff::Image { format, width, height }
+    }
+}
+
+/// Walks the JPEG marker segments up to the frame header (SOFn).
+fn jpeg(b: &[u8]) -> Sniff {
+    let mut at = 2;
+    loop {
+        // Markers may be padded with any number of 0xFF fill bytes.
+        while b.get(at) == Some(&0xFF) && b.get(at + 1) == Some(&0xFF) {
+            at += 1;
+        }
+        let (Some(&ff), Some(&marker)) = (b.get(at), b.get(at + 1)) else { return Sniff::NeedMore };
+        if ff != 0xFF {
+            return Sniff::Corrupt(Format::Jpeg, "a marker was expected between header segments");
+        }
+        match marker {
+            0xD0..=0xD7 | 0x01 => {
+                at += 2;
+                continue;
+            }
+            0xD8..=0xDA => return Sniff::Corrupt(Format::Jpeg, "the image data starts before its frame header"),
+            _ => {}
+        }
+        let Some(len) = be16(b, at + 2) else { return Sniff::NeedMore };
+        if len < 2 {
+            return Sniff::Corrupt(Format::Jpeg, "a header segment has an impossible length");
+        }
+        let is_sof = matches!(marker, 0xC0..=0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF);
+        if is_sof {
+            let (Some(height), Some(width)) = (be16(b, at + 5), be16(b, at + 7)) else { return Sniff::NeedMore };
+            if height == 0 {
+                return Sniff::Corrupt(Format::Jpeg, "the height is only given after the image data (DNL), which is not accepted");
+            }
+            return sized(Format::Jpeg, width, height);
+        }
+        at += 2 + len as usize;
+    }
+}
+
+fn png(b: &[u8]) -> Sniff {
+    if b.len() < 24 {
+        return Sniff::NeedMore;
+    }
+    if &b[12..16] != b"IHDR" {
+        return Sniff::Corrupt(Format::Png, "the first chunk is not IHDR");
+    }
+    match (be32(b, 16), be32(b, 20)) {
+        (Some(w), Some(h)) if w <= i32::MAX as u32 && h <= i32::MAX as u32 => sized(Format::Png, w, h),
+        (Some(_), Some(_)) => Sniff::Corrupt(Format::Png, "the size is out of range"),
+        _ => Sniff::NeedMore,
+    }
+}
+
+fn webp(b: &[u8]) -> Sniff {
+    if b.len() < 30 {
+        return Sniff::NeedMore;
+    }
+    match &b[12..16] {
+        b"VP8 " => {
+            if b[23..26] != [0x9D, 0x01, 0x2A] {
+                return Sniff::Corrupt(Format::WebP, "the VP8 frame has no start code");
+            }
+            match (le16(b, 26), le16(b, 28)) {
+                (Some(w), Some(h)) => sized(Format::WebP, w & 0x3FFF, h & 0x3FFF),
+                _ => Sniff::NeedMore,
+            }
+        }
+        b"VP8L" => {
+            if b[20] != 0x2F {
+                return Sniff::Corrupt(Format::WebP, "the VP8L stream has no signature");
+            }
+            match le32(b, 21) {
+                Some(bits) => sized(Format::WebP, (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1),
+                None => Sniff::NeedMore,
+            }
+        }
+        b"VP8X" => match (le24(b, 24), le24(b, 27)) {
+            (Some(w), Some(h)) => sized(Format::WebP, w + 1, h + 1),
+            _ => Sniff::NeedMore,
+        },
+        _ => Sniff::Corrupt(Format::WebP, "the first chunk is not VP8, VP8L or VP8X"),
+    }
+}
+
+fn gif(b: &[u8]) -> Sniff {
+    match (le16(b, 6), le16(b, 8)) {
+        (Some(w), Some(h)) => sized(Format::Gif, w, h),
+        _ => Sniff::NeedMore,
+    }
+}
+
+/// "BM" alone is too weak (it starts plenty of text); the DIB header size must be a known one.
+fn bmp_plausible(b: &[u8]) -> bool {
+    le32(b, 14).is_none_or(|n| matches!(n, 12 | 16 | 40 | 52 | 56 | 64 | 108 | 124))
+}
+
+fn bmp(b: &[u8]) -> Sniff {
+    let Some(dib) = le32(b, 14) else { return Sniff::NeedMore };
+    if dib == 12 {
+        return match (le16(b, 18), le16(b, 20)) {
+            (Some(w), Some(h)) => sized(Format::Bmp, w, h),
+            _ => Sniff::NeedMore,
+        };
+    }
+    match (le32(b, 18), le32(b, 22)) {
+        (Some(w), Some(h)) => {
+            let (w, h) = (w as i32, h as i32);
+            if w <= 0 || h == i32::MIN {
+                return Sniff::Corrupt(Format::Bmp, "the size is out of range");
+            }
+            // A negative height means rows stored top-down.
+            sized(Format::Bmp, w.unsigned_abs(), h.unsigned_abs())
+        }
+        _ => Sniff::NeedMore,
+    }
+}
+
+/// Where the bytes of the uploaded file start in a `multipart/form-data` body: after the
+/// headers of the part named `file` (the field the upload service reads).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    NeedMore,
+    At(usize),
+    Missing,
+    Corrupt(&'static str),
+}
+
+/// The boundary of a `multipart/form-data` content type, if it is one.
+pub fn multipart_boundary(content_type: &str) -> Option<String> {
+    let (mime, params) = content_type.split_once(';')?;
+    if !mime.trim().eq_ignore_ascii_case("multipart/form-data") {
+        return None;
+    }
+    params.split(';').find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        k.trim().eq_ignore_ascii_case("boundary").then(|| v.trim().trim_matches('"').to_string())
+    })
+}
+
+fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    hay.get(from..)?.windows(needle.len()).position(|w| w == needle).map(|p| p + from)
+}
+
+pub fn multipart_file(b: &[u8], boundary: &str) -> Part {
+    let delimiter = format!("--{boundary}");
+    let Some(mut at) = find(b, delimiter.as_bytes(), 0) else {
+        return if b.len() > 4096 + delimiter.len() { Part::Corrupt("the multipart boundary was not found") } else { Part::NeedMore };
+    };
+    loop {
+        at += delimiter.len();
+        match b.get(at..at + 2) {
+            None => return Part::NeedMore,
+            Some(b"--") => return Part::Missing,
+            Some(b"\r\n") => at += 2,
+            Some(_) => return Part::Corrupt("a multipart boundary is not followed by a line break"),
+        }
+        let Some(end) = find(b, b"\r\n\r\n", at) else {
+            return if b.len() - at > 16 * 1024 { Part::Corrupt("multipart part headers are too long") } else { Part::NeedMore };
+        };
+        let headers = String::from_utf8_lossy(&b[at..end]).to_ascii_lowercase();
+        let is_file = headers.lines().any(|line| {
+            line.starts_with("content-disposition:") && line.split(';').any(|p| matches!(p.trim(), "name=\"file\"" | "name=file"))
+        });
+        if is_file {
+            return Part::At(end + 4);
+        }
+        let next = format!("\r\n{delimiter}");
+        match find(b, next.as_bytes(), end + 4) {
+            Some(n) => at = n + 2,
+            None => return Part::NeedMore,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jpeg_with(app_bytes: usize, w: u16, h: u16) -> Vec<u8> {
+        let mut v = vec![0xFF, 0xD8];
+        // An APP1 segment as big as EXIF gets, then a fill byte, then SOF2.
+        let len = (app_bytes + 2) as u16;
+        v.extend_from_slice(&[0xFF, 0xE1]);
+        v.extend_from_slice(&len.to_be_bytes());
+        v.extend(std::iter::repeat_n(0u8, app_bytes));
+        v.extend_from_slice(&[0xFF, 0xFF, 0xC2, 0, 17, 8]);
+        v.extend_from_slice(&h.to_be_bytes());
+        v.extend_from_slice(&w.to_be_bytes());
+        v.extend_from_slice(&[3, 1, 0x22, 0, 2, 0x11, 1, 3, 0x11, 1]);
+        v.extend_from_slice(&[0xFF, 0xDA, 0, 8]);
+        v
+    }
+
+    /// Every prefix says NeedMore until the size is in, then the answer never changes.
+    fn settles(bytes: &[u8], expected: Sniff) {
+        let mut decided = None;
+        for n in 0..=bytes.len() {
+            let s = sniff(&bytes[..n]);
+            match (&decided, s) {
+                (None, Sniff::NeedMore) => {}
+                (None, s) => decided = Some(s),
+                (Some(d), s) => assert_eq!(&s, d, "prefix {n} changed its mind"),
+            }
+        }
+        assert_eq!(decided, Some(expected));
+    }
+
+    #[test]
+    fn jpeg_size_after_metadata_segments() {
+        let j = jpeg_with(3000, 6000, 4000);
+        settles(&j, Sniff::Image { format: Format::Jpeg, width: 6000, height: 4000 });
+        assert_eq!(sniff(&j[..3000]), Sniff::NeedMore);
+        let mut bad = jpeg_with(10, 1, 1);
+        bad[16] = 0x00; // the SOF marker's 0xFF replaced
+        assert!(matches!(sniff(&bad), Sniff::Corrupt(Format::Jpeg, _)));
+        let mut sos_first = vec![0xFF, 0xD8, 0xFF, 0xDA, 0, 8];
+        sos_first.extend([0; 8]);
+        assert!(matches!(sniff(&sos_first), Sniff::Corrupt(Format::Jpeg, _)));
+    }
+
+    #[test]
+    fn real_encoders_headers() {
+        let mut png = Vec::new();
+        image::RgbImage::new(3000, 7).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        settles(&png, Sniff::Image { format: Format::Png, width: 3000, height: 7 });
+        let mut gif = Vec::new();
+        image::RgbaImage::new(9, 700).write_to(&mut std::io::Cursor::new(&mut gif), image::ImageFormat::Gif).unwrap();
+        settles(&gif, Sniff::Image { format: Format::Gif, width: 9, height: 700 });
+        let mut webp = Vec::new();
+        image::RgbaImage::new(321, 123).write_to(&mut std::io::Cursor::new(&mut webp), image::ImageFormat::WebP).unwrap();
+        settles(&webp, Sniff::Image { format: Format::WebP, width: 321, height: 123 });
+        let mut bmp = Vec::new();
+        image::RgbImage::new(17, 5).write_to(&mut std::io::Cursor::new(&mut bmp), image::ImageFormat::Bmp).unwrap();
+        settles(&bmp, Sniff::Image { format: Format::Bmp, width: 17, height: 5 });
+        let mut jpeg = Vec::new();
+        image::RgbImage::new(640, 480).write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
+        settles(&jpeg, Sniff::Image { format: Format::Jpeg, width: 640, height: 480 });
+    }
+
+    #[test]
+    fn lossy_webp_and_extended_webp() {
+        // VP8 (lossy) key frame header: 3-byte frame tag, start code, 14-bit sizes.
+        let mut vp8 = b"RIFF\0\0\0\0WEBPVP8 \0\0\0\0".to_vec();
+        vp8.extend_from_slice(&[0x10, 0x02, 0x00, 0x9D, 0x01, 0x2A]);
+        vp8.extend_from_slice(&(3840u16 | 0x4000).to_le_bytes()); // upper bits are scaling, not size
+        vp8.extend_from_slice(&2160u16.to_le_bytes());
+        settles(&vp8, Sniff::Image { format: Format::WebP, width: 3840, height: 2160 });
+        let mut vp8x = b"RIFF\0\0\0\0WEBPVP8X\x0a\0\0\0\x10\0\0\0".to_vec();
+        vp8x.extend_from_slice(&[0x3F, 0x1F, 0x00, 0x6F, 0x17, 0x00]); // 7999+1 × 5999+1
+        settles(&vp8x, Sniff::Image { format: Format::WebP, width: 8000, height: 6000 });
+    }
+
+    #[test]
+    fn other_and_unknown() {
+        assert_eq!(sniff(b"II*\0\x08\0\0\0\0\0\0\0\0"), Sniff::Other("TIFF"));
+        assert_eq!(sniff(b"\0\0\0\x1cftypavif\0\0\0\0"), Sniff::Other("AVIF"));
+        assert_eq!(sniff(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3"), Sniff::Other("PDF"));
+        assert_eq!(sniff(b"{\"json\": true}"), Sniff::Unknown);
+        assert_eq!(sniff(b"hello"), Sniff::Unknown);
+        assert_eq!(sniff(b"BMhello world, this is text"), Sniff::Unknown);
+        assert_eq!(sniff(b""), Sniff::NeedMore);
+        assert_eq!(sniff(b"\x89PN"), Sniff::NeedMore);
+        assert_eq!(sniff(b"GIF8"), Sniff::NeedMore);
+        assert!(matches!(sniff(b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR\0\0\0\0\0\0\0\x01"), Sniff::Corrupt(Format::Png, _)));
+    }
+
+    #[test]
+    fn finds_the_file_part() {
+        assert_eq!(multipart_boundary("multipart/form-data; boundary=\"XyZ\""), Some("XyZ".into()));
+        assert_eq!(multipart_boundary("image/jpeg"), None);
+        let body = b"--XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n\xFF\xD8\xFF";
+        let start = body.len() - 3;
+        assert_eq!(multipart_file(body, "XyZ"), Part::At(start));
+        for n in 0..start {
+            assert_eq!(multipart_file(&body[..n], "XyZ"), Part::NeedMore, "prefix {n}");
+        }
+        assert_eq!(multipart_file(b"--XyZ\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--XyZ--\r\n", "XyZ"), Part::Missing);
+        assert!(matches!(multipart_file(&[b'x'; 5000], "XyZ"), Part::Corrupt(_)));
+    }
+}

@@ -1,0 +1,397 @@
+//! `pixmesh-loadgen`: the load side of `bench/gateway.sh`.
+//!
+//! wrk measures closed-loop throughput well but cannot hold a fixed rate (its latencies then
+//! suffer from coordinated omission), cannot hold back an upload body to time a refusal, and
+//! cannot count what reached the upstream. These three modes do:
+//!
+//! - `rate`: an open-loop GET load at a fixed rate; latency is measured from each request's
+//!   scheduled time, so a stall counts against every request it delays.
+//! - `flood`: many clients POST huge uploads whose image header says 7680×4320 (half with a
+//!   `Content-Length`, half chunked); the time from the header bytes to the refusal is measured,
+//!   while legitimate small uploads run at a fixed rate beside them.
+//! - `sink`: an upstream that answers `ok` and counts requests and body bytes, by whether the
+//!   path contains `flood`; `GET /__stats` returns the counts.
+//!
+//! Results are printed as one JSON object.
+
+mod balance;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Fixed-rate GETs; prints latency percentiles.
+    Rate {
+        url: String,
+        #[arg(long, default_value_t = 2000)]
+        rps: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long)]
+        api_key: Option<String>,
+    },
+    /// Upload flood with legitimate uploads beside it.
+    Flood {
+        /// Gateway address, host:port.
+        addr: String,
+        #[arg(long, default_value = "/api/upload")]
+        path: String,
+        #[arg(long, default_value_t = 200)]
+        clients: usize,
+        /// Body size each flood request claims (and sends, until refused).
+        #[arg(long, default_value_t = 30_000_000)]
+        bytes: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Legitimate uploads per second (0: none).
+        #[arg(long, default_value_t = 50)]
+        legit_rps: u64,
+        #[arg(long)]
+        api_key: String,
+    },
+    /// The floor of a hyper-based proxy: hyper's HTTP/1 server and pooled client forwarding
+    /// every request to one upstream, nothing else (no routing, headers, limits or metrics).
+    /// bench/gateway.sh runs it to show what the HTTP stack alone costs against nginx.
+    BareProxy {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        /// e.g. http://127.0.0.1:8081
+        #[arg(long)]
+        upstream: String,
+    },
+    /// Worker picking against simulated gRPC workers (see balance.rs).
+    Balance {
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        /// How many of them (the last ones) are slow.
+        #[arg(long, default_value_t = 0)]
+        slow: usize,
+        #[arg(long, default_value_t = 10.0)]
+        slow_factor: f64,
+        /// Mean service time.
+        #[arg(long, default_value_t = 20)]
+        service_ms: u64,
+        /// Calls each worker takes at once.
+        #[arg(long, default_value_t = 4)]
+        capacity: usize,
+        /// Callers in the closed loop (default: the healthy capacity).
+        #[arg(long)]
+        concurrency: Option<usize>,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// p2c (pixmesh's WorkerSet) or rr (round-robin)
+        #[arg(long, default_value = "p2c")]
+        policy: String,
+    },
+    /// The cost of one worker pick, without calls.
+    PickOverhead {
+        #[arg(long, default_value_t = 16)]
+        workers: usize,
+    },
+    /// A counting upstream.
+    Sink {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
+}
+
+fn percentiles(mut micros: Vec<u64>) -> serde_json::Value {
+    micros.sort_unstable();
+    let at =
+        |q: f64| micros.get(((micros.len() as f64 * q) as usize).min(micros.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1e3;
+    json!({ "count": micros.len(), "p50_ms": at(0.50), "p90_ms": at(0.90), "p99_ms": at(0.99), "p999_ms": at(0.999), "max_ms": at(1.0) })
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    let mut c = HttpConnector::new();
+    c.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(c)
+}
+
+/// Sends `make()` at `rps` for `seconds`; returns latencies (µs, from the scheduled time) and errors.
+async fn fixed_rate<F>(rps: u64, seconds: u64, make: F) -> (Vec<u64>, u64, serde_json::Value)
+where
+    F: Fn() -> http::Request<Full<Bytes>>,
+{
+    let client = client();
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity((rps * seconds) as usize)));
+    let errors = Arc::new(AtomicU64::new(0));
+    let statuses = Arc::new(Mutex::new(std::collections::BTreeMap::<u16, u64>::new()));
+    let start = tokio::time::Instant::now();
+    let total = rps * seconds;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..total {
+        let due = start + Duration::from_nanos(i * 1_000_000_000 / rps.max(1));
+        tokio::time::sleep_until(due).await;
+        let (client, latencies, errors, statuses) = (client.clone(), Arc::clone(&latencies), Arc::clone(&errors), Arc::clone(&statuses));
+        let request = make();
+        tasks.spawn(async move {
+            match client.request(request).await {
+                Ok(res) => {
+                    let status = res.status().as_u16();
+                    let ok = res.into_body().collect().await.is_ok();
+                    let took = due.elapsed().as_micros() as u64;
+                    if ok {
+                        latencies.lock().await.push(took);
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    *statuses.lock().await.entry(status).or_default() += 1;
+                }
+                Err(_) => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    let l = std::mem::take(&mut *latencies.lock().await);
+    let s = statuses.lock().await.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>();
+    (l, errors.load(Ordering::Relaxed), serde_json::Value::Object(s))
+}
+
+/// A JPEG header (SOI, APP0, SOF0) claiming `w`×`h`, padded with `len - header` filler bytes.
+fn jpeg_claiming(w: u16, h: u16) -> Vec<u8> {
+    let mut v = vec![0xFF, 0xD8, 0xFF, 0xE0, 0, 16, b'J', b'F', b'I', b'F', 0, 1, 1, 0, 0, 1, 0, 1, 0, 0];
+    v.extend_from_slice(&[0xFF, 0xC0, 0, 17, 8]);
+    v.extend_from_slice(&h.to_be_bytes());
+    v.extend_from_slice(&w.to_be_bytes());
+    v.extend_from_slice(&[3, 1, 0x22, 0, 2, 0x11, 1, 3, 0x11, 1]);
+    v
+}
+
+/// One flood request: header bytes, then body until refused. Returns (ms from the header
+/// bytes to the first response byte, status, body bytes sent).
+async fn flood_once(addr: &str, path: &str, key: &str, total: u64, chunked: bool) -> anyhow::Result<(f64, u16, u64)> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let framing = if chunked { "transfer-encoding: chunked".to_string() } else { format!("content-length: {total}") };
+    let head = format!("POST {path} HTTP/1.1\r\nhost: {addr}\r\nx-api-key: {key}\r\ncontent-type: image/jpeg\r\n{framing}\r\n\r\n");
+    let mut first = jpeg_claiming(7680, 4320);
+    first.resize(16 * 1024, 0x55);
+    let (mut rd, mut wr) = stream.into_split();
+    let piece = Bytes::from(vec![0x55u8; 64 * 1024]);
+    let writer = tokio::spawn(async move {
+        let mut sent = 0u64;
+        let frame = |data: &[u8]| -> Vec<u8> {
+            if chunked {
+                let mut v = format!("{:x}\r\n", data.len()).into_bytes();
+                v.extend_from_slice(data);
+                v.extend_from_slice(b"\r\n");
+                v
+            } else {
+                data.to_vec()
+            }
+        };
+        let mut out = head.into_bytes();
+        out.extend(frame(&first));
+        if wr.write_all(&out).await.is_err() {
+            return sent;
+        }
+        sent += first.len() as u64;
+        while sent < total {
+            let n = (total - sent).min(piece.len() as u64) as usize;
+            if wr.write_all(&frame(&piece[..n])).await.is_err() {
+                break;
+            }
+            sent += n as u64;
+        }
+        sent
+    });
+    let started = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(30), rd.read(&mut buf)).await.context("no answer in 30 s")??;
+    let took = started.elapsed().as_secs_f64() * 1e3;
+    writer.abort();
+    let sent = writer.await.unwrap_or(0);
+    let text = String::from_utf8_lossy(&buf[..n]);
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok((took, status, sent))
+}
+
+async fn flood(addr: String, path: String, clients: usize, bytes: u64, seconds: u64, legit_rps: u64, key: String) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let results = Arc::new(Mutex::new((Vec::new(), std::collections::BTreeMap::<u16, u64>::new(), 0u64, 0u64)));
+    let mut attackers = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let (addr, path, key, results) = (addr.clone(), format!("{path}?flood={c}"), key.clone(), Arc::clone(&results));
+        attackers.spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let outcome = flood_once(&addr, &path, &key, bytes, (c + n as usize) % 2 == 1).await;
+                let mut r = results.lock().await;
+                match outcome {
+                    Ok((ms, status, _)) => {
+                        r.0.push((ms * 1e3) as u64);
+                        *r.1.entry(status).or_default() += 1;
+                    }
+                    Err(_) => r.2 += 1,
+                }
+                r.3 += 1;
+                n += 1;
+            }
+        });
+    }
+    let legit = if legit_rps > 0 {
+        let body = Bytes::from({
+            let mut v = jpeg_claiming(800, 600);
+            v.resize(200 * 1024, 0x33);
+            v
+        });
+        let url = format!("http://{addr}{path}?legit=1");
+        Some(
+            fixed_rate(legit_rps, seconds, || {
+                http::Request::post(&url)
+                    .header("x-api-key", &key)
+                    .header("content-type", "image/jpeg")
+                    .body(Full::new(body.clone()))
+                    .unwrap_or_default()
+            })
+            .await,
+        )
+    } else {
+        None
+    };
+    while attackers.join_next().await.is_some() {}
+    let r = std::mem::take(&mut *results.lock().await);
+    let statuses: serde_json::Map<_, _> = r.1.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    let legit = legit.map(|(l, errors, statuses)| json!({ "latency": percentiles(l), "errors": errors, "statuses": statuses }));
+    println!(
+        "{}",
+        json!({ "flood": { "requests": r.3, "reject_latency": percentiles(r.0), "statuses": statuses, "errors": r.2 }, "legit": legit })
+    );
+    Ok(())
+}
+
+async fn sink(listen: String) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(&listen).await?;
+    println!("{}", json!({ "sink": listener.local_addr()?.to_string() }));
+    let counts: Arc<[AtomicU64; 4]> = Arc::new(Default::default()); // flood req, flood bytes, other req, other bytes
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let counts = Arc::clone(&counts);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let counts = Arc::clone(&counts);
+                async move {
+                    if req.uri().path() == "/__stats" {
+                        let c: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+                        let body = json!({ "flood_requests": c[0], "flood_bytes": c[1], "other_requests": c[2], "other_bytes": c[3] });
+                        return Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::from(body.to_string()))));
+                    }
+                    let base = if req.uri().query().unwrap_or("").contains("flood") { 0 } else { 2 };
+                    counts[base].fetch_add(1, Ordering::Relaxed);
+                    let mut body = req.into_body();
+                    while let Some(Ok(frame)) = body.frame().await {
+                        counts[base + 1].fetch_add(frame.data_ref().map_or(0, |d| d.len() as u64), Ordering::Relaxed);
+                    }
+                    Ok(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+async fn bare_proxy(listen: String, upstream: String) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(&listen).await?;
+    println!("{}", json!({ "bare_proxy": listener.local_addr()?.to_string() }));
+    let upstream: http::Uri = upstream.parse().context("bad upstream URL")?;
+    let authority = upstream.authority().cloned().context("upstream URL without host")?;
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, hyper::body::Incoming> =
+        Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(connector);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let (client, authority) = (client.clone(), authority.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                let client = client.clone();
+                let uri = http::Uri::builder()
+                    .scheme("http")
+                    .authority(authority.clone())
+                    .path_and_query(req.uri().path_and_query().map_or("/", |p| p.as_str()))
+                    .build();
+                async move {
+                    *req.uri_mut() = uri?;
+                    let res = client.request(req).await?;
+                    Ok::<_, anyhow::Error>(res)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.mode {
+            Mode::Rate { url, rps, seconds, api_key } => {
+                let uri: http::Uri = url.parse().context("bad URL")?;
+                let (l, errors, statuses) = fixed_rate(rps, seconds, || {
+                    let mut b = http::Request::get(uri.clone());
+                    if let Some(k) = &api_key {
+                        b = b.header("x-api-key", k);
+                    }
+                    b.body(Full::new(Bytes::new())).unwrap_or_default()
+                })
+                .await;
+                println!(
+                    "{}",
+                    json!({ "rps": rps, "seconds": seconds, "latency": percentiles(l), "errors": errors, "statuses": statuses })
+                );
+                if errors > rps * seconds / 100 {
+                    bail!("{errors} requests failed");
+                }
+                Ok(())
+            }
+            Mode::Flood { addr, path, clients, bytes, seconds, legit_rps, api_key } => {
+                flood(addr, path, clients, bytes, seconds, legit_rps, api_key).await
+            }
+            Mode::Sink { listen } => sink(listen).await,
+            Mode::Balance { workers, slow, slow_factor, service_ms, capacity, concurrency, seconds, policy } => {
+                let service = Duration::from_millis(service_ms);
+                let addresses = balance::start_workers(workers, slow, service, slow_factor, capacity).await?;
+                let concurrency = concurrency.unwrap_or((workers - slow).max(1) * capacity);
+                let mut out = balance::run(&addresses, &policy, capacity, concurrency, seconds).await?;
+                // The ideal: every healthy slot busy all the time, the slow ones idle.
+                let ideal = ((workers - slow) * capacity) as f64 / service.as_secs_f64();
+                out["ideal_per_second"] = json!(ideal);
+                println!("{out}");
+                Ok(())
+            }
+            Mode::PickOverhead { workers } => {
+                println!("{}", balance::pick_overhead(workers));
+                Ok(())
+            }
+            Mode::BareProxy { listen, upstream } => bare_proxy(listen, upstream).await,
+        }
+    })
+}
