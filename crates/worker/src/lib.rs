@@ -2,7 +2,8 @@
 //!
 //! Pixel work runs on a bounded CPU pool ([`pool::CpuPool`]), never on the async reactor.
 //! The worker self-registers with the registry using the address it actually bound, heartbeats,
-//! and on SIGTERM deregisters first, then drains its in-flight calls.
+//! and on SIGTERM deregisters first, answers new calls for a grace period while that news
+//! spreads, then stops accepting and drains its in-flight calls.
 
 mod errors;
 pub mod pool;
@@ -41,6 +42,9 @@ pub struct WorkerConfig {
     pub heartbeat_interval_ms: u64,
     /// How long in-flight calls may take to finish after SIGTERM.
     pub drain_grace_ms: u64,
+    /// After deregistering on SIGTERM, new calls are still served this long: a client that
+    /// picked this worker before the registry told it otherwise is answered, not refused.
+    pub deregister_grace_ms: u64,
     /// Added to every call before its pixels are processed. For fault tests and benchmarks
     /// (a slow worker on demand); leave at 0 in production.
     pub extra_delay_ms: u64,
@@ -58,6 +62,7 @@ impl Default for WorkerConfig {
             id: String::new(),
             heartbeat_interval_ms: 1000,
             drain_grace_ms: 30_000,
+            deregister_grace_ms: 1_000,
             extra_delay_ms: 0,
             limits: Limits::default(),
         }
@@ -71,6 +76,9 @@ impl WorkerConfig {
         }
         if !(10..=60_000).contains(&self.heartbeat_interval_ms) {
             return Err("worker.heartbeat_interval_ms must be between 10 and 60000".into());
+        }
+        if self.deregister_grace_ms > 60_000 {
+            return Err("worker.deregister_grace_ms must be at most 60000".into());
         }
         if self.limits.max_input_bytes > MAX_MESSAGE_BYTES - 1024 * 1024 {
             return Err(format!("worker.limits.max_input_bytes must be at most {}", MAX_MESSAGE_BYTES - 1024 * 1024));
@@ -87,7 +95,8 @@ impl WorkerConfig {
     }
 }
 
-/// Serves the worker on `grpc` until `shutdown`, then deregisters and drains.
+/// Serves the worker on `grpc` until `shutdown`, then deregisters, serves on for
+/// `deregister_grace_ms`, stops accepting calls and drains those in flight.
 pub async fn run(config: WorkerConfig, grpc: TcpListener, admin: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
     let readiness = Readiness::new();
     let grpc_addr = grpc.local_addr()?;
@@ -135,10 +144,12 @@ pub async fn run(config: WorkerConfig, grpc: TcpListener, admin: TcpListener, sh
     tracing::info!(%id, grpc = %grpc_addr, threads, capacity, "worker ready");
 
     shutdown.wait().await;
-    // Leave the pool first so no new work is sent here, then drain what is in flight.
+    // Leave the pool first so no new work is sent here; keep answering while the news spreads
+    // (the registry's watchers hear within a second); then stop accepting and drain.
     health_reporter.set_not_serving::<ImageWorkerServer<ImageWorkerService>>().await;
     if let Some(registration) = registration {
         registration.deregister().await;
+        tokio::time::sleep(Duration::from_millis(config.deregister_grace_ms)).await;
     }
     stop_serving.trigger();
     let drained = pixmesh_chassis::shutdown::drain_within("worker calls", Duration::from_millis(config.drain_grace_ms), server).await;
