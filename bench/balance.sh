@@ -3,9 +3,14 @@
 # service time, capacity 4 each, no pixels), same run:
 #   1. one worker of four 10× slower: pixmesh's pick (power of two choices over peak-EWMA load,
 #      slots, breakers) against round-robin — throughput against the ideal (the healthy
-#      capacity), the ratio between them, p50/p99 and the slow worker's share of calls;
-#   2. scaling from 1 to 16 healthy workers: throughput / ideal (efficiency);
+#      capacity), the ratio between them, p50/p99 and the slow worker's share of calls; then
+#      the same with the slow worker 50× slower (a 50 ms stall on a fast backend, as in the
+#      nginx/HAProxy measurements the targets come from);
+#   2. scaling from 1 to 16 healthy workers: throughput / ideal (efficiency), and the dispatch
+#      overhead per call (mean call time minus the workers' own service time);
 #   3. the cost of one pick, without the call.
+# The ideal is every healthy slot busy all the time: slots / service time, both at the nominal
+# service time and at the one the healthy workers actually gave (a timer sleep overshoots).
 # Usage: bench/balance.sh      Env: SECONDS_PER_RUN (default 5), SERVICE_MS (default 20)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,25 +18,36 @@ DUR="${SECONDS_PER_RUN:-5}"
 SERVICE="${SERVICE_MS:-20}"
 cargo build --release -q -p pixmesh-loadgen
 L="${CARGO_TARGET_DIR:-target}/release/pixmesh-loadgen"
-field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
 
-p2c=$("$L" balance --workers 4 --slow 1 --slow-factor 10 --service-ms "$SERVICE" --policy p2c --seconds "$DUR")
-rr=$("$L" balance --workers 4 --slow 1 --slow-factor 10 --service-ms "$SERVICE" --policy rr --seconds "$DUR")
-python3 - "$p2c" "$rr" "$SERVICE" <<'PY'
+compare() { # slow factor
+  local p2c rr
+  p2c=$("$L" balance --workers 4 --slow 1 --slow-factor "$1" --service-ms "$SERVICE" --policy p2c --seconds "$DUR")
+  rr=$("$L" balance --workers 4 --slow 1 --slow-factor "$1" --service-ms "$SERVICE" --policy rr --seconds "$DUR")
+  python3 - "$p2c" "$rr" "$SERVICE" "$1" <<'PY'
 import json, sys
-p, r, service = json.loads(sys.argv[1]), json.loads(sys.argv[2]), float(sys.argv[3])
-print("1 slow (10x) of 4 workers, closed loop at the healthy capacity:")
+p, r, service, factor = json.loads(sys.argv[1]), json.loads(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+print(f"1 slow ({factor}x) of 4 workers, closed loop at the healthy capacity:")
 for x in (p, r):
-    print(f"  {x['policy']:4} {x['per_second']:8.1f} calls/s = {x['per_second']/x['ideal_per_second']:.2f} of ideal "
-          f"({x['ideal_per_second']:.0f}); p50 {x['p50_ms']:.1f} ms, p99 {x['p99_ms']:.1f} ms "
-          f"({x['p99_ms']/service:.2f}x the service time); slow worker's share {100*x['last_worker_share']:.1f}%")
+    print(f"  {x['policy']:4} {x['per_second']:8.1f} calls/s = {x['per_second']/x['ideal_served_per_second']:.2f} of ideal "
+          f"({x['ideal_served_per_second']:.0f}/s at the {x['served_ms']:.2f} ms served; "
+          f"{x['per_second']/x['ideal_per_second']:.2f} of {x['ideal_per_second']:.0f}/s nominal); "
+          f"p50 {x['p50_ms']:.1f} ms, p99 {x['p99_ms']:.1f} ms ({x['p99_ms']/service:.2f}x the service time); "
+          f"slow worker's share {100*x['last_worker_share']:.1f}%")
 print(f"  p2c / round-robin throughput: {p['per_second']/max(r['per_second'],1e-9):.1f}x")
 PY
+}
+compare 10
+compare 50
 
 echo "scaling, all workers healthy (p2c):"
 for n in 1 2 4 8 16; do
   out=$("$L" balance --workers "$n" --service-ms "$SERVICE" --policy p2c --seconds "$DUR")
-  python3 -c "import json,sys; x=json.loads(sys.argv[1]); print(f\"  {x['workers']:2} workers: {x['per_second']:8.1f} calls/s, efficiency {x['per_second']/x['ideal_per_second']:.2f}, p99 {x['p99_ms']:.1f} ms\")" "$out"
+  python3 -c "
+import json,sys
+x=json.loads(sys.argv[1])
+print(f\"  {x['workers']:2} workers: {x['per_second']:8.1f} calls/s, efficiency {x['per_second']/x['ideal_served_per_second']:.2f} \"
+      f\"({x['per_second']/x['ideal_per_second']:.2f} nominal), p99 {x['p99_ms']:.1f} ms, \"
+      f\"overhead per call {x['mean_ms']-x['served_ms']:.3f} ms\")" "$out"
 done
 out=$("$L" pick-overhead --workers 16)
-echo "one pick among 16 workers (acquire + finish, no call): $(field "$out" pick_ns) ns"
+echo "one pick among 16 workers (acquire + finish, no call): $(python3 -c "import json,sys; print(json.loads(sys.argv[1])['pick_ns'])" "$out") ns"

@@ -49,7 +49,7 @@ impl Dispatcher {
             if !self.workers.has_free_slot() {
                 drop(permit);
                 tokio::select! {
-                    _ = tokio::time::sleep(poll) => continue,
+                    _ = self.workers.wait_for_free_slot(poll) => continue,
                     _ = shutdown.wait() => break,
                 }
             }
@@ -133,7 +133,7 @@ impl Dispatcher {
                 tracing::info!(job = %job.id, "retry budget spent; the job goes back to the queue");
                 break;
             }
-            let Some(slot) = self.wait_for_worker(&tried).await else { break };
+            let Some(slot) = self.workers.acquire_within(&tried, WAIT_FOR_WORKER).await else { break };
             let Some(timeout) = remaining(self.workers.call_timeout(), started) else { break };
             let endpoint = Arc::clone(slot.endpoint());
             jobs.extend_lease(&job.id, job.attempt, lease).await?;
@@ -176,19 +176,6 @@ impl Dispatcher {
         let delay = Duration::from_millis(self.config.retry_delay_ms);
         jobs.release(&job.id, job.attempt, &job_error(&last_error), delay).await?;
         Ok(Outcome::Released)
-    }
-
-    async fn wait_for_worker(&self, exclude: &[String]) -> Option<crate::workers::SlotGuard> {
-        let deadline = Instant::now() + WAIT_FOR_WORKER;
-        loop {
-            if let Some(slot) = self.workers.acquire(exclude) {
-                return Some(slot);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
     }
 
     async fn call(

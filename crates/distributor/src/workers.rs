@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
@@ -18,6 +19,9 @@ const DECAY: Duration = Duration::from_secs(10);
 const INITIAL_RTT: f64 = 0.05;
 /// A worker this many times slower than the fastest one is not used while that one is busy.
 const SLOW_FACTOR: f64 = 4.0;
+/// Waiting for a slot also looks again this often: a breaker's open time can end, or a slow
+/// worker's estimate decay, without any slot being freed.
+const RECHECK: Duration = Duration::from_millis(25);
 
 /// One worker instance.
 pub struct WorkerEndpoint {
@@ -28,10 +32,12 @@ pub struct WorkerEndpoint {
     pub breaker: Breaker,
     /// Peak-EWMA latency in seconds, and when it was last updated.
     rtt: Mutex<(f64, Instant)>,
+    /// The set's "a slot was freed" signal.
+    freed: Arc<Notify>,
 }
 
 impl WorkerEndpoint {
-    fn new(address: &str, capacity: usize, breaker: BreakerConfig) -> Result<WorkerEndpoint, tonic::transport::Error> {
+    fn new(address: &str, capacity: usize, breaker: BreakerConfig, freed: Arc<Notify>) -> Result<WorkerEndpoint, tonic::transport::Error> {
         let channel = Endpoint::from_shared(format!("http://{address}"))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
@@ -47,6 +53,7 @@ impl WorkerEndpoint {
             in_flight: AtomicUsize::new(0),
             breaker: Breaker::new(address, breaker),
             rtt: Mutex::new((INITIAL_RTT, Instant::now())),
+            freed,
         })
     }
 
@@ -143,6 +150,7 @@ impl Drop for SlotGuard {
         if !self.recorded {
             self.endpoint.breaker.release_unused();
         }
+        self.endpoint.freed.notify_waiters();
     }
 }
 
@@ -152,6 +160,8 @@ pub struct WorkerSet {
     endpoints: Arc<RwLock<HashMap<String, Arc<WorkerEndpoint>>>>,
     call_timeout: Duration,
     breaker: BreakerConfig,
+    /// Signalled when a slot is freed or the set changes, for those waiting for a slot.
+    freed: Arc<Notify>,
 }
 
 impl WorkerSet {
@@ -161,7 +171,7 @@ impl WorkerSet {
     }
 
     pub fn with_breaker(call_timeout: Duration, breaker: &BreakerConfig) -> WorkerSet {
-        WorkerSet { endpoints: Arc::default(), call_timeout, breaker: breaker.for_deadline(call_timeout) }
+        WorkerSet { endpoints: Arc::default(), call_timeout, breaker: breaker.for_deadline(call_timeout), freed: Arc::default() }
     }
 
     pub fn call_timeout(&self) -> Duration {
@@ -177,7 +187,7 @@ impl WorkerSet {
             if map.get(addr).is_some_and(|e| e.capacity == *capacity) {
                 continue;
             }
-            match WorkerEndpoint::new(addr, *capacity, self.breaker.clone()) {
+            match WorkerEndpoint::new(addr, *capacity, self.breaker.clone(), Arc::clone(&self.freed)) {
                 Ok(endpoint) => {
                     tracing::info!(worker = %addr, capacity, "worker joined");
                     map.insert(addr.clone(), Arc::new(endpoint));
@@ -186,6 +196,8 @@ impl WorkerSet {
             }
         }
         metrics::gauge!("pixmesh_distributor_workers").set(map.len() as f64);
+        drop(map);
+        self.freed.notify_waiters();
     }
 
     /// The endpoint at `address`, if it is in the set.
@@ -204,6 +216,39 @@ impl WorkerSet {
     /// True when some worker has a free slot.
     pub fn has_free_slot(&self) -> bool {
         self.endpoints.read().map(|m| m.values().any(|e| e.in_flight() < e.capacity)).unwrap_or(false)
+    }
+
+    /// Waits until some worker may have a free slot (one was freed or the set changed), at most
+    /// `timeout`; returns at once when one is free now.
+    pub async fn wait_for_free_slot(&self, timeout: Duration) {
+        let notified = self.freed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.has_free_slot() {
+            return;
+        }
+        let _ = tokio::time::timeout(timeout, notified).await;
+    }
+
+    /// [`WorkerSet::acquire`], waiting for a slot up to `timeout`: woken when a slot is freed
+    /// (no polling delay between a call ending and the next one starting), and looking again
+    /// every [`RECHECK`] for breakers whose open time ended.
+    pub async fn acquire_within(&self, exclude: &[String], timeout: Duration) -> Option<SlotGuard> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Registered before looking, so a slot freed in between still wakes us.
+            let notified = self.freed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(slot) = self.acquire(exclude) {
+                return Some(slot);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            let _ = tokio::time::timeout(RECHECK.min(deadline - now), notified).await;
+        }
     }
 
     /// Takes a slot by the power of two choices: two distinct workers drawn at random among
@@ -295,5 +340,38 @@ mod tests {
         let picks: Vec<String> = (0..100).map(|_| set.acquire(&[]).unwrap().endpoint().address.clone()).collect();
         assert!(picks.iter().all(|a| a.ends_with(":2") || a.ends_with(":3")));
         assert!(picks.iter().filter(|a| a.ends_with(":2")).count() > 90, "with one healthy fast worker left, it takes nearly all");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_gets_a_freed_slot_at_once_and_gives_up_at_its_timeout() {
+        let set = WorkerSet::new(Duration::from_secs(1));
+        set.update(&[("127.0.0.1:1".into(), 1)]);
+        let held = set.acquire(&[]).unwrap();
+        let started = Instant::now();
+        let waiter = tokio::spawn({
+            let set = set.clone();
+            async move { set.acquire_within(&[], Duration::from_secs(10)).await.map(|s| s.endpoint().address.clone()) }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        assert_eq!(waiter.await.unwrap().as_deref(), Some("127.0.0.1:1"));
+        assert!(started.elapsed() < RECHECK, "woken by the freed slot, not by polling: {:?}", started.elapsed());
+
+        let _held = set.acquire(&[]).unwrap();
+        let started = Instant::now();
+        assert!(set.acquire_within(&[], Duration::from_millis(300)).await.is_none());
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
+        // A worker joining wakes those waiting for the set, too.
+        let waiter = tokio::spawn({
+            let set = set.clone();
+            async move { set.wait_for_free_slot(Duration::from_secs(10)).await }
+        });
+        tokio::task::yield_now().await;
+        let started = Instant::now();
+        set.update(&[("127.0.0.1:1".into(), 1), ("127.0.0.1:2".into(), 1)]);
+        waiter.await.unwrap();
+        assert!(started.elapsed() < RECHECK);
     }
 }

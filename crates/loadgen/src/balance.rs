@@ -14,41 +14,76 @@ use pixmesh_proto::v1::image_worker_server::{ImageWorker, ImageWorkerServer};
 use pixmesh_proto::v1::{ProcessRequest, ProcessResponse};
 use serde_json::json;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, Semaphore};
 use tonic::transport::Channel;
 
+/// The service time the healthy simulated workers actually gave (a sleep overshoots by up to
+/// the timer's 1 ms tick), for the ideal throughput.
+#[derive(Default)]
+pub struct Served {
+    micros: AtomicU64,
+    calls: AtomicU64,
+}
+
+impl Served {
+    /// Mean service time in seconds, if any call was served.
+    pub fn mean_seconds(&self) -> Option<f64> {
+        let calls = self.calls.load(Ordering::Relaxed);
+        (calls > 0).then(|| self.micros.load(Ordering::Relaxed) as f64 / calls as f64 / 1e6)
+    }
+}
+
 struct SimWorker {
     service: Duration,
     slots: Arc<Semaphore>,
+    /// Where to count its service times (healthy workers only).
+    served: Option<Arc<Served>>,
 }
 
 #[tonic::async_trait]
 impl ImageWorker for SimWorker {
     async fn process(&self, _request: tonic::Request<ProcessRequest>) -> Result<tonic::Response<ProcessResponse>, tonic::Status> {
         let _slot = self.slots.acquire().await.map_err(|_| tonic::Status::unavailable("closed"))?;
+        let started = Instant::now();
         let jitter = 0.5 + rand::random::<f64>();
         tokio::time::sleep(self.service.mul_f64(jitter)).await;
+        if let Some(served) = &self.served {
+            served.micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            served.calls.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(tonic::Response::new(ProcessResponse::default()))
     }
 }
 
-/// Starts `n` simulated workers; the last `slow` are `slow_factor` times slower.
-pub async fn start_workers(n: usize, slow: usize, service: Duration, slow_factor: f64, capacity: usize) -> anyhow::Result<Vec<String>> {
+/// Starts `n` simulated workers; the last `slow` are `slow_factor` times slower. Returns their
+/// addresses and the healthy ones' service-time tally.
+pub async fn start_workers(
+    n: usize,
+    slow: usize,
+    service: Duration,
+    slow_factor: f64,
+    capacity: usize,
+) -> anyhow::Result<(Vec<String>, Arc<Served>)> {
+    let served = Arc::new(Served::default());
     let mut addresses = Vec::new();
     for i in 0..n {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         addresses.push(listener.local_addr()?.to_string());
-        let service = if i >= n - slow { service.mul_f64(slow_factor) } else { service };
-        let worker = SimWorker { service, slots: Arc::new(Semaphore::new(capacity)) };
+        let is_slow = i >= n - slow;
+        let worker = SimWorker {
+            service: if is_slow { service.mul_f64(slow_factor) } else { service },
+            slots: Arc::new(Semaphore::new(capacity)),
+            served: (!is_slow).then(|| Arc::clone(&served)),
+        };
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(ImageWorkerServer::new(worker))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
     }
-    Ok(addresses)
+    Ok((addresses, served))
 }
 
 fn request() -> ProcessRequest {
@@ -92,8 +127,8 @@ pub async fn run(
                         mine.push(started.elapsed().as_micros() as u64);
                     }
                 } else {
-                    let Some(slot) = set.acquire(&[]) else {
-                        tokio::time::sleep(Duration::from_micros(200)).await;
+                    // As the distributor does: wait for a slot, woken when one is freed.
+                    let Some(slot) = set.acquire_within(&[], Duration::from_secs(1)).await else {
                         continue;
                     };
                     let i = addresses.iter().position(|a| *a == slot.endpoint().address).unwrap_or(0);
@@ -118,6 +153,7 @@ pub async fn run(
         "policy": policy, "workers": addresses.len(), "concurrency": concurrency,
         "calls": total, "per_second": total as f64 / seconds,
         "p50_ms": at(0.5), "p99_ms": at(0.99),
+        "mean_ms": l.iter().sum::<u64>() as f64 / l.len().max(1) as f64 / 1e3,
         "last_worker_share": counts.last().copied().unwrap_or(0) as f64 / total.max(1) as f64,
     }))
 }

@@ -378,12 +378,16 @@ fn main() -> anyhow::Result<()> {
             Mode::Sink { listen } => sink(listen).await,
             Mode::Balance { workers, slow, slow_factor, service_ms, capacity, concurrency, seconds, policy } => {
                 let service = Duration::from_millis(service_ms);
-                let addresses = balance::start_workers(workers, slow, service, slow_factor, capacity).await?;
+                let (addresses, served) = balance::start_workers(workers, slow, service, slow_factor, capacity).await?;
                 let concurrency = concurrency.unwrap_or((workers - slow).max(1) * capacity);
                 let mut out = balance::run(&addresses, &policy, capacity, concurrency, seconds).await?;
-                // The ideal: every healthy slot busy all the time, the slow ones idle.
-                let ideal = ((workers - slow) * capacity) as f64 / service.as_secs_f64();
-                out["ideal_per_second"] = json!(ideal);
+                // The ideal: every healthy slot busy all the time, the slow ones idle — at the
+                // nominal service time, and at the one the healthy workers actually gave.
+                let healthy_slots = ((workers - slow) * capacity) as f64;
+                out["ideal_per_second"] = json!(healthy_slots / service.as_secs_f64());
+                let mean = served.mean_seconds().unwrap_or(service.as_secs_f64());
+                out["served_ms"] = json!(mean * 1e3);
+                out["ideal_served_per_second"] = json!(healthy_slots / mean);
                 println!("{out}");
                 Ok(())
             }
