@@ -1,59 +1,51 @@
-//! Retry budget: retries may add at most `ratio` of the first calls (20% by default) plus a
-//! floor of `per_second` retries each second, so when every worker is failing, retries do not
-//! multiply the load on them. A retry the budget refuses sends the job back to the queue (with
-//! its delay) instead of to another worker at once.
+//! Retry budget: retries may add at most a share of the first calls (20% by default) plus a
+//! floor of retries per second (10), counted over the last ten seconds, so when every worker is
+//! failing, retries do not multiply the load on them. A retry the budget refuses sends the job
+//! back to the queue (with its delay) instead of to another worker at once.
+//!
+//! The accounting is tower's `TpsBudget` (Finagle's retry budget); this adds the metric and
+//! takes its settings from the distributor's configuration.
 
-use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
+use tower::retry::budget::{Budget, TpsBudget};
 
-#[derive(Debug)]
+/// How long a first call counts towards retries.
+const TTL: Duration = Duration::from_secs(10);
+
+/// Largest `retry_budget_percent` (ten retries per first call).
+pub const MAX_PERCENT: u32 = 1000;
+
 pub struct RetryBudget {
-    ratio: f64,
-    per_second: f64,
-    /// Tokens saved at most (ten seconds of the floor, or 100 first calls' worth).
-    max: f64,
-    state: Mutex<(f64, Instant)>,
+    inner: TpsBudget,
 }
 
 impl RetryBudget {
-    pub fn new(ratio: f64, per_second: f64) -> RetryBudget {
-        let max = (per_second * 10.0).max(ratio * 100.0).max(1.0);
-        RetryBudget { ratio, per_second, max, state: Mutex::new((max, Instant::now())) }
+    /// `percent` of first calls (at most [`MAX_PERCENT`]) plus `per_second` retries.
+    pub fn new(percent: u32, per_second: u32) -> RetryBudget {
+        let percent = percent.min(MAX_PERCENT);
+        let per_second = per_second.min(i32::MAX as u32 - 1);
+        RetryBudget { inner: TpsBudget::new(TTL, per_second, percent as f32 / 100.0) }
     }
 
-    fn refill(&self, state: &mut (f64, Instant)) {
-        let now = Instant::now();
-        let elapsed = now.duration_since(state.1).as_secs_f64();
-        state.0 = (state.0 + elapsed * self.per_second).min(self.max);
-        state.1 = now;
-    }
-
-    /// A first call was made: it earns `ratio` of a retry.
+    /// A first call was made: it earns its share of a retry.
     pub fn deposit(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.refill(&mut state);
-        state.0 = (state.0 + self.ratio).min(self.max);
+        self.inner.deposit();
     }
 
     /// Takes one retry from the budget, if there is one.
     pub fn withdraw(&self) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.refill(&mut state);
-        // A hair under one counts: fifty deposits of 0.2 must buy ten retries.
-        if state.0 >= 1.0 - 1e-9 {
-            state.0 = (state.0 - 1.0).max(0.0);
-            true
-        } else {
+        let granted = self.inner.withdraw();
+        if !granted {
             metrics::counter!("pixmesh_distributor_retries_refused_total").increment(1);
-            false
         }
+        granted
     }
 }
 
 impl Default for RetryBudget {
     fn default() -> Self {
-        RetryBudget::new(0.2, 10.0)
+        RetryBudget::new(20, 10)
     }
 }
 
@@ -68,21 +60,26 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retries_are_a_share_of_calls_plus_a_floor() {
-        let b = RetryBudget::new(0.2, 10.0);
-        // Starts with its savings (100 tokens), then is empty.
-        let mut granted = 0;
-        while b.withdraw() {
-            granted += 1;
-        }
+        let b = RetryBudget::new(20, 10);
+        // The floor: 10 a second over the 10-second window, then it is spent.
+        let granted = (0..1000).take_while(|_| b.withdraw()).count();
         assert_eq!(granted, 100);
         // 50 first calls earn 10 retries.
         for _ in 0..50 {
             b.deposit();
         }
         assert_eq!((0..20).filter(|_| b.withdraw()).count(), 10);
-        // A second of time earns the floor: 10.
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!((0..20).filter(|_| b.withdraw()).count(), 10);
+        // Once the window has passed, what was spent is back.
+        tokio::time::advance(TTL + Duration::from_secs(1)).await;
+        assert_eq!((0..200).filter(|_| b.withdraw()).count(), 100);
+        // Without a floor, retries come only from first calls.
+        let none = RetryBudget::new(20, 0);
+        assert!(!none.withdraw());
+        for _ in 0..5 {
+            none.deposit();
+        }
+        assert!(none.withdraw() && !none.withdraw());
+
         assert!(remaining(Duration::from_secs(1), Instant::now()).is_some());
         let start = Instant::now();
         tokio::time::advance(Duration::from_millis(990)).await;

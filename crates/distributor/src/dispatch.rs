@@ -28,7 +28,7 @@ fn job_error(e: &ApiError) -> JobError {
 
 impl Dispatcher {
     pub fn new(config: DistributorConfig, stores: Stores, workers: WorkerSet, owner: String) -> Dispatcher {
-        let budget = RetryBudget::new(f64::from(config.retry_budget_percent) / 100.0, f64::from(config.retry_budget_per_second));
+        let budget = RetryBudget::new(config.retry_budget_percent, config.retry_budget_per_second);
         Dispatcher { config, stores, workers, owner: owner.into(), budget: Arc::new(budget) }
     }
 

@@ -101,6 +101,12 @@ impl DistributorConfig {
         if self.tries_per_claim == 0 || self.max_attempts == 0 {
             return Err("distributor.tries_per_claim and distributor.max_attempts must be at least 1".into());
         }
+        if self.retry_budget_percent > budget::MAX_PERCENT || self.retry_budget_per_second > 1_000_000 {
+            return Err(format!(
+                "distributor.retry_budget_percent must be at most {} and distributor.retry_budget_per_second at most 1000000",
+                budget::MAX_PERCENT
+            ));
+        }
         if self.worker_capacity == 0 {
             return Err("distributor.worker_capacity must be at least 1".into());
         }

@@ -1,6 +1,12 @@
 //! The set of known image workers and how one is picked: power of two choices over the
 //! workers with a free slot (the per-worker bulkhead) and a closed or half-open breaker, the
 //! lighter of the two by peak-EWMA latency × (calls in flight + 1).
+//!
+//! Not `tower::balance::p2c`: a retry must go to a worker the claim has not tried yet (its
+//! `Balance` picks among all ready services, with no per-request exclusion), the claim loop
+//! must know whether any slot is free *before* it claims a job (a job claimed and then held
+//! waiting would sit under a lease), and a worker many times slower than the fastest is left
+//! out while the fastest is merely busy. The retry budget is tower's (`budget.rs`).
 
 use crate::breaker::{Breaker, BreakerConfig};
 use pixmesh_proto::MAX_MESSAGE_BYTES;

@@ -29,6 +29,16 @@ fn bad_configuration_exits_64_before_binding() {
     check(&["--set", "worker.threadz=2", "worker"], "threadz");
     check(&["--set", "registry.missed_heartbeats=0", "registry"], "missed_heartbeats");
     check(&["--set", "nonsense", "upload"], "key=value");
+    check(
+        &["--set", "distributor.retry_budget_percent=5000", "--set", "distributor.workers=[\"127.0.0.1:1\"]", "distributor"],
+        "retry_budget_percent",
+    );
+    check(
+        &["--set", "distributor.breaker.failure_rate_percent=0", "--set", "distributor.workers=[\"127.0.0.1:1\"]", "distributor"],
+        "rate thresholds",
+    );
+    check(&["--set", "distributor.breaker.windw_ms=5", "distributor"], "windw_ms");
+    check(&["--set", "worker.deregister_grace_ms=600000", "worker"], "deregister_grace_ms");
     check(&["--config", "/nonexistent/pixmesh.toml", "status"], "cannot read config file");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.toml");
