@@ -38,6 +38,8 @@ pub struct WorkerEndpoint {
     pub breaker: Breaker,
     /// Peak-EWMA latency in seconds, and when it was last updated.
     rtt: Mutex<(f64, Instant)>,
+    /// When each call in flight started (at most `capacity` entries).
+    pending: Mutex<Vec<Instant>>,
     /// The set's "a slot was freed" signal.
     freed: Arc<Notify>,
 }
@@ -59,6 +61,7 @@ impl WorkerEndpoint {
             in_flight: AtomicUsize::new(0),
             breaker: Breaker::new(address, breaker),
             rtt: Mutex::new((INITIAL_RTT, Instant::now())),
+            pending: Mutex::new(Vec::with_capacity(capacity.max(1))),
             freed,
         })
     }
@@ -78,10 +81,18 @@ impl WorkerEndpoint {
         rtt.1 = Instant::now();
     }
 
-    /// The latency estimate now, in seconds.
+    /// The latency estimate now, in seconds: the decayed peak EWMA, or the age of the oldest
+    /// call still in flight when that is longer. A call outstanding for longer than the
+    /// estimate is evidence already, before it ends: without it, a worker many times slower
+    /// than the others would see its estimate decay during its own slow call and be handed
+    /// more work while it has not yet answered.
     pub fn rtt_estimate(&self) -> f64 {
-        let rtt = self.rtt.lock().unwrap_or_else(|p| p.into_inner());
-        Self::decayed(rtt.0, rtt.1).0
+        let decayed = {
+            let rtt = self.rtt.lock().unwrap_or_else(|p| p.into_inner());
+            Self::decayed(rtt.0, rtt.1).0
+        };
+        let oldest = self.pending.lock().unwrap_or_else(|p| p.into_inner()).iter().min().map(|t| t.elapsed().as_secs_f64());
+        oldest.map_or(decayed, |age| decayed.max(age))
     }
 
     /// The expected wait for one more call here: latency estimate × (calls in flight + 1).
@@ -106,7 +117,9 @@ impl WorkerEndpoint {
             }
             match self.in_flight.compare_exchange(current, current + 1, Ordering::SeqCst, Ordering::SeqCst) {
                 Ok(_) => {
-                    let slot = SlotGuard { endpoint: Arc::clone(self), started: Instant::now(), recorded: false };
+                    let started = Instant::now();
+                    self.pending.lock().unwrap_or_else(|p| p.into_inner()).push(started);
+                    let slot = SlotGuard { endpoint: Arc::clone(self), started, recorded: false };
                     // The breaker's permission is taken with the slot; a slot given back unused
                     // returns it.
                     return if self.breaker.try_call() {
@@ -152,6 +165,12 @@ impl SlotGuard {
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
+        {
+            let mut pending = self.endpoint.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = pending.iter().position(|t| *t == self.started) {
+                pending.swap_remove(i);
+            }
+        }
         self.endpoint.in_flight.fetch_sub(1, Ordering::SeqCst);
         if !self.recorded {
             self.endpoint.breaker.release_unused();
@@ -315,6 +334,24 @@ mod tests {
         set.update(&[("127.0.0.1:1".into(), 2)]);
         assert_eq!(set.len(), 1);
         assert_eq!(held.endpoint().in_flight(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_outstanding_longer_than_the_estimate_counts_before_it_ends() {
+        let set = WorkerSet::new(Duration::from_secs(60));
+        set.update(&[("127.0.0.1:1".into(), 4)]);
+        let worker = set.endpoint("127.0.0.1:1").unwrap();
+        worker.observe(Duration::from_millis(10));
+        let estimate = worker.rtt_estimate();
+        let call = worker.try_acquire().unwrap();
+        tokio::time::advance(Duration::from_secs(3)).await;
+        // The estimate alone would have decayed by now; the call in flight says 3 s.
+        assert!(worker.rtt_estimate() >= 3.0 && estimate <= INITIAL_RTT, "{} then {}", estimate, worker.rtt_estimate());
+        // When it ends, its latency is observed and the pending entry goes.
+        call.finish(false);
+        assert!((worker.rtt_estimate() - 3.0).abs() < 0.01, "{}", worker.rtt_estimate());
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(worker.rtt_estimate() < 0.5, "an idle worker's estimate decays: {}", worker.rtt_estimate());
     }
 
     #[tokio::test]
