@@ -36,10 +36,7 @@ pub struct WorkerEndpoint {
     client: ImageWorkerClient<Channel>,
     in_flight: AtomicUsize,
     pub breaker: Breaker,
-    /// Peak-EWMA latency in seconds, and when it was last updated.
-    rtt: Mutex<(f64, Instant)>,
-    /// When each call in flight started (at most `capacity` entries).
-    pending: Mutex<Vec<Instant>>,
+    latency: Mutex<Latency>,
     /// The set's "a slot was freed" signal.
     freed: Arc<Notify>,
 }
@@ -60,8 +57,7 @@ impl WorkerEndpoint {
             client,
             in_flight: AtomicUsize::new(0),
             breaker: Breaker::new(address, breaker),
-            rtt: Mutex::new((INITIAL_RTT, Instant::now())),
-            pending: Mutex::new(Vec::with_capacity(capacity.max(1))),
+            latency: Mutex::new(Latency { rtt: INITIAL_RTT, updated: Instant::now(), pending: Vec::with_capacity(capacity.max(1)) }),
             freed,
         })
     }
@@ -75,10 +71,10 @@ impl WorkerEndpoint {
     /// only gradually.
     pub fn observe(&self, latency: Duration) {
         let sample = latency.as_secs_f64();
-        let mut rtt = self.rtt.lock().unwrap_or_else(|p| p.into_inner());
-        let (current, w) = Self::decayed(rtt.0, rtt.1);
-        rtt.0 = if sample > current { sample } else { current * w + sample * (1.0 - w) };
-        rtt.1 = Instant::now();
+        let mut latency = self.latency();
+        let (current, w) = Self::decayed(latency.rtt, latency.updated);
+        latency.rtt = if sample > current { sample } else { current * w + sample * (1.0 - w) };
+        latency.updated = Instant::now();
     }
 
     /// The latency estimate now, in seconds: the decayed peak EWMA, or the age of the oldest
@@ -87,12 +83,13 @@ impl WorkerEndpoint {
     /// than the others would see its estimate decay during its own slow call and be handed
     /// more work while it has not yet answered.
     pub fn rtt_estimate(&self) -> f64 {
-        let decayed = {
-            let rtt = self.rtt.lock().unwrap_or_else(|p| p.into_inner());
-            Self::decayed(rtt.0, rtt.1).0
-        };
-        let oldest = self.pending.lock().unwrap_or_else(|p| p.into_inner()).iter().min().map(|t| t.elapsed().as_secs_f64());
-        oldest.map_or(decayed, |age| decayed.max(age))
+        let latency = self.latency();
+        let decayed = Self::decayed(latency.rtt, latency.updated).0;
+        latency.pending.iter().min().map_or(decayed, |oldest| decayed.max(oldest.elapsed().as_secs_f64()))
+    }
+
+    fn latency(&self) -> std::sync::MutexGuard<'_, Latency> {
+        self.latency.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The expected wait for one more call here: latency estimate × (calls in flight + 1).
@@ -118,7 +115,7 @@ impl WorkerEndpoint {
             match self.in_flight.compare_exchange(current, current + 1, Ordering::SeqCst, Ordering::SeqCst) {
                 Ok(_) => {
                     let started = Instant::now();
-                    self.pending.lock().unwrap_or_else(|p| p.into_inner()).push(started);
+                    self.latency().pending.push(started);
                     let slot = SlotGuard { endpoint: Arc::clone(self), started, recorded: false };
                     // The breaker's permission is taken with the slot; a slot given back unused
                     // returns it.
@@ -133,6 +130,15 @@ impl WorkerEndpoint {
             }
         }
     }
+}
+
+/// A worker's latency estimate and the calls it has not answered yet.
+struct Latency {
+    /// Peak-EWMA latency in seconds, and when it was last updated.
+    rtt: f64,
+    updated: Instant,
+    /// When each call in flight started (at most `capacity` entries).
+    pending: Vec<Instant>,
 }
 
 pub struct SlotGuard {
@@ -166,7 +172,7 @@ impl SlotGuard {
 impl Drop for SlotGuard {
     fn drop(&mut self) {
         {
-            let mut pending = self.endpoint.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let pending = &mut self.endpoint.latency().pending;
             if let Some(i) = pending.iter().position(|t| *t == self.started) {
                 pending.swap_remove(i);
             }
