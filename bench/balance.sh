@@ -7,7 +7,9 @@
 #      the same with the slow worker 50× slower (a 50 ms stall on a fast backend, as in the
 #      nginx/HAProxy measurements the targets come from);
 #   2. scaling from 1 to 16 healthy workers: throughput / ideal (efficiency), and the dispatch
-#      overhead per call (mean call time minus the workers' own service time);
+#      overhead per call (mean call time minus the workers' own service time), beside the same
+#      with each caller pinned to one worker (as many callers as slots: no pick, no queueing,
+#      the plain gRPC call): the difference is what picking costs;
 #   3. the cost of one pick, without the call.
 # The ideal is every healthy slot busy all the time: slots / service time, both at the nominal
 # service time and at the one the healthy workers actually gave (a timer sleep overshoots).
@@ -39,15 +41,17 @@ PY
 compare 10
 compare 50
 
-echo "scaling, all workers healthy (p2c):"
+echo "scaling, all workers healthy (p2c; callers pinned to workers beside it as the plain-gRPC anchor):"
 for n in 1 2 4 8 16; do
-  out=$("$L" balance --workers "$n" --service-ms "$SERVICE" --policy p2c --seconds "$DUR")
+  p2c=$("$L" balance --workers "$n" --service-ms "$SERVICE" --policy p2c --seconds "$DUR")
+  rr=$("$L" balance --workers "$n" --service-ms "$SERVICE" --policy pinned --seconds "$DUR")
   python3 -c "
 import json,sys
-x=json.loads(sys.argv[1])
+x, r = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+o, ro = x['mean_ms']-x['served_ms'], r['mean_ms']-r['served_ms']
 print(f\"  {x['workers']:2} workers: {x['per_second']:8.1f} calls/s, efficiency {x['per_second']/x['ideal_served_per_second']:.2f} \"
       f\"({x['per_second']/x['ideal_per_second']:.2f} nominal), p99 {x['p99_ms']:.1f} ms, \"
-      f\"overhead per call {x['mean_ms']-x['served_ms']:.3f} ms\")" "$out"
+      f\"overhead per call {o:.3f} ms (pinned, the plain call: {ro:.3f} ms; the pick adds {o-ro:+.3f} ms)\")" "$p2c" "$rr"
 done
 out=$("$L" pick-overhead --workers 16)
 echo "one pick among 16 workers (acquire + finish, no call): $(python3 -c "import json,sys; print(json.loads(sys.argv[1])['pick_ns'])" "$out") ns"

@@ -90,7 +90,8 @@ fn request() -> ProcessRequest {
     ProcessRequest { job_id: "bench".into(), attempt: 1, image: Bytes::new(), ops: None }
 }
 
-/// Drives `concurrency` callers for `seconds` with `policy` ("p2c" or "rr").
+/// Drives `concurrency` callers for `seconds` with `policy`: "p2c" (pixmesh's WorkerSet), "rr"
+/// (round-robin) or "pinned" (each caller bound to one worker).
 pub async fn run(
     addresses: &[String],
     policy: &str,
@@ -111,7 +112,10 @@ pub async fn run(
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let mut callers = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
+    if !matches!(policy, "p2c" | "rr" | "pinned") {
+        anyhow::bail!("unknown policy {policy:?}: p2c, rr or pinned");
+    }
+    for caller in 0..concurrency {
         let (set, clients, next, per_worker, latencies, policy) =
             (set.clone(), Arc::clone(&clients), Arc::clone(&next), Arc::clone(&per_worker), Arc::clone(&latencies), policy.to_string());
         let addresses = addresses.to_vec();
@@ -119,8 +123,10 @@ pub async fn run(
             let mut mine = Vec::new();
             while Instant::now() < deadline {
                 let started = Instant::now();
-                if policy == "rr" {
-                    let i = next.fetch_add(1, Ordering::Relaxed) % clients.len();
+                if policy != "p2c" {
+                    // pinned: caller k always calls worker k mod n — with as many callers as
+                    // slots, no pick and no queueing: the plain gRPC call, as an anchor.
+                    let i = if policy == "pinned" { caller } else { next.fetch_add(1, Ordering::Relaxed) } % clients.len();
                     let ok = clients[i].clone().process(request()).await.is_ok();
                     if ok {
                         per_worker[i].fetch_add(1, Ordering::Relaxed);

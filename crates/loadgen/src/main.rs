@@ -98,7 +98,7 @@ enum Mode {
         concurrency: Option<usize>,
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
-        /// p2c (pixmesh's WorkerSet) or rr (round-robin)
+        /// p2c (pixmesh's WorkerSet), rr (round-robin) or pinned (caller k → worker k mod n)
         #[arg(long, default_value = "p2c")]
         policy: String,
     },
