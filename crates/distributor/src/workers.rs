@@ -12,7 +12,6 @@ use crate::breaker::{Breaker, BreakerConfig};
 use pixmesh_proto::MAX_MESSAGE_BYTES;
 use pixmesh_proto::v1::image_worker_client::ImageWorkerClient;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -34,7 +33,6 @@ pub struct WorkerEndpoint {
     pub address: String,
     pub capacity: usize,
     client: ImageWorkerClient<Channel>,
-    in_flight: AtomicUsize,
     pub breaker: Breaker,
     latency: Mutex<Latency>,
     /// The set's "a slot was freed" signal.
@@ -55,7 +53,6 @@ impl WorkerEndpoint {
             address: address.to_string(),
             capacity: capacity.max(1),
             client,
-            in_flight: AtomicUsize::new(0),
             breaker: Breaker::new(address, breaker),
             latency: Mutex::new(Latency { rtt: INITIAL_RTT, updated: Instant::now(), pending: Vec::with_capacity(capacity.max(1)) }),
             freed,
@@ -83,9 +80,7 @@ impl WorkerEndpoint {
     /// than the others would see its estimate decay during its own slow call and be handed
     /// more work while it has not yet answered.
     pub fn rtt_estimate(&self) -> f64 {
-        let latency = self.latency();
-        let decayed = Self::decayed(latency.rtt, latency.updated).0;
-        latency.pending.iter().min().map_or(decayed, |oldest| decayed.max(oldest.elapsed().as_secs_f64()))
+        self.latency().estimate()
     }
 
     fn latency(&self) -> std::sync::MutexGuard<'_, Latency> {
@@ -94,11 +89,12 @@ impl WorkerEndpoint {
 
     /// The expected wait for one more call here: latency estimate × (calls in flight + 1).
     pub fn load(&self) -> f64 {
-        self.rtt_estimate() * (self.in_flight() as f64 + 1.0)
+        let latency = self.latency();
+        latency.estimate() * (latency.pending.len() as f64 + 1.0)
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::SeqCst)
+        self.latency().pending.len()
     }
 
     pub fn client(&self) -> ImageWorkerClient<Channel> {
@@ -107,27 +103,21 @@ impl WorkerEndpoint {
 
     /// Takes a slot if one is free (the per-worker bulkhead); the slot frees when the guard drops.
     pub fn try_acquire(self: &Arc<Self>) -> Option<SlotGuard> {
-        let mut current = self.in_flight.load(Ordering::SeqCst);
-        loop {
-            if current >= self.capacity {
+        let started = Instant::now();
+        {
+            let mut latency = self.latency();
+            if latency.pending.len() >= self.capacity {
                 return None;
             }
-            match self.in_flight.compare_exchange(current, current + 1, Ordering::SeqCst, Ordering::SeqCst) {
-                Ok(_) => {
-                    let started = Instant::now();
-                    self.latency().pending.push(started);
-                    let slot = SlotGuard { endpoint: Arc::clone(self), started, recorded: false };
-                    // The breaker's permission is taken with the slot; a slot given back unused
-                    // returns it.
-                    return if self.breaker.try_call() {
-                        Some(slot)
-                    } else {
-                        drop(slot);
-                        None
-                    };
-                }
-                Err(now) => current = now,
-            }
+            latency.pending.push(started);
+        }
+        let slot = SlotGuard { endpoint: Arc::clone(self), started, recorded: false };
+        // The breaker's permission is taken with the slot; a slot given back unused returns it.
+        if self.breaker.try_call() {
+            Some(slot)
+        } else {
+            drop(slot);
+            None
         }
     }
 }
@@ -137,8 +127,17 @@ struct Latency {
     /// Peak-EWMA latency in seconds, and when it was last updated.
     rtt: f64,
     updated: Instant,
-    /// When each call in flight started (at most `capacity` entries).
+    /// When each call in flight started: its length is the calls in flight, at most
+    /// `capacity` (the bulkhead).
     pending: Vec<Instant>,
+}
+
+impl Latency {
+    /// See [`WorkerEndpoint::rtt_estimate`].
+    fn estimate(&self) -> f64 {
+        let decayed = WorkerEndpoint::decayed(self.rtt, self.updated).0;
+        self.pending.iter().min().map_or(decayed, |oldest| decayed.max(oldest.elapsed().as_secs_f64()))
+    }
 }
 
 pub struct SlotGuard {
@@ -177,7 +176,6 @@ impl Drop for SlotGuard {
                 pending.swap_remove(i);
             }
         }
-        self.endpoint.in_flight.fetch_sub(1, Ordering::SeqCst);
         if !self.recorded {
             self.endpoint.breaker.release_unused();
         }
@@ -287,22 +285,29 @@ impl WorkerSet {
     /// within [`SLOW_FACTOR`] of the fastest; the one with the lower load wins; if its slot went
     /// meanwhile, the other, then any. `None`: wait and ask again.
     pub fn acquire(&self, exclude: &[String]) -> Option<SlotGuard> {
-        let usable: Vec<(Arc<WorkerEndpoint>, f64)> = self
+        // (worker, latency estimate, calls in flight), read under one lock per worker.
+        let usable: Vec<(Arc<WorkerEndpoint>, f64, usize)> = self
             .endpoints
             .read()
             .map(|m| {
                 m.values()
                     .filter(|e| !exclude.contains(&e.address) && e.breaker.would_allow())
-                    .map(|e| (Arc::clone(e), e.rtt_estimate()))
+                    .map(|e| {
+                        let latency = e.latency();
+                        (Arc::clone(e), latency.estimate(), latency.pending.len())
+                    })
                     .collect()
             })
             .unwrap_or_default();
         // Waiting a moment for a slot on a fast worker beats a call on one many times slower:
         // workers slower than SLOW_FACTOR × the fastest usable one are left out while it is
         // merely busy. (When every fast worker is gone, the slow ones are the fastest.)
-        let fastest = usable.iter().map(|(_, rtt)| *rtt).fold(f64::INFINITY, f64::min);
-        let mut candidates: Vec<Arc<WorkerEndpoint>> =
-            usable.into_iter().filter(|(e, rtt)| e.in_flight() < e.capacity && *rtt <= fastest * SLOW_FACTOR).map(|(e, _)| e).collect();
+        let fastest = usable.iter().map(|(_, rtt, _)| *rtt).fold(f64::INFINITY, f64::min);
+        let mut candidates: Vec<Arc<WorkerEndpoint>> = usable
+            .into_iter()
+            .filter(|(e, rtt, in_flight)| *in_flight < e.capacity && *rtt <= fastest * SLOW_FACTOR)
+            .map(|(e, _, _)| e)
+            .collect();
         if candidates.len() >= 2 {
             let i = rand::random_range(0..candidates.len());
             let mut j = rand::random_range(0..candidates.len() - 1);
