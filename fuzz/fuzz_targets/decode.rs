@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 use pixmesh_imaging::{Fit, Limits, Options, OutputFormat};
 
 fuzz_target!(|data: &[u8]| {
-    let limits = Limits { max_pixels: 4_000_000, max_side: 4096, max_input_bytes: 1 << 20, max_scans: 64, max_frames: 100 };
+    let limits = Limits { max_pixels: 4_000_000, max_side: 4096, max_input_bytes: 1 << 20, max_scans: 64, max_frames: 100, ..Limits::default() };
     let _ = pixmesh_imaging::sniff(data);
     let _ = pixmesh_imaging::probe(data, &limits);
     // Full-size decoding, then a tiny output (JPEG at 1/8 scale, WebP scaled by libwebp).

@@ -29,6 +29,10 @@ pub enum ErrorCode {
     IdempotencyConflict,
     /// The request body is larger than allowed.
     PayloadTooLarge,
+    /// The request target (path and query) is longer than allowed.
+    UriTooLong,
+    /// The request's header fields are larger than allowed.
+    HeadersTooLarge,
     /// The image has more pixels or a longer side than allowed.
     ImageTooLarge,
     /// The bytes are not an image format pixmesh accepts.
@@ -105,6 +109,20 @@ const TABLE: &[Row] = &[
         code: ErrorCode::PayloadTooLarge,
         name: "payload_too_large",
         http: StatusCode::PAYLOAD_TOO_LARGE,
+        grpc: tonic::Code::OutOfRange,
+        retryable: false,
+    },
+    Row {
+        code: ErrorCode::UriTooLong,
+        name: "uri_too_long",
+        http: StatusCode::URI_TOO_LONG,
+        grpc: tonic::Code::OutOfRange,
+        retryable: false,
+    },
+    Row {
+        code: ErrorCode::HeadersTooLarge,
+        name: "headers_too_large",
+        http: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         grpc: tonic::Code::OutOfRange,
         retryable: false,
     },

@@ -6,12 +6,17 @@
 //! - [`admin`]: the admin listener with `/healthz`, `/readyz` and `/metrics`.
 //! - [`shutdown`]: one shutdown path, driven by SIGINT/SIGTERM or by the caller.
 //! - [`announce`]: the line a role prints when it listens, so supervisors and tests learn its ports.
-//! - [`serve`]: serving an axum router on an already-bound listener until shutdown.
+//! - [`serve`]: serving an axum router on an already-bound listener until shutdown, with
+//!   header-read and idle timeouts and a connection cap ([`conn`]) and JSON 414/431 refusals
+//!   ([`request_limits`]).
 
 pub mod admin;
 pub mod announce;
 pub mod config;
+pub mod conn;
 pub mod error;
+pub mod headers;
+pub mod request_limits;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;

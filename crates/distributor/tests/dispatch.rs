@@ -29,7 +29,15 @@ async fn dead_address() -> String {
 async fn submit(stores: &Stores, id: &str, image: Vec<u8>) {
     let input = stores.blobs.put(Bytes::from(image)).await.unwrap();
     let options = Options { width: Some(32), format: OutputFormat::Png, ..Options::default() };
-    let job = NewJob { id: id.into(), input, input_format: "jpeg".into(), options, idempotency_key: None, request_hash: id.into() };
+    let job = NewJob {
+        id: id.into(),
+        owner: String::new(),
+        input,
+        input_format: "jpeg".into(),
+        options,
+        idempotency_key: None,
+        request_hash: id.into(),
+    };
     stores.jobs.create(job).await.unwrap();
 }
 

@@ -39,6 +39,9 @@ pub struct GatewayConfig {
     /// Reload when the config file or the keys file changes (checked every second).
     pub watch_files: bool,
     pub drain_grace_ms: u64,
+    /// Header-read and idle timeouts, the connection cap and request size limits of the public
+    /// listener (`[gateway.connections]`). Read at start; a reload does not change them.
+    pub connections: pixmesh_chassis::serve::ConnectionLimits,
 }
 
 /// An upstream pool: `"http://a:1"`, `["http://a:1", "http://b:1"]`, or
@@ -129,6 +132,10 @@ pub struct ImageLimitsConfig {
     /// The most bytes held back while looking for the image header (a JPEG's EXIF and ICC
     /// segments come before its size). An image whose header is not found within them gets 422.
     pub probe_bytes: u32,
+    /// The largest output an upload may ask for (pixels, longest side); 0 means the same as
+    /// `max_pixels` / `max_side`. The upload service refuses bigger requests with 413.
+    pub max_output_pixels: u64,
+    pub max_output_side: u32,
 }
 
 impl Default for ImageLimitsConfig {
@@ -138,6 +145,8 @@ impl Default for ImageLimitsConfig {
             max_side: 8192,
             formats: ["jpeg", "png", "webp", "gif"].map(String::from).to_vec(),
             probe_bytes: 256 * 1024,
+            max_output_pixels: 0,
+            max_output_side: 0,
         }
     }
 }
@@ -161,6 +170,14 @@ pub struct ApiKeyConfig {
     /// Body limit for this key on every route.
     #[serde(default)]
     pub max_body_bytes: Option<u64>,
+    /// Output limits for this key's uploads, replacing the route's (`image.max_output_*`).
+    #[serde(default)]
+    pub max_output_pixels: Option<u64>,
+    #[serde(default)]
+    pub max_output_side: Option<u32>,
+    /// An admin key reads every client's jobs (status and results), not only its own.
+    #[serde(default)]
+    pub admin: bool,
 }
 
 fn route(prefix: &str, upstream: &str, methods: &[&str]) -> RouteConfig {
@@ -199,6 +216,7 @@ impl Default for GatewayConfig {
             access_log: true,
             watch_files: true,
             drain_grace_ms: 10_000,
+            connections: pixmesh_chassis::serve::ConnectionLimits::default(),
         }
     }
 }
@@ -285,6 +303,7 @@ impl GatewayConfig {
             return Err("gateway.max_in_flight must be at least 1".into());
         }
         parse_rate(&self.rate).map_err(|e| format!("gateway.rate: {e}"))?;
+        self.connections.validate("gateway.connections")?;
         for k in &self.api_keys {
             k.validate()?;
         }

@@ -15,12 +15,17 @@ pub struct KeyLimits {
     pub max_pixels: Option<u64>,
     pub max_side: Option<u32>,
     pub max_body_bytes: Option<u64>,
+    /// Output limits for this key's uploads (what it may ask the pipeline to produce).
+    pub max_output_pixels: Option<u64>,
+    pub max_output_side: Option<u32>,
 }
 
 /// Who is calling: what the API-key layer hands to the layers after it.
 #[derive(Debug)]
 pub struct Client {
     pub name: String,
+    /// May read every client's jobs, not only its own (`admin = true`).
+    pub admin: bool,
     pub limits: KeyLimits,
     /// `None` when the key's rate is "off".
     pub limiter: Option<Arc<DefaultDirectRateLimiter>>,
@@ -67,6 +72,16 @@ impl ApiKeys {
     /// Rate limiters of `previous` keys whose name and quota are unchanged carry over, so a
     /// reload does not hand every client a fresh burst.
     pub fn load(config: &GatewayConfig, plain: &[(String, String)], previous: Option<&ApiKeys>) -> Result<ApiKeys, String> {
+        Self::load_with_admins(config, plain, &[], previous)
+    }
+
+    /// [`ApiKeys::load`], plus plain keys that are admin keys.
+    pub fn load_with_admins(
+        config: &GatewayConfig,
+        plain: &[(String, String)],
+        admins: &[(String, String)],
+        previous: Option<&ApiKeys>,
+    ) -> Result<ApiKeys, String> {
         let mut entries: Vec<(ApiKeyConfig, [u8; 32])> = Vec::new();
         for k in &config.api_keys {
             entries.push((k.clone(), parse_hash(&k.sha256).map_err(|e| format!("API key {}: {e}", k.name))?));
@@ -83,6 +98,16 @@ impl ApiKeys {
         for (name, key) in plain {
             entries.push((ApiKeyConfig { name: name.clone(), ..ApiKeyConfig::default() }, Sha256::digest(key.as_bytes()).into()));
         }
+        for (name, key) in admins {
+            entries
+                .push((ApiKeyConfig { name: name.clone(), admin: true, ..ApiKeyConfig::default() }, Sha256::digest(key.as_bytes()).into()));
+        }
+        // Jobs belong to a key's name: two keys with one name would read each other's jobs.
+        let mut names: Vec<&str> = entries.iter().map(|(k, _)| k.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("two API keys are named {:?}; key names must be unique (jobs belong to a key's name)", w[0]));
+        }
         let mut keys = ApiKeys::default();
         for (k, hash) in entries {
             let rate = k.rate.as_deref().unwrap_or(&config.rate);
@@ -91,8 +116,14 @@ impl ApiKeys {
                 Some(old) => old.limiter.clone(),
                 None => quota.map(|q| Arc::new(RateLimiter::direct(q))),
             };
-            let limits = KeyLimits { max_pixels: k.max_pixels, max_side: k.max_side, max_body_bytes: k.max_body_bytes };
-            keys.keys.push(Key { hash, client: Arc::new(Client { name: k.name, limits, limiter, quota }) });
+            let limits = KeyLimits {
+                max_pixels: k.max_pixels,
+                max_side: k.max_side,
+                max_body_bytes: k.max_body_bytes,
+                max_output_pixels: k.max_output_pixels,
+                max_output_side: k.max_output_side,
+            };
+            keys.keys.push(Key { hash, client: Arc::new(Client { name: k.name, admin: k.admin, limits, limiter, quota }) });
         }
         Ok(keys)
     }

@@ -23,18 +23,41 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
+/// A configuration generation loaded and checked, keys file included, before any port is bound.
+pub struct Prepared {
+    source: Source,
+    config: GatewayConfig,
+    snapshot: snapshot::Snapshot,
+    stamps: reload::Stamps,
+}
+
+/// Loads and validates the configuration and reads the API keys, without binding anything.
+pub fn prepare(source: Source) -> Result<Prepared, String> {
+    let (config, snapshot) = source.build(None)?;
+    let stamps = reload::stamps(&source, &config);
+    Ok(Prepared { source, config, snapshot, stamps })
+}
+
 /// Serves the gateway on `http` until `shutdown`, with the configuration `source` gives now
 /// and on every reload.
 pub async fn run(source: Source, http: TcpListener, admin: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
-    let (config, snapshot) = source.build(None).map_err(std::io::Error::other)?;
+    let prepared = prepare(source).map_err(std::io::Error::other)?;
+    serve(prepared, http, admin, shutdown).await
+}
+
+/// Serves a [`prepare`]d gateway on `http` until `shutdown`.
+pub async fn serve(prepared: Prepared, http: TcpListener, admin: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
+    let Prepared { source, config, snapshot, stamps } = prepared;
     if config.require_api_key && snapshot.keys.is_empty() {
         tracing::warn!("no API keys are configured: every request will be refused with 401");
     }
     tracing::info!(config = %snapshot.summary, "gateway configuration loaded");
     let grace = Duration::from_millis(config.drain_grace_ms);
+    // Connection limits belong to the listener: read at start, not reloaded.
+    let limits = config.connections;
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
-    tokio::spawn(reload::watch(source, config, Arc::clone(&shared), shutdown.clone()));
-    pixmesh_chassis::serve::http_role("gateway", http, admin, shutdown, grace, || async move {
+    tokio::spawn(reload::watch(source, config, stamps, Arc::clone(&shared), shutdown.clone()));
+    pixmesh_chassis::serve::http_role_with_limits("gateway", http, admin, shutdown, grace, limits, || async move {
         Ok(stack::app(shared, upstream::Clients::new()))
     })
     .await

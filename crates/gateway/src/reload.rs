@@ -24,19 +24,21 @@ pub struct Source {
     pub config_file: Option<PathBuf>,
     /// Keys that are not in any file (e.g. `PIXMESH_API_KEY`).
     pub plain_keys: Vec<(String, String)>,
+    /// Admin keys that are not in any file (`PIXMESH_ADMIN_API_KEY`): they may read every job.
+    pub admin_keys: Vec<(String, String)>,
 }
 
 impl Source {
     /// A source that always gives `config` (for embedding and tests).
     pub fn fixed(config: GatewayConfig, plain_keys: Vec<(String, String)>) -> Source {
-        Source { load: Arc::new(move || Ok(config.clone())), config_file: None, plain_keys }
+        Source { load: Arc::new(move || Ok(config.clone())), config_file: None, plain_keys, admin_keys: Vec::new() }
     }
 
     /// Loads and builds a generation, carrying state over from `previous`.
     pub fn build(&self, previous: Option<&Snapshot>) -> Result<(GatewayConfig, Snapshot), String> {
         let config = (self.load)()?;
         config.validate()?;
-        let keys = ApiKeys::load(&config, &self.plain_keys, previous.map(|p| &p.keys))?;
+        let keys = ApiKeys::load_with_admins(&config, &self.plain_keys, &self.admin_keys, previous.map(|p| &p.keys))?;
         let snapshot = Snapshot::build(&config, keys, previous)?;
         Ok((config, snapshot))
     }
@@ -47,8 +49,22 @@ fn stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
     Some((meta.modified().ok()?, meta.len()))
 }
 
-/// Reloads `shared` until `shutdown`.
-pub async fn watch(source: Source, mut watched: GatewayConfig, shared: Shared, shutdown: Shutdown) {
+/// What the watched files looked like when a configuration was read from them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamps(Vec<Option<(SystemTime, u64)>>);
+
+fn watched_files(source: &Source, config: &GatewayConfig) -> Vec<PathBuf> {
+    source.config_file.iter().chain(config.api_keys_file.iter()).cloned().collect()
+}
+
+/// The stamps of `config`'s files now: taken right when they were read, so that a change
+/// made before the watcher starts is still seen as a change.
+pub fn stamps(source: &Source, config: &GatewayConfig) -> Stamps {
+    Stamps(watched_files(source, config).iter().map(stamp).collect())
+}
+
+/// Reloads `shared` until `shutdown`; `read` are the stamps of the files `watched` came from.
+pub async fn watch(source: Source, mut watched: GatewayConfig, read: Stamps, shared: Shared, shutdown: Shutdown) {
     let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -56,18 +72,22 @@ pub async fn watch(source: Source, mut watched: GatewayConfig, shared: Shared, s
             None
         }
     };
-    let files = |c: &GatewayConfig| -> Vec<PathBuf> { source.config_file.iter().chain(c.api_keys_file.iter()).cloned().collect() };
-    let mut stamps: Vec<_> = files(&watched).iter().map(stamp).collect();
+    let mut stamps = read;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let why = tokio::select! {
             _ = shutdown.wait() => return,
-            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
+            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                stamps = self::stamps(&source, &watched);
+                "SIGHUP"
+            }
             _ = tick.tick() => {
-                let now: Vec<_> = files(&watched).iter().map(stamp).collect();
+                let now = self::stamps(&source, &watched);
                 if !watched.watch_files || now == stamps {
                     continue;
                 }
+                // Taken before the files are read again: a change while reading is seen next tick.
+                stamps = now;
                 "file change"
             }
         };
@@ -87,6 +107,5 @@ pub async fn watch(source: Source, mut watched: GatewayConfig, shared: Shared, s
                 metrics::counter!("pixmesh_gateway_reloads_total", "outcome" => "failed").increment(1);
             }
         }
-        stamps = files(&watched).iter().map(stamp).collect();
     }
 }

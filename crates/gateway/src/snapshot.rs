@@ -30,6 +30,9 @@ pub struct ImageLimits {
     pub max_side: u32,
     pub formats: Vec<Format>,
     pub probe_bytes: usize,
+    /// The largest output an upload on this route may ask for.
+    pub max_output_pixels: u64,
+    pub max_output_side: u32,
 }
 
 /// Per-route request metrics, registered once so the hot path does no label lookups.
@@ -142,6 +145,8 @@ impl Snapshot {
                 max_side: i.max_side,
                 formats: i.formats.iter().filter_map(|f| Format::from_name(f)).collect(),
                 probe_bytes: i.probe_bytes as usize,
+                max_output_pixels: if i.max_output_pixels == 0 { i.max_pixels } else { i.max_output_pixels },
+                max_output_side: if i.max_output_side == 0 { i.max_side } else { i.max_output_side },
             });
             routes.push(Arc::new(Route {
                 prefix: r.prefix.clone(),

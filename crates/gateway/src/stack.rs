@@ -2,7 +2,8 @@
 //! passes the layers in this order, and the response comes back through them in reverse.
 
 use crate::layers::{
-    AccessLogLayer, ApiKeyLayer, BulkheadLayer, PinLayer, RateLimitLayer, RequestIdLayer, TraceparentLayer, UploadGuardLayer,
+    AccessLogLayer, ApiKeyLayer, BulkheadLayer, OutputLimitsLayer, PinLayer, RateLimitLayer, RequestIdLayer, TraceparentLayer,
+    UploadGuardLayer,
 };
 use crate::proxy;
 use crate::snapshot::Shared;
@@ -24,6 +25,8 @@ pub fn app(shared: Shared, clients: Clients) -> Router {
         .layer(ApiKeyLayer::layer())
         // Per key, so it needs the key.
         .layer(RateLimitLayer::layer())
+        // The largest output this key may ask for, told to the upload service.
+        .layer(OutputLimitsLayer::layer())
         // Body limits, and image size from the header bytes, before anything is forwarded.
         .layer(UploadGuardLayer::layer())
         // Last: only requests that will really be forwarded take a slot.

@@ -346,7 +346,7 @@ async fn reloads_on_file_change_and_sighup_without_dropping_requests() {
     let path = file.clone();
     let load: pixmesh_gateway::reload::LoadConfig =
         Arc::new(move || toml::from_str::<GatewayConfig>(&std::fs::read_to_string(&path).unwrap()).map_err(|e| e.to_string()));
-    let (gw, shutdown) = start(Source { load, config_file: Some(file.clone()), plain_keys: vec![] }).await;
+    let (gw, shutdown) = start(Source { load, config_file: Some(file.clone()), plain_keys: vec![], admin_keys: vec![] }).await;
     let client = reqwest::Client::new();
     let status = |path: &'static str, k: &'static str| {
         let c = client.clone();

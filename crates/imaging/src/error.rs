@@ -18,6 +18,10 @@ pub enum ImagingError {
     BadOptions(String),
     #[error("cannot encode {format}: {reason}")]
     Encode { format: &'static str, reason: String },
+    #[error(
+        "the requested output is {width}x{height} ({pixels} pixels); the limit is {max_pixels} pixels and {max_side} pixels per side; ask for a smaller width or height"
+    )]
+    OutputTooLarge { width: u32, height: u32, pixels: u64, max_pixels: u64, max_side: u32 },
 }
 
 impl ImagingError {
@@ -31,6 +35,7 @@ impl ImagingError {
             ImagingError::LimitExceeded(_) => "limit_exceeded",
             ImagingError::BadOptions(_) => "bad_request",
             ImagingError::Encode { .. } => "internal",
+            ImagingError::OutputTooLarge { .. } => "image_too_large",
         }
     }
 }

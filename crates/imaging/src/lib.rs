@@ -16,5 +16,5 @@ mod webp_scaled;
 
 pub use error::ImagingError;
 pub use options::{Crop, Fit, Flip, Gravity, Limits, Options, OutputFormat};
-pub use pipeline::{Output, decode_jpeg_scaled, probe, process};
+pub use pipeline::{Output, check_output, decode_jpeg_scaled, probe, process};
 pub use sniff::{Format, sniff};

@@ -82,8 +82,11 @@ pub fn process(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Outpu
         },
     };
     let keep_alpha = img.color().has_alpha() && output_format != Format::Jpeg;
+    // Checked before any output buffer exists (the upload service checked it too, from the header).
+    let plan = Plan::new(img.width(), img.height(), options);
+    let (out_w, out_h) = plan.canvas.unwrap_or((plan.width, plan.height));
+    limits.check_output(out_w, out_h)?;
     let pixels = Pixels::from_image(img, keep_alpha);
-    let plan = Plan::new(pixels.width, pixels.height, options);
     let mut resized = resize(&pixels, &plan)?;
     drop(pixels);
     if let Some(srgb) = icc.as_deref().and_then(|p| crate::color::to_srgb(&resized.data, resized.alpha, p)) {
@@ -96,6 +99,23 @@ pub fn process(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Outpu
     let framed = effects(framed, options);
     let bytes = encode(&framed, output_format, options.quality, options.lossless)?;
     Ok(Output { bytes, width: framed.width, height: framed.height, format: output_format })
+}
+
+/// Refuses `options` on a `width` × `height` image when the output they ask for is above the
+/// output limits, whatever the image's EXIF orientation turns out to be (a quarter turn changes
+/// what `width=` scales), so that a request is refused from the header alone, before a job exists.
+pub fn check_output(width: u32, height: u32, options: &Options, limits: &Limits) -> Result<(), ImagingError> {
+    for (w, h) in [(width, height), (height, width)] {
+        let (w, h) = if matches!(options.rotate, 90 | 270) { (h, w) } else { (w, h) };
+        let (w, h) = match options.crop {
+            Some(c) => (c.width.min(w).max(1), c.height.min(h).max(1)),
+            None => (w, h),
+        };
+        let plan = Plan::new(w, h, options);
+        let (ow, oh) = plan.canvas.unwrap_or((plan.width, plan.height));
+        limits.check_output(ow, oh)?;
+    }
+    Ok(())
 }
 
 /// The source pixels each side needs (in stored orientation) for a good resample: twice the
@@ -532,6 +552,30 @@ mod tests {
 
     fn opts(w: Option<u32>, h: Option<u32>, fit: Fit, format: OutputFormat) -> Options {
         Options { width: w, height: h, fit, format, ..Options::default() }
+    }
+
+    #[test]
+    fn output_limits_refuse_huge_requests_from_the_header() {
+        let limits = Limits { max_output_pixels: 16_000_000, max_output_side: 8192, ..Limits::default() };
+        let huge = Options { width: Some(16_384), height: Some(16_384), enlarge: true, fit: Fit::Fill, ..Options::default() };
+        let err = check_output(64, 64, &huge, &limits).unwrap_err();
+        assert_eq!(err.code(), "image_too_large");
+        assert!(err.to_string().contains("16384x16384"), "{err}");
+        // Without enlargement the output stays at the input's size: fine.
+        assert!(check_output(64, 64, &Options { enlarge: false, ..huge }, &limits).is_ok());
+        // width= on a tall image scales its height too; a quarter turn (EXIF or rotate=) is
+        // counted either way.
+        let wide = Options { width: Some(8000), enlarge: true, ..Options::default() };
+        assert!(check_output(10, 1000, &wide, &limits).is_err(), "8000 x 800,000 is refused");
+        assert!(check_output(1000, 10, &wide, &limits).is_err(), "the same image turned by its EXIF orientation");
+        assert!(check_output(100, 100, &Options { width: Some(4000), enlarge: true, ..Options::default() }, &limits).is_ok());
+        // A side over the limit alone is refused too.
+        let long = Options { width: Some(9000), height: Some(10), fit: Fit::Fill, enlarge: true, ..Options::default() };
+        assert!(check_output(100, 100, &long, &limits).is_err());
+        // And the pipeline itself refuses, before allocating the output.
+        let src = encode_test(&DynamicImage::ImageRgb8(gradient(16, 16)), image::ImageFormat::Png);
+        let err = process(&src, &huge, &limits).unwrap_err();
+        assert_eq!(err.code(), "image_too_large");
     }
 
     #[test]

@@ -7,7 +7,8 @@ use pixmesh_imaging::{Fit, Limits, Options, OutputFormat};
 use std::path::Path;
 
 fn run(data: &[u8]) {
-    let limits = Limits { max_pixels: 4_000_000, max_side: 4096, max_input_bytes: 1 << 20, max_scans: 64, max_frames: 100 };
+    let limits =
+        Limits { max_pixels: 4_000_000, max_side: 4096, max_input_bytes: 1 << 20, max_scans: 64, max_frames: 100, ..Limits::default() };
     let _ = pixmesh_imaging::probe(data, &limits);
     let options = Options { width: Some(48), height: Some(32), fit: Fit::Cover, format: OutputFormat::Png, ..Options::default() };
     if let Ok(out) = pixmesh_imaging::process(data, &options, &limits) {

@@ -205,10 +205,16 @@ async fn run(
             let load: pixmesh_gateway::reload::LoadConfig = std::sync::Arc::new(move || {
                 load_config_from(file.as_deref(), &reload_sets, &reload_env).map(|c| c.gateway).map_err(|e| format!("{e:#}"))
             });
-            let source = pixmesh_gateway::Source { load, config_file, plain_keys };
+            let mut admin_keys = Vec::new();
+            if let Some(key) = env.get("PIXMESH_ADMIN_API_KEY").filter(|k| !k.is_empty()) {
+                admin_keys.push(("admin".to_string(), key.clone()));
+            }
+            let source = pixmesh_gateway::Source { load, config_file, plain_keys, admin_keys };
+            // The whole configuration, the keys file included, is checked before binding.
+            let prepared = pixmesh_gateway::prepare(source).map_err(|e| anyhow::anyhow!("gateway configuration: {e}"))?;
             let http = bind("gateway", c.listen).await?;
             let admin = bind("gateway admin", c.admin_listen).await?;
-            Ok(pixmesh_gateway::run(source, http, admin, shutdown).await?)
+            Ok(pixmesh_gateway::serve(prepared, http, admin, shutdown).await?)
         }
         Command::Upload => {
             let c = config.upload;

@@ -1,11 +1,12 @@
 use crate::view::fold;
 use axum::Router;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use pixmesh_chassis::{ApiError, ErrorCode};
-use pixmesh_store::{JobState, StoreError, Stores};
+use pixmesh_store::{Job, JobState, StoreError, Stores};
 
 /// The status API, without a listener.
 pub fn router(stores: Stores) -> Router {
@@ -33,11 +34,55 @@ fn store_error(e: StoreError) -> ApiError {
     ApiError::new(ErrorCode::Unavailable, "the job store is unavailable; retry later").with_retry_after(1)
 }
 
+/// Longest id echoed back in an error; job ids are 36 characters.
+const ECHO_ID_CHARS: usize = 64;
+
 fn unknown(id: &str) -> ApiError {
-    ApiError::new(ErrorCode::NotFound, format!("no job with id {id:?}"))
+    let shown: String = id.chars().take(ECHO_ID_CHARS).collect();
+    let more = if shown.len() < id.len() { "…" } else { "" };
+    ApiError::new(ErrorCode::NotFound, format!("no job with id {shown:?}{more}"))
 }
 
-async fn status(State(stores): State<Stores>, Path(id): Path<String>) -> Result<Response, ApiError> {
+/// The job id from the path; a path that does not decode gets the JSON error, not axum's text.
+fn job_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(id)| id)
+        .map_err(|_| ApiError::new(ErrorCode::NotFound, "no job with such an id (the id in the path is not valid UTF-8)"))
+}
+
+/// Who asks, as the gateway says: the key's name, and whether it is an admin key.
+struct Reader {
+    client: String,
+    admin: bool,
+}
+
+impl Reader {
+    fn of(headers: &HeaderMap) -> Reader {
+        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        Reader {
+            client: get(pixmesh_chassis::headers::CLIENT).unwrap_or("").to_string(),
+            admin: get(pixmesh_chassis::headers::ADMIN) == Some("true"),
+        }
+    }
+
+    /// Jobs belong to the key that created them; another key is told there is no such job
+    /// (not "forbidden": that would confirm the id exists).
+    fn may_read(&self, job: &Job) -> bool {
+        self.admin || job.owner == self.client
+    }
+}
+
+/// The job, if it exists and this reader may see it.
+async fn readable(stores: &Stores, id: &str, reader: &Reader) -> Result<Job, ApiError> {
+    let job = stores.jobs.get(id).await.map_err(store_error)?.ok_or_else(|| unknown(id))?;
+    if !reader.may_read(&job) {
+        return Err(unknown(id));
+    }
+    Ok(job)
+}
+
+async fn status(State(stores): State<Stores>, path: Result<Path<String>, PathRejection>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let id = job_id(path)?;
+    readable(&stores, &id, &Reader::of(&headers)).await?;
     let events = stores.jobs.events(&id).await.map_err(store_error)?;
     let view = fold(&events).ok_or_else(|| unknown(&id))?;
     let mut response = axum::Json(view).into_response();
@@ -45,8 +90,9 @@ async fn status(State(stores): State<Stores>, Path(id): Path<String>) -> Result<
     Ok(response)
 }
 
-async fn result(State(stores): State<Stores>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let job = stores.jobs.get(&id).await.map_err(store_error)?.ok_or_else(|| unknown(&id))?;
+async fn result(State(stores): State<Stores>, path: Result<Path<String>, PathRejection>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let id = job_id(path)?;
+    let job = readable(&stores, &id, &Reader::of(&headers)).await?;
     match job.state {
         JobState::Queued | JobState::Processing => {
             return Err(ApiError::new(
@@ -117,6 +163,7 @@ mod tests {
         let input = stores.blobs.put(Bytes::from_static(b"input")).await.unwrap();
         let job = NewJob {
             id: id.into(),
+            owner: "alice".into(),
             input,
             input_format: "png".into(),
             options: Options::default(),
@@ -127,7 +174,14 @@ mod tests {
     }
 
     async fn get(app: &Router, uri: &str, etag: Option<&str>) -> (StatusCode, HeaderMap, Bytes) {
+        get_as(app, uri, etag, &[(pixmesh_chassis::headers::CLIENT, "alice")]).await
+    }
+
+    async fn get_as(app: &Router, uri: &str, etag: Option<&str>, who: &[(&str, &str)]) -> (StatusCode, HeaderMap, Bytes) {
         let mut req = http::Request::get(uri);
+        for (name, value) in who {
+            req = req.header(*name, *value);
+        }
         if let Some(e) = etag {
             req = req.header(header::IF_NONE_MATCH, e);
         }
@@ -174,6 +228,45 @@ mod tests {
         assert!(h[header::CACHE_CONTROL].to_str().unwrap().contains("immutable"));
         let (s, _, body) = get(&app, "/api/result/j1", Some(&etag)).await;
         assert_eq!((s, body.len()), (StatusCode::NOT_MODIFIED, 0));
+    }
+
+    #[tokio::test]
+    async fn another_key_cannot_see_a_job_but_an_admin_key_can() {
+        let (_dir, app, stores) = setup().await;
+        new_job(&stores, "j3").await;
+        let bob = [(pixmesh_chassis::headers::CLIENT, "bob")];
+        for uri in ["/api/status/j3", "/api/result/j3"] {
+            let (s, _, body) = get_as(&app, uri, None, &bob).await;
+            assert_eq!(s, StatusCode::NOT_FOUND, "{uri}");
+            assert_eq!(json(&body)["error"]["message"], "no job with id \"j3\"", "the same answer as for no job at all");
+            let (s, _, _) = get_as(&app, uri, None, &[]).await;
+            assert_eq!(s, StatusCode::NOT_FOUND, "{uri} without a key");
+            // Only the exact word makes an admin.
+            let (s, _, _) =
+                get_as(&app, uri, None, &[(pixmesh_chassis::headers::CLIENT, "bob"), (pixmesh_chassis::headers::ADMIN, "yes")]).await;
+            assert_eq!(s, StatusCode::NOT_FOUND, "{uri}");
+        }
+        let ops = [(pixmesh_chassis::headers::CLIENT, "ops"), (pixmesh_chassis::headers::ADMIN, "true")];
+        let (s, _, body) = get_as(&app, "/api/status/j3", None, &ops).await;
+        assert_eq!((s, json(&body)["state"].as_str()), (StatusCode::OK, Some("queued")));
+        let (s, _, _) = get_as(&app, "/api/result/j3", None, &ops).await;
+        assert_eq!(s, StatusCode::CONFLICT, "the admin reads it: not ready yet");
+    }
+
+    #[tokio::test]
+    async fn odd_ids_get_short_json_errors() {
+        let (_dir, app, _stores) = setup().await;
+        let long = "x".repeat(10_000);
+        let (s, _, body) = get(&app, &format!("/api/status/{long}"), None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let message = json(&body)["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.len() < 200, "the id is not echoed whole: {} bytes", message.len());
+        for uri in ["/api/status/%ff%fe", "/api/result/%ff%fe"] {
+            let (s, h, body) = get(&app, uri, None).await;
+            assert_eq!(s, StatusCode::NOT_FOUND, "{uri}");
+            assert_eq!(h[header::CONTENT_TYPE], "application/json");
+            assert_eq!(json(&body)["error"]["code"], "not_found");
+        }
     }
 
     #[tokio::test]

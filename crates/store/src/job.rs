@@ -45,6 +45,9 @@ impl JobState {
 #[derive(Debug, Clone)]
 pub struct NewJob {
     pub id: String,
+    /// The API key (its name) that created the job; only it may read the job. Empty for a
+    /// gateway that requires no key.
+    pub owner: String,
     pub input: BlobRef,
     /// Format sniffed from the bytes (`jpeg`, `png`, …).
     pub input_format: String,
@@ -75,6 +78,8 @@ pub struct JobError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
     pub id: String,
+    /// The API key (its name) that created the job.
+    pub owner: String,
     pub state: JobState,
     /// How many times the job was claimed; the current claim's fencing token.
     pub attempt: u32,

@@ -18,6 +18,7 @@ use std::time::Duration;
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS jobs (
         id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL DEFAULT '',
         state TEXT NOT NULL,
         attempt INTEGER NOT NULL DEFAULT 0,
         lease_owner TEXT,
@@ -46,7 +47,7 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id, seq)",
 ];
 
-const JOB_COLUMNS: &str = "id, state, attempt, lease_owner, lease_expires_at, input_digest, input_size, input_format, options, result, error, created_at, updated_at";
+const JOB_COLUMNS: &str = "id, owner, state, attempt, lease_owner, lease_expires_at, input_digest, input_size, input_format, options, result, error, created_at, updated_at";
 
 #[derive(Debug, Clone)]
 pub struct SqliteJobStore {
@@ -65,6 +66,12 @@ impl SqliteJobStore {
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
         for statement in SCHEMA {
             sqlx::query(statement).execute(&pool).await?;
+        }
+        // Databases made before jobs had owners: their jobs belong to no key ("").
+        let has_owner: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'owner'").fetch_optional(&pool).await?;
+        if has_owner.is_none() {
+            sqlx::query("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''").execute(&pool).await?;
         }
         Ok(SqliteJobStore { pool })
     }
@@ -143,6 +150,7 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
     let parse = |what: &str, e: serde_json::Error| StoreError::Invalid(format!("{what}: {e}"));
     Ok(Job {
         id: row.try_get("id")?,
+        owner: row.try_get("owner")?,
         state: JobState::parse(&state).ok_or_else(|| StoreError::Invalid(format!("unknown job state {state:?}")))?,
         attempt: u32::try_from(attempt).unwrap_or(0),
         input: BlobRef { digest: row.try_get("input_digest")?, size: u64::try_from(size).unwrap_or(0) },
@@ -181,10 +189,11 @@ impl JobStore for SqliteJobStore {
             }
         }
         sqlx::query(
-            "INSERT INTO jobs (id, state, attempt, input_digest, input_size, input_format, options, idempotency_key, request_hash, created_at, updated_at)
-             VALUES (?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO jobs (id, owner, state, attempt, input_digest, input_size, input_format, options, idempotency_key, request_hash, created_at, updated_at)
+             VALUES (?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&job.id)
+        .bind(&job.owner)
         .bind(&job.input.digest)
         .bind(i64::try_from(job.input.size).unwrap_or(i64::MAX))
         .bind(&job.input_format)
@@ -387,6 +396,7 @@ mod tests {
     fn new_job(id: &str, key: Option<&str>, hash: &str) -> NewJob {
         NewJob {
             id: id.into(),
+            owner: "alice".into(),
             input: BlobRef { digest: "a".repeat(64), size: 10 },
             input_format: "jpeg".into(),
             options: Options { width: Some(100), ..Options::default() },
@@ -407,6 +417,30 @@ mod tests {
 
     fn kinds(events: &[JobEvent]) -> Vec<EventKind> {
         events.iter().map(|e| e.kind).collect()
+    }
+
+    #[tokio::test]
+    async fn jobs_keep_their_owner_and_older_databases_gain_the_column() {
+        let (_dir, store) = store().await;
+        store.create(new_job("j1", None, "h")).await.unwrap();
+        assert_eq!(store.get("j1").await.unwrap().unwrap().owner, "alice");
+        // A database written before jobs had owners.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let old = SqlitePool::connect_with(SqliteConnectOptions::new().filename(&path).create_if_missing(true)).await.unwrap();
+            let without_owner = SCHEMA[0].replace("owner TEXT NOT NULL DEFAULT '',", "");
+            sqlx::query(&without_owner).execute(&old).await.unwrap();
+            sqlx::query("INSERT INTO jobs (id, state, input_digest, input_size, input_format, options, request_hash, created_at, updated_at) VALUES ('old', 'queued', 'd', 1, 'png', '{}', 'h', 0, 0)")
+                .execute(&old)
+                .await
+                .unwrap();
+            old.close().await;
+        }
+        let reopened = SqliteJobStore::open(&path).await.unwrap();
+        assert_eq!(reopened.get("old").await.unwrap().unwrap().owner, "", "old jobs belong to no key");
+        reopened.create(new_job("j2", None, "h")).await.unwrap();
+        assert_eq!(reopened.get("j2").await.unwrap().unwrap().owner, "alice");
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
 use crate::UploadConfig;
 use axum::Router;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Query, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -13,9 +14,9 @@ use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 
-/// Header the gateway sets to the name of the authenticated API key; idempotency keys are
-/// scoped by it so two clients cannot collide.
-pub const CLIENT_HEADER: &str = "x-pixmesh-client";
+/// Header the gateway sets to the name of the authenticated API key: the job's owner, and the
+/// scope of idempotency keys so two clients cannot collide.
+pub const CLIENT_HEADER: &str = pixmesh_chassis::headers::CLIENT;
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 #[derive(Clone)]
@@ -59,6 +60,13 @@ pub fn parse_options(params: &[(String, String)]) -> Result<Options, ApiError> {
     };
     let sigma = |name: &str, v: &str| v.parse::<f32>().map_err(|_| bad(format!("{name} must be a number (a sigma in pixels), got {v:?}")));
     let mut options = Options::default();
+    let mut seen: Vec<&str> = Vec::with_capacity(params.len());
+    for (key, _) in params {
+        if seen.contains(&key.as_str()) {
+            return Err(bad(format!("query parameter `{key}` is given more than once; give each option once")));
+        }
+        seen.push(key);
+    }
     for (key, value) in params {
         match key.as_str() {
             "width" => options.width = Some(number("width", value)?),
@@ -168,24 +176,43 @@ fn store_error(e: StoreError) -> ApiError {
     }
 }
 
+/// The output limits for this request: the service's own, lowered (never raised) by what the
+/// gateway says this key may ask for.
+fn output_limits(config: &UploadConfig, headers: &HeaderMap) -> pixmesh_imaging::Limits {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let mut limits = config.limits;
+    if let Some(pixels) = header(pixmesh_chassis::headers::MAX_OUTPUT_PIXELS) {
+        limits.max_output_pixels = limits.max_output_pixels.min(pixels);
+    }
+    if let Some(side) = header(pixmesh_chassis::headers::MAX_OUTPUT_SIDE) {
+        limits.max_output_side = limits.max_output_side.min(u32::try_from(side).unwrap_or(u32::MAX));
+    }
+    limits
+}
+
 async fn upload(
     State(state): State<AppState>,
-    Query(params): Query<Vec<(String, String)>>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let Query(params) = query.map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("bad query string: {}", e.body_text())))?;
     let options = parse_options(&params)?;
     let idempotency = idempotency_key(request.headers())?;
+    let owner = request.headers().get(CLIENT_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let limits = output_limits(&state.config, request.headers());
     let _permit = state.permits.acquire().await.map_err(|_| ApiError::new(ErrorCode::Unavailable, "shutting down"))?;
     let bytes = read_image(request, state.config.max_body_bytes).await?;
-    let probe = pixmesh_imaging::probe(&bytes, &state.config.limits).map_err(|e| {
-        let code = ErrorCode::parse(e.code()).unwrap_or(ErrorCode::Internal);
-        ApiError::new(code, e.to_string())
-    })?;
+    let imaging_error =
+        |e: pixmesh_imaging::ImagingError| ApiError::new(ErrorCode::parse(e.code()).unwrap_or(ErrorCode::Internal), e.to_string());
+    let probe = pixmesh_imaging::probe(&bytes, &state.config.limits).map_err(imaging_error)?;
+    // A small upload must not demand a huge output: refused here, before a job exists.
+    pixmesh_imaging::check_output(probe.width, probe.height, &options, &limits).map_err(imaging_error)?;
     let input = state.stores.blobs.put(bytes).await.map_err(store_error)?;
     let options_json = serde_json::to_string(&options).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
     let request_hash = hex::encode(Sha256::digest(format!("{}\n{}", input.digest, options_json)));
     let job = NewJob {
         id: uuid::Uuid::now_v7().to_string(),
+        owner,
         input,
         input_format: probe.format.as_str().to_string(),
         options,
@@ -340,6 +367,12 @@ mod tests {
         check(post("/api/upload?crop=1,2,3", "image/png", png(8, 8)), StatusCode::BAD_REQUEST, "bad_request").await;
         check(post("/api/upload?blur=lots", "image/png", png(8, 8)), StatusCode::BAD_REQUEST, "bad_request").await;
         check(post("/api/upload?gravity=up", "image/png", png(8, 8)), StatusCode::BAD_REQUEST, "bad_request").await;
+        // One option twice: which one would win is a guess, so neither does.
+        check(post("/api/upload?width=40&width=50", "image/png", png(8, 8)), StatusCode::BAD_REQUEST, "bad_request").await;
+        check(post("/api/upload?blur=1&format=png&blur=2", "image/png", png(8, 8)), StatusCode::BAD_REQUEST, "bad_request").await;
+        // A query string that does not decode gets the JSON error too.
+        check(post("/api/upload?width=%ff%fe", "image/png", png(8, 8)), StatusCode::BAD_REQUEST, "bad_request").await;
+        check(post("/api/upload?blur=NaN", "image/png", png(8, 8)), StatusCode::BAD_REQUEST, "bad_request").await;
         check(post("/api/upload", "image/png", vec![]), StatusCode::BAD_REQUEST, "bad_request").await;
         check(post("/api/upload", "text/plain", png(8, 8)), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_format").await;
         check(post("/api/upload", "image/png", b"GIF? no, plain text".to_vec()), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_format")
@@ -354,6 +387,51 @@ mod tests {
         assert!(stores.jobs.counts().await.unwrap().is_empty(), "no job was recorded");
         let blobs = std::fs::read_dir(dir.path().join("blobs")).unwrap().count();
         assert_eq!(blobs, 1, "only the tmp directory exists");
+    }
+
+    #[tokio::test]
+    async fn a_tiny_upload_cannot_demand_a_huge_output() {
+        let config = UploadConfig {
+            limits: pixmesh_imaging::Limits { max_output_pixels: 16_000_000, max_output_side: 8192, ..Default::default() },
+            ..UploadConfig::default()
+        };
+        let (_dir, app, stores) = app(config).await;
+        let huge = "/api/upload?width=16384&height=16384&enlarge=true&fit=fill";
+        let (status, _, body) = send(&app, post(huge, "image/png", png(16, 16))).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+        assert_eq!(body["error"]["code"], "image_too_large");
+        assert!(body["error"]["message"].as_str().unwrap().contains("output"), "{body}");
+        // The gateway lowers the limit per key; it cannot raise it.
+        let lowered = |w: u32, pixels: &str| {
+            http::Request::post(format!("/api/upload?width={w}&enlarge=true"))
+                .header("content-type", "image/png")
+                .header(pixmesh_chassis::headers::MAX_OUTPUT_PIXELS, pixels)
+                .header(pixmesh_chassis::headers::MAX_OUTPUT_SIDE, "100000")
+                .body(Body::from(png(16, 16)))
+                .unwrap()
+        };
+        let (status, _, _) = send(&app, lowered(1000, "100000")).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "1000x1000 is over this key's 0.1 MP");
+        let (status, _, _) = send(&app, lowered(300, "100000")).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "300x300 is within it");
+        let (status, _, _) = send(&app, lowered(9000, "999999999999")).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "a header cannot raise the service's own side limit");
+        let counts: u64 = stores.jobs.counts().await.unwrap().iter().map(|(_, n)| n).sum();
+        assert_eq!(counts, 1, "only the accepted upload made a job");
+    }
+
+    #[tokio::test]
+    async fn the_job_belongs_to_the_key_that_uploaded_it() {
+        let (_dir, app, stores) = app(UploadConfig::default()).await;
+        let req = http::Request::post("/api/upload")
+            .header("content-type", "image/png")
+            .header(CLIENT_HEADER, "alice")
+            .body(Body::from(png(8, 8)))
+            .unwrap();
+        let (status, _, body) = send(&app, req).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        let job = stores.jobs.get(body["id"].as_str().unwrap()).await.unwrap().unwrap();
+        assert_eq!(job.owner, "alice");
     }
 
     #[tokio::test]

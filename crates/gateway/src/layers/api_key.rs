@@ -1,8 +1,10 @@
 //! `X-API-KEY`: no upstream work happens before the key is checked. An unknown or missing key
-//! gets a 401 JSON error. A known key's [`Client`] goes into the request's extensions for the
-//! layers after this one and into the response's for the access log; its name is passed
-//! upstream in `x-pixmesh-client` (any client-sent value of that header is removed first, so
-//! it cannot be forged); the key itself is not passed on.
+//! gets a 401 JSON error; several `X-API-KEY` headers get 400 (which one counts would be a
+//! guess, and a proxy in front may have added one). A known key's [`Client`] goes into the
+//! request's extensions for the layers after this one and into the response's for the access
+//! log; its name is passed upstream in `x-pixmesh-client`, and `x-pixmesh-admin: true` for an
+//! admin key (client-sent values of every `x-pixmesh-*` header the services trust are removed
+//! first, so they cannot be forged); the key itself is not passed on.
 
 use super::{Pinned, ResponseFuture, ready};
 use crate::keys::Client;
@@ -15,7 +17,8 @@ use std::task::{Context, Poll};
 use tower::Service;
 
 pub const HEADER: HeaderName = HeaderName::from_static("x-api-key");
-pub const CLIENT_HEADER: HeaderName = HeaderName::from_static("x-pixmesh-client");
+pub const CLIENT_HEADER: HeaderName = HeaderName::from_static(pixmesh_chassis::headers::CLIENT);
+pub const ADMIN_HEADER: HeaderName = HeaderName::from_static(pixmesh_chassis::headers::ADMIN);
 
 super::interceptor!(ApiKeyLayer, ApiKey);
 
@@ -34,12 +37,18 @@ where
     }
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
-        request.headers_mut().remove(CLIENT_HEADER);
+        for name in pixmesh_chassis::headers::ALL {
+            request.headers_mut().remove(name);
+        }
         let Some(pinned) = Pinned::of(&request).cloned() else {
             return ready(ApiError::new(ErrorCode::Internal, "the gateway has no configuration loaded").into_response());
         };
         // The key is a credential for the gateway only: upstreams (which may be third-party
         // applications) never see it.
+        if request.headers().get_all(HEADER).iter().nth(1).is_some() {
+            pinned.snapshot.metrics.auth_refused.increment(1);
+            return ready(ApiError::new(ErrorCode::BadRequest, "several X-API-KEY headers; send exactly one").into_response());
+        }
         let presented = request.headers_mut().remove(HEADER);
         let presented = presented.as_ref();
         let client: Option<Arc<Client>> = presented.and_then(|v| pinned.snapshot.keys.check(v.as_bytes())).cloned();
@@ -57,6 +66,9 @@ where
         pinned.snapshot.metrics.auth_ok.increment(1);
         if let Ok(v) = HeaderValue::from_str(&client.name) {
             request.headers_mut().insert(CLIENT_HEADER, v);
+        }
+        if client.admin {
+            request.headers_mut().insert(ADMIN_HEADER, HeaderValue::from_static("true"));
         }
         request.extensions_mut().insert(Arc::clone(&client));
         let future = self.inner.call(request);
@@ -86,10 +98,16 @@ mod tests {
         let inner = service_fn(move |req: Request<Body>| {
             counter.fetch_add(1, Ordering::SeqCst);
             let client = req.headers().get(CLIENT_HEADER).cloned().unwrap_or(HeaderValue::from_static("-"));
+            let admin = req.headers().get(ADMIN_HEADER).cloned().unwrap_or(HeaderValue::from_static("-"));
             let leaked = req.headers().contains_key(HEADER);
             async move {
                 Ok::<_, Infallible>(
-                    Response::builder().header("client", client).header("leaked", leaked.to_string()).body(Body::empty()).unwrap(),
+                    Response::builder()
+                        .header("client", client)
+                        .header("admin", admin)
+                        .header("leaked", leaked.to_string())
+                        .body(Body::empty())
+                        .unwrap(),
                 )
             }
         });
@@ -98,7 +116,7 @@ mod tests {
         let pinned = Pinned { snapshot: Arc::new(Snapshot::build(&config, keys, None).unwrap_or_else(|e| panic!("{e}"))), route: None };
         let svc = ApiKeyLayer::layer().layer(inner);
         let send = |key: Option<&str>| {
-            let mut req = Request::post("/api/upload").header(CLIENT_HEADER, "forged");
+            let mut req = Request::post("/api/upload").header(CLIENT_HEADER, "forged").header(ADMIN_HEADER, "true");
             if let Some(k) = key {
                 req = req.header(HEADER, k);
             }
@@ -113,11 +131,27 @@ mod tests {
             assert_eq!(body["error"]["code"], "unauthorized");
         }
         assert_eq!(calls.load(Ordering::SeqCst), 0, "no upstream work before auth");
+        // Two keys, even a good one first: ambiguous, refused before any upstream work.
+        let mut two = Request::post("/api/upload").header(HEADER, "k-alice").header(HEADER, "wrong").body(Body::empty()).unwrap();
+        two.extensions_mut().insert(pinned.clone());
+        let res = svc.clone().oneshot(two).await.unwrap();
+        assert_eq!(res.status(), 400);
+        let body: serde_json::Value = serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(body["error"]["code"], "bad_request");
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "no upstream work for an ambiguous key");
         let res = send(Some("k-alice")).await.unwrap();
         assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["admin"], "-", "a client cannot make itself admin");
         assert_eq!(res.headers()["client"], "alice", "the forged client header was replaced");
         assert_eq!(res.headers()["leaked"], "false", "the key is not passed on");
         assert_eq!(res.extensions().get::<Arc<Client>>().map(|c| c.name.as_str()), Some("alice"));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // An admin key is told apart upstream.
+        let keys = ApiKeys::load_with_admins(&config, &[], &[("ops".into(), "k-ops".into())], None).unwrap();
+        let admin = Pinned { snapshot: Arc::new(Snapshot::build(&config, keys, None).unwrap_or_else(|e| panic!("{e}"))), route: None };
+        let mut req = Request::get("/api/status/x").header(HEADER, "k-ops").body(Body::empty()).unwrap();
+        req.extensions_mut().insert(admin);
+        let res = svc.clone().oneshot(req).await.unwrap();
+        assert_eq!((res.headers()["client"].to_str().unwrap(), res.headers()["admin"].to_str().unwrap()), ("ops", "true"));
     }
 }

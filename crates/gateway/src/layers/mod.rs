@@ -4,6 +4,7 @@
 pub mod access_log;
 pub mod api_key;
 pub mod bulkhead;
+pub mod output_limits;
 pub mod pin;
 pub mod rate_limit;
 pub mod request_id;
@@ -13,6 +14,7 @@ pub mod upload_guard;
 pub use access_log::AccessLogLayer;
 pub use api_key::ApiKeyLayer;
 pub use bulkhead::BulkheadLayer;
+pub use output_limits::OutputLimitsLayer;
 pub use pin::{PinLayer, Pinned};
 pub use rate_limit::RateLimitLayer;
 pub use request_id::RequestIdLayer;

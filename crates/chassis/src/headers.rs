@@ -1,0 +1,15 @@
+//! Headers the gateway sets for the services behind it. The gateway removes any client-sent
+//! value of each before it sets its own, so a service can trust them: the services listen on
+//! loopback (or a private network) and are reached through the gateway only.
+
+/// The name of the authenticated API key. Jobs belong to it; idempotency keys are scoped by it.
+pub const CLIENT: &str = "x-pixmesh-client";
+/// `true` when the key is an admin key: it may read every client's jobs.
+pub const ADMIN: &str = "x-pixmesh-admin";
+/// The most pixels an upload by this key may ask the pipeline to produce.
+pub const MAX_OUTPUT_PIXELS: &str = "x-pixmesh-max-output-pixels";
+/// The longest output side an upload by this key may ask for.
+pub const MAX_OUTPUT_SIDE: &str = "x-pixmesh-max-output-side";
+
+/// Every header above: what the gateway strips from client requests.
+pub const ALL: [&str; 4] = [CLIENT, ADMIN, MAX_OUTPUT_PIXELS, MAX_OUTPUT_SIDE];
