@@ -262,7 +262,7 @@ mod tests {
         assert_eq!(legacy.admission.available(), 2, "the slot taken before the reload still counts");
         assert_eq!((legacy.max_queue, legacy.max_queue_wait), (7, Duration::from_millis(20)), "the new queue settings apply");
         assert!(Arc::ptr_eq(&legacy.pool, &first.find("/legacy/x").unwrap().pool));
-        assert_eq!(first.find("/api/status/1").unwrap().max_queue, 256, "the gateway's default");
+        assert_eq!(first.find("/api/status/1").unwrap().max_queue, 128, "the gateway's default");
         drop(held);
         let mut changed = config();
         changed.upstreams.insert("legacy".into(), UpstreamConfig::Url("http://127.0.0.1:4".into()));
