@@ -15,12 +15,26 @@
 # the header bytes, the bytes that reached the upstream, the gateway's peak RSS, and the
 # legitimate uploads' p99 against a run without the flood.
 #
-# Usage: bench/gateway.sh        Env: SECONDS_PER_RUN (default 10), NGINX_WORKERS (default: cores)
+# Overload: nginx and pixmesh each at 1.5× its own knee (the req/s wrk measured for it above,
+# in the same run), open loop for SECONDS_PER_RUN: p99 of the requests served, the share
+# refused (an HTTP answer other than 2xx/3xx) and the share failed (no answer: refused or reset
+# connections, timeouts), and the time to first byte of a refusal. pixmesh runs here with its
+# default admission and upstream limits (max_in_flight 256 + a queue of 128 for 100 ms per
+# route, 1024 connections per instance, ejections capped at 50 % and never the last instance),
+# and with limits sized for this upstream (pixmesh-64).
+# A proxy that fails requests is reported, never a reason for the script to stop: every row
+# also shows its failed share.
+#
+# Usage: bench/gateway.sh
+# Env: SECONDS_PER_RUN (default 10), NGINX_WORKERS (default: cores), OVERLOAD_FACTOR (default 1.5),
+#      PROFILE (cargo profile, default release; `dev` for a quick smoke run of the script itself)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DUR="${SECONDS_PER_RUN:-10}"
 NGINX_WORKERS="${NGINX_WORKERS:-$(nproc)}"
+FACTOR="${OVERLOAD_FACTOR:-1.5}"
+PROFILE="${PROFILE:-release}"
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need nginx || ! need wrk; then
   echo "installing nginx and wrk ..." >&2
@@ -28,8 +42,10 @@ if ! need nginx || ! need wrk; then
 fi
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 
-cargo build --release -q -p pixmesh -p pixmesh-loadgen
-BIN="${CARGO_TARGET_DIR:-target}/release"
+cargo build --profile "$PROFILE" -q -p pixmesh -p pixmesh-loadgen
+# Where cargo put them (it knows its target directory, whatever set it).
+TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+BIN="$TARGET_DIR/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")"
 WORK="$(mktemp -d)"
 PIDS=()
 cleanup() {
@@ -74,16 +90,17 @@ start_nginx "$WORK/px" "$NGINX_WORKERS" "upstream app { server 127.0.0.1:$UP_POR
 wait_port "$PX_PORT"
 
 KEY="bench-key-$RANDOM$RANDOM"
-# Starts a pixmesh gateway with config $1 (routes part); sets GW_PID and GW_ADDR.
+# Starts a pixmesh gateway named $1 with the routes part $2 of its config, and the [gateway]
+# settings $3 (default: no admission limit to speak of); sets GW_PID, GW_ADDR and GW_ADMIN.
 start_gateway() {
-  local name="$1" routes="$2"
+  local name="$1" routes="$2" limits="${3-max_in_flight = 100000}"
   cat >"$WORK/$name.toml" <<CONF
 [gateway]
 listen = "127.0.0.1:0"
 access_log = false
 rate = "10000000/s"
 burst = 1000000
-max_in_flight = 100000
+$limits
 $routes
 CONF
   PIXMESH_API_KEY="$KEY" RUST_LOG=warn "$BIN/pixmesh" --config "$WORK/$name.toml" gateway >"$WORK/$name.out" 2>"$WORK/$name.err" &
@@ -97,11 +114,12 @@ CONF
   done
   echo "gateway $name did not start:" >&2; cat "$WORK/$name.err" >&2; return 1
 }
-start_gateway main "[gateway.upstreams]
+APP_ROUTES="[gateway.upstreams]
 app = \"http://127.0.0.1:$UP_PORT\"
 [[gateway.routes]]
 prefix = \"/\"
 upstream = \"app\""
+start_gateway main "$APP_ROUTES"
 
 # CPU ticks (user+sys) of a process and its children threads.
 ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo "$t"; }
@@ -109,24 +127,45 @@ nginx_pids() { local m; m=$(cat "$WORK/px/nginx.pid"); echo "$m $(pgrep -P "$m" 
 rss_kb() { local t=0; for p in "$@"; do t=$((t + $(awk '/VmRSS/{print $2}' "/proc/$p/status"))); done; echo "$t"; }
 HZ=$(getconf CLK_TCK)
 
-declare -A RPS CPU P50 P99 RSS
+# A field of a JSON document, or "-" when the document or the field is missing.
+field() { python3 -c 'import json,sys
+try:
+    v = json.loads(sys.argv[1])
+    for k in sys.argv[2].split("."): v = v[k]
+    print(f"{v:.3f}" if isinstance(v, float) else v)
+except Exception:
+    print("-")' "$1" "$2"; }
+# The failed share (refused + no answer) of a wrk run: non-2xx/3xx answers and socket errors
+# over all requests.
+wrk_failed() { python3 -c 'import re,sys
+out = sys.argv[1]
+m = re.search(r"(\d+) requests in", out); total = int(m.group(1)) if m else 0
+non2xx = sum(int(x) for x in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+sock = sum(int(x) for x in m.groups()) if m else 0
+print(f"{(non2xx + sock) / total:.4f}" if total else "-")' "$1"; }
+
+declare -A RPS CPU P50 P99 RSS FAILED
 measure() {
   local name="$1" url="$2" pids="$3" hdr=()
   [ "$name" = pixmesh ] && hdr=(-H "X-API-KEY: $KEY")
-  wrk -t1 -c50 -d2s "${hdr[@]}" "$url" >/dev/null # warm-up
+  wrk -t1 -c50 -d2s "${hdr[@]}" "$url" >/dev/null || true # warm-up
   local t0 t1 out
   t0=$( [ -n "$pids" ] && ticks $pids || echo 0)
-  out=$(wrk -t1 -c50 -d"${DUR}s" "${hdr[@]}" "$url")
+  out=$(wrk -t1 -c50 -d"${DUR}s" "${hdr[@]}" "$url" || true)
   t1=$( [ -n "$pids" ] && ticks $pids || echo 0)
   RPS[$name]=$(echo "$out" | awk '/Requests\/sec/{print $2}')
+  RPS[$name]=${RPS[$name]:--}
   local total; total=$(echo "$out" | awk '/requests in/{print $1}')
-  CPU[$name]=$(python3 -c "print(f'{($t1-$t0)/$HZ/$total*1e6:.1f}')")
+  CPU[$name]=$(python3 -c "print(f'{($t1-$t0)/$HZ/$total*1e6:.1f}')" 2>/dev/null || echo -)
+  FAILED[$name]="wrk $(wrk_failed "$out")"
   local keyarg=(); [ "$name" = pixmesh ] && keyarg=(--api-key "$KEY")
-  out=$("$BIN/pixmesh-loadgen" rate "$url" --rps 2000 --seconds "$DUR" "${keyarg[@]}")
-  P50[$name]=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["latency"]["p50_ms"])')
-  P99[$name]=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["latency"]["p99_ms"])')
+  out=$("$BIN/pixmesh-loadgen" rate "$url" --rps 2000 --seconds "$DUR" "${keyarg[@]}" || true)
+  P50[$name]=$(field "$out" latency.p50_ms)
+  P99[$name]=$(field "$out" latency.p99_ms)
+  FAILED[$name]="${FAILED[$name]}, 2k/s $(field "$out" failed_share)"
   if [ -n "$pids" ]; then
-    "$BIN/pixmesh-loadgen" rate "$url" --rps 10000 --seconds "$DUR" "${keyarg[@]}" >/dev/null
+    "$BIN/pixmesh-loadgen" rate "$url" --rps 10000 --seconds "$DUR" "${keyarg[@]}" >/dev/null || true
     RSS[$name]=$(python3 -c "print(f'{$(rss_kb $pids)/1024:.1f}')")
   else
     RSS[$name]=-
@@ -144,16 +183,52 @@ echo "measuring nginx ..." >&2; measure nginx "http://127.0.0.1:$PX_PORT/" "$(ng
 echo "measuring pixmesh ..." >&2; measure pixmesh "http://$GW_ADDR/" "$GW_PID"
 echo "measuring bare hyper ..." >&2; measure hyper "http://$BARE/" "$BARE_PID"
 
-ratio() { python3 -c "a,b=$1,$2; print(f'{a/b:.2f}' if b else '-')"; }
-added() { python3 -c "print(f'{$1-$2:.3f}')"; }
-printf '\n%-8s %10s %10s %9s %9s %10s %8s\n' proxy req/s cpu_us/req p50_ms p99_ms added_p99 rss_MB
+ratio() { python3 -c "a,b=$1,$2; print(f'{a/b:.2f}' if b else '-')" 2>/dev/null || echo -; }
+added() { python3 -c "print(f'{$1-$2:.3f}')" 2>/dev/null || echo -; }
+printf '\n%-8s %10s %10s %9s %9s %10s %8s  %s\n' proxy req/s cpu_us/req p50_ms p99_ms added_p99 rss_MB "failed share (wrk, 2k/s)"
 for n in direct nginx pixmesh hyper; do
   a=-; [ "$n" != direct ] && a=$(added "${P99[$n]}" "${P99[direct]}")
-  printf '%-8s %10s %10s %9s %9s %10s %8s\n' "$n" "${RPS[$n]}" "${CPU[$n]}" "${P50[$n]}" "${P99[$n]}" "$a" "${RSS[$n]}"
+  printf '%-8s %10s %10s %9s %9s %10s %8s  %s\n' "$n" "${RPS[$n]}" "${CPU[$n]}" "${P50[$n]}" "${P99[$n]}" "$a" "${RSS[$n]}" "${FAILED[$n]}"
 done
 echo "pixmesh/nginx: req/s $(ratio "${RPS[pixmesh]}" "${RPS[nginx]}"), cpu/req $(ratio "${CPU[pixmesh]}" "${CPU[nginx]}"), rss $(ratio "${RSS[pixmesh]}" "${RSS[nginx]}")"
 echo "hyper (bare hyper server + client, no gateway features)/nginx: req/s $(ratio "${RPS[hyper]}" "${RPS[nginx]}"), cpu/req $(ratio "${CPU[hyper]}" "${CPU[nginx]}")"
 echo "pixmesh/hyper: req/s $(ratio "${RPS[pixmesh]}" "${RPS[hyper]}"), cpu/req $(ratio "${CPU[pixmesh]}" "${CPU[hyper]}")"
+
+# --- overload --------------------------------------------------------------------------------
+# Each proxy at FACTOR × its own knee (wrk's req/s above). pixmesh twice, each in a gateway of
+# its own (the one above has its admission limit lifted for the throughput rows): with its
+# default limits, and with limits sized for this upstream (about knee × 8 ms in flight, a short
+# queue), which bound the served requests' latency closer.
+declare -A OVER OVER_NOTE
+TUNED="max_in_flight = 64
+max_queue = 64
+max_queue_ms = 50"
+for n in nginx pixmesh pixmesh-64; do
+  knee="${RPS[${n%-64}]}"
+  if [ "$knee" = - ]; then OVER[$n]=""; continue; fi
+  url="http://127.0.0.1:$PX_PORT/"; keyarg=()
+  if [ "$n" != nginx ]; then
+    start_gateway "over-$n" "$APP_ROUTES" "$([ "$n" = pixmesh-64 ] && echo "$TUNED")"
+    url="http://$GW_ADDR/"; keyarg=(--api-key "$KEY")
+  fi
+  echo "overload: $n at $FACTOR x $knee req/s ..." >&2
+  OVER[$n]=$("$BIN/pixmesh-loadgen" overload "$url" --knee "$knee" --factor "$FACTOR" --seconds "$DUR" "${keyarg[@]}" || true)
+  if [ "$n" != nginx ]; then
+    m=$(curl -s "http://$GW_ADMIN/metrics" || true)
+    sum() { echo "$m" | awk -v name="$1" 'index($0, name) == 1 && substr($0, length(name) + 1, 1) ~ /[{ ]/ {s += $NF} END {print s + 0}'; }
+    OVER_NOTE[$n]="admission refusals $(sum pixmesh_gateway_admission_refused_total), waits for an upstream connection $(sum pixmesh_gateway_upstream_slot_waits_total), ejections $(sum pixmesh_gateway_upstream_ejections_total) (held back by the cap: $(sum pixmesh_gateway_upstream_ejections_capped_total))"
+    kill "$GW_PID" 2>/dev/null || true
+  fi
+done
+printf '\noverload at %s x each proxy'"'"'s own knee, %s s open loop (pixmesh-64: max_in_flight 64, max_queue 64, max_queue_ms 50)\n' "$FACTOR" "$DUR"
+printf '%-11s %9s %11s %11s %11s %10s %11s %11s %9s\n' proxy req/s served_p50 served_p99 refused_sh failed_sh refusal_p50 refusal_p99 send_lag
+for n in nginx pixmesh pixmesh-64; do
+  o="${OVER[$n]}"
+  printf '%-11s %9s %11s %11s %11s %10s %11s %11s %9s\n' "$n" "$(field "$o" rps)" "$(field "$o" latency.p50_ms)" "$(field "$o" latency.p99_ms)" \
+    "$(field "$o" refused.share)" "$(field "$o" failed_share)" "$(field "$o" refused.ttfb.p50_ms)" "$(field "$o" refused.ttfb.p99_ms)" "$(field "$o" send_lag_max_ms)"
+  echo "            statuses $(field "$o" statuses), no answer $(field "$o" error_kinds)${OVER_NOTE[$n]:+; }${OVER_NOTE[$n]:-}"
+done
+echo "(refused_sh: HTTP answers other than 2xx/3xx; failed_sh: those and requests without an answer; refusal_*: time to first byte of a refusal, from when it was due; send_lag: the load generator's own lateness)"
 
 # --- flood -----------------------------------------------------------------------------------
 SINK_OUT="$WORK/sink.out"

@@ -4,11 +4,17 @@
 //! Safe to retry: a request with no body (the body is streamed, never kept, so it cannot be
 //! sent twice) whose connection was refused (nothing reached the upstream), or an idempotent
 //! one (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) that failed or got 502/503/504.
+//!
+//! Each attempt first takes a connection slot on its instance (`max_connections`), held until
+//! the response body is done. Waiting for one counts against the route's `timeout_ms`, which
+//! covers the whole request until the response headers, retries included. A request that gets
+//! no slot in time is refused with 503 and `Retry-After`, and the instance is not blamed: it is
+//! busy, not failing.
 
 use crate::layers::Pinned;
 use crate::layers::upload_guard::BodyOverLimit;
 use crate::snapshot::Route;
-use crate::upstream::{Clients, Outcome};
+use crate::upstream::{Clients, Outcome, Pool};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
@@ -101,10 +107,21 @@ async fn forward_inner(clients: &Clients, peer: SocketAddr, request: Request) ->
     let attempts = MAX_ATTEMPTS.min(route.pool.instances.len());
     let path_and_query = PathAndQuery::try_from(path_and_query)
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("cannot forward this path: {e}")))?;
+    let deadline = tokio::time::Instant::now() + route.timeout;
     while tried.len() < attempts {
         let Some(i) = route.pool.pick(&tried) else { break };
         tried.push(i);
         let uri = route.pool.instances[i].uri(&path_and_query)?;
+        let slot = match route.pool.instances[i].try_slot() {
+            Some(slot) => slot,
+            None => {
+                route.pool.metrics.slot_waits.increment(1);
+                match tokio::time::timeout_at(deadline, route.pool.instances[i].slot()).await {
+                    Ok(Some(slot)) => slot,
+                    _ => return Err(saturated(&route.pool, route.timeout.as_millis())),
+                }
+            }
+        };
         let mut request = http::Request::new(body.take().unwrap_or_default());
         *request.method_mut() = parts.method.clone();
         *request.uri_mut() = uri;
@@ -113,7 +130,7 @@ async fn forward_inner(clients: &Clients, peer: SocketAddr, request: Request) ->
             if tried.len() < attempts && bodiless { parts.headers.clone() } else { std::mem::take(&mut parts.headers) };
         *request.version_mut() = if route.pool.config.h2c { http::Version::HTTP_2 } else { http::Version::HTTP_11 };
         let started = std::time::Instant::now();
-        match tokio::time::timeout(route.timeout, clients.for_pool(&route.pool).request(request)).await {
+        match tokio::time::timeout_at(deadline, clients.for_pool(&route.pool).request(request)).await {
             Ok(Ok(response)) => {
                 let status = response.status();
                 let failed = matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT);
@@ -125,7 +142,12 @@ async fn forward_inner(clients: &Clients, peer: SocketAddr, request: Request) ->
                 route.pool.metrics.upstream_seconds.record(started.elapsed().as_secs_f64());
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                return Ok(Response::from_parts(parts, Body::new(body.map_err(axum::Error::new))));
+                // The connection is busy until the body is done: so is its slot.
+                let body = body.map_err(move |e| {
+                    let _held = &slot;
+                    axum::Error::new(e)
+                });
+                return Ok(Response::from_parts(parts, Body::new(body)));
             }
             Ok(Err(e)) => {
                 if cut.as_ref().is_some_and(BodyOverLimit::is_set) {
@@ -153,6 +175,15 @@ async fn forward_inner(clients: &Clients, peer: SocketAddr, request: Request) ->
         }
     }
     Err(last_error.unwrap_or_else(|| unavailable(&route)))
+}
+
+fn saturated(pool: &Pool, waited_ms: u128) -> ApiError {
+    pool.metrics.saturated.increment(1);
+    let message = format!(
+        "the {} service has all {} connections of its instance busy and none freed within {waited_ms} ms; retry later",
+        pool.name, pool.config.max_connections
+    );
+    ApiError::new(ErrorCode::Unavailable, message).with_retry_after(1)
 }
 
 fn unavailable(route: &Route) -> ApiError {

@@ -1,14 +1,15 @@
 //! One generation of the gateway's configuration, ready to serve: routes with their pools,
-//! bulkheads and metrics, and the API keys with their rate limiters.
+//! admission limits and metrics, and the API keys with their rate limiters.
 //!
 //! A reload builds a new [`Snapshot`] and swaps it in atomically. Each request pins the
 //! snapshot current when it arrived (see `layers::pin`), so a reload never changes the rules
 //! under a request in flight, and no connection is dropped. State that must outlive a reload
-//! (rate limiter cells, bulkhead permits, ejections) is carried over where its settings did
-//! not change.
+//! (rate limiter cells, admission slots and waiters, upstream connection slots, ejections) is
+//! carried over where its settings did not change.
 
 use crate::config::GatewayConfig;
 use crate::keys::{ApiKeys, quota};
+use crate::layers::admission::{Admission, AdmissionMetrics};
 use crate::sniff::Format;
 use crate::upstream::Pool;
 use arc_swap::ArcSwap;
@@ -21,7 +22,6 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
 
 /// Limits on an image body, after per-key overrides.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,8 +79,12 @@ pub struct Route {
     pub max_body_bytes: u64,
     pub image: Option<ImageLimits>,
     pub pool: Arc<Pool>,
-    pub max_in_flight: u32,
-    pub bulkhead: Arc<Semaphore>,
+    /// Slots (`max_in_flight`) and waiters; kept over reloads that keep `max_in_flight`.
+    pub admission: Arc<Admission>,
+    /// Requests that may wait for a slot, and for how long (this generation's settings).
+    pub max_queue: u32,
+    pub max_queue_wait: Duration,
+    pub admission_metrics: AdmissionMetrics,
     pub metrics: RouteMetrics,
 }
 
@@ -120,8 +124,9 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Builds a generation from `config` and `keys`, carrying over pools and bulkheads from
-    /// `previous` where their settings are unchanged.
+    /// Builds a generation from `config` and `keys`, carrying over pools (with their ejections
+    /// and connection slots) and admission state from `previous` where their settings are
+    /// unchanged.
     pub fn build(config: &GatewayConfig, keys: ApiKeys, previous: Option<&Snapshot>) -> Result<Snapshot, String> {
         let mut pools: BTreeMap<&str, Arc<Pool>> = BTreeMap::new();
         for (name, upstream) in &config.upstreams {
@@ -136,10 +141,12 @@ impl Snapshot {
                 .cloned()
                 .ok_or_else(|| format!("route {} names upstream {:?}, which has no URL", r.prefix, r.upstream))?;
             let max_in_flight = r.max_in_flight.unwrap_or(config.max_in_flight);
-            let bulkhead = previous
-                .and_then(|p| p.routes.iter().find(|o| o.prefix == r.prefix && o.max_in_flight == max_in_flight))
-                .map(|o| Arc::clone(&o.bulkhead))
-                .unwrap_or_else(|| Arc::new(Semaphore::new(max_in_flight as usize)));
+            // Requests admitted or waiting under the previous generation still count; a new
+            // `max_in_flight` starts afresh (the old requests finish under their old limit).
+            let admission = previous
+                .and_then(|p| p.routes.iter().find(|o| o.prefix == r.prefix && o.admission.max_in_flight() == max_in_flight))
+                .map(|o| Arc::clone(&o.admission))
+                .unwrap_or_else(|| Arc::new(Admission::new(max_in_flight)));
             let image = r.image.as_ref().map(|i| ImageLimits {
                 max_pixels: i.max_pixels,
                 max_side: i.max_side,
@@ -157,8 +164,10 @@ impl Snapshot {
                 max_body_bytes: r.max_body_bytes.unwrap_or(config.max_body_bytes),
                 image,
                 pool,
-                max_in_flight,
-                bulkhead,
+                admission,
+                max_queue: r.max_queue.unwrap_or(config.max_queue),
+                max_queue_wait: Duration::from_millis(r.max_queue_ms.unwrap_or(config.max_queue_ms)),
+                admission_metrics: AdmissionMetrics::new(&r.prefix),
                 metrics: RouteMetrics::new(&r.prefix),
             }));
         }
@@ -220,6 +229,8 @@ mod tests {
             timeout_ms: None,
             max_body_bytes: None,
             max_in_flight: Some(3),
+            max_queue: Some(1),
+            max_queue_ms: None,
             image: None,
         });
         c
@@ -245,13 +256,18 @@ mod tests {
     }
 
     #[test]
-    fn a_reload_keeps_unchanged_pools_and_bulkheads() {
+    fn a_reload_keeps_unchanged_pools_and_admission() {
         let first = Snapshot::build(&config(), ApiKeys::default(), None).unwrap();
-        let held = Arc::clone(&first.find("/legacy/x").unwrap().bulkhead).try_acquire_owned().unwrap();
-        let second = Snapshot::build(&config(), ApiKeys::default(), Some(&first)).unwrap();
+        let held = first.find("/legacy/x").unwrap().admission.try_admit().unwrap();
+        let mut queue_changed = config();
+        queue_changed.routes.last_mut().unwrap().max_queue = Some(7);
+        queue_changed.routes.last_mut().unwrap().max_queue_ms = Some(20);
+        let second = Snapshot::build(&queue_changed, ApiKeys::default(), Some(&first)).unwrap();
         let legacy = second.find("/legacy/x").unwrap();
-        assert_eq!(legacy.bulkhead.available_permits(), 2, "the permit taken before the reload still counts");
+        assert_eq!(legacy.admission.available(), 2, "the slot taken before the reload still counts");
+        assert_eq!((legacy.max_queue, legacy.max_queue_wait), (7, Duration::from_millis(20)), "the new queue settings apply");
         assert!(Arc::ptr_eq(&legacy.pool, &first.find("/legacy/x").unwrap().pool));
+        assert_eq!(first.find("/api/status/1").unwrap().max_queue, 128, "the gateway's default");
         drop(held);
         let mut changed = config();
         changed.upstreams.insert("legacy".into(), UpstreamConfig::Url("http://127.0.0.1:4".into()));
@@ -259,6 +275,6 @@ mod tests {
         let third = Snapshot::build(&changed, ApiKeys::default(), Some(&second)).unwrap();
         let legacy = third.find("/legacy/x").unwrap();
         assert_eq!(legacy.pool.instances[0].base, "http://127.0.0.1:4");
-        assert_eq!(legacy.bulkhead.available_permits(), 5);
+        assert_eq!(legacy.admission.available(), 5);
     }
 }

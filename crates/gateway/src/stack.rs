@@ -2,7 +2,7 @@
 //! passes the layers in this order, and the response comes back through them in reverse.
 
 use crate::layers::{
-    AccessLogLayer, ApiKeyLayer, BulkheadLayer, OutputLimitsLayer, PinLayer, RateLimitLayer, RequestIdLayer, TraceparentLayer,
+    AccessLogLayer, AdmissionLayer, ApiKeyLayer, OutputLimitsLayer, PinLayer, RateLimitLayer, RequestIdLayer, TraceparentLayer,
     UploadGuardLayer,
 };
 use crate::proxy;
@@ -29,7 +29,9 @@ pub fn app(shared: Shared, clients: Clients) -> Router {
         .layer(OutputLimitsLayer::layer())
         // Body limits, and image size from the header bytes, before anything is forwarded.
         .layer(UploadGuardLayer::layer())
-        // Last: only requests that will really be forwarded take a slot.
-        .layer(BulkheadLayer::layer());
+        // Last: only requests that will really be forwarded take a slot (or wait in the route's
+        // bounded queue); past it a fast 503. After the guard, so a slow client sending its
+        // image header holds no slot; the guard reads at most `probe_bytes` before it.
+        .layer(AdmissionLayer::layer());
     Router::new().fallback(proxy::forward).with_state(clients).layer(interceptors)
 }

@@ -1,5 +1,5 @@
 //! The interceptors against real upstream servers on 127.0.0.1: what the upload guard stops
-//! (and that the upstream sees nothing of it), per-key rate limits, the bulkhead, upstream
+//! (and that the upstream sees nothing of it), per-key rate limits, route admission, upstream
 //! pools with passive ejection and retries, h2c upstreams, and reloads while serving.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
@@ -80,6 +80,8 @@ fn route(prefix: &str, upstream: &str) -> RouteConfig {
         timeout_ms: Some(5_000),
         max_body_bytes: None,
         max_in_flight: None,
+        max_queue: None,
+        max_queue_ms: None,
         image: None,
     }
 }
@@ -257,11 +259,11 @@ async fn keys_are_rate_limited_with_retry_after() {
 }
 
 #[tokio::test]
-async fn the_bulkhead_sheds_load_past_its_limit() {
+async fn without_a_queue_admission_sheds_load_past_its_limit() {
     let (up, _) = upstream().await;
     let mut c = config(&up);
     c.upstreams.insert("slow".into(), UpstreamConfig::Url(up.clone()));
-    c.routes.push(RouteConfig { max_in_flight: Some(1), ..route("/slow", "slow") });
+    c.routes.push(RouteConfig { max_in_flight: Some(1), max_queue: Some(0), ..route("/slow", "slow") });
     let (gw, shutdown) = start(Source::fixed(c, vec![])).await;
     let client = reqwest::Client::new();
     let get = || client.get(format!("http://{gw}/slow")).header("x-api-key", "k-trusted").send();

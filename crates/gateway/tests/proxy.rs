@@ -49,6 +49,8 @@ async fn gateway(upstream_url: &str) -> (String, Shutdown) {
         timeout_ms: Some(5_000),
         max_body_bytes: Some(12 * 1024 * 1024),
         max_in_flight: None,
+        max_queue: None,
+        max_queue_ms: None,
         image: None,
     });
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -5,7 +5,11 @@
 //! cannot count what reached the upstream. These three modes do:
 //!
 //! - `rate`: an open-loop GET load at a fixed rate; latency is measured from each request's
-//!   scheduled time, so a stall counts against every request it delays.
+//!   scheduled time, so a stall counts against every request it delays. Served requests,
+//!   refusals (any HTTP answer that is not 2xx/3xx, timed to their first byte) and errors (no
+//!   answer) are reported apart, and failed requests never fail the run (see `open_loop.rs`).
+//! - `overload`: the same at a multiple of a proxy's knee (its saturation throughput), to see
+//!   whether it sheds the excess (fast refusals, served requests still fast) or collapses.
 //! - `flood`: many clients POST huge uploads whose image header says 7680×4320 (half with a
 //!   `Content-Length`, half chunked); the time from the header bytes to the refusal is measured,
 //!   while legitimate small uploads run at a fixed rate beside them.
@@ -15,14 +19,16 @@
 //! Results are printed as one JSON object.
 
 mod balance;
+mod open_loop;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use open_loop::{fixed_rate, percentiles};
 use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,7 +45,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Mode {
-    /// Fixed-rate GETs; prints latency percentiles.
+    /// Fixed-rate GETs; prints latency percentiles of the served requests, the refusals with
+    /// their time to first byte, and the errors.
     Rate {
         url: String,
         #[arg(long, default_value_t = 2000)]
@@ -48,6 +55,24 @@ enum Mode {
         seconds: u64,
         #[arg(long)]
         api_key: Option<String>,
+        /// A request without its whole answer after this long counts as an error.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+    /// Fixed-rate GETs at `factor` × `knee` req/s (the knee: the proxy's saturation throughput,
+    /// e.g. wrk's closed-loop req/s); the same report as `rate`.
+    Overload {
+        url: String,
+        #[arg(long)]
+        knee: f64,
+        #[arg(long, default_value_t = 1.5)]
+        factor: f64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long)]
+        api_key: Option<String>,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
     },
     /// Upload flood with legitimate uploads beside it.
     Flood {
@@ -112,64 +137,6 @@ enum Mode {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
     },
-}
-
-fn percentiles(mut micros: Vec<u64>) -> serde_json::Value {
-    micros.sort_unstable();
-    let at =
-        |q: f64| micros.get(((micros.len() as f64 * q) as usize).min(micros.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1e3;
-    json!({ "count": micros.len(), "p50_ms": at(0.50), "p90_ms": at(0.90), "p99_ms": at(0.99), "p999_ms": at(0.999), "max_ms": at(1.0) })
-}
-
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-fn client() -> HttpClient {
-    let mut c = HttpConnector::new();
-    c.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(c)
-}
-
-/// Sends `make()` at `rps` for `seconds`; returns latencies (µs, from the scheduled time) and errors.
-async fn fixed_rate<F>(rps: u64, seconds: u64, make: F) -> (Vec<u64>, u64, serde_json::Value)
-where
-    F: Fn() -> http::Request<Full<Bytes>>,
-{
-    let client = client();
-    let latencies = Arc::new(Mutex::new(Vec::with_capacity((rps * seconds) as usize)));
-    let errors = Arc::new(AtomicU64::new(0));
-    let statuses = Arc::new(Mutex::new(std::collections::BTreeMap::<u16, u64>::new()));
-    let start = tokio::time::Instant::now();
-    let total = rps * seconds;
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..total {
-        let due = start + Duration::from_nanos(i * 1_000_000_000 / rps.max(1));
-        tokio::time::sleep_until(due).await;
-        let (client, latencies, errors, statuses) = (client.clone(), Arc::clone(&latencies), Arc::clone(&errors), Arc::clone(&statuses));
-        let request = make();
-        tasks.spawn(async move {
-            match client.request(request).await {
-                Ok(res) => {
-                    let status = res.status().as_u16();
-                    let ok = res.into_body().collect().await.is_ok();
-                    let took = due.elapsed().as_micros() as u64;
-                    if ok {
-                        latencies.lock().await.push(took);
-                    } else {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                    *statuses.lock().await.entry(status).or_default() += 1;
-                }
-                Err(_) => {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        });
-        while tasks.try_join_next().is_some() {}
-    }
-    while tasks.join_next().await.is_some() {}
-    let l = std::mem::take(&mut *latencies.lock().await);
-    let s = statuses.lock().await.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>();
-    (l, errors.load(Ordering::Relaxed), serde_json::Value::Object(s))
 }
 
 /// A JPEG header (SOI, APP0, SOF0) claiming `w`×`h`, padded with `len - header` filler bytes.
@@ -262,7 +229,7 @@ async fn flood(addr: String, path: String, clients: usize, bytes: u64, seconds: 
         });
         let url = format!("http://{addr}{path}?legit=1");
         Some(
-            fixed_rate(legit_rps, seconds, || {
+            fixed_rate(legit_rps, seconds, Duration::from_secs(30), || {
                 http::Request::post(&url)
                     .header("x-api-key", &key)
                     .header("content-type", "image/jpeg")
@@ -277,7 +244,7 @@ async fn flood(addr: String, path: String, clients: usize, bytes: u64, seconds: 
     while attackers.join_next().await.is_some() {}
     let r = std::mem::take(&mut *results.lock().await);
     let statuses: serde_json::Map<_, _> = r.1.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
-    let legit = legit.map(|(l, errors, statuses)| json!({ "latency": percentiles(l), "errors": errors, "statuses": statuses }));
+    let legit = legit.map(|o| o.report());
     println!(
         "{}",
         json!({ "flood": { "requests": r.3, "reject_latency": percentiles(r.0), "statuses": statuses, "errors": r.2 }, "legit": legit })
@@ -348,28 +315,36 @@ async fn bare_proxy(listen: String, upstream: String) -> anyhow::Result<()> {
     }
 }
 
+/// Fixed-rate GETs of `url`; the report of [`open_loop::Outcomes`].
+async fn rate(url: &str, rps: u64, seconds: u64, api_key: Option<String>, timeout_ms: u64) -> anyhow::Result<serde_json::Value> {
+    let uri: http::Uri = url.parse().context("bad URL")?;
+    let outcomes = fixed_rate(rps, seconds, Duration::from_millis(timeout_ms), || {
+        let mut b = http::Request::get(uri.clone());
+        if let Some(k) = &api_key {
+            b = b.header("x-api-key", k);
+        }
+        b.body(Full::new(Bytes::new())).unwrap_or_default()
+    })
+    .await;
+    Ok(outcomes.report())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.mode {
-            Mode::Rate { url, rps, seconds, api_key } => {
-                let uri: http::Uri = url.parse().context("bad URL")?;
-                let (l, errors, statuses) = fixed_rate(rps, seconds, || {
-                    let mut b = http::Request::get(uri.clone());
-                    if let Some(k) = &api_key {
-                        b = b.header("x-api-key", k);
-                    }
-                    b.body(Full::new(Bytes::new())).unwrap_or_default()
-                })
-                .await;
-                println!(
-                    "{}",
-                    json!({ "rps": rps, "seconds": seconds, "latency": percentiles(l), "errors": errors, "statuses": statuses })
-                );
-                if errors > rps * seconds / 100 {
-                    bail!("{errors} requests failed");
-                }
+            Mode::Rate { url, rps, seconds, api_key, timeout_ms } => {
+                println!("{}", rate(&url, rps, seconds, api_key, timeout_ms).await?);
+                Ok(())
+            }
+            Mode::Overload { url, knee, factor, seconds, api_key, timeout_ms } => {
+                anyhow::ensure!(knee >= 1.0 && factor > 0.0, "--knee must be at least 1 req/s and --factor above 0");
+                let rps = (knee * factor).round() as u64;
+                let mut report = rate(&url, rps, seconds, api_key, timeout_ms).await?;
+                report["knee"] = json!(knee);
+                report["factor"] = json!(factor);
+                println!("{report}");
                 Ok(())
             }
             Mode::Flood { addr, path, clients, bytes, seconds, legit_rps, api_key } => {

@@ -2,8 +2,8 @@
 //! The order they run in is decided in one place, [`crate::stack::app`].
 
 pub mod access_log;
+pub mod admission;
 pub mod api_key;
-pub mod bulkhead;
 pub mod output_limits;
 pub mod pin;
 pub mod rate_limit;
@@ -12,8 +12,8 @@ pub mod traceparent;
 pub mod upload_guard;
 
 pub use access_log::AccessLogLayer;
+pub use admission::AdmissionLayer;
 pub use api_key::ApiKeyLayer;
-pub use bulkhead::BulkheadLayer;
 pub use output_limits::OutputLimitsLayer;
 pub use pin::{PinLayer, Pinned};
 pub use rate_limit::RateLimitLayer;

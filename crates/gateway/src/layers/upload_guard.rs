@@ -84,8 +84,9 @@ fn refuse(body: Body, error: ApiError, since: Instant) -> Response<Body> {
 }
 
 /// Reads and throws away the rest of a refused body for a short while (bounded), in the
-/// background, so the refusal reaches the client before the connection is reset.
-fn linger(mut body: Body) {
+/// background, so the refusal reaches the client before the connection is reset. Admission
+/// refusals use it too.
+pub(super) fn linger(mut body: Body) {
     tokio::spawn(async move {
         let mut drained = 0u64;
         let _ = tokio::time::timeout(LINGER, async {
