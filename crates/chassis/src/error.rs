@@ -51,14 +51,26 @@ pub enum ErrorCode {
     Internal,
 }
 
+/// Whether trying again (on another instance) can help, and how often.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// The same request fails the same way everywhere (the request's fault).
+    Never,
+    /// Either the instance's fault or the request's (a bug that one input triggers, a panic):
+    /// tried once more on another instance, and that answer is final. An input that crashes
+    /// the code must not be sent round every instance.
+    Once,
+    /// The instance's or the moment's fault: tried again (within the caller's retry budget).
+    Yes,
+}
+
 /// One row of the table.
 struct Row {
     code: ErrorCode,
     name: &'static str,
     http: StatusCode,
     grpc: tonic::Code,
-    /// True when trying again (maybe elsewhere) can succeed.
-    retryable: bool,
+    retry: Retry,
 }
 
 const TABLE: &[Row] = &[
@@ -67,50 +79,50 @@ const TABLE: &[Row] = &[
         name: "bad_request",
         http: StatusCode::BAD_REQUEST,
         grpc: tonic::Code::InvalidArgument,
-        retryable: false,
+        retry: Retry::Never,
     },
     Row {
         code: ErrorCode::Unauthorized,
         name: "unauthorized",
         http: StatusCode::UNAUTHORIZED,
         grpc: tonic::Code::Unauthenticated,
-        retryable: false,
+        retry: Retry::Never,
     },
     Row {
         code: ErrorCode::Forbidden,
         name: "forbidden",
         http: StatusCode::FORBIDDEN,
         grpc: tonic::Code::PermissionDenied,
-        retryable: false,
+        retry: Retry::Never,
     },
-    Row { code: ErrorCode::NotFound, name: "not_found", http: StatusCode::NOT_FOUND, grpc: tonic::Code::NotFound, retryable: false },
+    Row { code: ErrorCode::NotFound, name: "not_found", http: StatusCode::NOT_FOUND, grpc: tonic::Code::NotFound, retry: Retry::Never },
     Row {
         code: ErrorCode::MethodNotAllowed,
         name: "method_not_allowed",
         http: StatusCode::METHOD_NOT_ALLOWED,
         grpc: tonic::Code::Unimplemented,
-        retryable: false,
+        retry: Retry::Never,
     },
     Row {
         code: ErrorCode::NotReady,
         name: "not_ready",
         http: StatusCode::CONFLICT,
         grpc: tonic::Code::FailedPrecondition,
-        retryable: true,
+        retry: Retry::Yes,
     },
     Row {
         code: ErrorCode::IdempotencyConflict,
         name: "idempotency_conflict",
         http: StatusCode::UNPROCESSABLE_ENTITY,
         grpc: tonic::Code::AlreadyExists,
-        retryable: false,
+        retry: Retry::Never,
     },
     Row {
         code: ErrorCode::PayloadTooLarge,
         name: "payload_too_large",
         http: StatusCode::PAYLOAD_TOO_LARGE,
         grpc: tonic::Code::OutOfRange,
-        retryable: false,
+        retry: Retry::Never,
     },
     Row {
         code: ErrorCode::UriTooLong,
@@ -131,56 +143,56 @@ const TABLE: &[Row] = &[
         name: "image_too_large",
         http: StatusCode::PAYLOAD_TOO_LARGE,
         grpc: tonic::Code::OutOfRange,
-        retryable: false,
+        retry: Retry::Never,
     },
     Row {
         code: ErrorCode::UnsupportedFormat,
         name: "unsupported_format",
         http: StatusCode::UNSUPPORTED_MEDIA_TYPE,
         grpc: tonic::Code::InvalidArgument,
-        retryable: false,
+        retry: Retry::Never,
     },
     Row {
         code: ErrorCode::CorruptImage,
         name: "corrupt_image",
         http: StatusCode::UNPROCESSABLE_ENTITY,
         grpc: tonic::Code::InvalidArgument,
-        retryable: false,
+        retry: Retry::Never,
     },
     Row {
         code: ErrorCode::LimitExceeded,
         name: "limit_exceeded",
         http: StatusCode::UNPROCESSABLE_ENTITY,
         grpc: tonic::Code::FailedPrecondition,
-        retryable: false,
+        retry: Retry::Never,
     },
     Row {
         code: ErrorCode::RateLimited,
         name: "rate_limited",
         http: StatusCode::TOO_MANY_REQUESTS,
         grpc: tonic::Code::ResourceExhausted,
-        retryable: true,
+        retry: Retry::Yes,
     },
     Row {
         code: ErrorCode::Unavailable,
         name: "unavailable",
         http: StatusCode::SERVICE_UNAVAILABLE,
         grpc: tonic::Code::Unavailable,
-        retryable: true,
+        retry: Retry::Yes,
     },
     Row {
         code: ErrorCode::Timeout,
         name: "timeout",
         http: StatusCode::GATEWAY_TIMEOUT,
         grpc: tonic::Code::DeadlineExceeded,
-        retryable: true,
+        retry: Retry::Yes,
     },
     Row {
         code: ErrorCode::Internal,
         name: "internal",
         http: StatusCode::INTERNAL_SERVER_ERROR,
         grpc: tonic::Code::Internal,
-        retryable: true,
+        retry: Retry::Once,
     },
 ];
 
@@ -216,7 +228,12 @@ impl ErrorCode {
 
     /// True when a retry (possibly on another instance) can succeed.
     pub fn is_retryable(self) -> bool {
-        self.row().retryable
+        self.row().retry != Retry::Never
+    }
+
+    /// How often a failure with this code is tried again.
+    pub fn retry(self) -> Retry {
+        self.row().retry
     }
 
     /// The code to assume for a gRPC status that carries no pixmesh code
@@ -334,6 +351,11 @@ mod tests {
         check(ErrorCode::CorruptImage, 422, false);
         check(ErrorCode::Unavailable, 503, true);
         check(ErrorCode::NotReady, 409, true);
+        // A failure inside pixmesh may be the instance's or the input's: one more try, no more.
+        assert_eq!(ErrorCode::Internal.retry(), Retry::Once);
+        assert!(ErrorCode::Internal.is_retryable());
+        assert_eq!(ErrorCode::Unavailable.retry(), Retry::Yes);
+        assert_eq!(ErrorCode::CorruptImage.retry(), Retry::Never);
     }
 
     #[test]

@@ -2,6 +2,7 @@ use crate::DistributorConfig;
 use crate::budget::{RetryBudget, remaining};
 use crate::workers::WorkerSet;
 use bytes::Bytes;
+use pixmesh_chassis::error::Retry;
 use pixmesh_chassis::{ApiError, ErrorCode, Shutdown};
 use pixmesh_proto::v1::ProcessRequest;
 use pixmesh_store::{Job, JobError, JobResult, StoreError, Stores};
@@ -124,6 +125,11 @@ impl Dispatcher {
         let lease = Duration::from_millis(self.config.lease_ms);
         let mut tried: Vec<String> = Vec::new();
         let mut last_error = ApiError::new(ErrorCode::Unavailable, "no image worker is available");
+        // A failure the table allows one more try for (`Retry::Once`: `internal`, e.g. a
+        // worker that panicked on this input). Once set, the next try is the last: if it does
+        // not succeed, or cannot be made, the job fails with this error instead of going back
+        // to the queue, so an input that crashes workers costs at most two calls in all.
+        let mut final_try: Option<ApiError> = None;
         // One deadline for the whole claim: each call gets what the earlier ones left of it.
         let started = tokio::time::Instant::now();
         for try_index in 0..self.config.tries_per_claim {
@@ -152,7 +158,7 @@ impl Dispatcher {
                     tracing::info!(job = %job.id, attempt = job.attempt, worker = %endpoint.address, width = result.width, height = result.height, "job succeeded");
                     return Ok(Outcome::Succeeded);
                 }
-                Err(CallFailure { error, .. }) if !error.code.is_retryable() => {
+                Err(CallFailure { error, .. }) if error.code.retry() == Retry::Never => {
                     // The image's fault, not the worker's.
                     slot.finish(false);
                     jobs.fail(&job.id, job.attempt, &job_error(&error)).await?;
@@ -165,13 +171,26 @@ impl Dispatcher {
                     } else {
                         slot.finish(true);
                     }
-                    tracing::warn!(job = %job.id, attempt = job.attempt, worker = %endpoint.address, code = %error.code, reason = %error.message, "worker call failed; trying another worker");
                     metrics::counter!("pixmesh_distributor_worker_failures_total", "code" => error.code.as_str()).increment(1);
+                    if let Some(first) = final_try {
+                        tracing::warn!(job = %job.id, attempt = job.attempt, worker = %endpoint.address, code = %error.code, reason = %error.message, first = %first.code, "the one retry after an internal failure failed too; the job fails");
+                        jobs.fail(&job.id, job.attempt, &job_error(&first)).await?;
+                        return Ok(Outcome::Failed);
+                    }
+                    tracing::warn!(job = %job.id, attempt = job.attempt, worker = %endpoint.address, code = %error.code, reason = %error.message, "worker call failed; trying another worker");
                     jobs.record_retry(&job.id, job.attempt, &endpoint.address, &job_error(&error)).await?;
                     tried.push(endpoint.address.clone());
+                    if error.code.retry() == Retry::Once {
+                        final_try = Some(error.clone());
+                    }
                     last_error = error;
                 }
             }
+        }
+        if let Some(error) = final_try {
+            tracing::warn!(job = %job.id, attempt = job.attempt, code = %error.code, reason = %error.message, "no retry could be made after an internal failure; the job fails");
+            jobs.fail(&job.id, job.attempt, &job_error(&error)).await?;
+            return Ok(Outcome::Failed);
         }
         let delay = Duration::from_millis(self.config.retry_delay_ms);
         jobs.release(&job.id, job.attempt, &job_error(&last_error), delay).await?;

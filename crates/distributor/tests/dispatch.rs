@@ -126,3 +126,94 @@ async fn dead_workers_are_retried_elsewhere_and_bad_images_fail_once() {
     running.await.unwrap();
     live_stop.trigger();
 }
+
+/// A worker whose pool panics on any image containing `marker` (its fault-injection option).
+async fn panicking_worker(marker: &str) -> (String, Shutdown) {
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = grpc.local_addr().unwrap().to_string();
+    let shutdown = Shutdown::new();
+    let config = pixmesh_worker::WorkerConfig { threads: 2, fault_panic_marker: marker.into(), ..Default::default() };
+    config.validate().unwrap();
+    tokio::spawn(pixmesh_worker::run(config, grpc, admin, shutdown.clone()));
+    (addr, shutdown)
+}
+
+/// A JPEG carrying `text` in a comment segment.
+fn jpeg_with_comment(text: &str) -> Vec<u8> {
+    let jpeg = pixmesh_test_support::jpeg(200, 100);
+    let mut out = jpeg[..2].to_vec();
+    out.extend_from_slice(&[0xFF, 0xFE]);
+    out.extend_from_slice(&((text.len() + 2) as u16).to_be_bytes());
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&jpeg[2..]);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_internal_failure_is_retried_once_on_another_worker_then_the_job_fails() {
+    const MARKER: &str = "dispatch-test: panic on this image";
+    // The workers run in this process: their panics are counted in its metrics (no other
+    // test here makes a worker panic).
+    pixmesh_chassis::telemetry::init_metrics("test");
+    let panics = || {
+        let text = pixmesh_chassis::telemetry::render_metrics();
+        text.lines()
+            .filter(|l| l.starts_with("pixmesh_worker_panics_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let mut panics_before = 0.0;
+    for (worker_count, calls) in [(3, 2.0), (1, 1.0)] {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = Stores::open(&StoreConfig::default().with_data_dir(dir.path())).await.unwrap();
+        let mut addresses = Vec::new();
+        let mut stops = Vec::new();
+        for _ in 0..worker_count {
+            let (addr, stop) = panicking_worker(MARKER).await;
+            addresses.push(addr);
+            stops.push(stop);
+        }
+        let config = DistributorConfig { workers: addresses, call_timeout_ms: 10_000, ..DistributorConfig::default() };
+        let workers = WorkerSet::with_breaker(Duration::from_millis(config.call_timeout_ms), &config.breaker);
+        let source = pixmesh_distributor::discovery::from_config(&config).unwrap();
+        let discovery_stop = Shutdown::new();
+        let _discovery = pixmesh_distributor::discovery::spawn(source, workers.clone(), Duration::from_millis(100), discovery_stop.clone());
+        while workers.len() < worker_count {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        submit(&stores, "poison", jpeg_with_comment(MARKER)).await;
+        submit(&stores, "good", jpeg_with_comment("an ordinary comment")).await;
+
+        let shutdown = Shutdown::new();
+        let dispatcher = Dispatcher::new(config, stores.clone(), workers.clone(), "test-distributor".into());
+        let running = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { dispatcher.run(shutdown).await }
+        });
+        wait_all_terminal(&stores, &["poison".to_string(), "good".to_string()]).await;
+
+        let good = stores.jobs.get("good").await.unwrap().unwrap();
+        assert_eq!(good.state, JobState::Succeeded, "{worker_count} workers: {:?}", good.error);
+        let poison = stores.jobs.get("poison").await.unwrap().unwrap();
+        assert_eq!(poison.state, JobState::Failed, "{worker_count} workers");
+        assert_eq!(poison.attempt, 1, "{worker_count} workers: never sent back to the queue");
+        let error = poison.error.unwrap();
+        assert_eq!(error.code, "internal");
+        assert_eq!(error.message, "the image could not be processed: an internal error occurred");
+        // Two calls with three workers (the retry failed too); one with a single worker (no
+        // other worker to retry on): the job fails rather than wait for a worker it crashed.
+        let events = stores.jobs.events("poison").await.unwrap();
+        let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, vec![EventKind::Accepted, EventKind::Claimed, EventKind::Retried, EventKind::Failed], "{worker_count} workers");
+        assert_eq!(panics() - panics_before, calls, "{worker_count} workers: calls that panicked");
+        panics_before = panics();
+
+        shutdown.trigger();
+        running.await.unwrap();
+        discovery_stop.trigger();
+        for stop in stops {
+            stop.trigger();
+        }
+    }
+}

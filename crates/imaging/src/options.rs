@@ -261,11 +261,17 @@ impl Options {
             return Err(ImagingError::BadOptions(format!("rotate must be 0, 90, 180 or 270, got {}", self.rotate)));
         }
         for (name, value, max) in [("blur", self.blur, 100.0), ("sharpen", self.sharpen, 10.0)] {
+            // NaN is outside every range; said explicitly, since `NaN > x` is false both ways.
             if let Some(v) = value
-                && !(0.3..=max).contains(&v)
+                && (!v.is_finite() || !(0.3..=max).contains(&v))
             {
-                return Err(ImagingError::BadOptions(format!("{name} must be between 0.3 and {max}, got {v}")));
+                return Err(ImagingError::BadOptions(format!("{name} must be a number between 0.3 and {max}, got {v}")));
             }
+        }
+        if let Some(c) = self.crop
+            && (c.width == 0 || c.height == 0)
+        {
+            return Err(ImagingError::BadOptions(format!("crop width and height must be above 0, got {}x{}", c.width, c.height)));
         }
         Ok(())
     }
@@ -350,8 +356,19 @@ mod tests {
             Options { rotate: 45, ..Options::default() },
             Options { blur: Some(0.1), ..Options::default() },
             Options { sharpen: Some(50.0), ..Options::default() },
+            Options { blur: Some(f32::NAN), ..Options::default() },
+            Options { blur: Some(f32::INFINITY), ..Options::default() },
+            Options { blur: Some(-1.0), ..Options::default() },
+            Options { blur: Some(1e9), ..Options::default() },
+            Options { sharpen: Some(f32::NAN), ..Options::default() },
+            Options { sharpen: Some(f32::NEG_INFINITY), ..Options::default() },
+            Options { sharpen: Some(-0.5), ..Options::default() },
+            Options { crop: Some(Crop { x: 0, y: 0, width: 0, height: 5 }), ..Options::default() },
+            Options { crop: Some(Crop { x: 0, y: 0, width: 5, height: 0 }), ..Options::default() },
         ] {
             assert!(matches!(bad.validate(), Err(ImagingError::BadOptions(_))), "{bad:?}");
         }
+        let edges = Options { blur: Some(0.3), sharpen: Some(10.0), crop: Some(Crop { x: 0, y: 0, width: 1, height: 1 }), ..ok };
+        assert!(edges.validate().is_ok());
     }
 }

@@ -34,7 +34,7 @@ pub fn probe(bytes: &[u8], limits: &Limits) -> Result<Probe, ImagingError> {
     if format == Format::Jpeg
         && let Ok(header) = crate::jpeg::read_header(bytes)
     {
-        check_dimensions(header.width, header.height, limits)?;
+        check_dimensions(Format::Jpeg, header.width, header.height, limits)?;
         return Ok(Probe { format, width: header.width, height: header.height });
     }
     let decoder = open(bytes, format, limits)?;
@@ -56,12 +56,29 @@ pub fn process(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Outpu
     let source = match format {
         // pixmesh's own decoder, with shrink-on-load; the general one for what it does not cover
         // (arithmetic coding, 12-bit, lossless).
-        Format::Jpeg => match decode_jpeg(bytes, options, limits) {
-            // At full size zune-jpeg (through `image`) is faster, with its SIMD IDCT and
-            // upsampling; pixmesh's decoder wins when it can reduce, and handles CMYK.
-            Err(ImagingError::UnsupportedFormat(_)) | Ok(None) => {
+        Format::Jpeg => match decode_jpeg(bytes, options, limits, false) {
+            Err(ImagingError::UnsupportedFormat(_)) => {
                 check_jpeg_scans(bytes, limits)?;
                 decode_generic(bytes, format, options, limits)?
+            }
+            // At full size zune-jpeg (through `image`) is faster, with its SIMD IDCT and
+            // upsampling; pixmesh's decoder wins when it can reduce, and handles CMYK.
+            Ok(None) => {
+                check_jpeg_scans(bytes, limits)?;
+                match decode_generic(bytes, format, options, limits) {
+                    Ok(source) => source,
+                    // zune-jpeg refuses files that libjpeg (libvips, Pillow, browsers) decode:
+                    // an Adobe APP14 segment cut short, an unknown Adobe transform. pixmesh's
+                    // decoder reads markers as libjpeg does (a bad APPn payload is ignored),
+                    // so it decodes those at full size.
+                    Err(generic @ (ImagingError::Corrupt { .. } | ImagingError::UnsupportedFeature { .. })) => {
+                        match decode_jpeg(bytes, options, limits, true) {
+                            Ok(Some(source)) => source,
+                            _ => return Err(generic),
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             Ok(Some(source)) => source,
             Err(e) => return Err(e),
@@ -137,16 +154,16 @@ fn decode_budget(limits: &Limits) -> u64 {
 
 /// JPEG with shrink-on-load: decoded at 1/2, 1/4 or 1/8 scale when the result still has at least
 /// twice the output's pixels per side. `None` for a gray or colour (not CMYK) image needed at full
-/// size, which the general decoder does faster.
-fn decode_jpeg(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Option<Source>, ImagingError> {
+/// size, which the general decoder does faster, unless `always`.
+fn decode_jpeg(bytes: &[u8], options: &Options, limits: &Limits, always: bool) -> Result<Option<Source>, ImagingError> {
     let header = crate::jpeg::read_header(bytes)?;
     let (w, h) = (header.width, header.height);
-    check_dimensions(w, h, limits)?;
+    check_dimensions(Format::Jpeg, w, h, limits)?;
     // A broken EXIF block must not fail the image: orientation then defaults to "as stored".
     let orientation = header.exif.as_deref().and_then(Orientation::from_exif_chunk).unwrap_or(Orientation::NoTransforms);
     let (need_w, need_h) = source_needed((w, h), orientation, options);
     let denominator = [8u32, 4, 2].into_iter().find(|d| w.div_ceil(*d) >= need_w && h.div_ceil(*d) >= need_h).unwrap_or(1);
-    if denominator == 1 && header.components != 4 {
+    if denominator == 1 && header.components != 4 && !always {
         return Ok(None);
     }
     let budget = crate::jpeg::Budget { bytes: decode_budget(limits), scans: limits.max_scans };
@@ -172,7 +189,7 @@ fn decode_jpeg(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Optio
 /// that want the decoder alone (tools, benchmarks); `process` picks the scale itself.
 pub fn decode_jpeg_scaled(bytes: &[u8], denominator: u32, limits: &Limits) -> Result<DynamicImage, ImagingError> {
     let header = crate::jpeg::read_header(bytes)?;
-    check_dimensions(header.width, header.height, limits)?;
+    check_dimensions(Format::Jpeg, header.width, header.height, limits)?;
     let budget = crate::jpeg::Budget { bytes: decode_budget(limits), scans: limits.max_scans };
     let decoded = crate::jpeg::decode(bytes, denominator, budget, false)?;
     let (w, h) = (decoded.width, decoded.height);
@@ -321,17 +338,17 @@ fn open<'a>(bytes: &'a [u8], format: Format, limits: &Limits) -> Result<impl Ima
     reader.limits(decoder_limits);
     let decoder = reader.into_decoder().map_err(|e| decode_error(format, e))?;
     let (width, height) = decoder.dimensions();
-    check_dimensions(width, height, limits)?;
+    check_dimensions(format, width, height, limits)?;
     Ok(decoder)
 }
 
-fn check_dimensions(width: u32, height: u32, limits: &Limits) -> Result<(), ImagingError> {
+fn check_dimensions(format: Format, width: u32, height: u32, limits: &Limits) -> Result<(), ImagingError> {
     let pixels = u64::from(width) * u64::from(height);
     if width > limits.max_side || height > limits.max_side || pixels > limits.max_pixels {
         return Err(ImagingError::TooLarge { width, height, pixels, max_pixels: limits.max_pixels, max_side: limits.max_side });
     }
     if width == 0 || height == 0 {
-        return Err(ImagingError::Corrupt { format: Format::Png, reason: format!("image has no pixels ({width}x{height})") });
+        return Err(ImagingError::Corrupt { format, reason: format!("image has no pixels ({width}x{height})") });
     }
     Ok(())
 }
@@ -339,7 +356,7 @@ fn check_dimensions(width: u32, height: u32, limits: &Limits) -> Result<(), Imag
 fn decode_error(format: Format, err: ImageError) -> ImagingError {
     match err {
         ImageError::Limits(e) => ImagingError::LimitExceeded(e.to_string()),
-        ImageError::Unsupported(e) => ImagingError::UnsupportedFormat(format!("{format}: {e}")),
+        ImageError::Unsupported(e) => ImagingError::UnsupportedFeature { format, reason: e.to_string() },
         ImageError::Decoding(e) => ImagingError::Corrupt { format, reason: e.to_string() },
         ImageError::IoError(e) => ImagingError::Corrupt { format, reason: format!("truncated or unreadable data: {e}") },
         ImageError::Parameter(e) => ImagingError::Corrupt { format, reason: e.to_string() },

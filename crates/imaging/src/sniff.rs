@@ -24,6 +24,18 @@ impl Format {
         }
     }
 
+    /// The name people write: `JPEG`, `PNG`, `WebP`, … (for messages).
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Jpeg => "JPEG",
+            Format::Png => "PNG",
+            Format::Webp => "WebP",
+            Format::Gif => "GIF",
+            Format::Bmp => "BMP",
+            Format::Tiff => "TIFF",
+        }
+    }
+
     pub fn mime(self) -> &'static str {
         match self {
             Format::Jpeg => "image/jpeg",

@@ -18,6 +18,7 @@ mod tests {
             assert_eq!(error_code(&err), code);
         };
         check(ImagingError::UnsupportedFormat("x".into()), ErrorCode::UnsupportedFormat);
+        check(ImagingError::UnsupportedFeature { format: Format::Tiff, reason: "x".into() }, ErrorCode::UnsupportedFormat);
         check(ImagingError::Corrupt { format: Format::Png, reason: "x".into() }, ErrorCode::CorruptImage);
         check(ImagingError::TooLarge { width: 1, height: 1, pixels: 1, max_pixels: 0, max_side: 0 }, ErrorCode::ImageTooLarge);
         check(ImagingError::InputTooLarge { bytes: 2, max_bytes: 1 }, ErrorCode::PayloadTooLarge);

@@ -48,8 +48,16 @@ pub struct WorkerConfig {
     /// Added to every call before its pixels are processed. For fault tests and benchmarks
     /// (a slow worker on demand); leave at 0 in production.
     pub extra_delay_ms: u64,
+    /// FOR TESTS ONLY (fault injection): a call whose image bytes contain this string panics
+    /// inside the CPU pool, as a decoder bug would. Empty (the default) turns it off, so it
+    /// cannot trigger in a default configuration; when set it must be at least
+    /// [`MIN_FAULT_MARKER_BYTES`] long so that no real image contains it by chance.
+    pub fault_panic_marker: String,
     pub limits: Limits,
 }
+
+/// Shortest `worker.fault_panic_marker` accepted.
+pub const MIN_FAULT_MARKER_BYTES: usize = 16;
 
 impl Default for WorkerConfig {
     fn default() -> Self {
@@ -64,6 +72,7 @@ impl Default for WorkerConfig {
             drain_grace_ms: 30_000,
             deregister_grace_ms: 1_000,
             extra_delay_ms: 0,
+            fault_panic_marker: String::new(),
             limits: Limits::default(),
         }
     }
@@ -79,6 +88,11 @@ impl WorkerConfig {
         }
         if self.deregister_grace_ms > 60_000 {
             return Err("worker.deregister_grace_ms must be at most 60000".into());
+        }
+        if !self.fault_panic_marker.is_empty() && self.fault_panic_marker.len() < MIN_FAULT_MARKER_BYTES {
+            return Err(format!(
+                "worker.fault_panic_marker (for fault tests only) must be empty or at least {MIN_FAULT_MARKER_BYTES} bytes long"
+            ));
         }
         if self.limits.max_input_bytes > MAX_MESSAGE_BYTES - 1024 * 1024 {
             return Err(format!("worker.limits.max_input_bytes must be at most {}", MAX_MESSAGE_BYTES - 1024 * 1024));
@@ -109,7 +123,12 @@ pub async fn run(config: WorkerConfig, grpc: TcpListener, admin: TcpListener, sh
     if config.extra_delay_ms > 0 {
         tracing::warn!(extra_delay_ms = config.extra_delay_ms, "every call is delayed on purpose (worker.extra_delay_ms)");
     }
-    let service = ImageWorkerService::new(pool, config.limits).with_extra_delay(std::time::Duration::from_millis(config.extra_delay_ms));
+    if !config.fault_panic_marker.is_empty() {
+        tracing::warn!("fault injection is on: calls whose image contains worker.fault_panic_marker panic (for tests only)");
+    }
+    let service = ImageWorkerService::new(pool, config.limits)
+        .with_extra_delay(std::time::Duration::from_millis(config.extra_delay_ms))
+        .with_panic_marker(config.fault_panic_marker.as_bytes());
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ImageWorkerServer<ImageWorkerService>>().await;

@@ -13,8 +13,13 @@ pub struct ImageWorkerService {
     pool: CpuPool,
     limits: Limits,
     extra_delay: std::time::Duration,
+    /// Fault injection for tests (`WorkerConfig::fault_panic_marker`): `None` unless configured.
+    panic_marker: Option<Arc<[u8]>>,
     in_flight: Arc<AtomicUsize>,
 }
+
+/// What a client is told when processing panicked; the panic itself goes to the log.
+const INTERNAL_MESSAGE: &str = "the image could not be processed: an internal error occurred";
 
 /// Counts a call in `pixmesh_worker_in_flight` from its start until it ends (or is cancelled).
 struct InFlight(Arc<AtomicUsize>);
@@ -36,7 +41,14 @@ impl Drop for InFlight {
 
 impl ImageWorkerService {
     pub fn new(pool: CpuPool, limits: Limits) -> Self {
-        ImageWorkerService { pool, limits, extra_delay: std::time::Duration::ZERO, in_flight: Arc::default() }
+        ImageWorkerService { pool, limits, extra_delay: std::time::Duration::ZERO, panic_marker: None, in_flight: Arc::default() }
+    }
+
+    /// Panics on the pool thread for any input that contains `marker` (see
+    /// `WorkerConfig::fault_panic_marker`); an empty marker turns this off.
+    pub fn with_panic_marker(mut self, marker: &[u8]) -> Self {
+        self.panic_marker = (!marker.is_empty()).then(|| Arc::from(marker));
+        self
     }
 
     /// Delays every call (see `WorkerConfig::extra_delay_ms`).
@@ -58,9 +70,26 @@ impl ImageWorker for ImageWorkerService {
         let limits = self.limits;
         let image = req.image;
         let started = Instant::now();
-        let outcome = self.pool.run(move || pixmesh_imaging::process(&image, &options, &limits)).await.map_err(|e| match e {
-            PoolError::Full(_) | PoolError::Closed => ApiError::new(ErrorCode::Unavailable, e.to_string()).to_grpc_status(),
-        })?;
+        let marker = self.panic_marker.clone();
+        let outcome = self
+            .pool
+            .run(move || {
+                if let Some(marker) = marker
+                    && image.windows(marker.len()).any(|w| *w == *marker)
+                {
+                    panic!("fault injection: the input contains worker.fault_panic_marker");
+                }
+                pixmesh_imaging::process(&image, &options, &limits)
+            })
+            .await
+            .map_err(|e| match e {
+                PoolError::Full(_) | PoolError::Closed => ApiError::new(ErrorCode::Unavailable, e.to_string()).to_grpc_status(),
+                PoolError::Panicked(panic) => {
+                    metrics::counter!("pixmesh_worker_images_total", "outcome" => ErrorCode::Internal.as_str()).increment(1);
+                    tracing::error!(job = %req.job_id, attempt = req.attempt, %panic, "processing panicked; the call fails with `internal`");
+                    ApiError::new(ErrorCode::Internal, INTERNAL_MESSAGE).to_grpc_status()
+                }
+            })?;
         let elapsed = started.elapsed();
         metrics::histogram!("pixmesh_worker_process_seconds").record(elapsed.as_secs_f64());
         match outcome {
@@ -79,7 +108,13 @@ impl ImageWorker for ImageWorkerService {
             Err(err) => {
                 let code = error_code(&err);
                 metrics::counter!("pixmesh_worker_images_total", "outcome" => code.as_str()).increment(1);
-                tracing::info!(job = %req.job_id, attempt = req.attempt, error = %err, "image rejected");
+                // The client gets the plain message; what the decoder or encoder said stays here.
+                let detail = err.detail().unwrap_or_default();
+                if code == ErrorCode::Internal {
+                    tracing::warn!(job = %req.job_id, attempt = req.attempt, error = %err, detail, "image processing failed");
+                } else {
+                    tracing::info!(job = %req.job_id, attempt = req.attempt, error = %err, detail, "image rejected");
+                }
                 Err(ApiError::new(code, err.to_string()).to_grpc_status())
             }
         }

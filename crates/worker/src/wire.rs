@@ -56,11 +56,19 @@ pub fn options_from(ops: Option<Operations>) -> Result<Options, ApiError> {
         flip,
         crop,
         grayscale: ops.grayscale,
-        blur: (ops.blur > 0.0).then_some(ops.blur),
-        sharpen: (ops.sharpen > 0.0).then_some(ops.sharpen),
+        // 0 is proto3's "not set"; every other value, NaN and negatives included, is the
+        // client's and goes to `validate` (a `> 0.0` test here once let NaN through unseen).
+        blur: sigma(ops.blur),
+        sharpen: sigma(ops.sharpen),
     };
+    // The one set of rules, the same as for an upload's query string.
     options.validate().map_err(bad)?;
     Ok(options)
+}
+
+/// A sigma on the wire: 0 (the default) means none.
+fn sigma(v: f32) -> Option<f32> {
+    (v != 0.0).then_some(v)
 }
 
 #[cfg(test)]
@@ -99,6 +107,13 @@ mod tests {
             Operations { format: "avif".into(), ..Operations::default() },
             Operations { quality: 101, ..Operations::default() },
             Operations { quality: 100_000, ..Operations::default() },
+            Operations { blur: f32::NAN, ..Operations::default() },
+            Operations { blur: -2.0, ..Operations::default() },
+            Operations { blur: f32::INFINITY, ..Operations::default() },
+            Operations { sharpen: f32::NAN, ..Operations::default() },
+            Operations { sharpen: f32::NEG_INFINITY, ..Operations::default() },
+            Operations { sharpen: 1e30, ..Operations::default() },
+            Operations { crop: Some(pixmesh_proto::v1::Crop { x: 0, y: 0, width: 0, height: 10 }), ..Operations::default() },
         ] {
             let err = options_from(Some(bad.clone())).unwrap_err();
             assert_eq!(err.code, ErrorCode::BadRequest, "{bad:?}");

@@ -232,6 +232,20 @@ impl<'a> Decoder<'a> {
         Ok(payload)
     }
 
+    /// The payload of an APPn or COM segment, which decoding does not need. A damaged one is
+    /// passed over as libjpeg does (`skip_variable`): a declared length below 2 (a Photoshop
+    /// or Adobe segment whose length was zeroed) reads as empty, and whatever bytes follow are
+    /// skipped up to the next marker.
+    fn optional_segment(&mut self) -> Result<&'a [u8], ImagingError> {
+        match self.data.get(self.pos..self.pos + 2) {
+            Some(b) if u16::from_be_bytes([b[0], b[1]]) < 2 => {
+                self.pos += 2;
+                Ok(&[])
+            }
+            _ => self.segment(),
+        }
+    }
+
     fn run(&mut self, header_only: bool) -> Result<(), ImagingError> {
         match self.markers(header_only) {
             // Cut off after some scans: keep what they hold, as libjpeg does.
@@ -275,8 +289,11 @@ impl<'a> Decoder<'a> {
                     self.scan(seg)?;
                 }
                 0xe0..=0xef => {
-                    let seg = self.segment()?;
+                    let seg = self.optional_segment()?;
                     self.app(marker, seg);
+                }
+                0xfe => {
+                    self.optional_segment()?;
                 }
                 _ => {
                     self.segment()?;
@@ -289,6 +306,8 @@ impl<'a> Decoder<'a> {
         Ok(())
     }
 
+    /// What pixmesh reads from APPn segments; a payload too short or malformed for its kind
+    /// is ignored (defaults kept), never an error, as in libjpeg.
     fn app(&mut self, marker: u8, seg: &[u8]) {
         match marker {
             0xe0 if seg.starts_with(b"JFIF\0") => self.jfif = true,
