@@ -129,14 +129,14 @@ const TABLE: &[Row] = &[
         name: "uri_too_long",
         http: StatusCode::URI_TOO_LONG,
         grpc: tonic::Code::OutOfRange,
-        retryable: false,
+        retry: Retry::Never,
     },
     Row {
         code: ErrorCode::HeadersTooLarge,
         name: "headers_too_large",
         http: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         grpc: tonic::Code::OutOfRange,
-        retryable: false,
+        retry: Retry::Never,
     },
     Row {
         code: ErrorCode::ImageTooLarge,
