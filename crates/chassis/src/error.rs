@@ -41,6 +41,8 @@ pub enum ErrorCode {
     RateLimited,
     /// A dependency is down or full; retry later.
     Unavailable,
+    /// The client did not send its request (body) within the time allowed.
+    RequestTimeout,
     /// The work did not finish within its deadline.
     Timeout,
     /// A bug or an unexpected failure inside pixmesh.
@@ -148,6 +150,13 @@ const TABLE: &[Row] = &[
         name: "unavailable",
         http: StatusCode::SERVICE_UNAVAILABLE,
         grpc: tonic::Code::Unavailable,
+        retryable: true,
+    },
+    Row {
+        code: ErrorCode::RequestTimeout,
+        name: "request_timeout",
+        http: StatusCode::REQUEST_TIMEOUT,
+        grpc: tonic::Code::DeadlineExceeded,
         retryable: true,
     },
     Row {
@@ -316,6 +325,9 @@ mod tests {
         check(ErrorCode::CorruptImage, 422, false);
         check(ErrorCode::Unavailable, 503, true);
         check(ErrorCode::NotReady, 409, true);
+        // A client too slow to send its body is not an upstream timeout.
+        check(ErrorCode::RequestTimeout, 408, true);
+        check(ErrorCode::Timeout, 504, true);
     }
 
     #[test]

@@ -7,11 +7,13 @@
 //! - [`shutdown`]: one shutdown path, driven by SIGINT/SIGTERM or by the caller.
 //! - [`announce`]: the line a role prints when it listens, so supervisors and tests learn its ports.
 //! - [`serve`]: serving an axum router on an already-bound listener until shutdown.
+//! - [`multipart`]: which part of a `multipart/form-data` upload is the image, and the parser that finds it.
 
 pub mod admin;
 pub mod announce;
 pub mod config;
 pub mod error;
+pub mod multipart;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;
