@@ -45,6 +45,8 @@ pub enum ErrorCode {
     RateLimited,
     /// A dependency is down or full; retry later.
     Unavailable,
+    /// The client did not send its request (body) within the time allowed.
+    RequestTimeout,
     /// The work did not finish within its deadline.
     Timeout,
     /// A bug or an unexpected failure inside pixmesh.
@@ -178,6 +180,13 @@ const TABLE: &[Row] = &[
         name: "unavailable",
         http: StatusCode::SERVICE_UNAVAILABLE,
         grpc: tonic::Code::Unavailable,
+        retry: Retry::Yes,
+    },
+    Row {
+        code: ErrorCode::RequestTimeout,
+        name: "request_timeout",
+        http: StatusCode::REQUEST_TIMEOUT,
+        grpc: tonic::Code::DeadlineExceeded,
         retry: Retry::Yes,
     },
     Row {
@@ -356,6 +365,9 @@ mod tests {
         assert!(ErrorCode::Internal.is_retryable());
         assert_eq!(ErrorCode::Unavailable.retry(), Retry::Yes);
         assert_eq!(ErrorCode::CorruptImage.retry(), Retry::Never);
+        // A client too slow to send its body is not an upstream timeout.
+        check(ErrorCode::RequestTimeout, 408, true);
+        check(ErrorCode::Timeout, 504, true);
     }
 
     #[test]

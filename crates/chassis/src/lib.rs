@@ -9,6 +9,7 @@
 //! - [`serve`]: serving an axum router on an already-bound listener until shutdown, with
 //!   header-read and idle timeouts and a connection cap ([`conn`]) and JSON 414/431 refusals
 //!   ([`request_limits`]).
+//! - [`multipart`]: which part of a `multipart/form-data` upload is the image, and the parser that finds it.
 
 pub mod admin;
 pub mod announce;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod conn;
 pub mod error;
 pub mod headers;
+pub mod multipart;
 pub mod request_limits;
 pub mod serve;
 pub mod shutdown;

@@ -171,7 +171,9 @@ pub struct ImageLimitsConfig {
     /// Allowed formats: any of jpeg, png, webp, gif, bmp.
     pub formats: Vec<String>,
     /// The most bytes held back while looking for the image header (a JPEG's EXIF and ICC
-    /// segments come before its size). An image whose header is not found within them gets 422.
+    /// segments come before its size). An upload not decided within them is forwarded as it
+    /// streams while the guard reads on to its header; if that is then refused, the forwarded
+    /// body is cut before its end.
     pub probe_bytes: u32,
     /// The largest output an upload may ask for (pixels, longest side); 0 means the same as
     /// `max_pixels` / `max_side`. The upload service refuses bigger requests with 413.

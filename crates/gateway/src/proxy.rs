@@ -12,7 +12,7 @@
 //! busy, not failing.
 
 use crate::layers::Pinned;
-use crate::layers::upload_guard::BodyOverLimit;
+use crate::layers::upload_guard::ClientBody;
 use crate::snapshot::Route;
 use crate::upstream::{Clients, Outcome, Pool};
 use axum::body::Body;
@@ -89,7 +89,7 @@ async fn forward_inner(clients: &Clients, peer: SocketAddr, request: Request) ->
             format!("{} is not allowed on {}; use {}", request.method(), route.prefix, allowed.join(" or ")),
         ));
     }
-    let cut = request.extensions().get::<BodyOverLimit>().cloned();
+    let client_body = request.extensions().get::<ClientBody>().cloned();
     let (mut parts, body) = request.into_parts();
     let path_and_query = {
         let path = route.upstream_path(parts.uri.path());
@@ -150,8 +150,8 @@ async fn forward_inner(clients: &Clients, peer: SocketAddr, request: Request) ->
                 return Ok(Response::from_parts(parts, Body::new(body)));
             }
             Ok(Err(e)) => {
-                if cut.as_ref().is_some_and(BodyOverLimit::is_set) {
-                    // The guard cut the body: the client's doing; it gets its 413 from the guard.
+                if client_body.as_ref().is_some_and(ClientBody::is_cut) {
+                    // The guard cut the body: the client's doing; it gets its refusal from the guard.
                     return Err(ApiError::new(ErrorCode::PayloadTooLarge, "the request body is over its limit"));
                 }
                 let refused = e.is_connect();
@@ -164,6 +164,13 @@ async fn forward_inner(clients: &Clients, peer: SocketAddr, request: Request) ->
                     continue;
                 }
                 break;
+            }
+            Err(_) if client_body.as_ref().is_some_and(ClientBody::is_waiting) => {
+                // Still waiting for the client's body: its slowness, not the instance's.
+                return Err(ApiError::new(
+                    ErrorCode::RequestTimeout,
+                    format!("the request body did not arrive within {} ms; send it faster or send less", route.timeout.as_millis()),
+                ));
             }
             Err(_) => {
                 route.pool.record(i, Outcome::Failed);

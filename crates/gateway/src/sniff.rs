@@ -1,9 +1,11 @@
 //! Reads an image's format and size from its first bytes, as they arrive, without decoding it.
 //!
-//! The gateway holds back only these bytes, decides, and then either forwards them with the
-//! rest of the body or refuses the upload. The imaging library has header readers too, but it
-//! wants the whole file and pulls in the decoders; this is the few hundred lines a proxy needs
-//! to decide on a prefix that may end anywhere.
+//! [`Sniffer`] is fed the body in chunks of any size and holds at most [`PREFIX`] bytes: every
+//! format but JPEG gives its size within them, and a JPEG's marker segments (EXIF, ICC profiles,
+//! XMP, previews: megabytes before the frame header in some camera files) are walked by their
+//! lengths as they stream past, holding only the walker's position. The imaging library has
+//! header readers too, but it wants the whole file and pulls in the decoders; this is the few
+//! hundred lines a proxy needs to decide on a stream that may be cut anywhere.
 
 /// Image formats the gateway can size from their header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -96,9 +98,6 @@ pub fn sniff(b: &[u8]) -> Sniff {
 /// Starts of the formats above, to tell "too short yet" from "not an image" on tiny prefixes.
 const MAGICS: [&[u8]; 9] = [&[0xFF, 0xD8, 0xFF], b"\x89PNG\r\n\x1a\n", b"RIFF", b"GIF87a", b"GIF89a", b"BM", b"II*\0", b"MM\0*", b"%PDF"];
 
-fn be16(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?])))
-}
 fn le16(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from(u16::from_le_bytes([*b.get(at)?, *b.get(at + 1)?])))
 }
@@ -120,39 +119,151 @@ fn sized(format: Format, width: u32, height: u32) -> Sniff {
     }
 }
 
-/// Walks the JPEG marker segments up to the frame header (SOFn).
+/// A JPEG from its first bytes (all of them: the segments are walked, not searched).
 fn jpeg(b: &[u8]) -> Sniff {
-    let mut at = 2;
-    loop {
-        // Markers may be padded with any number of 0xFF fill bytes.
-        while b.get(at) == Some(&0xFF) && b.get(at + 1) == Some(&0xFF) {
-            at += 1;
-        }
-        let (Some(&ff), Some(&marker)) = (b.get(at), b.get(at + 1)) else { return Sniff::NeedMore };
-        if ff != 0xFF {
-            return Sniff::Corrupt(Format::Jpeg, "a marker was expected between header segments");
-        }
-        match marker {
-            0xD0..=0xD7 | 0x01 => {
-                at += 2;
+    let mut walk = JpegWalk::default();
+    walk.feed(b.get(2..).unwrap_or_default())
+}
+
+/// Where the walk through a JPEG's marker segments is, after SOI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum JpegStep {
+    /// A marker's 0xFF is next.
+    #[default]
+    Marker,
+    /// The marker byte is next (more 0xFF are fill bytes).
+    MarkerByte,
+    /// The first byte of the segment's length is next.
+    LengthHigh(u8),
+    LengthLow(u8, u8),
+    /// The segment's payload: this many bytes to skip.
+    Skip(usize),
+    /// The frame header: its precision, height and width bytes (5), this many read.
+    Frame(usize),
+}
+
+/// Walks the JPEG marker segments up to the frame header (SOFn), by their lengths, as the bytes
+/// stream past: a handful of bytes of state, whatever the size of the metadata before the frame.
+#[derive(Debug, Clone, Default)]
+struct JpegWalk {
+    step: JpegStep,
+    frame: [u8; 5],
+}
+
+impl JpegWalk {
+    fn feed(&mut self, mut b: &[u8]) -> Sniff {
+        let corrupt = |why| Sniff::Corrupt(Format::Jpeg, why);
+        while let Some((&byte, rest)) = b.split_first() {
+            if let JpegStep::Skip(n) = self.step {
+                let skipped = n.min(b.len());
+                b = &b[skipped..];
+                self.step = if skipped == n { JpegStep::Marker } else { JpegStep::Skip(n - skipped) };
                 continue;
             }
-            0xD8..=0xDA => return Sniff::Corrupt(Format::Jpeg, "the image data starts before its frame header"),
-            _ => {}
+            b = rest;
+            self.step = match self.step {
+                JpegStep::Marker if byte == 0xFF => JpegStep::MarkerByte,
+                JpegStep::Marker => return corrupt("a marker was expected between header segments"),
+                // Markers may be padded with any number of 0xFF fill bytes.
+                JpegStep::MarkerByte => match byte {
+                    0xFF => JpegStep::MarkerByte,
+                    0xD0..=0xD7 | 0x01 => JpegStep::Marker,
+                    0xD8..=0xDA => return corrupt("the image data starts before its frame header"),
+                    marker => JpegStep::LengthHigh(marker),
+                },
+                JpegStep::LengthHigh(marker) => JpegStep::LengthLow(marker, byte),
+                JpegStep::LengthLow(marker, high) => {
+                    let len = usize::from(u16::from_be_bytes([high, byte]));
+                    if len < 2 {
+                        return corrupt("a header segment has an impossible length");
+                    }
+                    match marker {
+                        0xC0..=0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF => JpegStep::Frame(0),
+                        _ if len == 2 => JpegStep::Marker,
+                        _ => JpegStep::Skip(len - 2),
+                    }
+                }
+                JpegStep::Frame(n) => {
+                    self.frame[n] = byte;
+                    if n + 1 < self.frame.len() {
+                        JpegStep::Frame(n + 1)
+                    } else {
+                        let height = u32::from(u16::from_be_bytes([self.frame[1], self.frame[2]]));
+                        let width = u32::from(u16::from_be_bytes([self.frame[3], self.frame[4]]));
+                        if height == 0 {
+                            return corrupt("the height is only given after the image data (DNL), which is not accepted");
+                        }
+                        return sized(Format::Jpeg, width, height);
+                    }
+                }
+                JpegStep::Skip(_) => JpegStep::Marker,
+            };
         }
-        let Some(len) = be16(b, at + 2) else { return Sniff::NeedMore };
-        if len < 2 {
-            return Sniff::Corrupt(Format::Jpeg, "a header segment has an impossible length");
+        Sniff::NeedMore
+    }
+}
+
+/// Bytes held to tell the format (and for all formats but JPEG, the size).
+pub const PREFIX: usize = 64;
+
+/// [`sniff`] on a stream: feed it the body's chunks as they come. Holds at most [`PREFIX`]
+/// bytes; a JPEG's segments are walked by their lengths.
+#[derive(Debug, Clone, Default)]
+pub struct Sniffer {
+    prefix: Vec<u8>,
+    jpeg: Option<JpegWalk>,
+    verdict: Option<Sniff>,
+    seen: u64,
+}
+
+impl Sniffer {
+    /// Feeds the next bytes; the answer is final once it is not `NeedMore`.
+    pub fn feed(&mut self, bytes: &[u8]) -> Sniff {
+        self.seen += bytes.len() as u64;
+        if let Some(v) = &self.verdict {
+            return v.clone();
         }
-        let is_sof = matches!(marker, 0xC0..=0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF);
-        if is_sof {
-            let (Some(height), Some(width)) = (be16(b, at + 5), be16(b, at + 7)) else { return Sniff::NeedMore };
-            if height == 0 {
-                return Sniff::Corrupt(Format::Jpeg, "the height is only given after the image data (DNL), which is not accepted");
+        let answer = match self.jpeg.as_mut() {
+            Some(walk) => walk.feed(bytes),
+            None => {
+                let take = bytes.len().min(PREFIX - self.prefix.len());
+                self.prefix.extend_from_slice(&bytes[..take]);
+                if self.prefix.starts_with(&[0xFF, 0xD8, 0xFF]) {
+                    let mut walk = JpegWalk::default();
+                    let mut answer = walk.feed(&self.prefix[2..]);
+                    if answer == Sniff::NeedMore {
+                        answer = walk.feed(&bytes[take..]);
+                    }
+                    self.jpeg = Some(walk);
+                    self.prefix = Vec::new();
+                    answer
+                } else {
+                    match sniff(&self.prefix) {
+                        // Every format but JPEG is sized within the prefix.
+                        Sniff::NeedMore if self.prefix.len() >= PREFIX => Sniff::Unknown,
+                        answer => answer,
+                    }
+                }
             }
-            return sized(Format::Jpeg, width, height);
+        };
+        if answer != Sniff::NeedMore {
+            self.verdict = Some(answer.clone());
         }
-        at += 2 + len as usize;
+        answer
+    }
+
+    /// The format, as soon as the first bytes tell it (before the size is known).
+    pub fn format(&self) -> Option<Format> {
+        match (&self.verdict, &self.jpeg) {
+            (Some(Sniff::Image { format, .. } | Sniff::Corrupt(format, _)), _) => Some(*format),
+            (_, Some(_)) => Some(Format::Jpeg),
+            _ => None,
+        }
+    }
+
+    /// How many bytes were fed.
+    pub fn seen(&self) -> u64 {
+        self.seen
     }
 }
 
@@ -234,63 +345,6 @@ fn bmp(b: &[u8]) -> Sniff {
     }
 }
 
-/// Where the bytes of the uploaded file start in a `multipart/form-data` body: after the
-/// headers of the part named `file` (the field the upload service reads).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Part {
-    NeedMore,
-    At(usize),
-    Missing,
-    Corrupt(&'static str),
-}
-
-/// The boundary of a `multipart/form-data` content type, if it is one.
-pub fn multipart_boundary(content_type: &str) -> Option<String> {
-    let (mime, params) = content_type.split_once(';')?;
-    if !mime.trim().eq_ignore_ascii_case("multipart/form-data") {
-        return None;
-    }
-    params.split(';').find_map(|p| {
-        let (k, v) = p.split_once('=')?;
-        k.trim().eq_ignore_ascii_case("boundary").then(|| v.trim().trim_matches('"').to_string())
-    })
-}
-
-fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    hay.get(from..)?.windows(needle.len()).position(|w| w == needle).map(|p| p + from)
-}
-
-pub fn multipart_file(b: &[u8], boundary: &str) -> Part {
-    let delimiter = format!("--{boundary}");
-    let Some(mut at) = find(b, delimiter.as_bytes(), 0) else {
-        return if b.len() > 4096 + delimiter.len() { Part::Corrupt("the multipart boundary was not found") } else { Part::NeedMore };
-    };
-    loop {
-        at += delimiter.len();
-        match b.get(at..at + 2) {
-            None => return Part::NeedMore,
-            Some(b"--") => return Part::Missing,
-            Some(b"\r\n") => at += 2,
-            Some(_) => return Part::Corrupt("a multipart boundary is not followed by a line break"),
-        }
-        let Some(end) = find(b, b"\r\n\r\n", at) else {
-            return if b.len() - at > 16 * 1024 { Part::Corrupt("multipart part headers are too long") } else { Part::NeedMore };
-        };
-        let headers = String::from_utf8_lossy(&b[at..end]).to_ascii_lowercase();
-        let is_file = headers.lines().any(|line| {
-            line.starts_with("content-disposition:") && line.split(';').any(|p| matches!(p.trim(), "name=\"file\"" | "name=file"))
-        });
-        if is_file {
-            return Part::At(end + 4);
-        }
-        let next = format!("\r\n{delimiter}");
-        match find(b, next.as_bytes(), end + 4) {
-            Some(n) => at = n + 2,
-            None => return Part::NeedMore,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,6 +391,60 @@ mod tests {
         assert!(matches!(sniff(&sos_first), Sniff::Corrupt(Format::Jpeg, _)));
     }
 
+    /// Fed in chunks of `size`, the sniffer says what `sniff` says of the whole.
+    fn streamed(bytes: &[u8], size: usize) -> Sniff {
+        let mut sniffer = Sniffer::default();
+        let mut answer = Sniff::NeedMore;
+        for chunk in bytes.chunks(size.max(1)) {
+            answer = sniffer.feed(chunk);
+        }
+        answer
+    }
+
+    #[test]
+    fn the_sniffer_walks_megabytes_of_segments_as_they_stream_past() {
+        // 112 full APPn segments (7.3 MB) before the frame header, as in some camera files.
+        let mut j = vec![0xFF, 0xD8];
+        for i in 0..112u8 {
+            j.extend_from_slice(&[0xFF, 0xE3 + i % 10, 0xFF, 0xFF]);
+            j.extend(std::iter::repeat_n(0xFFu8, 65_533));
+        }
+        let tail = jpeg_with(10, 3648, 2432);
+        j.extend_from_slice(&tail[2..]);
+        assert!(j.len() > 7_300_000);
+        let expected = Sniff::Image { format: Format::Jpeg, width: 3648, height: 2432 };
+        assert_eq!(sniff(&j), expected);
+        for size in [2, 3, 7, 4096, 65_536, 1 << 20] {
+            assert_eq!(streamed(&j, size), expected, "chunks of {size}");
+        }
+        let mut sniffer = Sniffer::default();
+        assert_eq!(sniffer.feed(&j[..3]), Sniff::NeedMore);
+        assert_eq!(sniffer.format(), Some(Format::Jpeg), "the format is known before the size");
+        assert_eq!(sniffer.feed(&j[3..5_000_000]), Sniff::NeedMore);
+        assert_eq!(sniffer.feed(&j[5_000_000..]), expected);
+        assert!(sniffer.prefix.capacity() <= PREFIX, "nothing is held");
+        // Broken on the way: a segment's marker is missing after the 50th segment.
+        let mut broken = j.clone();
+        broken[2 + 50 * 65_537] = 0x00;
+        assert!(matches!(streamed(&broken, 4096), Sniff::Corrupt(Format::Jpeg, _)));
+    }
+
+    #[test]
+    fn streamed_in_any_chunks_the_answer_is_the_same() {
+        let mut samples = vec![jpeg_with(300, 6000, 4000), jpeg_with(0, 1, 1), b"II*\0\x08\0\0\0\0\0\0\0\0".to_vec(), b"hello".to_vec()];
+        let mut png = Vec::new();
+        image::RgbImage::new(30, 7).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        samples.push(png);
+        let mut bmp = Vec::new();
+        image::RgbImage::new(17, 5).write_to(&mut std::io::Cursor::new(&mut bmp), image::ImageFormat::Bmp).unwrap();
+        samples.push(bmp);
+        for bytes in &samples {
+            for size in 1..40 {
+                assert_eq!(streamed(bytes, size), sniff(bytes), "chunks of {size}");
+            }
+        }
+    }
+
     #[test]
     fn real_encoders_headers() {
         let mut png = Vec::new();
@@ -381,19 +489,5 @@ mod tests {
         assert_eq!(sniff(b"\x89PN"), Sniff::NeedMore);
         assert_eq!(sniff(b"GIF8"), Sniff::NeedMore);
         assert!(matches!(sniff(b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR\0\0\0\0\0\0\0\x01"), Sniff::Corrupt(Format::Png, _)));
-    }
-
-    #[test]
-    fn finds_the_file_part() {
-        assert_eq!(multipart_boundary("multipart/form-data; boundary=\"XyZ\""), Some("XyZ".into()));
-        assert_eq!(multipart_boundary("image/jpeg"), None);
-        let body = b"--XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n\xFF\xD8\xFF";
-        let start = body.len() - 3;
-        assert_eq!(multipart_file(body, "XyZ"), Part::At(start));
-        for n in 0..start {
-            assert_eq!(multipart_file(&body[..n], "XyZ"), Part::NeedMore, "prefix {n}");
-        }
-        assert_eq!(multipart_file(b"--XyZ\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--XyZ--\r\n", "XyZ"), Part::Missing);
-        assert!(matches!(multipart_file(&[b'x'; 5000], "XyZ"), Part::Corrupt(_)));
     }
 }

@@ -49,6 +49,11 @@ async fn upstream() -> (String, Arc<Seen>) {
             get(|| async {
                 tokio::time::sleep(Duration::from_millis(400)).await;
                 "slow"
+            })
+            .post(|body: bytes::Bytes| async move {
+                // Takes the whole body, then is slow to answer.
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                body.len().to_string()
             }),
         )
         .route(
@@ -231,6 +236,291 @@ async fn image_uploads_are_judged_from_their_header_bytes() {
     let (status, body, _) = send_head(&gw, head, &chunked).await;
     assert!(status.contains(" 413 ") && body.contains("payload_too_large"), "{status} {body}");
     assert_eq!(seen.requests.load(Ordering::SeqCst), forwarded + 1, "cut bodies never completed upstream");
+    shutdown.trigger();
+}
+
+/// POSTs over h2c (HTTP/2 with prior knowledge, as `curl --http2-prior-knowledge`).
+async fn h2c_post(addr: &str, key: &str, content_type: &str, body: Vec<u8>) -> (u16, Value) {
+    use http_body_util::BodyExt;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::post(format!("http://{addr}/api/upload"))
+        .header("x-api-key", key)
+        .header("content-type", content_type)
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let response = send.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+/// POSTs over HTTP/1.1; `chunked` sends the body without a length.
+async fn h1_post(addr: &str, key: &str, content_type: &str, body: Vec<u8>, chunked: bool) -> (u16, Value) {
+    let c = reqwest::Client::new();
+    let request = c.post(format!("http://{addr}/api/upload")).header("x-api-key", key).header("content-type", content_type);
+    let request = if chunked {
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = body.chunks(64 * 1024).map(|c| Ok(c.to_vec())).collect();
+        request.body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+    } else {
+        request.body(body)
+    };
+    let res = request.send().await.unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+/// Sends request headers and the first bytes of a body, then nothing more, keeping the
+/// connection open; returns the status line and body of the response.
+async fn send_and_stall(addr: &str, head: &str, first: &[u8]) -> (String, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(first).await.unwrap();
+    let mut reply = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let complete = |r: &[u8]| {
+        let text = String::from_utf8_lossy(r);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else { return false };
+        let len = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)));
+        len.is_some_and(|n| body.len() >= n)
+    };
+    while !complete(&reply) {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => reply.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&reply).to_string();
+    let status = text.lines().next().unwrap_or("").to_string();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+/// A multipart body from raw part header blocks, so tests control every byte.
+fn form(boundary: &str, parts: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (headers, data) in parts {
+        body.extend_from_slice(format!("--{boundary}\r\n{headers}\r\n\r\n").as_bytes());
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    body
+}
+
+/// The body without the last bytes of its closing boundary.
+fn without_end(mut body: Vec<u8>) -> Vec<u8> {
+    body.truncate(body.len() - 4);
+    body
+}
+
+fn disposition(name: &str, filename: Option<&str>) -> String {
+    match filename {
+        Some(f) => format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\""),
+        None => format!("Content-Disposition: form-data; name=\"{name}\""),
+    }
+}
+
+/// A PNG header claiming `w`×`h` (the guard reads only the header; the upstream here does not decode).
+fn png_claiming(w: u32, h: u32) -> Vec<u8> {
+    let mut p = pixmesh_test_support::png(8, 8);
+    p[16..20].copy_from_slice(&w.to_be_bytes());
+    p[20..24].copy_from_slice(&h.to_be_bytes());
+    p
+}
+
+fn bmp() -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::RgbImage::new(128, 128).write_to(&mut out, image::ImageFormat::Bmp).unwrap();
+    out.into_inner()
+}
+
+/// One upload and what the gateway answers: forwarded whole (`code` None, the upstream's 200),
+/// or refused with `status` and `code` while the upstream never gets the body whole.
+struct Case {
+    what: &'static str,
+    key: &'static str,
+    content_type: &'static str,
+    body: Vec<u8>,
+    status: u16,
+    code: Option<&'static str>,
+}
+
+fn case(what: &'static str, content_type: &'static str, body: Vec<u8>, status: u16, code: Option<&'static str>) -> Case {
+    Case { what, key: "k-trusted", content_type, body, status, code }
+}
+
+/// Sends every case over HTTP/1.1 with a length, chunked, and h2c.
+async fn check(gw: &str, seen: &Seen, cases: &[Case]) {
+    for Case { what, key, content_type, body, status, code } in cases {
+        for transport in ["h1", "h1 chunked", "h2c"] {
+            let before = seen.requests.load(Ordering::SeqCst);
+            let (got, v) = match transport {
+                "h2c" => h2c_post(gw, key, content_type, body.clone()).await,
+                t => h1_post(gw, key, content_type, body.clone(), t.ends_with("chunked")).await,
+            };
+            assert_eq!(got, *status, "{what} over {transport}: {v}");
+            let reached = seen.requests.load(Ordering::SeqCst) - before;
+            match code {
+                Some(code) => {
+                    assert_eq!(v["error"]["code"], *code, "{what} over {transport}: {v}");
+                    assert_eq!(reached, 0, "{what} over {transport}: the upstream never got a refused upload whole");
+                }
+                None => {
+                    assert_eq!(v["body_len"], body.len(), "{what} over {transport}: forwarded whole");
+                    assert_eq!(reached, 1, "{what} over {transport}");
+                }
+            }
+        }
+    }
+}
+
+/// The part of a multipart body the guard judges is the part the upload service takes (one
+/// rule, `pixmesh_chassis::multipart`): over HTTP/1.1 with a length, chunked, and h2c.
+#[tokio::test]
+async fn multipart_uploads_are_judged_on_the_one_image_part() {
+    let (up, seen) = upstream().await;
+    let (gw, shutdown) = start(Source::fixed(config(&up), vec![])).await;
+    let small = pixmesh_test_support::jpeg(64, 48);
+    let huge_png = png_claiming(7000, 7000);
+    let huge_jpeg = jpeg_claiming(8000, 8000);
+    let note = vec![b'n'; 300 * 1024]; // larger than the 256 KiB probe
+    let ct = "multipart/form-data; boundary=XyZ";
+    let (file, image, x) = (disposition("file", Some("small.jpg")), disposition("image", Some("a")), disposition("x", Some("huge.png")));
+    let mut preamble = b"preamble text\r\n".to_vec();
+    preamble.extend(form("XyZ", &[(&file, &small)]));
+    let lf_only = [format!("--XyZ\n{}\n\n", disposition("file", None)).as_bytes(), &small, b"\n--XyZ--\n"].concat();
+    let cases = vec![
+        case("file part after a field", ct, form("XyZ", &[(&disposition("note", None), b"hi"), (&file, &small)]), 200, None),
+        case("-F image=@7000x7000.png", ct, form("XyZ", &[(&image, &huge_png)]), 413, Some("image_too_large")),
+        case("-F image=@hopper.bmp", ct, form("XyZ", &[(&image, &bmp())]), 415, Some("unsupported_format")),
+        // The first image part is sized; a second one is refused whatever the first was.
+        case("-F x=@huge.png -F file=@small.jpg", ct, form("XyZ", &[(&x, &huge_png), (&file, &small)]), 413, Some("image_too_large")),
+        case("-F x=@small.jpg -F file=@huge.png", ct, form("XyZ", &[(&x, &small), (&file, &huge_png)]), 400, Some("bad_request")),
+        case("-F file=@small.jpg -F image=@small.jpg", ct, form("XyZ", &[(&file, &small), (&image, &small)]), 400, Some("bad_request")),
+        case("a filename on a field named x, alone", ct, form("XyZ", &[(&x, &huge_png)]), 413, Some("image_too_large")),
+        case("no image part", ct, form("XyZ", &[(&disposition("note", None), &small)]), 400, Some("bad_request")),
+        case("LF-only part headers", ct, lf_only, 400, Some("bad_request")),
+        case(
+            "header names in any case",
+            ct,
+            form("XyZ", &[("CONTENT-DISPOSITION: FORM-DATA; NAME=FILE", &huge_jpeg)]),
+            413,
+            Some("image_too_large"),
+        ),
+        case(
+            "a Content-Type without a filename is a field",
+            ct,
+            form("XyZ", &[(&format!("{}\r\nContent-Type: image/png", disposition("x", None)), &huge_png), (&file, &small)]),
+            200,
+            None,
+        ),
+        case(
+            "a boundary in quotes",
+            "multipart/form-data; boundary=\"a:b c\"",
+            form("a:b c", &[(&file, &huge_jpeg)]),
+            413,
+            Some("image_too_large"),
+        ),
+        case("a preamble", ct, preamble, 200, None),
+        case(
+            "a text field larger than the probe, then a small image",
+            ct,
+            form("XyZ", &[(&disposition("note", None), &note), (&file, &small)]),
+            200,
+            None,
+        ),
+        case(
+            "a text field larger than the probe, then a huge image",
+            ct,
+            form("XyZ", &[(&disposition("note", None), &note), (&file, &huge_jpeg)]),
+            413,
+            Some("image_too_large"),
+        ),
+        case(
+            "a second image part after the probe",
+            ct,
+            form("XyZ", &[(&file, &small), (&disposition("note", None), &note), (&image, &small)]),
+            400,
+            Some("bad_request"),
+        ),
+        case("no boundary", "multipart/form-data", form("XyZ", &[(&file, &small)]), 400, Some("bad_request")),
+        case("no closing boundary", ct, without_end(form("XyZ", &[(&file, &small)])), 400, Some("bad_request")),
+    ];
+    check(&gw, &seen, &cases).await;
+    shutdown.trigger();
+}
+
+/// Camera files with megabytes of metadata before the frame header, and large ICC profiles,
+/// are sized on the way (memory per request stays small) and accepted; a frame header beyond
+/// the probe that is too large is still refused, with the upstream never getting it whole.
+#[tokio::test]
+async fn a_frame_header_beyond_the_probe_is_still_judged() {
+    let (up, seen) = upstream().await;
+    let (gw, shutdown) = start(Source::fixed(config(&up), vec![])).await;
+    let camera = pixmesh_test_support::with_metadata(&jpeg_claiming(3648, 2432), 7_300_000);
+    let too_big = pixmesh_test_support::with_metadata(&jpeg_claiming(8000, 8000), 7_300_000);
+    let too_wide_for_the_key = pixmesh_test_support::with_metadata(&jpeg_claiming(2000, 1200), 1_000_000);
+    let broken = {
+        let mut b = pixmesh_test_support::with_metadata(&jpeg_claiming(100, 100), 1_000_000);
+        b[2 + 10 * 65_537] = 0; // the 11th segment's marker
+        b
+    };
+    let icc = pixmesh_test_support::icc_profile_big_jpeg();
+    let ct = "multipart/form-data; boundary=XyZ";
+    let file = disposition("file", Some("photo.jpg"));
+    let cases = vec![
+        case("9 MP camera JPEG, SOF at 7.3 MB", "image/jpeg", camera.clone(), 200, None),
+        case("the same in a form", ct, form("XyZ", &[(&file, &camera)]), 200, None),
+        case("large ICC profile", "image/jpeg", icc.clone(), 200, None),
+        case("large ICC profile in a form", ct, form("XyZ", &[(&file, &icc)]), 200, None),
+        case("64 MP, SOF at 7.3 MB", "image/jpeg", too_big.clone(), 413, Some("image_too_large")),
+        case("64 MP in a form", ct, form("XyZ", &[(&file, &too_big)]), 413, Some("image_too_large")),
+        Case { key: "k-untrusted", ..case("over the key's own limit", "image/jpeg", too_wide_for_the_key, 413, Some("image_too_large")) },
+        case("a broken segment at 650 KB", "image/jpeg", broken, 422, Some("corrupt_image")),
+        case("the body ends inside the metadata", "image/jpeg", camera[..5_000_000].to_vec(), 422, Some("corrupt_image")),
+    ];
+    check(&gw, &seen, &cases).await;
+    shutdown.trigger();
+}
+
+/// A client too slow to send its body gets 408 `request_timeout`, whether the guard is still
+/// waiting for the image header or the upstream is waiting for the rest of the body; an
+/// upstream too slow to answer still gets 504 `timeout`.
+#[tokio::test]
+async fn a_slow_client_is_408_and_a_slow_upstream_504() {
+    let (up, seen) = upstream().await;
+    let mut c = config(&up);
+    c.timeout_ms = 1_000;
+    c.upstreams.insert("slow".into(), UpstreamConfig::Url(up.clone()));
+    c.routes.push(RouteConfig { timeout_ms: Some(1_000), ..route("/slow", "slow") });
+    let (gw, shutdown) = start(Source::fixed(c, vec![])).await;
+    let small = pixmesh_test_support::jpeg(64, 48);
+    let head = |len: usize| {
+        format!("POST /api/upload HTTP/1.1\r\nhost: x\r\nx-api-key: k-trusted\r\ncontent-type: image/jpeg\r\ncontent-length: {len}\r\n\r\n")
+    };
+    // The image header never completes.
+    let (status, body) = send_and_stall(&gw, &head(100_000), &small[..10]).await;
+    assert!(status.contains(" 408 ") && body.contains("request_timeout"), "{status} {body}");
+    // The header passed and was forwarded; the rest of the body never comes.
+    let (status, body) = send_and_stall(&gw, &head(small.len() + 100_000), &small).await;
+    assert!(status.contains(" 408 ") && body.contains("request_timeout"), "{status} {body}");
+    // The same on a route without image checks.
+    let slow_body = "POST /slow HTTP/1.1\r\nhost: x\r\nx-api-key: k-trusted\r\ncontent-length: 100000\r\n\r\n";
+    let (status, body) = send_and_stall(&gw, slow_body, b"some bytes").await;
+    assert!(status.contains(" 408 ") && body.contains("request_timeout"), "{status} {body}");
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 0);
+    // The upstream has the whole body but answers late: its timeout, not the client's.
+    let c = reqwest::Client::new();
+    let res = c.post(format!("http://{gw}/slow")).header("x-api-key", "k-trusted").body(vec![1u8; 100_000]).send().await.unwrap();
+    assert_eq!(res.status(), 504);
+    assert_eq!(res.json::<Value>().await.unwrap()["error"]["code"], "timeout");
+    let res = c.get(format!("http://{gw}/slow")).header("x-api-key", "k-trusted").send().await.unwrap();
+    assert_eq!(res.status(), 200, "400 ms is within the route's second");
     shutdown.trigger();
 }
 

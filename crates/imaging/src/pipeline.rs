@@ -331,14 +331,18 @@ fn check_jpeg_scans(bytes: &[u8], limits: &Limits) -> Result<(), ImagingError> {
 fn open<'a>(bytes: &'a [u8], format: Format, limits: &Limits) -> Result<impl ImageDecoder + 'a, ImagingError> {
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format.to_image_format());
     let mut decoder_limits = image::Limits::default();
-    decoder_limits.max_image_width = Some(limits.max_side);
-    decoder_limits.max_image_height = Some(limits.max_side);
     // Decoded pixels (up to 4 channels of 16 bits) plus working space.
     decoder_limits.max_alloc = Some(decode_budget(limits));
-    reader.limits(decoder_limits);
-    let decoder = reader.into_decoder().map_err(|e| decode_error(format, e))?;
+    // The side limit is checked here, not by the decoder: its refusal is a generic limit error
+    // (`limit_exceeded`), while a header that is too large is `image_too_large` wherever it
+    // is found. It is handed to the decoder afterwards, as a second line.
+    reader.limits(decoder_limits.clone());
+    let mut decoder = reader.into_decoder().map_err(|e| decode_error(format, e))?;
     let (width, height) = decoder.dimensions();
     check_dimensions(format, width, height, limits)?;
+    decoder_limits.max_image_width = Some(limits.max_side);
+    decoder_limits.max_image_height = Some(limits.max_side);
+    decoder.set_limits(decoder_limits).map_err(|e| decode_error(format, e))?;
     Ok(decoder)
 }
 
@@ -655,8 +659,18 @@ mod tests {
         let tight = Limits { max_pixels: 10_000, ..Limits::default() };
         let err = process(&src, &Options::default(), &tight).unwrap_err();
         assert!(matches!(err, ImagingError::TooLarge { width: 300, height: 200, .. }), "{err:?}");
+        // A side over the limit is `image_too_large` (not the decoder's generic limit error), in
+        // every format.
         let narrow = Limits { max_side: 250, ..Limits::default() };
-        assert!(matches!(probe(&src, &narrow), Err(ImagingError::TooLarge { .. }) | Err(ImagingError::LimitExceeded(_))));
+        for format in
+            [image::ImageFormat::Png, image::ImageFormat::Gif, image::ImageFormat::Bmp, image::ImageFormat::WebP, image::ImageFormat::Jpeg]
+        {
+            let src = encode_test(&DynamicImage::ImageRgb8(gradient(300, 200)), format);
+            let err = probe(&src, &narrow).unwrap_err();
+            assert!(matches!(err, ImagingError::TooLarge { width: 300, height: 200, .. }), "{format:?}: {err:?}");
+            assert_eq!(err.code(), "image_too_large");
+            assert!(matches!(process(&src, &Options::default(), &narrow), Err(ImagingError::TooLarge { .. })), "{format:?}");
+        }
         let small_input = Limits { max_input_bytes: 10, ..Limits::default() };
         assert!(matches!(process(&src, &Options::default(), &small_input), Err(ImagingError::InputTooLarge { .. })));
     }

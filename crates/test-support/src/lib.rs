@@ -41,6 +41,47 @@ pub fn png(w: u32, h: u32) -> Vec<u8> {
     encode(w, h, image::ImageFormat::Png)
 }
 
+/// `jpeg` with `bytes` of metadata inserted before its frame header, in full-size APPn segments
+/// (64 KiB each) as cameras write EXIF maker notes and previews. APP3–APP12 are used: no reader
+/// gives them a meaning (APP1 is EXIF/XMP, APP2 ICC, APP13/APP14 Photoshop/Adobe).
+pub fn with_metadata(jpeg: &[u8], bytes: usize) -> Vec<u8> {
+    let mut out = jpeg[..2].to_vec();
+    let (mut left, mut n) = (bytes, 0usize);
+    while left > 0 {
+        let payload = left.min(65_533);
+        out.extend_from_slice(&[0xFF, 0xE3 + (n % 10) as u8]);
+        out.extend_from_slice(&((payload + 2) as u16).to_be_bytes());
+        out.extend((0..payload).map(|k| (k * 31 + n) as u8));
+        left -= payload;
+        n += 1;
+    }
+    out.extend_from_slice(&jpeg[2..]);
+    out
+}
+
+/// A JPEG with a large embedded ICC profile: the corpus's `edge/icc_profile_big.jpg` (its frame
+/// header after 400 KB of profile) when the corpus is there, else one made like it (a 420 KB
+/// profile in APP2 `ICC_PROFILE` segments; its content is not a valid profile, which the
+/// pipeline ignores).
+pub fn icc_profile_big_jpeg() -> Vec<u8> {
+    if let Some(bytes) = corpus("edge").and_then(|d| std::fs::read(d.join("icc_profile_big.jpg")).ok()) {
+        return bytes;
+    }
+    let plain = jpeg(500, 426);
+    let mut out = plain[..2].to_vec();
+    let chunks = 7u8;
+    for seq in 1..=chunks {
+        let payload = 60_000usize;
+        out.extend_from_slice(&[0xFF, 0xE2]);
+        out.extend_from_slice(&((payload + 2 + 14) as u16).to_be_bytes());
+        out.extend_from_slice(b"ICC_PROFILE\0");
+        out.extend_from_slice(&[seq, chunks]);
+        out.extend((0..payload).map(|k| (k % 251) as u8));
+    }
+    out.extend_from_slice(&plain[2..]);
+    out
+}
+
 fn encode(w: u32, h: u32, format: image::ImageFormat) -> Vec<u8> {
     let img = image::RgbImage::from_fn(w, h, |x, y| {
         let t = ((x * 7 + y * 13) % 17) as u8;

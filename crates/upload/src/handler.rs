@@ -1,13 +1,13 @@
 use crate::UploadConfig;
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use pixmesh_chassis::{ApiError, ErrorCode};
+use pixmesh_chassis::{ApiError, ErrorCode, multipart};
 use pixmesh_imaging::{Crop, Fit, Flip, Gravity, Options, OutputFormat};
 use pixmesh_store::{NewJob, StoreError, Stores};
 use sha2::{Digest, Sha256};
@@ -104,53 +104,42 @@ fn too_large(limit: usize) -> ApiError {
     ApiError::new(ErrorCode::PayloadTooLarge, format!("the upload is larger than the limit of {limit} bytes; send a smaller image"))
 }
 
+/// The image bytes of an upload: the raw body, or the one image part of a `multipart/form-data`
+/// body, found by the rule and parser the gateway's guard uses too
+/// (`pixmesh_chassis::multipart`), so the part the guard sized is the part stored here.
 async fn read_image(request: Request, limit: usize) -> Result<Bytes, ApiError> {
-    let content_type = request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    // Not lowercased: a multipart boundary is case-sensitive.
+    let content_type = request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large(limit));
     }
-    let bytes = if content_type.starts_with("multipart/form-data") {
-        let mut multipart = Multipart::from_request(request, &())
-            .await
-            .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("bad multipart body: {}", e.body_text())))?;
-        let mut found = None;
-        while let Some(field) = multipart.next_field().await.map_err(|e| multipart_error(e, limit))? {
-            let is_file = field.file_name().is_some() || matches!(field.name(), Some("file" | "image"));
-            if is_file {
-                found = Some(field.bytes().await.map_err(|e| multipart_error(e, limit))?);
-                break;
-            }
-        }
-        found.ok_or_else(|| {
-            ApiError::new(ErrorCode::BadRequest, "the multipart body has no file field; send the image in a field named `file`")
-        })?
-    } else if content_type.is_empty() || content_type.starts_with("image/") || content_type.starts_with("application/octet-stream") {
-        match Limited::new(request.into_body(), limit).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large(limit)),
-            Err(e) => return Err(ApiError::new(ErrorCode::BadRequest, format!("could not read the request body: {e}"))),
-        }
-    } else {
+    let bad_form = |e: multipart::MultipartError| ApiError::new(ErrorCode::BadRequest, e.to_string());
+    let boundary = multipart::boundary(&content_type).map_err(bad_form)?;
+    let mime = content_type.to_ascii_lowercase();
+    let raw = mime.is_empty() || mime.starts_with("image/") || mime.starts_with("application/octet-stream");
+    if boundary.is_none() && !raw {
         return Err(ApiError::new(
             ErrorCode::UnsupportedFormat,
             format!(
                 "Content-Type `{content_type}` is not accepted; send the image bytes with Content-Type image/* or as multipart/form-data"
             ),
         ));
+    }
+    // The whole body is held either way (it is stored as one blob); a form's image is a slice of it.
+    let body = match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large(limit)),
+        Err(e) => return Err(ApiError::new(ErrorCode::BadRequest, format!("could not read the request body: {e}"))),
+    };
+    let bytes = match boundary {
+        Some(boundary) => body.slice(multipart::image_part(&body, &boundary).map_err(bad_form)?),
+        None => body,
     };
     if bytes.is_empty() {
-        return Err(ApiError::new(ErrorCode::BadRequest, "the request body is empty; send the image bytes"));
+        return Err(ApiError::new(ErrorCode::BadRequest, "the image is empty; send the image bytes"));
     }
     Ok(bytes)
-}
-
-fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        too_large(limit)
-    } else {
-        ApiError::new(ErrorCode::BadRequest, format!("bad multipart body: {}", e.body_text()))
-    }
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -340,6 +329,106 @@ mod tests {
         body.extend_from_slice(b"\r\n--XyZ--\r\n");
         let (status, _, body) = send(&app, post("/api/upload", "multipart/form-data; boundary=XyZ", body)).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+
+    /// A multipart body from raw part header blocks (CRLF line ends unless a test needs others).
+    fn form(boundary: &str, parts: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (headers, data) in parts {
+            body.extend_from_slice(format!("--{boundary}\r\n{headers}\r\n\r\n").as_bytes());
+            body.extend_from_slice(data);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        body
+    }
+
+    /// Which part is the image, by the rule the gateway uses too: exactly one image part (named
+    /// `file` or `image`, or carrying a filename), other fields ignored, anything ambiguous refused.
+    #[tokio::test]
+    async fn multipart_takes_exactly_one_image_part() {
+        let (_dir, app, stores) = app(UploadConfig::default()).await;
+        let (small, other) = (png(8, 8), png(9, 9));
+        let file = "Content-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\nContent-Type: image/png";
+        let note = "Content-Disposition: form-data; name=\"note\"";
+        let big_note = vec![b'n'; 300 * 1024];
+        let ct = "multipart/form-data; boundary=XyZ";
+        let lf_only = [b"--XyZ\nContent-Disposition: form-data; name=\"file\"\n\n".as_slice(), &small, b"\n--XyZ--\n"].concat();
+        let mut preamble = b"this is a preamble\r\n".to_vec();
+        preamble.extend(form("XyZ", &[(file, &small)]));
+        // (what, content type, body, the bytes stored or the refusal's code)
+        type Case<'a> = (&'a str, &'a str, Vec<u8>, Result<&'a [u8], &'a str>);
+        let cases: Vec<Case<'_>> = vec![
+            ("a file part", ct, form("XyZ", &[(note, b"hi"), (file, &small)]), Ok(&small)),
+            ("a part named image", ct, form("XyZ", &[("Content-Disposition: form-data; name=\"image\"", &small)]), Ok(&small)),
+            ("header names in any case", ct, form("XyZ", &[("CONTENT-disposition: Form-Data; NAME=file", &small)]), Ok(&small)),
+            ("a boundary in quotes", "multipart/form-data; boundary=\"a:b c\"", form("a:b c", &[(file, &small)]), Ok(&small)),
+            ("a preamble", ct, preamble, Ok(&small)),
+            ("a text field larger than the gateway's probe", ct, form("XyZ", &[(note, &big_note), (file, &small)]), Ok(&small)),
+            (
+                "a Content-Type without a filename is still a field",
+                ct,
+                form("XyZ", &[("Content-Disposition: form-data; name=\"x\"\r\nContent-Type: image/png", &other), (file, &small)]),
+                Ok(&small),
+            ),
+            (
+                "a filename on a field named x",
+                ct,
+                form("XyZ", &[("Content-Disposition: form-data; name=\"x\"; filename=\"huge.png\"", &other), (file, &small)]),
+                Err("bad_request"),
+            ),
+            (
+                "image and file",
+                ct,
+                form("XyZ", &[("Content-Disposition: form-data; name=\"image\"", &other), (file, &small)]),
+                Err("bad_request"),
+            ),
+            ("no image part", ct, form("XyZ", &[(note, &small)]), Err("bad_request")),
+            ("LF-only line ends", ct, lf_only, Err("bad_request")),
+            (
+                "a name given twice",
+                ct,
+                form("XyZ", &[("Content-Disposition: form-data; name=\"note\"; name=\"file\"", &small)]),
+                Err("bad_request"),
+            ),
+            (
+                "no closing boundary",
+                ct,
+                {
+                    let mut b = form("XyZ", &[(file, &small)]);
+                    b.truncate(b.len() - 4);
+                    b
+                },
+                Err("bad_request"),
+            ),
+            ("a boundary of another case", "multipart/form-data; boundary=xyz", form("XyZ", &[(file, &small)]), Err("bad_request")),
+            ("no boundary", "multipart/form-data", form("XyZ", &[(file, &small)]), Err("bad_request")),
+        ];
+        for (what, content_type, body, expected) in cases {
+            let (status, _, v) = send(&app, post("/api/upload", content_type, body)).await;
+            match expected {
+                Ok(image) => {
+                    assert_eq!(status, StatusCode::ACCEPTED, "{what}: {v}");
+                    let job = stores.jobs.get(v["id"].as_str().unwrap()).await.unwrap().unwrap();
+                    let stored = stores.blobs.get(&job.input.digest).await.unwrap().unwrap();
+                    assert_eq!(stored.as_ref(), image, "{what}: the image part is what is stored");
+                }
+                Err(code) => {
+                    assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {v}");
+                    assert_eq!(v["error"]["code"], code, "{what}: {v}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_header_too_large_is_image_too_large_as_at_the_gateway() {
+        let (_dir, app, _stores) = app(UploadConfig::default()).await;
+        // 20,000 px wide: over the 16,384 px side limit, well under the pixel limit.
+        for (w, h) in [(20_000, 2), (2, 20_000)] {
+            let (status, _, v) = send(&app, post("/api/upload", "image/png", png(w, h))).await;
+            assert_eq!((status, v["error"]["code"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("image_too_large")), "{w}x{h}: {v}");
+        }
     }
 
     #[tokio::test]
