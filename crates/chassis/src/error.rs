@@ -39,8 +39,10 @@ pub enum ErrorCode {
     LimitExceeded,
     /// Too many requests for this key.
     RateLimited,
-    /// A dependency is down or full; retry later.
+    /// A dependency is down; retry later.
     Unavailable,
+    /// A store's disk is full (the message names which store); retry once space is freed.
+    InsufficientStorage,
     /// The work did not finish within its deadline.
     Timeout,
     /// A bug or an unexpected failure inside pixmesh.
@@ -148,6 +150,13 @@ const TABLE: &[Row] = &[
         name: "unavailable",
         http: StatusCode::SERVICE_UNAVAILABLE,
         grpc: tonic::Code::Unavailable,
+        retryable: true,
+    },
+    Row {
+        code: ErrorCode::InsufficientStorage,
+        name: "insufficient_storage",
+        http: StatusCode::INSUFFICIENT_STORAGE,
+        grpc: tonic::Code::ResourceExhausted,
         retryable: true,
     },
     Row {
@@ -315,6 +324,7 @@ mod tests {
         check(ErrorCode::ImageTooLarge, 413, false);
         check(ErrorCode::CorruptImage, 422, false);
         check(ErrorCode::Unavailable, 503, true);
+        check(ErrorCode::InsufficientStorage, 507, true);
         check(ErrorCode::NotReady, 409, true);
     }
 
