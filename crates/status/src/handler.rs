@@ -29,8 +29,8 @@ async fn method_not_allowed(request: Request) -> ApiError {
 }
 
 fn store_error(e: StoreError) -> ApiError {
-    tracing::error!(error = %e, "job store error");
-    ApiError::new(ErrorCode::Unavailable, "the job store is unavailable; retry later").with_retry_after(1)
+    tracing::error!(error = %e, "store error");
+    e.api_error()
 }
 
 fn unknown(id: &str) -> ApiError {
