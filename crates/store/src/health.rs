@@ -110,7 +110,7 @@ impl Probe {
 async fn within(store: StoreKind, probe: impl Future<Output = Result<(), StoreError>>) -> Result<(), String> {
     match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) if e.is_full() => Err(format!("the {store}'s disk is full ({e})")),
+        Ok(Err(StoreError::Full { detail, .. })) => Err(format!("the {store}'s disk is full ({detail})")),
         Ok(Err(e)) => Err(format!("the {store} failed its probe ({e})")),
         Err(_) => Err(format!("the {store} did not answer its probe within {} s", PROBE_TIMEOUT.as_secs())),
     }
