@@ -43,10 +43,12 @@ pub enum ErrorCode {
     LimitExceeded,
     /// Too many requests for this key.
     RateLimited,
-    /// A dependency is down or full; retry later.
+    /// A dependency is down; retry later.
     Unavailable,
     /// The client did not send its request (body) within the time allowed.
     RequestTimeout,
+    /// A store's disk is full (the message names which store); retry once space is freed.
+    InsufficientStorage,
     /// The work did not finish within its deadline.
     Timeout,
     /// A bug or an unexpected failure inside pixmesh.
@@ -187,6 +189,13 @@ const TABLE: &[Row] = &[
         name: "request_timeout",
         http: StatusCode::REQUEST_TIMEOUT,
         grpc: tonic::Code::DeadlineExceeded,
+        retry: Retry::Yes,
+    },
+    Row {
+        code: ErrorCode::InsufficientStorage,
+        name: "insufficient_storage",
+        http: StatusCode::INSUFFICIENT_STORAGE,
+        grpc: tonic::Code::ResourceExhausted,
         retry: Retry::Yes,
     },
     Row {
@@ -359,6 +368,7 @@ mod tests {
         check(ErrorCode::ImageTooLarge, 413, false);
         check(ErrorCode::CorruptImage, 422, false);
         check(ErrorCode::Unavailable, 503, true);
+        check(ErrorCode::InsufficientStorage, 507, true);
         check(ErrorCode::NotReady, 409, true);
         // A failure inside pixmesh may be the instance's or the input's: one more try, no more.
         assert_eq!(ErrorCode::Internal.retry(), Retry::Once);

@@ -266,7 +266,7 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = std::io::Result<Router>>,
 {
-    http_role_with_limits(role, http_listener, admin_listener, shutdown, grace, ConnectionLimits::default(), build).await
+    http_role_with(role, http_listener, admin_listener, shutdown, grace, ConnectionLimits::default(), |_| build()).await
 }
 
 /// [`http_role`] with the connection limits of the role's configuration.
@@ -283,11 +283,45 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = std::io::Result<Router>>,
 {
+    http_role_with(role, http_listener, admin_listener, shutdown, grace, limits, |_| build()).await
+}
+
+/// [`http_role`] for a role whose readiness also follows checks of its own (its stores can be
+/// written): `build` gets the role's [`Readiness`] to keep them up to date.
+pub async fn http_role_with_checks<F, Fut>(
+    role: &'static str,
+    http_listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: Shutdown,
+    grace: Duration,
+    build: F,
+) -> std::io::Result<()>
+where
+    F: FnOnce(Readiness) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<Router>>,
+{
+    http_role_with(role, http_listener, admin_listener, shutdown, grace, ConnectionLimits::default(), build).await
+}
+
+/// The one body of the `http_role*` functions.
+async fn http_role_with<F, Fut>(
+    role: &'static str,
+    http_listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: Shutdown,
+    grace: Duration,
+    limits: ConnectionLimits,
+    build: F,
+) -> std::io::Result<()>
+where
+    F: FnOnce(Readiness) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<Router>>,
+{
     let readiness = Readiness::new();
     let http_addr = http_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let admin_server = admin(role, admin_listener, readiness.clone(), shutdown.clone());
-    let app = match build().await {
+    let app = match build(readiness.clone()).await {
         Ok(app) => app,
         Err(e) => {
             admin_server.stop().await;

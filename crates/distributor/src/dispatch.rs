@@ -14,6 +14,16 @@ use tokio::task::JoinSet;
 /// How long a try waits for a worker with a free slot before giving up on this claim.
 const WAIT_FOR_WORKER: Duration = Duration::from_secs(3);
 
+/// The longest wait between claims while the job store fails. The wait doubles from twice the
+/// poll interval up to this: a broken store is not hammered, and one that works again is
+/// claimed from within this long, by itself.
+const MAX_CLAIM_BACKOFF: Duration = Duration::from_secs(2);
+
+/// The wait after `failures` claims in a row failed (at least 1).
+fn claim_backoff(poll: Duration, failures: u32) -> Duration {
+    poll.saturating_mul(1 << failures.clamp(1, 16)).min(MAX_CLAIM_BACKOFF)
+}
+
 #[derive(Clone)]
 pub struct Dispatcher {
     config: DistributorConfig,
@@ -41,6 +51,8 @@ impl Dispatcher {
         let poll = Duration::from_millis(self.config.poll_interval_ms);
         let lease = Duration::from_millis(self.config.lease_ms);
         let mut tasks = JoinSet::new();
+        // Claims that failed in a row (the job store is full, read-only, locked, …).
+        let mut failures: u32 = 0;
         loop {
             while tasks.try_join_next().is_some() {}
             let permit = tokio::select! {
@@ -54,7 +66,12 @@ impl Dispatcher {
                     _ = shutdown.wait() => break,
                 }
             }
-            match self.stores.jobs.claim(&self.owner, lease, self.config.max_attempts).await {
+            let claimed = self.stores.jobs.claim(&self.owner, lease, self.config.max_attempts).await;
+            if claimed.is_ok() && failures > 0 {
+                tracing::info!(failures, "claims work again");
+                failures = 0;
+            }
+            match claimed {
                 Ok(Some(job)) => {
                     metrics::counter!("pixmesh_distributor_claims_total").increment(1);
                     let this = self.clone();
@@ -71,10 +88,19 @@ impl Dispatcher {
                     }
                 }
                 Err(e) => {
+                    // Back off and try again, for as long as it takes: the store comes back by
+                    // itself (space freed, file writable again), and so do the claims.
                     drop(permit);
-                    tracing::error!(error = %e, "claim failed");
+                    failures = failures.saturating_add(1);
+                    let wait = claim_backoff(poll, failures);
+                    metrics::counter!("pixmesh_distributor_claim_errors_total").increment(1);
+                    if failures == 1 {
+                        tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, "claim failed; retrying with backoff");
+                    } else {
+                        tracing::debug!(error = %e, failures, retry_in_ms = wait.as_millis() as u64, "claim failed again");
+                    }
                     tokio::select! {
-                        _ = tokio::time::sleep(poll * 10) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = shutdown.wait() => break,
                     }
                 }
@@ -249,4 +275,18 @@ enum Outcome {
     Succeeded,
     Failed,
     Released,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_backoff_doubles_up_to_its_cap() {
+        let poll = Duration::from_millis(50);
+        let waits: Vec<u64> = (1..=8).map(|n| claim_backoff(poll, n).as_millis() as u64).collect();
+        assert_eq!(waits, vec![100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+        assert_eq!(claim_backoff(poll, u32::MAX), MAX_CLAIM_BACKOFF);
+        assert_eq!(claim_backoff(Duration::from_secs(10), 1), MAX_CLAIM_BACKOFF);
+    }
 }

@@ -20,7 +20,7 @@ pub use workers::{WorkerEndpoint, WorkerSet};
 use pixmesh_chassis::Shutdown;
 use pixmesh_chassis::admin::Readiness;
 use pixmesh_chassis::announce::Announcement;
-use pixmesh_store::{StoreConfig, Stores};
+use pixmesh_store::{Access, StoreConfig, Stores};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -123,6 +123,8 @@ pub async fn run(config: DistributorConfig, store: StoreConfig, admin: TcpListen
     let admin_addr = admin.local_addr()?;
     let admin_server = pixmesh_chassis::serve::admin("distributor", admin, readiness.clone(), shutdown.clone());
     let stores = Stores::open(&store).await.map_err(std::io::Error::other)?;
+    // Ready while it can write jobs and result blobs.
+    let probe = stores.watch_health("distributor", Access::ReadWrite, readiness.clone(), shutdown.clone()).await;
     let workers = WorkerSet::with_breaker(Duration::from_millis(config.call_timeout_ms), &config.breaker);
     let source = discovery::from_config(&config).map_err(std::io::Error::other)?;
     let discovery = discovery::spawn(source, workers.clone(), Duration::from_millis(config.discovery_interval_ms), shutdown.clone());
@@ -133,6 +135,7 @@ pub async fn run(config: DistributorConfig, store: StoreConfig, admin: TcpListen
     let dispatcher = Dispatcher::new(config.clone(), stores, workers, owner);
     dispatcher.run(shutdown.clone()).await;
     discovery.abort();
+    probe.abort();
     admin_server.stop().await;
     Ok(())
 }

@@ -30,8 +30,8 @@ async fn method_not_allowed(request: Request) -> ApiError {
 }
 
 fn store_error(e: StoreError) -> ApiError {
-    tracing::error!(error = %e, "job store error");
-    ApiError::new(ErrorCode::Unavailable, "the job store is unavailable; retry later").with_retry_after(1)
+    tracing::error!(error = %e, "store error");
+    e.api_error()
 }
 
 /// Longest id echoed back in an error; job ids are 36 characters.

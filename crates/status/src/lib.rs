@@ -9,7 +9,7 @@ pub mod view;
 pub use handler::router;
 
 use pixmesh_chassis::Shutdown;
-use pixmesh_store::{StoreConfig, Stores};
+use pixmesh_store::{Access, StoreConfig, Stores};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -39,7 +39,8 @@ impl StatusConfig {
     }
 }
 
-/// Serves the status API on `http` until `shutdown`.
+/// Serves the status API on `http` until `shutdown`. Status only reads, so its readiness
+/// follows whether both stores can be read, not written: on a full disk it still answers.
 pub async fn run(
     config: StatusConfig,
     store: StoreConfig,
@@ -48,8 +49,10 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
     let grace = Duration::from_millis(config.drain_grace_ms);
-    pixmesh_chassis::serve::http_role("status", http, admin, shutdown, grace, || async move {
+    let probe_stop = shutdown.clone();
+    pixmesh_chassis::serve::http_role_with_checks("status", http, admin, shutdown, grace, |readiness| async move {
         let stores = Stores::open(&store).await.map_err(std::io::Error::other)?;
+        stores.watch_health("status", Access::ReadOnly, readiness, probe_stop).await;
         Ok(router(stores))
     })
     .await

@@ -1,7 +1,8 @@
 //! Content-addressed blobs: the SHA-256 of the bytes is the name, so writes are idempotent and a
 //! blob never changes once written.
 
-use crate::error::StoreError;
+use crate::error::{StoreError, StoreKind};
+use crate::health::Alarm;
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -30,20 +31,43 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn get(&self, digest: &str) -> Result<Option<Bytes>, StoreError>;
     /// Deletes a blob; deleting a missing blob is not an error.
     async fn delete(&self, digest: &str) -> Result<(), StoreError>;
+    /// The health probe: proves that blobs can be written (`write`), or read.
+    async fn probe(&self, write: bool) -> Result<(), StoreError>;
 }
 
 /// Blobs in a local directory: `root/ab/cd/abcd…`. Each write goes to a temporary file that is
 /// synced, then renamed into place, then the directory is synced: a crash leaves either the
 /// whole blob or nothing.
+///
+/// Directories that went missing under a running system (`tmp/`, a shard, the whole root,
+/// deleted by hand or by a cleanup job) are made again: at open, and when a write fails with
+/// "not found", which is then tried once more.
 #[derive(Debug, Clone)]
 pub struct LocalBlobStore {
     root: PathBuf,
+    alarm: Alarm,
 }
 
 impl LocalBlobStore {
     pub fn open(root: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(root.join("tmp")).map_err(|e| StoreError::io(root, e))?;
-        Ok(LocalBlobStore { root: root.to_path_buf() })
+        std::fs::create_dir_all(root.join("tmp")).map_err(|e| StoreError::io(StoreKind::Blobs, root, e))?;
+        Ok(LocalBlobStore { root: root.to_path_buf(), alarm: Alarm::default() })
+    }
+
+    /// Raises `alarm` whenever a read or write of the blob directory fails.
+    pub(crate) fn with_alarm(mut self, alarm: Alarm) -> Self {
+        self.alarm = alarm;
+        self
+    }
+
+    /// Raises the alarm for errors of the storage itself (not for a bad digest).
+    fn watch<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(e) = &result
+            && e.failed_store().is_some()
+        {
+            self.alarm.raise();
+        }
+        result
     }
 
     fn path_of(&self, digest: &str) -> Result<PathBuf, StoreError> {
@@ -60,19 +84,51 @@ fn write_atomically(root: &Path, target: &Path, bytes: &[u8]) -> Result<(), Stor
         return Ok(());
     }
     let dir = target.parent().ok_or_else(|| StoreError::Invalid("blob path has no parent".into()))?;
-    std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
-    let tmp = root.join("tmp").join(uuid::Uuid::now_v7().to_string());
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, target)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let tmp = root.join("tmp").join(uuid::Uuid::now_v7().to_string());
+        let result = (|| {
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, target)?;
+            std::fs::File::open(dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    };
+    repairing(root, write).map_err(|e| StoreError::io(StoreKind::Blobs, target, e))
+}
+
+/// Runs `write`; if it fails because a directory is missing, makes `root/tmp` again and runs it
+/// once more (`write` makes the blob's own shard directory itself).
+fn repairing(root: &Path, write: impl Fn() -> std::io::Result<()>) -> std::io::Result<()> {
+    match write() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(root = %root.display(), error = %e, "a blob store directory is missing; making it again");
+            std::fs::create_dir_all(root.join("tmp"))?;
+            write()
+        }
+        other => other,
     }
-    result.map_err(|e| StoreError::io(target, e))
+}
+
+/// The write probe: a small file in `tmp/`, written, synced and deleted.
+fn write_probe(root: &Path) -> Result<(), StoreError> {
+    let path = root.join("tmp").join(format!("probe-{}", uuid::Uuid::now_v7()));
+    let write = || -> std::io::Result<()> {
+        let result = (|| {
+            let mut file = std::fs::File::create(&path)?;
+            file.write_all(b"pixmesh blob store probe\n")?;
+            file.sync_all()
+        })();
+        let removed = std::fs::remove_file(&path);
+        result?;
+        removed
+    };
+    repairing(root, write).map_err(|e| StoreError::io(StoreKind::Blobs, &path, e))
 }
 
 #[async_trait]
@@ -80,14 +136,15 @@ impl BlobStore for LocalBlobStore {
     async fn put(&self, bytes: Bytes) -> Result<BlobRef, StoreError> {
         let root = self.root.clone();
         let this = self.clone();
-        tokio::task::spawn_blocking(move || {
+        let written = tokio::task::spawn_blocking(move || {
             let blob = BlobRef::of(&bytes);
             let target = this.path_of(&blob.digest)?;
             write_atomically(&root, &target, &bytes)?;
             Ok(blob)
         })
         .await
-        .map_err(|e| StoreError::Invalid(format!("blob writer task failed: {e}")))?
+        .map_err(|e| StoreError::Invalid(format!("blob writer task failed: {e}")))?;
+        self.watch(written)
     }
 
     async fn get(&self, digest: &str) -> Result<Option<Bytes>, StoreError> {
@@ -95,7 +152,7 @@ impl BlobStore for LocalBlobStore {
         match tokio::fs::read(&path).await {
             Ok(bytes) => Ok(Some(Bytes::from(bytes))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StoreError::io(&path, e)),
+            Err(e) => self.watch(Err(StoreError::io(StoreKind::Blobs, &path, e))),
         }
     }
 
@@ -104,7 +161,21 @@ impl BlobStore for LocalBlobStore {
         match tokio::fs::remove_file(&path).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(StoreError::io(&path, e)),
+            Err(e) => self.watch(Err(StoreError::io(StoreKind::Blobs, &path, e))),
+        }
+    }
+
+    async fn probe(&self, write: bool) -> Result<(), StoreError> {
+        let root = self.root.clone();
+        if write {
+            return tokio::task::spawn_blocking(move || write_probe(&root))
+                .await
+                .map_err(|e| StoreError::Invalid(format!("blob probe task failed: {e}")))?;
+        }
+        // A reader needs the directory to be there and listable; it makes nothing.
+        match tokio::fs::read_dir(&root).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(StoreError::io(StoreKind::Blobs, &root, e)),
         }
     }
 }
@@ -127,6 +198,40 @@ mod tests {
         store.delete(&a.digest).await.unwrap();
         // No temporary files are left behind.
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn directories_deleted_under_a_running_store_are_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("blobs");
+        let store = LocalBlobStore::open(&root).unwrap();
+        let first = store.put(Bytes::from_static(b"first")).await.unwrap();
+        // The whole directory goes (a cleanup job, an operator): writes go on.
+        std::fs::remove_dir_all(&root).unwrap();
+        let second = store.put(Bytes::from_static(b"second")).await.unwrap();
+        assert_eq!(store.get(&second.digest).await.unwrap().unwrap(), Bytes::from_static(b"second"));
+        assert_eq!(store.get(&first.digest).await.unwrap(), None, "what was deleted is gone");
+        // Only tmp/ goes: writes and the probe go on too.
+        std::fs::remove_dir_all(root.join("tmp")).unwrap();
+        store.probe(true).await.unwrap();
+        std::fs::remove_dir_all(root.join("tmp")).unwrap();
+        store.put(Bytes::from_static(b"third")).await.unwrap();
+        assert_eq!(std::fs::read_dir(root.join("tmp")).unwrap().count(), 0, "no temporary file is left behind");
+    }
+
+    #[tokio::test]
+    async fn blob_errors_name_the_blob_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalBlobStore::open(dir.path()).unwrap();
+        store.probe(true).await.unwrap();
+        store.probe(false).await.unwrap();
+        let Some(_frozen) = crate::testing::Immutable::set(&dir.path().join("tmp")) else { return };
+        let err = store.put(Bytes::from_static(b"x")).await.unwrap_err();
+        assert_eq!(err.failed_store(), Some(StoreKind::Blobs), "{err}");
+        assert!(err.to_string().starts_with("blob store: "), "{err}");
+        assert_eq!(err.api_error().message, "the blob store is unavailable; retry later");
+        store.probe(true).await.unwrap_err();
+        store.probe(false).await.expect("reading needs no writes");
     }
 
     #[tokio::test]

@@ -197,4 +197,8 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// Number of jobs per state (for metrics and tests).
     async fn counts(&self) -> Result<Vec<(JobState, u64)>, StoreError>;
+
+    /// The health probe: with `write`, a tiny write transaction on `who`'s health row (which
+    /// fails like a job write would: full disk, read-only or locked file); without, a read.
+    async fn probe(&self, who: &str, write: bool) -> Result<(), StoreError>;
 }

@@ -6,11 +6,16 @@
 
 mod blob;
 mod error;
+pub mod health;
 mod job;
 mod sqlite;
+#[cfg(test)]
+mod testing;
+mod write_tx;
 
 pub use blob::{BlobRef, BlobStore, LocalBlobStore};
-pub use error::StoreError;
+pub use error::{StoreError, StoreKind};
+pub use health::Access;
 pub use job::{Created, EventKind, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob};
 pub use sqlite::SqliteJobStore;
 
@@ -54,13 +59,16 @@ impl StoreConfig {
 pub struct Stores {
     pub jobs: Arc<dyn JobStore>,
     pub blobs: Arc<dyn BlobStore>,
+    /// Raised by both stores when a read or write fails; wakes [`Stores::watch_health`].
+    alarm: health::Alarm,
 }
 
 impl Stores {
     pub async fn open(config: &StoreConfig) -> Result<Stores, StoreError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| StoreError::io(&config.data_dir, e))?;
-        let jobs = SqliteJobStore::open(&config.database_path()).await?;
-        let blobs = LocalBlobStore::open(&config.blobs_path())?;
-        Ok(Stores { jobs: Arc::new(jobs), blobs: Arc::new(blobs) })
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| StoreError::io(StoreKind::Jobs, &config.data_dir, e))?;
+        let alarm = health::Alarm::default();
+        let jobs = SqliteJobStore::open(&config.database_path()).await?.with_alarm(alarm.clone());
+        let blobs = LocalBlobStore::open(&config.blobs_path())?.with_alarm(alarm.clone());
+        Ok(Stores { jobs: Arc::new(jobs), blobs: Arc::new(blobs), alarm })
     }
 }

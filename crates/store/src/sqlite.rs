@@ -3,11 +3,14 @@
 //!
 //! Write transactions start with `BEGIN IMMEDIATE`: they take the write lock up front, so a
 //! transaction that reads before it writes cannot fail with a stale snapshot when another
-//! process commits in between (the busy timeout then simply waits for the lock).
+//! process commits in between (the busy timeout then simply waits for the lock). They run in a
+//! [`WriteTx`], which never hands a connection back to the pool mid-transaction (see its module).
 
 use crate::blob::BlobRef;
 use crate::error::StoreError;
+use crate::health::Alarm;
 use crate::job::{Created, EventKind, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob};
+use crate::write_tx::WriteTx;
 use async_trait::async_trait;
 use pixmesh_chassis::time::now_ms;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
@@ -49,9 +52,13 @@ const SCHEMA: &[&str] = &[
 
 const JOB_COLUMNS: &str = "id, owner, state, attempt, lease_owner, lease_expires_at, input_digest, input_size, input_format, options, result, error, created_at, updated_at";
 
+/// One row per probing role, rewritten by each probe (see [`JobStore::probe`]).
+const HEALTH_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS health (probe TEXT PRIMARY KEY, at INTEGER NOT NULL) STRICT";
+
 #[derive(Debug, Clone)]
 pub struct SqliteJobStore {
     pool: SqlitePool,
+    alarm: Alarm,
 }
 
 impl SqliteJobStore {
@@ -73,7 +80,14 @@ impl SqliteJobStore {
         if has_owner.is_none() {
             sqlx::query("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''").execute(&pool).await?;
         }
-        Ok(SqliteJobStore { pool })
+        sqlx::query(HEALTH_SCHEMA).execute(&pool).await?;
+        Ok(SqliteJobStore { pool, alarm: Alarm::default() })
+    }
+
+    /// Raises `alarm` whenever a write transaction fails.
+    pub(crate) fn with_alarm(mut self, alarm: Alarm) -> Self {
+        self.alarm = alarm;
+        self
     }
 
     async fn append(
@@ -112,7 +126,7 @@ impl SqliteJobStore {
         data: serde_json::Value,
     ) -> Result<(), StoreError> {
         let now = now_ms();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = WriteTx::begin(&self.pool, &self.alarm).await?;
         let sql = format!("UPDATE jobs SET {set}, updated_at = ? WHERE id = ? AND attempt = ? AND state = 'processing'");
         let mut query = sqlx::query(&sql);
         for bind in binds {
@@ -123,6 +137,7 @@ impl SqliteJobStore {
         }
         let done = query.bind(now).bind(id).bind(i64::from(attempt)).execute(&mut *tx).await?;
         if done.rows_affected() == 0 {
+            tx.rollback().await?;
             return Err(StoreError::Fenced { id: id.to_string(), attempt });
         }
         Self::append(&mut tx, id, event, attempt, now, data).await?;
@@ -173,7 +188,7 @@ fn millis(d: Duration) -> i64 {
 impl JobStore for SqliteJobStore {
     async fn create(&self, job: NewJob) -> Result<Created, StoreError> {
         let now = now_ms();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = WriteTx::begin(&self.pool, &self.alarm).await?;
         if let Some(key) = &job.idempotency_key {
             let existing =
                 sqlx::query("SELECT id, request_hash FROM jobs WHERE idempotency_key = ?").bind(key).fetch_optional(&mut *tx).await?;
@@ -181,6 +196,7 @@ impl JobStore for SqliteJobStore {
                 let id: String = row.try_get("id")?;
                 let hash: String = row.try_get("request_hash")?;
                 if hash != job.request_hash {
+                    tx.rollback().await?;
                     return Err(StoreError::IdempotencyConflict { existing: id });
                 }
                 let found = Self::fetch_job(&mut tx, &id).await?.ok_or(StoreError::NotFound(id))?;
@@ -241,7 +257,7 @@ impl JobStore for SqliteJobStore {
     async fn claim(&self, owner: &str, lease: Duration, max_attempts: u32) -> Result<Option<Job>, StoreError> {
         loop {
             let now = now_ms();
-            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+            let mut tx = WriteTx::begin(&self.pool, &self.alarm).await?;
             let candidate = sqlx::query(
                 "SELECT id, state, attempt, lease_owner FROM jobs
                  WHERE (state = 'queued' AND not_before <= ?1) OR (state = 'processing' AND lease_expires_at < ?1)
@@ -380,7 +396,26 @@ impl JobStore for SqliteJobStore {
         }
         Ok(out)
     }
+
+    async fn probe(&self, who: &str, write: bool) -> Result<(), StoreError> {
+        if !write {
+            sqlx::query("SELECT 1 FROM jobs LIMIT 1").fetch_optional(&self.pool).await?;
+            return Ok(());
+        }
+        let mut tx = WriteTx::begin(&self.pool, &self.alarm).await?;
+        sqlx::query("INSERT INTO health (probe, at) VALUES (?, ?) ON CONFLICT (probe) DO UPDATE SET at = excluded.at")
+            .bind(who)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
 }
+
+#[cfg(test)]
+#[path = "sqlite/faults.rs"]
+mod faults;
 
 #[cfg(test)]
 mod tests {

@@ -159,8 +159,8 @@ fn store_error(e: StoreError) -> ApiError {
             format!("this Idempotency-Key was already used for a different upload (job {existing}); use a new key for a new upload"),
         ),
         other => {
-            tracing::error!(error = %other, "job store error");
-            ApiError::new(ErrorCode::Unavailable, "the job store is unavailable; retry later").with_retry_after(1)
+            tracing::error!(error = %other, "store error");
+            other.api_error()
         }
     }
 }

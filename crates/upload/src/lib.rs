@@ -10,7 +10,7 @@ pub use handler::{parse_options, router};
 
 use pixmesh_chassis::Shutdown;
 use pixmesh_imaging::Limits;
-use pixmesh_store::{StoreConfig, Stores};
+use pixmesh_store::{Access, StoreConfig, Stores};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -52,7 +52,8 @@ impl UploadConfig {
     }
 }
 
-/// Serves the upload API on `http` until `shutdown`.
+/// Serves the upload API on `http` until `shutdown`. Ready while both stores can be written
+/// (see `pixmesh_store::health`).
 pub async fn run(
     config: UploadConfig,
     store: StoreConfig,
@@ -61,8 +62,10 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
     let grace = Duration::from_millis(config.drain_grace_ms);
-    pixmesh_chassis::serve::http_role("upload", http, admin, shutdown, grace, || async move {
+    let probe_stop = shutdown.clone();
+    pixmesh_chassis::serve::http_role_with_checks("upload", http, admin, shutdown, grace, |readiness| async move {
         let stores = Stores::open(&store).await.map_err(std::io::Error::other)?;
+        stores.watch_health("upload", Access::ReadWrite, readiness, probe_stop).await;
         Ok(router(config, stores))
     })
     .await
