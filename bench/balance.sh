@@ -6,18 +6,25 @@
 #      capacity), the ratio between them, p50/p99 and the slow worker's share of calls; then
 #      the same with the slow worker 50× slower (a 50 ms stall on a fast backend, as in the
 #      nginx/HAProxy measurements the targets come from);
-#   2. scaling from 1 to 16 healthy workers: throughput / ideal (efficiency), and the dispatch
+#   2. the burst after idleness: with one worker of four 10× slower, the closed loop (it learns
+#      the latencies), then ~1.5 s idle, then a burst of calls sent at once (4× the healthy
+#      slots): the slow worker's share of the burst, p2c beside round-robin. Its estimate has
+#      decayed while idle, the others' rise at once under the burst; pixmesh re-probes it with
+#      one call at a time instead of filling its slots;
+#   3. scaling from 1 to 16 healthy workers: throughput / ideal (efficiency), and the dispatch
 #      overhead per call (mean call time minus the workers' own service time), beside the same
 #      with each caller pinned to one worker (as many callers as slots: no pick, no queueing,
 #      the plain gRPC call): the difference is what picking costs;
-#   3. the cost of one pick, without the call.
+#   4. the cost of one pick, without the call.
 # The ideal is every healthy slot busy all the time: slots / service time, both at the nominal
 # service time and at the one the healthy workers actually gave (a timer sleep overshoots).
-# Usage: bench/balance.sh      Env: SECONDS_PER_RUN (default 5), SERVICE_MS (default 20)
+# Usage: bench/balance.sh      Env: SECONDS_PER_RUN (default 5), SERVICE_MS (default 20),
+#                                   IDLE_MS (default 1500)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR="${SECONDS_PER_RUN:-5}"
 SERVICE="${SERVICE_MS:-20}"
+IDLE="${IDLE_MS:-1500}"
 cargo build --release -q -p pixmesh-loadgen
 L="${CARGO_TARGET_DIR:-target}/release/pixmesh-loadgen"
 
@@ -40,6 +47,24 @@ PY
 }
 compare 10
 compare 50
+
+burst() { # slow factor
+  local p2c rr
+  # 4 workers of capacity 4, one slow: 12 healthy slots, a burst of 48 calls.
+  p2c=$("$L" balance --workers 4 --slow 1 --slow-factor "$1" --service-ms "$SERVICE" --policy p2c --seconds "$DUR" --idle-ms "$IDLE" --burst 48)
+  rr=$("$L" balance --workers 4 --slow 1 --slow-factor "$1" --service-ms "$SERVICE" --policy rr --seconds "$DUR" --idle-ms "$IDLE" --burst 48)
+  python3 - "$p2c" "$rr" "$1" <<'PY'
+import json, sys
+p, r, factor = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+b = p["burst"]
+print(f"burst after {b['idle_ms']} ms idle, 1 slow ({factor}x) of 4 workers, {b['calls']} calls at once:")
+for x in (p, r):
+    b = x["burst"]
+    print(f"  {x['policy']:4} slow worker took {b['last_worker_calls']:3} of {b['calls']} ({100*b['last_worker_share']:.1f}%), "
+          f"burst done in {b['ms']:.0f} ms (its share in the closed loop before: {100*x['last_worker_share']:.1f}%)")
+PY
+}
+burst 10
 
 echo "scaling, all workers healthy (p2c; callers pinned to workers beside it as the plain-gRPC anchor):"
 for n in 1 2 4 8 16; do

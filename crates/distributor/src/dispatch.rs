@@ -1,15 +1,17 @@
 use crate::DistributorConfig;
 use crate::budget::{RetryBudget, remaining};
-use crate::workers::WorkerSet;
+use crate::lease::{self, Lost};
+use crate::workers::{WorkerEndpoint, WorkerSet};
 use bytes::Bytes;
 use pixmesh_chassis::error::Retry;
 use pixmesh_chassis::{ApiError, ErrorCode, Shutdown};
 use pixmesh_proto::v1::ProcessRequest;
 use pixmesh_store::{Job, JobError, JobResult, StoreError, Stores};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 /// How long a try waits for a worker with a free slot before giving up on this claim.
 const WAIT_FOR_WORKER: Duration = Duration::from_secs(3);
@@ -66,6 +68,8 @@ impl Dispatcher {
                     _ = shutdown.wait() => break,
                 }
             }
+            // Taken before the store sets the lease: the lease's conservative start.
+            let claimed_at = Instant::now();
             let claimed = self.stores.jobs.claim(&self.owner, lease, self.config.max_attempts).await;
             if claimed.is_ok() && failures > 0 {
                 tracing::info!(failures, "claims work again");
@@ -76,7 +80,7 @@ impl Dispatcher {
                     metrics::counter!("pixmesh_distributor_claims_total").increment(1);
                     let this = self.clone();
                     tasks.spawn(async move {
-                        this.handle(job).await;
+                        this.handle(job, claimed_at).await;
                         drop(permit);
                     });
                 }
@@ -115,15 +119,29 @@ impl Dispatcher {
         }
     }
 
-    /// Runs one claimed job to a terminal state or back to the queue.
-    pub async fn handle(&self, job: Job) {
+    /// Runs one claimed job to a terminal state or back to the queue, its lease renewed in the
+    /// background meanwhile. When the claim is lost (the lease was taken over, or could not be
+    /// renewed) its work stops at once, worker call included, and nothing more is written.
+    async fn handle(&self, job: Job, claimed_at: Instant) {
         let started = Instant::now();
-        let outcome = self.try_workers(&job).await;
+        let terms = lease::Terms {
+            lease: Duration::from_millis(self.config.lease_ms),
+            renew: Duration::from_millis(self.config.lease_renew_ms),
+            max_claim: Duration::from_millis(self.config.max_claim_ms),
+        };
+        let outcome = tokio::select! {
+            // A lost claim wins over work that happens to be ready in the same poll.
+            biased;
+            lost = lease::keep(self.stores.jobs.as_ref(), &job.id, job.attempt, claimed_at, terms) => self.lost(&job, lost).await,
+            outcome = self.try_workers(&job) => outcome,
+        };
         let elapsed = started.elapsed().as_secs_f64();
         let label = match &outcome {
             Ok(Outcome::Succeeded) => "succeeded",
             Ok(Outcome::Failed) => "failed",
             Ok(Outcome::Released) => "released",
+            Ok(Outcome::LeaseLost) => "lease_lost",
+            Ok(Outcome::GaveUp) => "claim_timeout",
             Err(StoreError::Fenced { .. }) => "fenced",
             Err(_) => "store_error",
         };
@@ -132,10 +150,30 @@ impl Dispatcher {
         match outcome {
             Ok(_) => {}
             Err(StoreError::Fenced { id, attempt }) => {
-                tracing::warn!(job = %id, attempt, "result dropped: this attempt no longer holds the job");
+                tracing::warn!(job = %id, attempt, "work dropped: this attempt no longer holds the job");
             }
             Err(e) => {
                 tracing::error!(job = %job.id, attempt = job.attempt, error = %e, "job store error; the lease will expire and the job will be claimed again")
+            }
+        }
+    }
+
+    /// What is left to do once the claim is lost (its work has been dropped).
+    async fn lost(&self, job: &Job, lost: Lost) -> Result<Outcome, StoreError> {
+        match lost {
+            Lost::Fenced => Err(StoreError::Fenced { id: job.id.clone(), attempt: job.attempt }),
+            // Nothing can be written without the store; the job is claimed again once its
+            // lease has run out in the store too.
+            Lost::Expired => Ok(Outcome::LeaseLost),
+            Lost::MaxClaim => {
+                let error = ApiError::new(
+                    ErrorCode::Timeout,
+                    format!("the claim was held for distributor.max_claim_ms ({} ms) without an end", self.config.max_claim_ms),
+                );
+                tracing::warn!(job = %job.id, attempt = job.attempt, "claim held too long; the job goes back to the queue");
+                let delay = Duration::from_millis(self.config.retry_delay_ms);
+                self.stores.jobs.release(&job.id, job.attempt, &job_error(&error), delay).await?;
+                Ok(Outcome::GaveUp)
             }
         }
     }
@@ -148,7 +186,6 @@ impl Dispatcher {
             jobs.fail(&job.id, job.attempt, &error).await?;
             return Ok(Outcome::Failed);
         };
-        let lease = Duration::from_millis(self.config.lease_ms);
         let mut tried: Vec<String> = Vec::new();
         let mut last_error = ApiError::new(ErrorCode::Unavailable, "no image worker is available");
         // A failure the table allows one more try for (`Retry::Once`: `internal`, e.g. a
@@ -158,18 +195,38 @@ impl Dispatcher {
         let mut final_try: Option<ApiError> = None;
         // One deadline for the whole claim: each call gets what the earlier ones left of it.
         let started = tokio::time::Instant::now();
-        for try_index in 0..self.config.tries_per_claim {
-            if try_index == 0 {
-                self.budget.deposit();
-            } else if !self.budget.withdraw() {
-                tracing::info!(job = %job.id, "retry budget spent; the job goes back to the queue");
-                break;
+        let mut tries = 0;
+        // The last call was abandoned because its worker left the set and stopped answering:
+        // the next one goes elsewhere outside `tries_per_claim` and the retry budget. The
+        // budget keeps retries from multiplying the load on failing workers; this call put no
+        // load on a live one, and there are at most as many such calls as workers that vanish
+        // during the claim (each is excluded after), all within the claim's deadline.
+        let mut redispatch = false;
+        loop {
+            if !redispatch {
+                if tries == self.config.tries_per_claim {
+                    break;
+                }
+                if tries == 0 {
+                    self.budget.deposit();
+                } else if !self.budget.withdraw() {
+                    tracing::info!(job = %job.id, "retry budget spent; the job goes back to the queue");
+                    break;
+                }
+                tries += 1;
             }
+            redispatch = false;
             let Some(slot) = self.workers.acquire_within(&tried, WAIT_FOR_WORKER).await else { break };
             let Some(timeout) = remaining(self.workers.call_timeout(), started) else { break };
             let endpoint = Arc::clone(slot.endpoint());
-            jobs.extend_lease(&job.id, job.attempt, lease).await?;
-            match self.call(&endpoint.client(), job, input.clone(), timeout).await {
+            let client = endpoint.client();
+            let answer = tokio::select! {
+                // An answer that came wins over the worker's departure noticed in the same poll.
+                biased;
+                answer = self.call(&client, job, input.clone(), timeout) => answer,
+                _ = endpoint.gone() => Err(CallFailure::abandoned(&endpoint)),
+            };
+            match answer {
                 Ok(response) => {
                     slot.finish(false);
                     let blob = self.stores.blobs.put(response.image).await?;
@@ -184,23 +241,32 @@ impl Dispatcher {
                     tracing::info!(job = %job.id, attempt = job.attempt, worker = %endpoint.address, width = result.width, height = result.height, "job succeeded");
                     return Ok(Outcome::Succeeded);
                 }
-                Err(CallFailure { error, .. }) if error.code.retry() == Retry::Never => {
+                Err(CallFailure { error, cause: Cause::Failed }) if error.code.retry() == Retry::Never => {
                     // The image's fault, not the worker's.
                     slot.finish(false);
                     jobs.fail(&job.id, job.attempt, &job_error(&error)).await?;
                     tracing::info!(job = %job.id, attempt = job.attempt, code = %error.code, reason = %error.message, "job failed");
                     return Ok(Outcome::Failed);
                 }
-                Err(CallFailure { error, refused }) => {
-                    if refused {
-                        slot.refused();
-                    } else {
-                        slot.finish(true);
+                Err(CallFailure { error, cause }) => {
+                    match cause {
+                        Cause::Refused => slot.refused(),
+                        // A worker that answers `internal` (it caught a panic on this input) is
+                        // up and answering: its breaker does not count it, or a few poisoned
+                        // uploads would open every worker's breaker.
+                        Cause::Failed => slot.finish(error.code != ErrorCode::Internal),
+                        // The worker is gone from the set: nothing for its breaker or its
+                        // latency estimate to learn, the slot is simply freed.
+                        Cause::Abandoned => {
+                            drop(slot);
+                            redispatch = true;
+                            metrics::counter!("pixmesh_distributor_calls_abandoned_total").increment(1);
+                        }
                     }
                     metrics::counter!("pixmesh_distributor_worker_failures_total", "code" => error.code.as_str()).increment(1);
-                    if let Some(first) = final_try {
+                    if let Some(first) = final_try.as_ref().filter(|_| cause != Cause::Abandoned) {
                         tracing::warn!(job = %job.id, attempt = job.attempt, worker = %endpoint.address, code = %error.code, reason = %error.message, first = %first.code, "the one retry after an internal failure failed too; the job fails");
-                        jobs.fail(&job.id, job.attempt, &job_error(&first)).await?;
+                        jobs.fail(&job.id, job.attempt, &job_error(first)).await?;
                         return Ok(Outcome::Failed);
                     }
                     tracing::warn!(job = %job.id, attempt = job.attempt, worker = %endpoint.address, code = %error.code, reason = %error.message, "worker call failed; trying another worker");
@@ -241,22 +307,42 @@ impl Dispatcher {
         let mut client = client.clone();
         let timed_out = || CallFailure {
             error: ApiError::new(ErrorCode::Timeout, format!("worker did not answer within {} ms", deadline.as_millis())),
-            refused: false,
+            cause: Cause::Failed,
         };
         match tokio::time::timeout(deadline + Duration::from_millis(100), client.process(request)).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
             // tonic ends a call whose `grpc-timeout` ran out as CANCELLED; nothing else cancels ours.
             Ok(Err(status)) if status.code() == tonic::Code::Cancelled => Err(timed_out()),
-            Ok(Err(status)) => Err(CallFailure { error: ApiError::from_grpc_status(&status), refused: connection_refused(&status) }),
+            Ok(Err(status)) => {
+                let cause = if connection_refused(&status) { Cause::Refused } else { Cause::Failed };
+                Err(CallFailure { error: ApiError::from_grpc_status(&status), cause })
+            }
             Err(_) => Err(timed_out()),
         }
     }
 }
 
-/// A failed worker call, and whether the worker refused the connection (it is not there).
+/// A failed worker call, and why.
 struct CallFailure {
     error: ApiError,
-    refused: bool,
+    cause: Cause,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// The worker (or the way to it) failed the call, or it ran out of time.
+    Failed,
+    /// The worker refused the connection: it is not there.
+    Refused,
+    /// Discovery dropped the worker and it did not answer a health check: the call was given up.
+    Abandoned,
+}
+
+impl CallFailure {
+    fn abandoned(endpoint: &WorkerEndpoint) -> CallFailure {
+        let message = format!("worker {} left the set of live workers and does not answer; its call was abandoned", endpoint.address);
+        CallFailure { error: ApiError::new(ErrorCode::Unavailable, message), cause: Cause::Abandoned }
+    }
 }
 
 /// True when the call failed because the connection was refused (found in the error's causes).
@@ -275,6 +361,10 @@ enum Outcome {
     Succeeded,
     Failed,
     Released,
+    /// The lease could not be renewed before it ran out; the work was dropped.
+    LeaseLost,
+    /// The claim reached `max_claim_ms`; the job was released.
+    GaveUp,
 }
 
 #[cfg(test)]

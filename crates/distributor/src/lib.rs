@@ -6,11 +6,17 @@
 //! job goes to a *different* worker; a permanent failure (corrupt or unsupported image) ends the
 //! job `failed` at once. When every try of a claim fails the job is released back to the queue
 //! with a delay; after `max_attempts` claims it fails.
+//!
+//! A claim's lease is short and renewed in the background while the claim is held
+//! (`lease.rs`), so the jobs of a distributor that died are claimed again within seconds; a
+//! call to a worker that discovery dropped and that no longer answers is abandoned and sent
+//! elsewhere at once (`workers.rs`, `dispatch.rs`).
 
 pub mod breaker;
 pub mod budget;
 pub mod discovery;
 mod dispatch;
+mod lease;
 mod workers;
 
 pub use breaker::BreakerConfig;
@@ -41,9 +47,20 @@ pub struct DistributorConfig {
     pub worker_capacity: u32,
     /// Jobs in flight at once.
     pub concurrency: usize,
+    /// How long a claim's lease lasts. It is renewed every `lease_renew_ms` for as long as the
+    /// claim is held, so a call may outlive it; the jobs of a distributor that died are claimed
+    /// again at most this long after its last renewal.
     pub lease_ms: u64,
+    /// How often a held claim's lease is renewed (below half of `lease_ms`, so one renewal may
+    /// fail and the next still come in time). Renewals that fail for a store error are tried
+    /// again until the lease would have run out; then the claim is abandoned.
+    pub lease_renew_ms: u64,
+    /// The longest a claim is held, whatever it waits for (workers, their calls, the store):
+    /// past it the claim is given up and the job released back to the queue. Renewal keeps a
+    /// lease alive; this keeps a claim bounded.
+    pub max_claim_ms: u64,
     /// Deadline of a claim's worker calls together (each is sent as `grpc-timeout`, minus the
-    /// time the earlier tries of the claim took).
+    /// time the earlier tries of the claim took). Below `max_claim_ms`.
     pub call_timeout_ms: u64,
     /// Worker calls per claim before the job is released back to the queue.
     pub tries_per_claim: u32,
@@ -75,7 +92,9 @@ impl Default for DistributorConfig {
             workers: Vec::new(),
             worker_capacity: 2,
             concurrency: 16,
-            lease_ms: 60_000,
+            lease_ms: 10_000,
+            lease_renew_ms: 3_000,
+            max_claim_ms: 60_000,
             call_timeout_ms: 30_000,
             tries_per_claim: 3,
             retry_budget_percent: 20,
@@ -95,8 +114,17 @@ impl DistributorConfig {
         if self.concurrency == 0 || self.concurrency > 4096 {
             return Err("distributor.concurrency must be between 1 and 4096".into());
         }
-        if self.call_timeout_ms == 0 || self.call_timeout_ms >= self.lease_ms {
-            return Err("distributor.call_timeout_ms must be above 0 and below distributor.lease_ms".into());
+        if self.lease_renew_ms == 0 || self.lease_renew_ms.saturating_mul(2) >= self.lease_ms {
+            return Err(
+                "distributor.lease_renew_ms must be above 0 and below half of distributor.lease_ms (one renewal may fail, the next must still come in time)".into(),
+            );
+        }
+        if self.max_claim_ms > 24 * 3_600_000 {
+            return Err("distributor.max_claim_ms must be at most a day".into());
+        }
+        // A call may outlive a lease now (the lease is renewed while it runs), but not the claim.
+        if self.call_timeout_ms == 0 || self.call_timeout_ms >= self.max_claim_ms {
+            return Err("distributor.call_timeout_ms must be above 0 and below distributor.max_claim_ms".into());
         }
         if self.tries_per_claim == 0 || self.max_attempts == 0 {
             return Err("distributor.tries_per_claim and distributor.max_attempts must be at least 1".into());
@@ -138,4 +166,28 @@ pub async fn run(config: DistributorConfig, store: StoreConfig, admin: TcpListen
     probe.abort();
     admin_server.stop().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_are_renewed_well_within_their_length_and_calls_end_within_the_claim() {
+        let check = |change: fn(&mut DistributorConfig)| {
+            let mut config = DistributorConfig::default();
+            change(&mut config);
+            config.validate()
+        };
+        assert_eq!(check(|_| {}), Ok(()));
+        // A call may now outlive a lease (it is renewed), not the claim.
+        assert_eq!(check(|c| c.call_timeout_ms = c.lease_ms * 2), Ok(()));
+        let err = check(|c| c.call_timeout_ms = c.max_claim_ms).unwrap_err();
+        assert!(err.contains("max_claim_ms"), "{err}");
+        // Renewed at least twice per lease, so one renewal may fail.
+        let err = check(|c| c.lease_renew_ms = c.lease_ms / 2).unwrap_err();
+        assert!(err.contains("lease_renew_ms"), "{err}");
+        assert!(check(|c| c.lease_renew_ms = 0).is_err());
+        assert_eq!(check(|c| c.lease_renew_ms = c.lease_ms / 2 - 1), Ok(()));
+    }
 }

@@ -7,16 +7,36 @@
 //! must know whether any slot is free *before* it claims a job (a job claimed and then held
 //! waiting would sit under a lease), and a worker many times slower than the fastest is left
 //! out while the fastest is merely busy. The retry budget is tower's (`budget.rs`).
+//!
+//! Re-probe: an estimate only learns from answers, and decays while a worker gets none. A
+//! worker many times slower than its peers, once idle for a while, would be judged on a
+//! decayed, stale number against their fresh ones (a burst raises theirs at once), and a burst
+//! would fill every one of its slots before its first answer told again how slow it is. So a
+//! worker whose last answer was over [`SLOW_FACTOR`] × the fastest peer's estimate takes one
+//! call at a time, as a half-open breaker does, until an answer within the factor shows it fast
+//! again; then it is back to its full capacity. (While its estimate is fresh and high, the
+//! factor keeps it out by itself; the limit matters when it would be picked nonetheless.)
+//!
+//! Departure: when discovery drops a worker that still has calls in flight, it is asked for its
+//! health on the same connection. A worker that left on purpose (deregistered, draining) or
+//! that only lost the registry answers, and its calls finish. One that does not answer within
+//! [`GONE_PROBE`] (frozen: its heartbeats stopped, so the registry expired it; or cut off) has
+//! its calls abandoned at once ([`WorkerEndpoint::gone`]), to be sent elsewhere, instead of
+//! waiting for their deadline. (The registry's watch tells only who is in the set, not why one
+//! left; the health check tells the two apart without a change to the registry.)
 
 use crate::breaker::{Breaker, BreakerConfig};
 use pixmesh_proto::MAX_MESSAGE_BYTES;
 use pixmesh_proto::v1::image_worker_client::ImageWorkerClient;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 /// How fast the latency estimate forgets (Finagle's peak EWMA uses 10 s).
 const DECAY: Duration = Duration::from_secs(10);
@@ -27,35 +47,62 @@ const SLOW_FACTOR: f64 = 4.0;
 /// Waiting for a slot also looks again this often: a breaker's open time can end, or a slow
 /// worker's estimate decay, without any slot being freed.
 const RECHECK: Duration = Duration::from_millis(25);
+/// How long a worker that discovery dropped, with calls in flight, has to answer a health
+/// check before those calls are abandoned.
+const GONE_PROBE: Duration = Duration::from_millis(1500);
+
+type Endpoints = RwLock<HashMap<String, Arc<WorkerEndpoint>>>;
 
 /// One worker instance.
 pub struct WorkerEndpoint {
     pub address: String,
     pub capacity: usize,
+    channel: Channel,
     client: ImageWorkerClient<Channel>,
     pub breaker: Breaker,
     latency: Mutex<Latency>,
     /// The set's "a slot was freed" signal.
     freed: Arc<Notify>,
+    /// The set it belongs to, for its peers' estimates.
+    peers: Weak<Endpoints>,
+    /// Cancelled when it left the set and did not answer: its calls in flight are abandoned.
+    gone: CancellationToken,
 }
 
 impl WorkerEndpoint {
-    fn new(address: &str, capacity: usize, breaker: BreakerConfig, freed: Arc<Notify>) -> Result<WorkerEndpoint, tonic::transport::Error> {
+    fn new(
+        address: &str,
+        capacity: usize,
+        breaker: BreakerConfig,
+        freed: Arc<Notify>,
+        peers: Weak<Endpoints>,
+    ) -> Result<WorkerEndpoint, tonic::transport::Error> {
         let channel = Endpoint::from_shared(format!("http://{address}"))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .connect_lazy();
-        let client =
-            ImageWorkerClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let client = ImageWorkerClient::new(channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let latency = Latency {
+            rtt: INITIAL_RTT,
+            updated: Instant::now(),
+            pending: Vec::with_capacity(capacity.max(1)),
+            answered: false,
+            reprobe: false,
+        };
         Ok(WorkerEndpoint {
             address: address.to_string(),
             capacity: capacity.max(1),
+            channel,
             client,
             breaker: Breaker::new(address, breaker),
-            latency: Mutex::new(Latency { rtt: INITIAL_RTT, updated: Instant::now(), pending: Vec::with_capacity(capacity.max(1)) }),
+            latency: Mutex::new(latency),
             freed,
+            peers,
+            gone: CancellationToken::new(),
         })
     }
 
@@ -65,13 +112,81 @@ impl WorkerEndpoint {
     }
 
     /// Folds in an observed latency: a slower one is taken at once (the peak), a faster one
-    /// only gradually.
+    /// only gradually. An answer over [`SLOW_FACTOR`] × the fastest peer's estimate puts the
+    /// worker in re-probe (one call at a time); one within it ends that (see the module doc).
     pub fn observe(&self, latency: Duration) {
         let sample = latency.as_secs_f64();
+        let slow = self.fastest_peer().is_some_and(|fastest| sample > fastest * SLOW_FACTOR);
         let mut latency = self.latency();
         let (current, w) = Self::decayed(latency.rtt, latency.updated);
         latency.rtt = if sample > current { sample } else { current * w + sample * (1.0 - w) };
         latency.updated = Instant::now();
+        latency.answered = true;
+        if slow != latency.reprobe {
+            tracing::debug!(worker = %self.address, latency_ms = sample * 1e3, reprobe = slow, "{}", if slow {
+                "answer far slower than the fastest peer's: one call at a time until it answers fast"
+            } else {
+                "fast again: back to its full capacity"
+            });
+        }
+        latency.reprobe = slow;
+    }
+
+    /// The lowest latency estimate among the other workers of the set whose breaker lets calls
+    /// through and that have answered at least once (a worker not heard from has only
+    /// [`INITIAL_RTT`], which is no evidence). Each is read under its own lock, one at a time.
+    fn fastest_peer(&self) -> Option<f64> {
+        let peers = self.peers.upgrade()?;
+        let peers = peers.read().ok()?;
+        peers
+            .values()
+            .filter(|e| !std::ptr::eq(Arc::as_ptr(e), self) && e.breaker.would_allow())
+            .filter_map(|e| {
+                let latency = e.latency();
+                latency.answered.then(|| latency.estimate())
+            })
+            .reduce(f64::min)
+    }
+
+    /// True while the worker takes one call at a time (see the module doc).
+    pub fn in_reprobe(&self) -> bool {
+        self.latency().reprobe
+    }
+
+    /// Completes when the worker left the set and did not answer a health check: calls in
+    /// flight to it should be given up and sent elsewhere.
+    pub fn gone(&self) -> WaitForCancellationFuture<'_> {
+        self.gone.cancelled()
+    }
+
+    /// Called when discovery dropped this worker: with calls in flight, asks it for its health
+    /// on the same connection and abandons the calls unless it answers within [`GONE_PROBE`].
+    fn left_the_set(self: Arc<Self>) {
+        let calls = self.in_flight();
+        if calls == 0 {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        runtime.spawn(async move {
+            let mut health = HealthClient::new(self.channel.clone());
+            let probe = health.check(HealthCheckRequest { service: String::new() });
+            let answered = match tokio::time::timeout(GONE_PROBE, probe).await {
+                // Serving or not (a draining worker says "not serving"), it is there.
+                Ok(Ok(_)) => true,
+                // It answered, only not this question (a worker without the health service).
+                Ok(Err(status)) => matches!(status.code(), tonic::Code::Unimplemented | tonic::Code::NotFound),
+                Err(_) => false,
+            };
+            if answered {
+                tracing::info!(worker = %self.address, calls, "worker left the set but answers; its calls in flight finish");
+                return;
+            }
+            let calls = self.in_flight();
+            if calls > 0 {
+                tracing::warn!(worker = %self.address, calls, "worker left the set and does not answer; its calls in flight are abandoned");
+            }
+            self.gone.cancel();
+        });
     }
 
     /// The latency estimate now, in seconds: the decayed peak EWMA, or the age of the oldest
@@ -106,7 +221,7 @@ impl WorkerEndpoint {
         let started = Instant::now();
         {
             let mut latency = self.latency();
-            if latency.pending.len() >= self.capacity {
+            if latency.pending.len() >= latency.limit(self.capacity) {
                 return None;
             }
             latency.pending.push(started);
@@ -130,9 +245,18 @@ struct Latency {
     /// When each call in flight started: its length is the calls in flight, at most
     /// `capacity` (the bulkhead).
     pending: Vec<Instant>,
+    /// Whether it has answered at all (until then `rtt` is [`INITIAL_RTT`], a guess).
+    answered: bool,
+    /// Its last answer was far slower than the fastest peer's estimate: one call at a time.
+    reprobe: bool,
 }
 
 impl Latency {
+    /// Calls it may have in flight now: its capacity, or one while in re-probe.
+    fn limit(&self, capacity: usize) -> usize {
+        if self.reprobe { 1 } else { capacity }
+    }
+
     /// See [`WorkerEndpoint::rtt_estimate`].
     fn estimate(&self) -> f64 {
         let decayed = WorkerEndpoint::decayed(self.rtt, self.updated).0;
@@ -186,7 +310,7 @@ impl Drop for SlotGuard {
 /// The workers the distributor knows, keyed by address.
 #[derive(Clone)]
 pub struct WorkerSet {
-    endpoints: Arc<RwLock<HashMap<String, Arc<WorkerEndpoint>>>>,
+    endpoints: Arc<Endpoints>,
     call_timeout: Duration,
     breaker: BreakerConfig,
     /// Signalled when a slot is freed or the set changes, for those waiting for a slot.
@@ -208,15 +332,24 @@ impl WorkerSet {
     }
 
     /// Replaces the set with `instances` (address, capacity), keeping existing endpoints (and
-    /// their in-flight counts) for addresses that stay.
+    /// their in-flight counts) for addresses that stay. A worker that left with calls in
+    /// flight is checked for a sign of life; see the module doc.
     pub fn update(&self, instances: &[(String, usize)]) {
         let mut map = self.endpoints.write().unwrap_or_else(|p| p.into_inner());
-        map.retain(|addr, _| instances.iter().any(|(a, _)| a == addr));
+        let mut left = Vec::new();
+        map.retain(|addr, endpoint| {
+            let stays = instances.iter().any(|(a, _)| a == addr);
+            if !stays {
+                left.push(Arc::clone(endpoint));
+            }
+            stays
+        });
         for (addr, capacity) in instances {
             if map.get(addr).is_some_and(|e| e.capacity == *capacity) {
                 continue;
             }
-            match WorkerEndpoint::new(addr, *capacity, self.breaker.clone(), Arc::clone(&self.freed)) {
+            // (A new capacity replaces the endpoint; calls in flight on the old one go on.)
+            match WorkerEndpoint::new(addr, *capacity, self.breaker.clone(), Arc::clone(&self.freed), Arc::downgrade(&self.endpoints)) {
                 Ok(endpoint) => {
                     tracing::info!(worker = %addr, capacity, "worker joined");
                     map.insert(addr.clone(), Arc::new(endpoint));
@@ -226,6 +359,10 @@ impl WorkerSet {
         }
         metrics::gauge!("pixmesh_distributor_workers").set(map.len() as f64);
         drop(map);
+        for endpoint in left {
+            tracing::info!(worker = %endpoint.address, calls = endpoint.in_flight(), "worker left");
+            endpoint.left_the_set();
+        }
         self.freed.notify_waiters();
     }
 
@@ -244,7 +381,15 @@ impl WorkerSet {
 
     /// True when some worker has a free slot.
     pub fn has_free_slot(&self) -> bool {
-        self.endpoints.read().map(|m| m.values().any(|e| e.in_flight() < e.capacity)).unwrap_or(false)
+        self.endpoints
+            .read()
+            .map(|m| {
+                m.values().any(|e| {
+                    let latency = e.latency();
+                    latency.pending.len() < latency.limit(e.capacity)
+                })
+            })
+            .unwrap_or(false)
     }
 
     /// Waits until some worker may have a free slot (one was freed or the set changed), at most
@@ -281,12 +426,14 @@ impl WorkerSet {
     }
 
     /// Takes a slot by the power of two choices: two distinct workers drawn at random among
-    /// those not in `exclude` with a free slot, a breaker that lets calls through and a latency
-    /// within [`SLOW_FACTOR`] of the fastest; the one with the lower load wins; if its slot went
-    /// meanwhile, the other, then any. `None`: wait and ask again.
+    /// those not in `exclude` with a free slot (one at most in flight while in re-probe), a
+    /// breaker that lets calls through and a latency within [`SLOW_FACTOR`] of the fastest;
+    /// the one with the lower load wins; if its slot went meanwhile, the other, then any.
+    /// `None`: wait and ask again.
     pub fn acquire(&self, exclude: &[String]) -> Option<SlotGuard> {
-        // (worker, latency estimate, calls in flight), read under one lock per worker.
-        let usable: Vec<(Arc<WorkerEndpoint>, f64, usize)> = self
+        // (worker, latency estimate, calls in flight, calls it may have), read under one lock
+        // per worker.
+        let usable: Vec<(Arc<WorkerEndpoint>, f64, usize, usize)> = self
             .endpoints
             .read()
             .map(|m| {
@@ -294,7 +441,7 @@ impl WorkerSet {
                     .filter(|e| !exclude.contains(&e.address) && e.breaker.would_allow())
                     .map(|e| {
                         let latency = e.latency();
-                        (Arc::clone(e), latency.estimate(), latency.pending.len())
+                        (Arc::clone(e), latency.estimate(), latency.pending.len(), latency.limit(e.capacity))
                     })
                     .collect()
             })
@@ -302,11 +449,11 @@ impl WorkerSet {
         // Waiting a moment for a slot on a fast worker beats a call on one many times slower:
         // workers slower than SLOW_FACTOR × the fastest usable one are left out while it is
         // merely busy. (When every fast worker is gone, the slow ones are the fastest.)
-        let fastest = usable.iter().map(|(_, rtt, _)| *rtt).fold(f64::INFINITY, f64::min);
+        let fastest = usable.iter().map(|(_, rtt, _, _)| *rtt).fold(f64::INFINITY, f64::min);
         let mut candidates: Vec<Arc<WorkerEndpoint>> = usable
             .into_iter()
-            .filter(|(e, rtt, in_flight)| *in_flight < e.capacity && *rtt <= fastest * SLOW_FACTOR)
-            .map(|(e, _, _)| e)
+            .filter(|(_, rtt, in_flight, limit)| *in_flight < *limit && *rtt <= fastest * SLOW_FACTOR)
+            .map(|(e, _, _, _)| e)
             .collect();
         if candidates.len() >= 2 {
             let i = rand::random_range(0..candidates.len());
@@ -363,6 +510,52 @@ mod tests {
         assert!((worker.rtt_estimate() - 3.0).abs() < 0.01, "{}", worker.rtt_estimate());
         tokio::time::advance(Duration::from_secs(20)).await;
         assert!(worker.rtt_estimate() < 0.5, "an idle worker's estimate decays: {}", worker.rtt_estimate());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_idleness_a_burst_gives_the_stale_slow_worker_one_call_at_a_time() {
+        let set = WorkerSet::new(Duration::from_secs(60));
+        let (fast1, fast2, slow) = ("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3");
+        set.update(&[(fast1.into(), 4), (fast2.into(), 4), (slow.into(), 4)]);
+        let [a, b, s] = [fast1, fast2, slow].map(|w| set.endpoint(w).unwrap());
+        // Learnt: the fast two answer in 10 ms, the slow one in 1 s.
+        for _ in 0..5 {
+            let calls = [a.try_acquire().unwrap(), b.try_acquire().unwrap()];
+            tokio::time::advance(Duration::from_millis(10)).await;
+            calls.into_iter().for_each(|c| c.finish(false));
+        }
+        assert!(!a.in_reprobe() && !b.in_reprobe());
+        let call = s.try_acquire().unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        call.finish(false);
+        assert!(s.in_reprobe(), "an answer 100× slower than the peers'");
+
+        // Idle: every estimate decays. Then a burst fills the fast workers' slots; their calls
+        // in flight count at once (fresh), while the slow one's estimate is 30 s old and now
+        // within the factor of theirs.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let fast: Vec<SlotGuard> = (0..8).map(|_| set.acquire(&[]).unwrap()).collect();
+        assert!(fast.iter().all(|c| c.endpoint().address != slow), "the fast workers' slots go first");
+        tokio::time::advance(Duration::from_millis(20)).await;
+        assert!(s.rtt_estimate() <= a.rtt_estimate() * SLOW_FACTOR, "{} vs {}", s.rtt_estimate(), a.rtt_estimate());
+        let burst: Vec<SlotGuard> = (0..8).map_while(|_| set.acquire(&[])).collect();
+        assert_eq!(burst.len(), 1, "one call to the stale slow worker, not all its slots");
+        assert_eq!(burst[0].endpoint().address, slow);
+        assert!(!set.has_free_slot(), "its other slots do not count as free either");
+
+        // Its answer is slow again: still one at a time.
+        fast.into_iter().for_each(|c| c.finish(false));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        burst.into_iter().for_each(|c| c.finish(false));
+        assert!(s.in_reprobe());
+        let probe = s.try_acquire().unwrap();
+        assert!(s.try_acquire().is_none(), "one call at a time while in re-probe");
+        // A fast answer ends the re-probe: its whole capacity is back.
+        tokio::time::advance(Duration::from_millis(10)).await;
+        probe.finish(false);
+        assert!(!s.in_reprobe());
+        let slots: Vec<SlotGuard> = (0..4).map_while(|_| s.try_acquire()).collect();
+        assert_eq!(slots.len(), 4);
     }
 
     #[tokio::test]

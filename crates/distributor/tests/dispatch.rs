@@ -7,15 +7,20 @@ use pixmesh_chassis::Shutdown;
 use pixmesh_distributor::{Dispatcher, DistributorConfig, WorkerSet};
 use pixmesh_imaging::{Options, OutputFormat};
 use pixmesh_store::{EventKind, JobState, NewJob, StoreConfig, Stores};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
 async fn worker() -> (String, Shutdown) {
+    slow_worker(Duration::ZERO).await
+}
+
+/// A worker that waits `delay` in every call before its pixels.
+async fn slow_worker(delay: Duration) -> (String, Shutdown) {
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = grpc.local_addr().unwrap().to_string();
     let shutdown = Shutdown::new();
-    let config = pixmesh_worker::WorkerConfig { threads: 2, ..Default::default() };
+    let config = pixmesh_worker::WorkerConfig { threads: 2, extra_delay_ms: delay.as_millis() as u64, ..Default::default() };
     tokio::spawn(pixmesh_worker::run(config, grpc, admin, shutdown.clone()));
     (addr, shutdown)
 }
@@ -216,4 +221,220 @@ async fn an_internal_failure_is_retried_once_on_another_worker_then_the_job_fail
             stop.trigger();
         }
     }
+}
+
+/// A dispatcher on a store in `dir` with one worker at `worker`, running until the returned
+/// shutdown is triggered; its worker set is returned for the calls in flight.
+async fn dispatcher(dir: &std::path::Path, worker: &str, config: DistributorConfig) -> (Stores, WorkerSet, Shutdown) {
+    let stores = Stores::open(&StoreConfig::default().with_data_dir(dir)).await.unwrap();
+    let config = DistributorConfig { workers: vec![worker.to_string()], ..config };
+    let workers = WorkerSet::with_breaker(Duration::from_millis(config.call_timeout_ms), &config.breaker);
+    workers.update(&[(worker.to_string(), 2)]);
+    let shutdown = Shutdown::new();
+    let dispatcher = Dispatcher::new(config, stores.clone(), workers.clone(), "test-distributor".into());
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { dispatcher.run(shutdown).await }
+    });
+    (stores, workers, shutdown)
+}
+
+/// Waits until `worker` has `n` calls in flight from `workers`, for at most `within`.
+async fn until_in_flight(workers: &WorkerSet, worker: &str, n: usize, within: Duration) -> Duration {
+    let started = Instant::now();
+    while workers.endpoint(worker).unwrap().in_flight() != n {
+        assert!(started.elapsed() < within, "{worker} does not have {n} calls in flight after {within:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    started.elapsed()
+}
+
+fn kinds(events: &[pixmesh_store::JobEvent]) -> Vec<(EventKind, u32)> {
+    events.iter().map(|e| (e.kind, e.attempt)).collect()
+}
+
+/// Short leases renewed often; calls last several leases.
+fn short_leases() -> DistributorConfig {
+    DistributorConfig { lease_ms: 600, lease_renew_ms: 150, call_timeout_ms: 20_000, max_claim_ms: 30_000, ..DistributorConfig::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_longer_than_the_lease_keeps_its_claim() {
+    let dir = tempfile::tempdir().unwrap();
+    let (live, live_stop) = slow_worker(Duration::from_millis(2_000)).await;
+    let (stores, workers, shutdown) = dispatcher(dir.path(), &live, short_leases()).await;
+    submit(&stores, "long", pixmesh_test_support::jpeg(64, 48)).await;
+    until_in_flight(&workers, &live, 1, Duration::from_secs(10)).await;
+    // Another distributor keeps trying to claim it while the call (over three leases long) runs.
+    let lease = Duration::from_millis(600);
+    while !stores.jobs.get("long").await.unwrap().unwrap().state.is_terminal() {
+        assert!(stores.jobs.claim("other-distributor", lease, 5).await.unwrap().is_none(), "the held claim's lease ran out");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let job = stores.jobs.get("long").await.unwrap().unwrap();
+    assert_eq!((job.state, job.attempt), (JobState::Succeeded, 1));
+    let events = kinds(&stores.jobs.events("long").await.unwrap());
+    assert_eq!(events, [(EventKind::Accepted, 0), (EventKind::Claimed, 1), (EventKind::Succeeded, 1)]);
+    shutdown.trigger();
+    live_stop.trigger();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_taken_over_drops_its_call_at_once_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (live, live_stop) = slow_worker(Duration::from_secs(8)).await;
+    let (stores, workers, shutdown) = dispatcher(dir.path(), &live, short_leases()).await;
+    submit(&stores, "taken", pixmesh_test_support::jpeg(64, 48)).await;
+    until_in_flight(&workers, &live, 1, Duration::from_secs(10)).await;
+    // As if this distributor had been frozen past its lease: the lease runs out, and another
+    // distributor claims the job (attempt 2).
+    let lease = Duration::from_secs(60);
+    let thief = loop {
+        stores.jobs.extend_lease("taken", 1, Duration::ZERO).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        if let Some(job) = stores.jobs.claim("other-distributor", lease, 5).await.unwrap() {
+            break job;
+        }
+    };
+    assert_eq!(thief.attempt, 2);
+    // The next renewal is fenced: the call (8 s long) is dropped within a few renewals.
+    let dropped = until_in_flight(&workers, &live, 0, Duration::from_secs(4)).await;
+    eprintln!("the call was dropped {dropped:?} after the takeover");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let job = stores.jobs.get("taken").await.unwrap().unwrap();
+    assert_eq!((job.state, job.attempt, job.lease_owner.as_deref()), (JobState::Processing, 2, Some("other-distributor")));
+    let events = kinds(&stores.jobs.events("taken").await.unwrap());
+    assert_eq!(events, [(EventKind::Accepted, 0), (EventKind::Claimed, 1), (EventKind::LeaseExpired, 1), (EventKind::Claimed, 2)]);
+    shutdown.trigger();
+    live_stop.trigger();
+}
+
+/// Holds the database's write lock from a connection of its own for `hold` (the store is
+/// unavailable to every writer meanwhile).
+async fn lock_the_store(dir: &std::path::Path, hold: Duration) {
+    use sqlx::Connection;
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(dir.join("pixmesh.db"));
+    let mut conn = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut conn).await.unwrap();
+    tokio::time::sleep(hold).await;
+    sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_ride_out_a_store_outage_shorter_than_the_lease_and_give_up_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (live, live_stop) = slow_worker(Duration::from_secs(6)).await;
+    let config = DistributorConfig { lease_ms: 2_000, lease_renew_ms: 400, ..short_leases() };
+    let (stores, workers, shutdown) = dispatcher(dir.path(), &live, config).await;
+
+    // Unavailable for less than a lease: the renewal waits, goes through, and the claim holds.
+    submit(&stores, "short-outage", pixmesh_test_support::jpeg(64, 48)).await;
+    until_in_flight(&workers, &live, 1, Duration::from_secs(10)).await;
+    lock_the_store(dir.path(), Duration::from_millis(800)).await;
+    wait_all_terminal(&stores, &["short-outage".to_string()]).await;
+    let events = kinds(&stores.jobs.events("short-outage").await.unwrap());
+    assert_eq!(events, [(EventKind::Accepted, 0), (EventKind::Claimed, 1), (EventKind::Succeeded, 1)]);
+
+    // Unavailable for longer than a lease: the claim is given up when its lease runs out,
+    // its call (6 s) dropped, nothing written; the job is claimed again afterwards.
+    submit(&stores, "long-outage", pixmesh_test_support::jpeg(64, 48)).await;
+    until_in_flight(&workers, &live, 1, Duration::from_secs(10)).await;
+    let called = Instant::now();
+    let lock = tokio::spawn({
+        let dir = dir.path().to_path_buf();
+        async move { lock_the_store(&dir, Duration::from_secs(4)).await }
+    });
+    until_in_flight(&workers, &live, 0, Duration::from_secs(10)).await;
+    assert!(
+        called.elapsed() < Duration::from_millis(5_000),
+        "the call was dropped at the lease's end, not at its own: {:?}",
+        called.elapsed()
+    );
+    lock.await.unwrap();
+    wait_all_terminal(&stores, &["long-outage".to_string()]).await;
+    let job = stores.jobs.get("long-outage").await.unwrap().unwrap();
+    assert_eq!((job.state, job.attempt), (JobState::Succeeded, 2));
+    let events = kinds(&stores.jobs.events("long-outage").await.unwrap());
+    assert_eq!(
+        events,
+        [
+            (EventKind::Accepted, 0),
+            (EventKind::Claimed, 1),
+            (EventKind::LeaseExpired, 1),
+            (EventKind::Claimed, 2),
+            (EventKind::Succeeded, 2)
+        ]
+    );
+    shutdown.trigger();
+    live_stop.trigger();
+}
+
+/// A "frozen" worker: its port accepts connections (the kernel does that for a stopped
+/// process too) but nothing ever answers on them.
+async fn frozen_worker() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_to_a_worker_that_left_the_set_are_sent_elsewhere_at_once_unless_it_still_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores = Stores::open(&StoreConfig::default().with_data_dir(dir.path())).await.unwrap();
+    let frozen = frozen_worker().await;
+    let (draining, draining_stop) = slow_worker(Duration::from_secs(2)).await;
+    let (live, live_stop) = worker().await;
+    // No retries at all from the budget, one try per claim: what is sent elsewhere here is so
+    // outside both.
+    let config = DistributorConfig {
+        call_timeout_ms: 20_000,
+        tries_per_claim: 1,
+        retry_budget_percent: 0,
+        retry_budget_per_second: 0,
+        ..DistributorConfig::default()
+    };
+    let workers = WorkerSet::with_breaker(Duration::from_millis(config.call_timeout_ms), &config.breaker);
+    workers.update(&[(frozen.clone(), 2)]);
+    let shutdown = Shutdown::new();
+    let dispatcher = Dispatcher::new(config, stores.clone(), workers.clone(), "test-distributor".into());
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { dispatcher.run(shutdown).await }
+    });
+
+    // The frozen worker has the call; then discovery drops it (the registry expired it).
+    submit(&stores, "stuck", pixmesh_test_support::jpeg(64, 48)).await;
+    until_in_flight(&workers, &frozen, 1, Duration::from_secs(10)).await;
+    let dropped = Instant::now();
+    workers.update(&[(live.clone(), 2)]);
+    wait_all_terminal(&stores, &["stuck".to_string()]).await;
+    let took = dropped.elapsed();
+    assert!(took < Duration::from_secs(8), "sent elsewhere {took:?} after the worker left, not at the call's 20 s deadline");
+    let job = stores.jobs.get("stuck").await.unwrap().unwrap();
+    assert_eq!((job.state, job.attempt), (JobState::Succeeded, 1), "{:?}", job.error);
+    let events = stores.jobs.events("stuck").await.unwrap();
+    assert_eq!(kinds(&events), [(EventKind::Accepted, 0), (EventKind::Claimed, 1), (EventKind::Retried, 1), (EventKind::Succeeded, 1)]);
+    assert_eq!(events[2].data["worker"], frozen.as_str());
+    assert_eq!(events[2].data["code"], "unavailable");
+
+    // A worker that leaves but still answers (deregistered, draining) finishes its call.
+    workers.update(&[(draining.clone(), 2)]);
+    submit(&stores, "draining", pixmesh_test_support::jpeg(64, 48)).await;
+    until_in_flight(&workers, &draining, 1, Duration::from_secs(10)).await;
+    let held = workers.endpoint(&draining).unwrap();
+    workers.update(&[(live.clone(), 2)]);
+    wait_all_terminal(&stores, &["draining".to_string()]).await;
+    let events = stores.jobs.events("draining").await.unwrap();
+    assert_eq!(kinds(&events), [(EventKind::Accepted, 0), (EventKind::Claimed, 1), (EventKind::Succeeded, 1)], "{events:?}");
+    assert_eq!(held.in_flight(), 0);
+
+    shutdown.trigger();
+    live_stop.trigger();
+    draining_stop.trigger();
 }

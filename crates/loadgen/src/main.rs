@@ -126,6 +126,11 @@ enum Mode {
         /// p2c (pixmesh's WorkerSet), rr (round-robin) or pinned (caller k → worker k mod n)
         #[arg(long, default_value = "p2c")]
         policy: String,
+        /// After the closed loop: wait --idle-ms, then send this many calls at once (0: none).
+        #[arg(long, default_value_t = 0)]
+        burst: usize,
+        #[arg(long, default_value_t = 1500)]
+        idle_ms: u64,
     },
     /// The cost of one worker pick, without calls.
     PickOverhead {
@@ -351,11 +356,12 @@ fn main() -> anyhow::Result<()> {
                 flood(addr, path, clients, bytes, seconds, legit_rps, api_key).await
             }
             Mode::Sink { listen } => sink(listen).await,
-            Mode::Balance { workers, slow, slow_factor, service_ms, capacity, concurrency, seconds, policy } => {
+            Mode::Balance { workers, slow, slow_factor, service_ms, capacity, concurrency, seconds, policy, burst, idle_ms } => {
                 let service = Duration::from_millis(service_ms);
                 let (addresses, served) = balance::start_workers(workers, slow, service, slow_factor, capacity).await?;
                 let concurrency = concurrency.unwrap_or((workers - slow).max(1) * capacity);
-                let mut out = balance::run(&addresses, &policy, capacity, concurrency, seconds).await?;
+                let idle = Duration::from_millis(idle_ms);
+                let mut out = balance::run(&addresses, &policy, capacity, concurrency, seconds, idle, burst).await?;
                 // The ideal: every healthy slot busy all the time, the slow ones idle — at the
                 // nominal service time, and at the one the healthy workers actually gave.
                 let healthy_slots = ((workers - slow) * capacity) as f64;

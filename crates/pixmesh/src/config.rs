@@ -53,7 +53,7 @@ mod tests {
         assert!(err.to_string().contains("threadz"), "{err}");
         let bad = [("PIXMESH__DISTRIBUTOR__CALL_TIMEOUT_MS".to_string(), "999999".to_string())].into_iter().collect();
         let err = pixmesh_chassis::config::load::<Config>(None, &bad, &[]).unwrap_err();
-        assert!(err.to_string().contains("lease_ms"), "{err}");
+        assert!(err.to_string().contains("max_claim_ms"), "{err}");
     }
 
     #[test]
