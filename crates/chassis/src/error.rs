@@ -358,6 +358,27 @@ mod tests {
         }
     }
 
+    /// The README's error table lists every code with its status and retry rule.
+    #[test]
+    fn the_readme_error_table_is_the_table() {
+        let readme = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
+        let Ok(text) = std::fs::read_to_string(readme) else { return };
+        for row in TABLE {
+            let retry = match row.retry {
+                Retry::Never => "no",
+                Retry::Once => "once",
+                Retry::Yes => "yes",
+            };
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{}` |", row.name)))
+                .unwrap_or_else(|| panic!("README's error table has no row for {}", row.name));
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            assert_eq!(cells[2], row.http.as_str(), "README: HTTP status of {}", row.name);
+            assert_eq!(cells[4], retry, "README: retry of {}", row.name);
+        }
+    }
+
     #[test]
     fn image_errors_map_to_client_statuses() {
         let check = |code: ErrorCode, http: u16, retry: bool| {

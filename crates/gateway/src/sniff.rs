@@ -140,6 +140,9 @@ enum JpegStep {
     Skip(usize),
     /// The frame header: its precision, height and width bytes (5), this many read.
     Frame(usize),
+    /// Stray bytes where a marker should be: skipped up to the next 0xFF, as libjpeg (and so
+    /// libvips and Pillow) and pixmesh's decoder do, with a warning, not a refusal.
+    Resync,
 }
 
 /// Walks the JPEG marker segments up to the frame header (SOFn), by their lengths, as the bytes
@@ -162,8 +165,8 @@ impl JpegWalk {
             }
             b = rest;
             self.step = match self.step {
-                JpegStep::Marker if byte == 0xFF => JpegStep::MarkerByte,
-                JpegStep::Marker => return corrupt("a marker was expected between header segments"),
+                JpegStep::Marker | JpegStep::Resync if byte == 0xFF => JpegStep::MarkerByte,
+                JpegStep::Marker | JpegStep::Resync => JpegStep::Resync,
                 // Markers may be padded with any number of 0xFF fill bytes.
                 JpegStep::MarkerByte => match byte {
                     0xFF => JpegStep::MarkerByte,
@@ -174,6 +177,13 @@ impl JpegWalk {
                 JpegStep::LengthHigh(marker) => JpegStep::LengthLow(marker, byte),
                 JpegStep::LengthLow(marker, high) => {
                     let len = usize::from(u16::from_be_bytes([high, byte]));
+                    let metadata = matches!(marker, 0xE0..=0xEF | 0xFE);
+                    if len < 2 && metadata {
+                        // A damaged APPn/COM length: its payload is unknowable, so look for the
+                        // next marker (the decoder does the same).
+                        self.step = JpegStep::Resync;
+                        continue;
+                    }
                     if len < 2 {
                         return corrupt("a header segment has an impossible length");
                     }
@@ -376,6 +386,22 @@ mod tests {
             }
         }
         assert_eq!(decided, Some(expected));
+    }
+
+    #[test]
+    fn damaged_metadata_is_walked_past_as_decoders_do() {
+        // An APP13 whose length reads 0, then stray bytes, then the frame header.
+        let good = jpeg_with(10, 1200, 800);
+        let mut v = vec![0xFF, 0xD8, 0xFF, 0xED, 0x00, 0x00, b'8', b'B', b'I', b'M', 0x00, 0x13];
+        v.extend_from_slice(&good[2..]);
+        assert_eq!(sniff(&v), Sniff::Image { format: Format::Jpeg, width: 1200, height: 800 });
+        let mut stray = good[..2].to_vec();
+        stray.extend_from_slice(&[0x00, 0x11, 0x22]);
+        stray.extend_from_slice(&good[2..]);
+        assert_eq!(sniff(&stray), Sniff::Image { format: Format::Jpeg, width: 1200, height: 800 });
+        // A table segment with an impossible length is still refused.
+        let bad_table = [0xFF, 0xD8, 0xFF, 0xDB, 0x00, 0x01, 0xFF, 0xC0, 0, 17, 8, 0, 8, 0, 8];
+        assert!(matches!(sniff(&bad_table), Sniff::Corrupt(Format::Jpeg, _)));
     }
 
     #[test]
