@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
-use pixmesh_test_support::{System, png};
+use pixmesh_test_support::{System, jpeg, png};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -79,6 +79,17 @@ async fn hostile_clients_are_refused_clearly_and_jobs_stay_private() {
         .await
         .unwrap();
     assert_eq!(res.status(), 404, "a client cannot claim another identity");
+
+    // A photo whose Photoshop segment had its length zeroed (libjpeg, libvips and Pillow decode
+    // it): accepted by the gateway's header walk and processed.
+    let good = jpeg(64, 48);
+    let mut damaged = good[..2].to_vec();
+    damaged.extend_from_slice(&[0xFF, 0xED, 0x00, 0x00, b'8', b'B', b'I', b'M', 0x04, 0x04, 0x00, 0x00]);
+    damaged.extend_from_slice(&good[2..]);
+    let (code, body) = system.upload(damaged, "image/jpeg", "width=32").await.unwrap();
+    assert_eq!(code, 202, "{body}");
+    let done = system.wait_terminal(body["id"].as_str().unwrap(), Duration::from_secs(60)).await.unwrap();
+    assert_eq!(done["state"], "succeeded", "{done}");
 
     // A tiny upload cannot demand a huge output: 413 before a job exists.
     let (code, body) = system.upload(png(16, 16), "image/png", "width=16384&height=16384&enlarge=true&fit=fill").await.unwrap();
