@@ -252,59 +252,10 @@ pub fn admin(role: &'static str, listener: TcpListener, readiness: Readiness, sh
 }
 
 /// The whole life of an HTTP role: start its admin listener, build its app (`build` may open
-/// stores), announce both addresses, turn ready, serve until `shutdown`, drain within `grace`,
-/// then stop the admin listener last. Connections get the default [`ConnectionLimits`].
+/// stores, and gets the role's [`Readiness`] to add checks of its own, e.g. that its stores can
+/// be written), announce both addresses, turn ready, serve under `limits` until `shutdown`,
+/// drain within `grace`, then stop the admin listener last.
 pub async fn http_role<F, Fut>(
-    role: &'static str,
-    http_listener: TcpListener,
-    admin_listener: TcpListener,
-    shutdown: Shutdown,
-    grace: Duration,
-    build: F,
-) -> std::io::Result<()>
-where
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = std::io::Result<Router>>,
-{
-    http_role_with(role, http_listener, admin_listener, shutdown, grace, ConnectionLimits::default(), |_| build()).await
-}
-
-/// [`http_role`] with the connection limits of the role's configuration.
-pub async fn http_role_with_limits<F, Fut>(
-    role: &'static str,
-    http_listener: TcpListener,
-    admin_listener: TcpListener,
-    shutdown: Shutdown,
-    grace: Duration,
-    limits: ConnectionLimits,
-    build: F,
-) -> std::io::Result<()>
-where
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = std::io::Result<Router>>,
-{
-    http_role_with(role, http_listener, admin_listener, shutdown, grace, limits, |_| build()).await
-}
-
-/// [`http_role`] for a role whose readiness also follows checks of its own (its stores can be
-/// written): `build` gets the role's [`Readiness`] to keep them up to date.
-pub async fn http_role_with_checks<F, Fut>(
-    role: &'static str,
-    http_listener: TcpListener,
-    admin_listener: TcpListener,
-    shutdown: Shutdown,
-    grace: Duration,
-    build: F,
-) -> std::io::Result<()>
-where
-    F: FnOnce(Readiness) -> Fut,
-    Fut: std::future::Future<Output = std::io::Result<Router>>,
-{
-    http_role_with(role, http_listener, admin_listener, shutdown, grace, ConnectionLimits::default(), build).await
-}
-
-/// The one body of the `http_role*` functions.
-async fn http_role_with<F, Fut>(
     role: &'static str,
     http_listener: TcpListener,
     admin_listener: TcpListener,

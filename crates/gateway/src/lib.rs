@@ -57,7 +57,7 @@ pub async fn serve(prepared: Prepared, http: TcpListener, admin: TcpListener, sh
     let limits = config.connections;
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     tokio::spawn(reload::watch(source, config, stamps, Arc::clone(&shared), shutdown.clone()));
-    pixmesh_chassis::serve::http_role_with_limits("gateway", http, admin, shutdown, grace, limits, || async move {
+    pixmesh_chassis::serve::http_role("gateway", http, admin, shutdown, grace, limits, |_| async move {
         Ok(stack::app(shared, upstream::Clients::new()))
     })
     .await

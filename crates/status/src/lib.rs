@@ -9,6 +9,7 @@ pub mod view;
 pub use handler::router;
 
 use pixmesh_chassis::Shutdown;
+use pixmesh_chassis::serve::ConnectionLimits;
 use pixmesh_store::{Access, StoreConfig, Stores};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -50,7 +51,7 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let grace = Duration::from_millis(config.drain_grace_ms);
     let probe_stop = shutdown.clone();
-    pixmesh_chassis::serve::http_role_with_checks("status", http, admin, shutdown, grace, |readiness| async move {
+    pixmesh_chassis::serve::http_role("status", http, admin, shutdown, grace, ConnectionLimits::default(), |readiness| async move {
         let stores = Stores::open(&store).await.map_err(std::io::Error::other)?;
         stores.watch_health("status", Access::ReadOnly, readiness, probe_stop).await;
         Ok(router(stores))

@@ -9,6 +9,7 @@ mod handler;
 pub use handler::{parse_options, router};
 
 use pixmesh_chassis::Shutdown;
+use pixmesh_chassis::serve::ConnectionLimits;
 use pixmesh_imaging::Limits;
 use pixmesh_store::{Access, StoreConfig, Stores};
 use serde::Deserialize;
@@ -63,7 +64,7 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let grace = Duration::from_millis(config.drain_grace_ms);
     let probe_stop = shutdown.clone();
-    pixmesh_chassis::serve::http_role_with_checks("upload", http, admin, shutdown, grace, |readiness| async move {
+    pixmesh_chassis::serve::http_role("upload", http, admin, shutdown, grace, ConnectionLimits::default(), |readiness| async move {
         let stores = Stores::open(&store).await.map_err(std::io::Error::other)?;
         stores.watch_health("upload", Access::ReadWrite, readiness, probe_stop).await;
         Ok(router(config, stores))
