@@ -15,8 +15,12 @@
 # the header bytes, the bytes that reached the upstream, the gateway's peak RSS, and the
 # legitimate uploads' p99 against a run without the flood.
 #
-# Overload: nginx and pixmesh each at 1.5× its own knee (the req/s wrk measured for it above,
-# in the same run), open loop for SECONDS_PER_RUN: p99 of the requests served, the share
+# Overload: nginx and pixmesh each at 1.5× its own knee, open loop for SECONDS_PER_RUN. The knee
+# is found in the same run, per proxy, by an open-loop sweep (2 s per rate, rates rising by about
+# a third from 1,000 req/s): the highest rate whose served p99 stays within 10× (and 25 ms of) the
+# p99 at the lowest rate, with under 1 % failed and the load generator itself on time (wrk's
+# closed-loop req/s is not a knee: an open-loop load at 1.5× that measures only the load
+# generator starving on two cores). Reported: p99 of the requests served, the share
 # refused (an HTTP answer other than 2xx/3xx) and the share failed (no answer: refused or reset
 # connections, timeouts), and the time to first byte of a refusal. pixmesh runs here with its
 # default admission and upstream limits (max_in_flight 256 + a queue of 128 for 100 ms per
@@ -199,18 +203,38 @@ echo "pixmesh/hyper: req/s $(ratio "${RPS[pixmesh]}" "${RPS[hyper]}"), cpu/req $
 # its own (the one above has its admission limit lifted for the throughput rows): with its
 # default limits, and with limits sized for this upstream (about knee × 8 ms in flight, a short
 # queue), which bound the served requests' latency closer.
-declare -A OVER OVER_NOTE
+declare -A OVER OVER_NOTE KNEE
 TUNED="max_in_flight = 64
 max_queue = 64
 max_queue_ms = 50"
+# The open-loop knee of the proxy at $1 (extra loadgen arguments after it).
+find_knee() {
+  local url=$1; shift
+  local base="" best=0 rate=1000 out p99 failed lag
+  while [ "$rate" -le 200000 ]; do
+    out=$("$BIN/pixmesh-loadgen" rate "$url" --rps "$rate" --seconds 2 --timeout-ms 5000 "$@" || true)
+    p99=$(field "$out" latency.p99_ms); failed=$(field "$out" failed_share); lag=$(field "$out" send_lag_max_ms)
+    [ -z "$base" ] && base=$p99
+    if ! python3 -c 'import sys
+p99, failed, lag, base = (float(x) if x not in ("-", "") else float("inf") for x in sys.argv[1:5])
+sys.exit(0 if p99 <= max(10 * base, base + 25) and failed < 0.01 and lag < 25 else 1)' "$p99" "$failed" "$lag" "$base"; then
+      break
+    fi
+    best=$rate
+    rate=$(( rate * 4 / 3 / 100 * 100 ))
+  done
+  echo "$best"
+}
 for n in nginx pixmesh pixmesh-64; do
-  knee="${RPS[${n%-64}]}"
-  if [ "$knee" = - ]; then OVER[$n]=""; continue; fi
   url="http://127.0.0.1:$PX_PORT/"; keyarg=()
   if [ "$n" != nginx ]; then
     start_gateway "over-$n" "$APP_ROUTES" "$([ "$n" = pixmesh-64 ] && echo "$TUNED")"
     url="http://$GW_ADDR/"; keyarg=(--api-key "$KEY")
   fi
+  echo "overload: finding $n's open-loop knee ..." >&2
+  knee=$(find_knee "$url" "${keyarg[@]}")
+  KNEE[$n]=$knee
+  if [ "$knee" = 0 ]; then OVER[$n]=""; [ "$n" != nginx ] && kill "$GW_PID" 2>/dev/null; continue; fi
   echo "overload: $n at $FACTOR x $knee req/s ..." >&2
   OVER[$n]=$("$BIN/pixmesh-loadgen" overload "$url" --knee "$knee" --factor "$FACTOR" --seconds "$DUR" "${keyarg[@]}" || true)
   if [ "$n" != nginx ]; then
@@ -220,11 +244,11 @@ for n in nginx pixmesh pixmesh-64; do
     kill "$GW_PID" 2>/dev/null || true
   fi
 done
-printf '\noverload at %s x each proxy'"'"'s own knee, %s s open loop (pixmesh-64: max_in_flight 64, max_queue 64, max_queue_ms 50)\n' "$FACTOR" "$DUR"
-printf '%-11s %9s %11s %11s %11s %10s %11s %11s %9s\n' proxy req/s served_p50 served_p99 refused_sh failed_sh refusal_p50 refusal_p99 send_lag
+printf '\noverload at %s x each proxy'"'"'s own open-loop knee, %s s open loop (pixmesh-64: max_in_flight 64, max_queue 64, max_queue_ms 50)\n' "$FACTOR" "$DUR"
+printf '%-11s %7s %9s %11s %11s %11s %10s %11s %11s %9s\n' proxy knee req/s served_p50 served_p99 refused_sh failed_sh refusal_p50 refusal_p99 send_lag
 for n in nginx pixmesh pixmesh-64; do
   o="${OVER[$n]}"
-  printf '%-11s %9s %11s %11s %11s %10s %11s %11s %9s\n' "$n" "$(field "$o" rps)" "$(field "$o" latency.p50_ms)" "$(field "$o" latency.p99_ms)" \
+  printf '%-11s %7s %9s %11s %11s %11s %10s %11s %11s %9s\n' "$n" "${KNEE[$n]:--}" "$(field "$o" rps)" "$(field "$o" latency.p50_ms)" "$(field "$o" latency.p99_ms)" \
     "$(field "$o" refused.share)" "$(field "$o" failed_share)" "$(field "$o" refused.ttfb.p50_ms)" "$(field "$o" refused.ttfb.p99_ms)" "$(field "$o" send_lag_max_ms)"
   echo "            statuses $(field "$o" statuses), no answer $(field "$o" error_kinds)${OVER_NOTE[$n]:+; }${OVER_NOTE[$n]:-}"
 done
