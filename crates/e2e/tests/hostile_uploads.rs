@@ -7,7 +7,7 @@
 
 use http_body_util::BodyExt;
 use pixmesh_store::{JobStore, SqliteJobStore};
-use pixmesh_test_support::{System, icc_profile_big_jpeg, jpeg, png, with_metadata};
+use pixmesh_test_support::{System, disposition, form, icc_profile_big_jpeg, jpeg, png, with_metadata};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -66,25 +66,6 @@ async fn post(wire: Wire, addr: &str, path: &str, key: &str, content_type: &str,
             return (status, v);
         }
         tokio::time::sleep(Duration::from_secs(retry.unwrap_or(1).clamp(1, 10))).await;
-    }
-}
-
-/// A multipart body from raw part header blocks, so every byte is the test's.
-fn form(boundary: &str, parts: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (headers, data) in parts {
-        body.extend_from_slice(format!("--{boundary}\r\n{headers}\r\n\r\n").as_bytes());
-        body.extend_from_slice(data);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    body
-}
-
-fn disposition(name: &str, filename: Option<&str>) -> String {
-    match filename {
-        Some(f) => format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\""),
-        None => format!("Content-Disposition: form-data; name=\"{name}\""),
     }
 }
 

@@ -13,6 +13,7 @@ use pixmesh_chassis::Shutdown;
 use pixmesh_gateway::config::{ApiKeyConfig, PoolConfig};
 use pixmesh_gateway::keys::hash_key;
 use pixmesh_gateway::{GatewayConfig, ImageLimitsConfig, RouteConfig, Source, UpstreamConfig};
+use pixmesh_test_support::{disposition, form};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -300,29 +301,10 @@ async fn send_and_stall(addr: &str, head: &str, first: &[u8]) -> (String, String
     (status, body)
 }
 
-/// A multipart body from raw part header blocks, so tests control every byte.
-fn form(boundary: &str, parts: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (headers, data) in parts {
-        body.extend_from_slice(format!("--{boundary}\r\n{headers}\r\n\r\n").as_bytes());
-        body.extend_from_slice(data);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    body
-}
-
 /// The body without the last bytes of its closing boundary.
 fn without_end(mut body: Vec<u8>) -> Vec<u8> {
     body.truncate(body.len() - 4);
     body
-}
-
-fn disposition(name: &str, filename: Option<&str>) -> String {
-    match filename {
-        Some(f) => format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\""),
-        None => format!("Content-Disposition: form-data; name=\"{name}\""),
-    }
 }
 
 /// A PNG header claiming `w`×`h` (the guard reads only the header; the upstream here does not decode).

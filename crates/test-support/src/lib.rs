@@ -41,6 +41,26 @@ pub fn png(w: u32, h: u32) -> Vec<u8> {
     encode(w, h, image::ImageFormat::Png)
 }
 
+/// A `multipart/form-data` body from raw part header blocks, so tests control every byte.
+pub fn form(boundary: &str, parts: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (headers, data) in parts {
+        body.extend_from_slice(format!("--{boundary}\r\n{headers}\r\n\r\n").as_bytes());
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    body
+}
+
+/// A `Content-Disposition` part header for [`form`].
+pub fn disposition(name: &str, filename: Option<&str>) -> String {
+    match filename {
+        Some(f) => format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\""),
+        None => format!("Content-Disposition: form-data; name=\"{name}\""),
+    }
+}
+
 /// `jpeg` with `bytes` of metadata inserted before its frame header, in full-size APPn segments
 /// (64 KiB each) as cameras write EXIF maker notes and previews. APP3–APP12 are used: no reader
 /// gives them a meaning (APP1 is EXIF/XMP, APP2 ICC, APP13/APP14 Photoshop/Adobe).
