@@ -26,7 +26,7 @@ pub use workers::{WorkerEndpoint, WorkerSet};
 use pixmesh_chassis::Shutdown;
 use pixmesh_chassis::admin::Readiness;
 use pixmesh_chassis::announce::Announcement;
-use pixmesh_store::{Access, StoreConfig, Stores};
+use pixmesh_store::{Access, Stores};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -146,13 +146,14 @@ impl DistributorConfig {
 }
 
 /// Runs the distributor until `shutdown`, then lets in-flight jobs finish within the grace period.
-pub async fn run(config: DistributorConfig, store: StoreConfig, admin: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
+pub async fn run(config: DistributorConfig, stores: Stores, admin: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
     let readiness = Readiness::new();
     let admin_addr = admin.local_addr()?;
     let admin_server = pixmesh_chassis::serve::admin("distributor", admin, readiness.clone(), shutdown.clone());
-    let stores = Stores::open(&store).await.map_err(std::io::Error::other)?;
     // Ready while it can write jobs and result blobs.
     let probe = stores.watch_health("distributor", Access::ReadWrite, readiness.clone(), shutdown.clone()).await;
+    // Ended jobs are deleted after their retention (several distributors may prune at once).
+    let pruner = stores.spawn_pruner(shutdown.clone());
     let workers = WorkerSet::with_breaker(Duration::from_millis(config.call_timeout_ms), &config.breaker);
     let source = discovery::from_config(&config).map_err(std::io::Error::other)?;
     let discovery = discovery::spawn(source, workers.clone(), Duration::from_millis(config.discovery_interval_ms), shutdown.clone());
@@ -164,6 +165,7 @@ pub async fn run(config: DistributorConfig, store: StoreConfig, admin: TcpListen
     dispatcher.run(shutdown.clone()).await;
     discovery.abort();
     probe.abort();
+    pruner.abort();
     admin_server.stop().await;
     Ok(())
 }

@@ -104,9 +104,9 @@ async fn dead_workers_are_retried_elsewhere_and_bad_images_fail_once() {
         assert_eq!(job.state, JobState::Succeeded, "{id}: {:?}", job.error);
         assert_eq!(job.result.as_ref().unwrap().width, 32);
         let events = stores.jobs.events(id).await.unwrap();
-        assert_eq!(events.iter().filter(|e| e.kind == EventKind::Succeeded).count(), 1);
-        for e in events.iter().filter(|e| e.kind == EventKind::Retried) {
-            assert_eq!(e.data["worker"], dead.as_str(), "only the dead worker fails");
+        assert_eq!(events.iter().filter(|e| e.kind() == EventKind::Succeeded).count(), 1);
+        for e in events.iter().filter(|e| e.kind() == EventKind::Retried) {
+            assert_eq!(e.data()["worker"], dead.as_str(), "only the dead worker fails");
             retried += 1;
         }
     }
@@ -123,8 +123,8 @@ async fn dead_workers_are_retried_elsewhere_and_bad_images_fail_once() {
     // It may have met the dead worker first (a retryable failure), but once the live worker
     // said the image is corrupt, nothing was tried again.
     let events = stores.jobs.events("corrupt").await.unwrap();
-    assert!(events.iter().filter(|e| e.kind == EventKind::Retried).all(|e| e.data["worker"] == dead.as_str()));
-    let kinds: Vec<_> = events.iter().map(|e| e.kind).filter(|k| *k != EventKind::Retried).collect();
+    assert!(events.iter().filter(|e| e.kind() == EventKind::Retried).all(|e| e.data()["worker"] == dead.as_str()));
+    let kinds: Vec<_> = events.iter().map(|e| e.kind()).filter(|k| *k != EventKind::Retried).collect();
     assert_eq!(kinds, vec![EventKind::Accepted, EventKind::Claimed, EventKind::Failed], "not retried after the permanent failure");
 
     shutdown.trigger();
@@ -209,7 +209,7 @@ async fn an_internal_failure_is_retried_once_on_another_worker_then_the_job_fail
         // Two calls with three workers (the retry failed too); one with a single worker (no
         // other worker to retry on): the job fails rather than wait for a worker it crashed.
         let events = stores.jobs.events("poison").await.unwrap();
-        let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
+        let kinds: Vec<_> = events.iter().map(|e| e.kind()).collect();
         assert_eq!(kinds, vec![EventKind::Accepted, EventKind::Claimed, EventKind::Retried, EventKind::Failed], "{worker_count} workers");
         assert_eq!(panics() - panics_before, calls, "{worker_count} workers: calls that panicked");
         panics_before = panics();
@@ -250,7 +250,7 @@ async fn until_in_flight(workers: &WorkerSet, worker: &str, n: usize, within: Du
 }
 
 fn kinds(events: &[pixmesh_store::JobEvent]) -> Vec<(EventKind, u32)> {
-    events.iter().map(|e| (e.kind, e.attempt)).collect()
+    events.iter().map(|e| (e.kind(), e.attempt)).collect()
 }
 
 /// Short leases renewed often; calls last several leases.
@@ -420,8 +420,8 @@ async fn calls_to_a_worker_that_left_the_set_are_sent_elsewhere_at_once_unless_i
     assert_eq!((job.state, job.attempt), (JobState::Succeeded, 1), "{:?}", job.error);
     let events = stores.jobs.events("stuck").await.unwrap();
     assert_eq!(kinds(&events), [(EventKind::Accepted, 0), (EventKind::Claimed, 1), (EventKind::Retried, 1), (EventKind::Succeeded, 1)]);
-    assert_eq!(events[2].data["worker"], frozen.as_str());
-    assert_eq!(events[2].data["code"], "unavailable");
+    assert_eq!(events[2].data()["worker"], frozen.as_str());
+    assert_eq!(events[2].data()["code"], "unavailable");
 
     // A worker that leaves but still answers (deregistered, draining) finishes its call.
     workers.update(&[(draining.clone(), 2)]);

@@ -52,9 +52,9 @@ async fn exactly_one_result(system: &System, ids: &[String]) -> HashMap<String, 
     let mut all = HashMap::new();
     for id in ids {
         let events = store.events(id).await.unwrap();
-        let succeeded = events.iter().filter(|e| e.kind == EventKind::Succeeded).count();
-        let failed = events.iter().filter(|e| e.kind == EventKind::Failed).count();
-        assert_eq!((succeeded, failed), (1, 0), "job {id}: {:?}", events.iter().map(|e| e.kind).collect::<Vec<_>>());
+        let succeeded = events.iter().filter(|e| e.kind() == EventKind::Succeeded).count();
+        let failed = events.iter().filter(|e| e.kind() == EventKind::Failed).count();
+        assert_eq!((succeeded, failed), (1, 0), "job {id}: {:?}", events.iter().map(|e| e.kind()).collect::<Vec<_>>());
         assert!(store.get(id).await.unwrap().unwrap().result.is_some(), "job {id} has no result");
         all.insert(id.clone(), events);
     }
@@ -126,7 +126,7 @@ async fn a_killed_distributors_jobs_are_taken_again_within_seconds() {
     let mut slowest = 0;
     for id in &ids {
         let events = &events[id];
-        let expired: Vec<&JobEvent> = events.iter().filter(|e| e.kind == EventKind::LeaseExpired).collect();
+        let expired: Vec<&JobEvent> = events.iter().filter(|e| e.kind() == EventKind::LeaseExpired).collect();
         if !lost.contains(id) {
             // Its 12 s call outlived the 10 s lease: renewal kept the claim.
             assert!(expired.is_empty(), "job {id} of a live distributor lost its lease: {events:?}");
@@ -134,9 +134,9 @@ async fn a_killed_distributors_jobs_are_taken_again_within_seconds() {
         }
         // Claimed again by a live distributor (the second one, or the restarted first).
         assert_eq!(expired.len(), 1, "job {id}: {events:?}");
-        assert_eq!(expired[0].data["owner"], victim_id.as_str());
-        let again = events.iter().find(|e| e.kind == EventKind::Claimed && e.attempt == expired[0].attempt + 1).unwrap();
-        assert_ne!(again.data["owner"], victim_id.as_str());
+        assert_eq!(expired[0].data()["owner"], victim_id.as_str());
+        let again = events.iter().find(|e| e.kind() == EventKind::Claimed && e.attempt == expired[0].attempt + 1).unwrap();
+        assert_ne!(again.data()["owner"], victim_id.as_str());
         slowest = slowest.max(again.at - killed_at);
     }
     eprintln!("the killed distributor's {} jobs were all claimed again {slowest} ms after the kill", lost.len());
@@ -175,7 +175,7 @@ async fn calls_to_a_frozen_worker_go_elsewhere_when_the_registry_expires_it_not_
     let events = exactly_one_result(&system, &ids).await;
 
     let abandoned: Vec<&JobEvent> =
-        events.values().flatten().filter(|e| e.kind == EventKind::Retried && e.data["worker"] == victim_address.as_str()).collect();
+        events.values().flatten().filter(|e| e.kind() == EventKind::Retried && e.data()["worker"] == victim_address.as_str()).collect();
     assert!(!abandoned.is_empty(), "the frozen worker's calls were sent elsewhere");
     let latest = abandoned.iter().map(|e| e.at - stopped_at).max().unwrap_or_default();
     eprintln!(
@@ -183,7 +183,7 @@ async fn calls_to_a_frozen_worker_go_elsewhere_when_the_registry_expires_it_not_
         abandoned.len()
     );
     for e in &abandoned {
-        assert_eq!(e.data["code"], "unavailable", "abandoned when it left the set, not timed out: {e:?}");
+        assert_eq!(e.data()["code"], "unavailable", "abandoned when it left the set, not timed out: {e:?}");
     }
     // Expiry (3 s of silence, swept every 0.5 s), the watch, a 1.5 s health check: about 5 s.
     // (Without them the HTTP/2 keep-alive, a ping after 10 s of silence unanswered for 5 s,

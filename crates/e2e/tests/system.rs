@@ -25,9 +25,9 @@ async fn assert_exactly_one_result(system: &System, ids: &[String]) {
     let store = SqliteJobStore::open(&system.data_dir.join("pixmesh.db")).await.unwrap();
     for id in ids {
         let events = store.events(id).await.unwrap();
-        let succeeded = events.iter().filter(|e| e.kind == EventKind::Succeeded).count();
-        let failed = events.iter().filter(|e| e.kind == EventKind::Failed).count();
-        assert_eq!((succeeded, failed), (1, 0), "job {id}: {:?}", events.iter().map(|e| e.kind).collect::<Vec<_>>());
+        let succeeded = events.iter().filter(|e| e.kind() == EventKind::Succeeded).count();
+        let failed = events.iter().filter(|e| e.kind() == EventKind::Failed).count();
+        assert_eq!((succeeded, failed), (1, 0), "job {id}: {:?}", events.iter().map(|e| e.kind()).collect::<Vec<_>>());
         let job = store.get(id).await.unwrap().unwrap();
         assert!(job.result.is_some(), "job {id} has no result");
     }

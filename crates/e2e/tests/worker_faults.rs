@@ -78,9 +78,9 @@ async fn an_image_that_panics_the_decoder_fails_internal_after_two_calls_and_cos
         assert_eq!(status["attempts"], 1, "not sent back to the queue: {status}");
         // One call, and at most one retry on another worker: never round every worker.
         let events = store.events(job).await.unwrap();
-        let retried = events.iter().filter(|e| e.kind == EventKind::Retried).count();
-        assert!(retried <= 1, "{job}: {:?}", events.iter().map(|e| (e.kind, e.data.clone())).collect::<Vec<_>>());
-        assert_eq!(events.iter().filter(|e| e.kind == EventKind::Failed).count(), 1);
+        let retried = events.iter().filter(|e| e.kind() == EventKind::Retried).count();
+        assert!(retried <= 1, "{job}: {:?}", events.iter().map(|e| (e.kind(), e.data())).collect::<Vec<_>>());
+        assert_eq!(events.iter().filter(|e| e.kind() == EventKind::Failed).count(), 1);
     }
 
     // Each panic was a call to a worker: 3 jobs, 1 or 2 calls each. The pools kept their size.

@@ -31,6 +31,12 @@ pub enum ImagingError {
     OutputTooLarge { width: u32, height: u32, pixels: u64, max_pixels: u64, max_side: u32 },
 }
 
+impl From<pixmesh_model::options::BadOptions> for ImagingError {
+    fn from(e: pixmesh_model::options::BadOptions) -> Self {
+        ImagingError::BadOptions(e.0)
+    }
+}
+
 impl ImagingError {
     /// The wire name of this error in pixmesh's error table (`corrupt_image`, …).
     pub fn code(&self) -> &'static str {

@@ -15,6 +15,7 @@ mod structure;
 mod webp_scaled;
 
 pub use error::ImagingError;
-pub use options::{Crop, Fit, Flip, Gravity, Limits, Options, OutputFormat};
+pub use options::Limits;
 pub use pipeline::{Output, check_output, decode_jpeg_scaled, probe, process};
+pub use pixmesh_model::options::{BadOptions, Crop, Fit, Flip, Gravity, MAX_OUTPUT_SIDE, Options, OutputFormat};
 pub use sniff::{Format, sniff};

@@ -1,12 +1,13 @@
 //! decode under limits → orient → resize → encode.
 
 use crate::error::ImagingError;
-use crate::options::{Fit, Flip, Limits, Options, OutputFormat};
+use crate::options::Limits;
 use crate::sniff::{Format, sniff};
 use fast_image_resize as fir;
 use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
 use image::metadata::Orientation;
 use image::{DynamicImage, ExtendedColorType, ImageDecoder, ImageEncoder, ImageError, ImageReader};
+use pixmesh_model::options::{Fit, Flip, Options, OutputFormat};
 use std::io::Cursor;
 
 const DEFAULT_QUALITY: u8 = 80;

@@ -28,6 +28,7 @@ pub struct Config {
 impl Validate for Config {
     fn validate(&self) -> Result<(), String> {
         self.log.validate()?;
+        self.store.validate()?;
         self.gateway.validate()?;
         self.upload.validate()?;
         self.status.validate()?;

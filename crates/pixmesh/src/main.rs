@@ -26,6 +26,13 @@ struct Cli {
     /// Override one setting, e.g. --set worker.threads=4 (repeatable; later wins).
     #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
     sets: Vec<String>,
+    /// The job store: sqlite:PATH or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE
+    /// (the setting store.database; default sqlite:pixmesh.db under the data dir).
+    #[arg(long, global = true, value_name = "URL", env = "PIXMESH_DATABASE")]
+    database: Option<String>,
+    /// The blob store: file:DIR (the setting store.blobs; default file:blobs under the data dir).
+    #[arg(long, global = true, value_name = "URL", env = "PIXMESH_BLOBS")]
+    blobs: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -79,7 +86,14 @@ impl Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // The backend flags are settings like any other: as `--set`s they reach every role that
+    // `up` starts, and a gateway reload, the same way.
+    for (key, value) in [("store.database", cli.database.take()), ("store.blobs", cli.blobs.take())] {
+        if let Some(value) = value {
+            cli.sets.push(format!("{key}={}", toml_string(&value)));
+        }
+    }
     let env: HashMap<String, String> = std::env::vars().collect();
     let config = match load_config(&cli, &env) {
         Ok(c) => c,
@@ -119,6 +133,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn toml_string(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Opens the stores before any port is bound: a bad URL or an unreachable engine stops the
+/// role with a message that names the setting, and nothing ever listened.
+async fn open_stores(store: &pixmesh_store::StoreConfig) -> anyhow::Result<pixmesh_store::Stores> {
+    Ok(pixmesh_store::Stores::open(store).await?)
 }
 
 fn load_config(cli: &Cli, env: &HashMap<String, String>) -> anyhow::Result<Config> {
@@ -182,6 +206,9 @@ async fn run(
     let store = config.store.clone();
     match command {
         Command::Up { data_dir, listen, workers, grace_secs } => {
+            // The roles open the stores themselves; opening them here first refuses a bad
+            // URL or an unreachable engine before anything starts, and applies migrations once.
+            drop(open_stores(&store.clone().with_data_dir(&data_dir)).await?);
             let exe = std::env::current_exe().context("cannot find the pixmesh binary")?;
             let options = pixmesh_supervisor::UpOptions {
                 exe,
@@ -218,21 +245,24 @@ async fn run(
         }
         Command::Upload => {
             let c = config.upload;
+            let stores = open_stores(&store).await?;
             let (http, admin) = (bind("upload", c.listen).await?, bind("upload admin", c.admin_listen).await?);
-            Ok(pixmesh_upload::run(c, store, http, admin, shutdown).await?)
+            Ok(pixmesh_upload::run(c, stores, http, admin, shutdown).await?)
         }
         Command::Status => {
             let c = config.status;
+            let stores = open_stores(&store).await?;
             let (http, admin) = (bind("status", c.listen).await?, bind("status admin", c.admin_listen).await?);
-            Ok(pixmesh_status::run(c, store, http, admin, shutdown).await?)
+            Ok(pixmesh_status::run(c, stores, http, admin, shutdown).await?)
         }
         Command::Distributor => {
             let c = config.distributor;
             if c.registry.is_empty() && c.dns.is_empty() && c.workers.is_empty() {
                 anyhow::bail!("the distributor needs distributor.registry, distributor.dns or distributor.workers");
             }
+            let stores = open_stores(&store).await?;
             let admin = bind("distributor admin", c.admin_listen).await?;
-            Ok(pixmesh_distributor::run(c, store, admin, shutdown).await?)
+            Ok(pixmesh_distributor::run(c, stores, admin, shutdown).await?)
         }
         Command::Worker => {
             let c = config.worker;

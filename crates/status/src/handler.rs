@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use pixmesh_chassis::{ApiError, ErrorCode};
-use pixmesh_store::{Job, JobState, StoreError, Stores};
+use pixmesh_store::{Job, JobState, StoreError, StoreErrorExt, Stores};
 
 /// The status API, without a listener.
 pub fn router(stores: Stores) -> Router {

@@ -10,7 +10,7 @@ pub use handler::router;
 
 use pixmesh_chassis::Shutdown;
 use pixmesh_chassis::serve::ConnectionLimits;
-use pixmesh_store::{Access, StoreConfig, Stores};
+use pixmesh_store::{Access, Stores};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -42,17 +42,10 @@ impl StatusConfig {
 
 /// Serves the status API on `http` until `shutdown`. Status only reads, so its readiness
 /// follows whether both stores can be read, not written: on a full disk it still answers.
-pub async fn run(
-    config: StatusConfig,
-    store: StoreConfig,
-    http: TcpListener,
-    admin: TcpListener,
-    shutdown: Shutdown,
-) -> std::io::Result<()> {
+pub async fn run(config: StatusConfig, stores: Stores, http: TcpListener, admin: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
     let grace = Duration::from_millis(config.drain_grace_ms);
     let probe_stop = shutdown.clone();
     pixmesh_chassis::serve::http_role("status", http, admin, shutdown, grace, ConnectionLimits::default(), |readiness| async move {
-        let stores = Stores::open(&store).await.map_err(std::io::Error::other)?;
         stores.watch_health("status", Access::ReadOnly, readiness, probe_stop).await;
         Ok(router(stores))
     })

@@ -1,7 +1,7 @@
-//! The status view, folded from job events.
+//! The status view: a job's history, folded by the model's one `fold`, as the API shows it.
 
 use pixmesh_chassis::time::rfc3339_ms;
-use pixmesh_store::{EventKind, JobEvent};
+use pixmesh_store::{JobEvent, JobView};
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -33,91 +33,65 @@ pub struct ResultView {
     pub bytes: u64,
 }
 
-fn text(v: &serde_json::Value, key: &str) -> String {
-    v.get(key).and_then(|x| x.as_str()).unwrap_or_default().to_string()
+impl From<JobView> for StatusView {
+    fn from(view: JobView) -> Self {
+        StatusView {
+            id: view.id,
+            state: view.state.as_str(),
+            attempts: view.attempts,
+            created_at: rfc3339_ms(view.created_at),
+            updated_at: rfc3339_ms(view.updated_at),
+            error: view.error.map(|e| ErrorView { code: e.code, message: e.message }),
+            result: view.result.map(|r| ResultView {
+                width: u64::from(r.width),
+                height: u64::from(r.height),
+                format: r.format,
+                bytes: r.blob.size,
+            }),
+        }
+    }
 }
 
 /// Folds a job's events (in order) into its status; `None` when there are none.
 pub fn fold(events: &[JobEvent]) -> Option<StatusView> {
-    let first = events.first()?;
-    let mut view = StatusView {
-        id: first.job_id.clone(),
-        state: "queued",
-        attempts: 0,
-        created_at: rfc3339_ms(first.at),
-        updated_at: rfc3339_ms(first.at),
-        error: None,
-        result: None,
-    };
-    for event in events {
-        view.updated_at = rfc3339_ms(event.at);
-        view.attempts = view.attempts.max(event.attempt);
-        match event.kind {
-            EventKind::Accepted => view.state = "queued",
-            EventKind::Claimed | EventKind::Retried => view.state = "processing",
-            EventKind::LeaseExpired | EventKind::Released => view.state = "queued",
-            EventKind::Succeeded => {
-                view.state = "succeeded";
-                view.error = None;
-                let d = &event.data;
-                view.result = Some(ResultView {
-                    width: d.get("width").and_then(|x| x.as_u64()).unwrap_or(0),
-                    height: d.get("height").and_then(|x| x.as_u64()).unwrap_or(0),
-                    format: text(d, "format"),
-                    bytes: d.pointer("/blob/size").and_then(|x| x.as_u64()).unwrap_or(0),
-                });
-            }
-            EventKind::Failed => {
-                view.state = "failed";
-                view.error = Some(ErrorView { code: text(&event.data, "code"), message: text(&event.data, "message") });
-            }
-        }
-    }
-    Some(view)
+    pixmesh_store::fold(events).map(StatusView::from)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use pixmesh_store::{BlobRef, Event, JobError, JobResult, Options};
 
-    fn ev(kind: EventKind, attempt: u32, at: i64, data: serde_json::Value) -> JobEvent {
-        JobEvent { seq: at, job_id: "j".into(), kind, attempt, at, data }
+    fn ev(seq: u32, attempt: u32, event: Event) -> JobEvent {
+        JobEvent { job_id: "j".into(), seq, attempt, at: i64::from(seq) * 1000, event }
     }
 
     #[test]
-    fn folds_histories() {
+    fn renders_folded_histories() {
         assert_eq!(fold(&[]), None);
-        let accepted = ev(EventKind::Accepted, 0, 1000, json!({}));
+        let accepted = ev(
+            1,
+            0,
+            Event::Accepted { input: BlobRef { digest: "d".into(), size: 1 }, input_format: "png".into(), options: Options::default() },
+        );
         let v = fold(std::slice::from_ref(&accepted)).unwrap();
         assert_eq!((v.state, v.attempts, v.created_at.as_str()), ("queued", 0, "1970-01-01T00:00:01.000Z"));
 
-        let history = [
-            accepted.clone(),
-            ev(EventKind::Claimed, 1, 2000, json!({})),
-            ev(EventKind::Retried, 1, 2500, json!({"code": "unavailable"})),
-            ev(EventKind::Released, 1, 3000, json!({})),
-            ev(EventKind::Claimed, 2, 4000, json!({})),
-            ev(
-                EventKind::Succeeded,
-                2,
-                5000,
-                json!({"width": 800, "height": 500, "format": "webp", "blob": {"digest": "x", "size": 1234}}),
-            ),
-        ];
-        let v = fold(&history).unwrap();
-        assert_eq!((v.state, v.attempts), ("succeeded", 2));
+        let result = JobResult {
+            blob: BlobRef { digest: "x".into(), size: 1234 },
+            format: "webp".into(),
+            content_type: "image/webp".into(),
+            width: 800,
+            height: 500,
+        };
+        let done =
+            [accepted.clone(), ev(2, 1, Event::Claimed { owner: "d".into(), lease_expires_at: 0 }), ev(3, 1, Event::Succeeded { result })];
+        let v = fold(&done).unwrap();
+        assert_eq!((v.state, v.attempts, v.updated_at.as_str()), ("succeeded", 1, "1970-01-01T00:00:03.000Z"));
         assert_eq!(v.result, Some(ResultView { width: 800, height: 500, format: "webp".into(), bytes: 1234 }));
-        assert_eq!(v.updated_at, "1970-01-01T00:00:05.000Z");
-        // Each prefix of the history is a valid view too.
-        let states: Vec<_> = (1..=history.len()).map(|n| fold(&history[..n]).unwrap().state).collect();
-        assert_eq!(states, vec!["queued", "processing", "processing", "queued", "processing", "succeeded"]);
 
-        let failed = [
-            accepted,
-            ev(EventKind::Claimed, 1, 2000, json!({})),
-            ev(EventKind::Failed, 1, 3000, json!({"code": "corrupt_image", "message": "truncated"})),
-        ];
+        let error = JobError { code: "corrupt_image".into(), message: "truncated".into() };
+        let failed = [accepted, ev(2, 1, Event::Failed { error })];
         let v = fold(&failed).unwrap();
         assert_eq!(v.state, "failed");
         assert_eq!(v.error, Some(ErrorView { code: "corrupt_image".into(), message: "truncated".into() }));

@@ -1,39 +1,12 @@
-//! Content-addressed blobs: the SHA-256 of the bytes is the name, so writes are idempotent and a
-//! blob never changes once written.
+//! The local blob backend. Blobs are content-addressed: the SHA-256 of the bytes is the name, so
+//! writes are idempotent and a blob never changes once written.
 
-use crate::error::{StoreError, StoreKind};
 use crate::health::Alarm;
 use async_trait::async_trait;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use pixmesh_model::{BlobRef, BlobStore, StoreError, StoreKind};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-
-/// A stored blob: its SHA-256 (hex) and its size.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlobRef {
-    pub digest: String,
-    pub size: u64,
-}
-
-impl BlobRef {
-    pub fn of(bytes: &[u8]) -> BlobRef {
-        BlobRef { digest: hex::encode(Sha256::digest(bytes)), size: bytes.len() as u64 }
-    }
-}
-
-#[async_trait]
-pub trait BlobStore: Send + Sync + 'static {
-    /// Stores `bytes` durably and returns their address. Storing the same bytes twice is a no-op.
-    async fn put(&self, bytes: Bytes) -> Result<BlobRef, StoreError>;
-    /// The bytes of a blob, or `None` if there is no such blob.
-    async fn get(&self, digest: &str) -> Result<Option<Bytes>, StoreError>;
-    /// Deletes a blob; deleting a missing blob is not an error.
-    async fn delete(&self, digest: &str) -> Result<(), StoreError>;
-    /// The health probe: proves that blobs can be written (`write`), or read.
-    async fn probe(&self, write: bool) -> Result<(), StoreError>;
-}
 
 /// Blobs in a local directory: `root/ab/cd/abcd…`. Each write goes to a temporary file that is
 /// synced, then renamed into place, then the directory is synced: a crash leaves either the
@@ -71,8 +44,7 @@ impl LocalBlobStore {
     }
 
     fn path_of(&self, digest: &str) -> Result<PathBuf, StoreError> {
-        let valid = digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if !valid {
+        if !BlobRef::is_digest(digest) {
             return Err(StoreError::Invalid(format!("not a blob digest: {digest:?}")));
         }
         Ok(self.root.join(&digest[0..2]).join(&digest[2..4]).join(digest))
@@ -183,6 +155,7 @@ impl BlobStore for LocalBlobStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::StoreErrorExt;
 
     #[tokio::test]
     async fn put_get_delete_round_trip() {

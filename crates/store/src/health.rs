@@ -10,9 +10,9 @@
 //! It turns on again by itself with the first probe that passes: no restart.
 
 use crate::Stores;
-use crate::error::{StoreError, StoreKind};
 use pixmesh_chassis::Shutdown;
 use pixmesh_chassis::admin::Readiness;
+use pixmesh_model::{StoreError, StoreKind};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;

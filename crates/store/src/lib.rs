@@ -1,56 +1,106 @@
-//! Durable state of pixmesh: jobs (the queue and the source of truth), their events, and blobs.
+//! The storage backends of pixmesh, chosen by URL: the job store (the queue and the source of
+//! truth: jobs and their events) on SQLite or PostgreSQL, and the blob store on a local
+//! directory.
 //!
-//! Each concern is a trait with one implementation per backend, chosen by configuration:
-//! [`JobStore`] (SQLite now; PostgreSQL when users outgrow one machine) and [`BlobStore`]
-//! (a local content-addressed directory now; S3-compatible storage later).
+//! The traits they implement and the values they keep live in `pixmesh-model`; this crate
+//! re-exports them, so a role needs only `pixmesh-store` to open and use its stores.
 
 mod blob;
 mod error;
 pub mod health;
-mod job;
+mod postgres;
+mod prune;
+mod rows;
 mod sqlite;
 #[cfg(test)]
 mod testing;
+mod url;
 mod write_tx;
 
-pub use blob::{BlobRef, BlobStore, LocalBlobStore};
-pub use error::{StoreError, StoreKind};
+pub use blob::LocalBlobStore;
+pub use error::StoreErrorExt;
 pub use health::Access;
-pub use job::{Created, EventKind, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob};
+pub use pixmesh_model::options::Options;
+pub use pixmesh_model::{
+    BlobRef, BlobStore, Created, Event, EventKind, Job, JobError, JobEvent, JobResult, JobState, JobStore, JobView, NewJob, StoreError,
+    StoreKind, fold,
+};
+pub use postgres::PostgresJobStore;
 pub use sqlite::SqliteJobStore;
+pub use url::{BlobsUrl, DatabaseUrl};
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Where state lives. Every role that touches state reads this section.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// Root of everything pixmesh keeps on disk.
+    /// Root of everything pixmesh keeps on local disk.
     pub data_dir: PathBuf,
-    /// SQLite database file; relative paths are under `data_dir`.
-    pub database: PathBuf,
-    /// Blob directory; relative paths are under `data_dir`.
-    pub blobs: PathBuf,
+    /// The job store: `sqlite:PATH` (relative paths are under `data_dir`) or
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE`. A bare path means `sqlite:PATH`.
+    pub database: String,
+    /// The blob store: `file:DIR` (relative paths are under `data_dir`). A bare path means
+    /// `file:DIR`.
+    pub blobs: String,
+    /// PostgreSQL only: the most connections this process keeps to the database.
+    pub max_connections: u32,
+    /// How long a request waits for a database connection before it fails (503), and how long
+    /// opening the store waits for the database at start.
+    pub connect_timeout_ms: u64,
+    /// Jobs that ended longer ago than this are deleted with their events (by the distributor).
+    pub retention_hours: u64,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { data_dir: PathBuf::from("pixmesh-data"), database: PathBuf::from("pixmesh.db"), blobs: PathBuf::from("blobs") }
+        StoreConfig {
+            data_dir: PathBuf::from("pixmesh-data"),
+            database: "sqlite:pixmesh.db".into(),
+            blobs: "file:blobs".into(),
+            max_connections: 8,
+            connect_timeout_ms: 3000,
+            retention_hours: 7 * 24,
+        }
     }
 }
 
 impl StoreConfig {
-    pub fn database_path(&self) -> PathBuf {
-        self.data_dir.join(&self.database)
-    }
-    pub fn blobs_path(&self) -> PathBuf {
-        self.data_dir.join(&self.blobs)
-    }
     pub fn with_data_dir(mut self, dir: &Path) -> Self {
         self.data_dir = dir.to_path_buf();
         self
+    }
+
+    pub fn with_database(mut self, url: &str) -> Self {
+        self.database = url.to_string();
+        self
+    }
+
+    /// The job store's URL, checked.
+    pub fn database_url(&self) -> Result<DatabaseUrl, String> {
+        DatabaseUrl::parse(&self.database, &self.data_dir).map_err(|e| format!("store.database: {e}"))
+    }
+
+    /// The blob store's URL, checked.
+    pub fn blobs_url(&self) -> Result<BlobsUrl, String> {
+        BlobsUrl::parse(&self.blobs, &self.data_dir).map_err(|e| format!("store.blobs: {e}"))
+    }
+
+    /// Checks the settings without touching any engine.
+    pub fn validate(&self) -> Result<(), String> {
+        self.database_url()?;
+        self.blobs_url()?;
+        if self.max_connections == 0 || self.connect_timeout_ms == 0 || self.retention_hours == 0 {
+            return Err("store.max_connections, store.connect_timeout_ms and store.retention_hours must be above 0".into());
+        }
+        Ok(())
+    }
+
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.retention_hours.saturating_mul(3600))
     }
 }
 
@@ -61,14 +111,51 @@ pub struct Stores {
     pub blobs: Arc<dyn BlobStore>,
     /// Raised by both stores when a read or write fails; wakes [`Stores::watch_health`].
     alarm: health::Alarm,
+    retention: Duration,
 }
 
 impl Stores {
-    pub async fn open(config: &StoreConfig) -> Result<Stores, StoreError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| StoreError::io(StoreKind::Jobs, &config.data_dir, e))?;
+    /// Opens both stores: connects, and brings the job store's schema up to date. Fails with a
+    /// message that names the setting and what to do (a bad URL, an unreachable database).
+    pub async fn open(config: &StoreConfig) -> Result<Stores, OpenError> {
+        config.validate().map_err(OpenError)?;
+        let database = config.database_url().map_err(OpenError)?;
+        let blobs = config.blobs_url().map_err(OpenError)?;
         let alarm = health::Alarm::default();
-        let jobs = SqliteJobStore::open(&config.database_path()).await?.with_alarm(alarm.clone());
-        let blobs = LocalBlobStore::open(&config.blobs_path())?.with_alarm(alarm.clone());
-        Ok(Stores { jobs: Arc::new(jobs), blobs: Arc::new(blobs), alarm })
+        let timeout = Duration::from_millis(config.connect_timeout_ms);
+        let jobs: Arc<dyn JobStore> = match &database {
+            DatabaseUrl::Sqlite(path) => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| OpenError(format!("store.database: cannot create {}: {e}", dir.display())))?;
+                }
+                let store = SqliteJobStore::open(path).await.map_err(|e| OpenError(format!("store.database ({database}): {e}")))?;
+                Arc::new(store.with_alarm(alarm.clone()))
+            }
+            DatabaseUrl::Postgres(url) => {
+                let store = PostgresJobStore::connect(url, config.max_connections, timeout).await.map_err(|e| {
+                    OpenError(format!(
+                        "store.database ({database}): {e}; check that PostgreSQL runs there and accepts this user, or fix the URL"
+                    ))
+                })?;
+                Arc::new(store.with_alarm(alarm.clone()))
+            }
+        };
+        let blobs: Arc<dyn BlobStore> = match &blobs {
+            BlobsUrl::File(dir) => {
+                Arc::new(LocalBlobStore::open(dir).map_err(|e| OpenError(format!("store.blobs ({blobs}): {e}")))?.with_alarm(alarm.clone()))
+            }
+        };
+        Ok(Stores { jobs, blobs, alarm, retention: config.retention() })
+    }
+}
+
+/// Why the stores could not be opened: a sentence for the operator that names the setting.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct OpenError(pub String);
+
+impl From<OpenError> for std::io::Error {
+    fn from(e: OpenError) -> Self {
+        std::io::Error::other(e.0)
     }
 }

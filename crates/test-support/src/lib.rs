@@ -5,6 +5,8 @@
 //! announcement lines `up` prints. Images are generated in code, so tests need no fixtures;
 //! [`corpus`] finds the shared corpus when it is there.
 
+pub mod postgres;
+
 use anyhow::{Context, anyhow, bail};
 use serde_json::Value;
 use std::collections::HashMap;

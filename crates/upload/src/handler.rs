@@ -9,7 +9,7 @@ use http::{HeaderMap, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use pixmesh_chassis::{ApiError, ErrorCode, multipart};
 use pixmesh_imaging::{Crop, Fit, Flip, Gravity, Options, OutputFormat};
-use pixmesh_store::{NewJob, StoreError, Stores};
+use pixmesh_store::{NewJob, StoreError, StoreErrorExt, Stores};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use tokio::sync::Semaphore;

@@ -11,7 +11,7 @@ pub use handler::{parse_options, router};
 use pixmesh_chassis::Shutdown;
 use pixmesh_chassis::serve::ConnectionLimits;
 use pixmesh_imaging::Limits;
-use pixmesh_store::{Access, StoreConfig, Stores};
+use pixmesh_store::{Access, Stores};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -55,17 +55,10 @@ impl UploadConfig {
 
 /// Serves the upload API on `http` until `shutdown`. Ready while both stores can be written
 /// (see `pixmesh_store::health`).
-pub async fn run(
-    config: UploadConfig,
-    store: StoreConfig,
-    http: TcpListener,
-    admin: TcpListener,
-    shutdown: Shutdown,
-) -> std::io::Result<()> {
+pub async fn run(config: UploadConfig, stores: Stores, http: TcpListener, admin: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
     let grace = Duration::from_millis(config.drain_grace_ms);
     let probe_stop = shutdown.clone();
     pixmesh_chassis::serve::http_role("upload", http, admin, shutdown, grace, ConnectionLimits::default(), |readiness| async move {
-        let stores = Stores::open(&store).await.map_err(std::io::Error::other)?;
         stores.watch_health("upload", Access::ReadWrite, readiness, probe_stop).await;
         Ok(router(config, stores))
     })

@@ -29,7 +29,7 @@ pub fn to_wire(o: &Options) -> Operations {
 /// Reads the wire operations into pipeline options; bad values are a `bad_request`.
 pub fn options_from(ops: Option<Operations>) -> Result<Options, ApiError> {
     let ops = ops.unwrap_or_default();
-    let bad = |e: pixmesh_imaging::ImagingError| ApiError::new(ErrorCode::BadRequest, e.to_string());
+    let bad = |e: pixmesh_imaging::BadOptions| ApiError::new(ErrorCode::BadRequest, e.to_string());
     let fit: Fit = if ops.fit.is_empty() { Fit::default() } else { ops.fit.parse().map_err(bad)? };
     let format: OutputFormat = if ops.format.is_empty() { OutputFormat::default() } else { ops.format.parse().map_err(bad)? };
     let quality = match ops.quality {

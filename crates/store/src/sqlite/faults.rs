@@ -1,9 +1,9 @@
 //! The job store when its writes fail (full database, unwritable WAL) and then work again.
 
 use super::*;
-use crate::error::StoreKind;
+use crate::StoreErrorExt;
 use crate::testing::Immutable;
-use pixmesh_imaging::Options;
+use pixmesh_model::{BlobRef, Options, StoreKind};
 
 async fn store() -> (tempfile::TempDir, SqliteJobStore) {
     let dir = tempfile::tempdir().unwrap();

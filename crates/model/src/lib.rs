@@ -1,0 +1,19 @@
+//! The values that cross pixmesh's role boundaries, and the store traits.
+//!
+//! The upload service, the status service, the distributor and the workers agree on these
+//! types and on nothing else: a job and its options, its result or error, its events, the
+//! store's errors. Nothing here knows a database, a broker or an image codec, so every backend
+//! (`pixmesh-store`: SQLite, PostgreSQL, local files, …) and every role depends on this crate
+//! and not on each other.
+
+pub mod blob;
+pub mod event;
+pub mod job;
+pub mod options;
+pub mod store;
+
+pub use blob::BlobRef;
+pub use event::{EVENT_VERSION, Event, EventKind, JobEvent, JobView, fold};
+pub use job::{Created, Job, JobError, JobResult, JobState, NewJob};
+pub use options::Options;
+pub use store::{BlobStore, JobStore, StoreError, StoreKind};

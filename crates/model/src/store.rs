@@ -1,0 +1,147 @@
+//! The store traits every backend implements, and their one error type.
+
+use crate::blob::BlobRef;
+use crate::event::JobEvent;
+use crate::job::{Created, Job, JobError, JobResult, JobState, NewJob};
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::time::Duration;
+
+/// Which store an error comes from: clients and operators are told which one to look at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StoreKind {
+    /// The job table (SQLite or PostgreSQL).
+    Jobs,
+    /// The blob store (a local directory).
+    Blobs,
+}
+
+impl StoreKind {
+    /// The readiness check that reports this store (`job_store`, `blob_store`).
+    pub fn check_name(self) -> &'static str {
+        match self {
+            StoreKind::Jobs => "job_store",
+            StoreKind::Blobs => "blob_store",
+        }
+    }
+}
+
+impl std::fmt::Display for StoreKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StoreKind::Jobs => "job store",
+            StoreKind::Blobs => "blob store",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The caller's attempt no longer holds the job (its lease was taken over, or the job is
+    /// already terminal). The caller must drop its result.
+    #[error("job {id}: attempt {attempt} no longer holds the job")]
+    Fenced { id: String, attempt: u32 },
+    #[error("idempotency key reused with a different request (first used for job {existing})")]
+    IdempotencyConflict { existing: String },
+    #[error("job {0} not found")]
+    NotFound(String),
+    /// The disk under a store has no room left (SQLITE_FULL, ENOSPC, EDQUOT): writes fail until
+    /// space is freed; reads still work.
+    #[error("the {store}'s disk is full: {detail}")]
+    Full { store: StoreKind, detail: String },
+    /// The job store's database failed (unreachable, I/O error, read-only or locked file, …);
+    /// the backend's own words. A backend reports a full disk as [`StoreError::Full`] instead.
+    #[error("job store: {0}")]
+    Database(String),
+    /// A file of a store could not be read or written.
+    #[error("{store}: {path}: {source}")]
+    Io { store: StoreKind, path: String, source: std::io::Error },
+    #[error("stored data is invalid: {0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    /// The store that failed, for errors of the storage itself (full, I/O, database); `None` for
+    /// answers about the caller's request (fenced, conflict, not found) and invalid data.
+    pub fn failed_store(&self) -> Option<StoreKind> {
+        match self {
+            StoreError::Full { store, .. } | StoreError::Io { store, .. } => Some(*store),
+            StoreError::Database(_) => Some(StoreKind::Jobs),
+            StoreError::Fenced { .. } | StoreError::IdempotencyConflict { .. } | StoreError::NotFound(_) | StoreError::Invalid(_) => None,
+        }
+    }
+
+    pub fn is_full(&self) -> bool {
+        matches!(self, StoreError::Full { .. })
+    }
+
+    /// An I/O error of `store` on `path`; a full disk or an exceeded quota becomes
+    /// [`StoreError::Full`].
+    pub fn io(store: StoreKind, path: &std::path::Path, source: std::io::Error) -> Self {
+        use std::io::ErrorKind;
+        if matches!(source.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded) {
+            return StoreError::Full { store, detail: format!("{}: {source}", path.display()) };
+        }
+        StoreError::Io { store, path: path.display().to_string(), source }
+    }
+}
+
+/// The job table: the queue and the source of truth.
+///
+/// Every mutation after `create` is fenced by `attempt`: it applies only while the caller's
+/// claim is the job's latest claim and the job is not terminal; otherwise it fails with
+/// [`StoreError::Fenced`] and changes nothing.
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Records a new job and its `accepted` event in one transaction.
+    async fn create(&self, job: NewJob) -> Result<Created, StoreError>;
+
+    async fn get(&self, id: &str) -> Result<Option<Job>, StoreError>;
+
+    /// The job's events in order.
+    async fn events(&self, id: &str) -> Result<Vec<JobEvent>, StoreError>;
+
+    /// Claims the oldest claimable job (queued and due, or processing with an expired lease)
+    /// for `owner` under a lease of `lease`. A job that already had `max_attempts` claims is
+    /// failed instead of claimed.
+    async fn claim(&self, owner: &str, lease: Duration, max_attempts: u32) -> Result<Option<Job>, StoreError>;
+
+    /// Pushes the lease of a claim further out.
+    async fn extend_lease(&self, id: &str, attempt: u32, lease: Duration) -> Result<(), StoreError>;
+
+    /// Records that one worker call of this claim failed and another worker will be tried.
+    async fn record_retry(&self, id: &str, attempt: u32, worker: &str, error: &JobError) -> Result<(), StoreError>;
+
+    /// Gives the job back to the queue, claimable again after `delay`.
+    async fn release(&self, id: &str, attempt: u32, reason: &JobError, delay: Duration) -> Result<(), StoreError>;
+
+    /// Commits the result.
+    async fn succeed(&self, id: &str, attempt: u32, result: &JobResult) -> Result<(), StoreError>;
+
+    /// Commits a permanent failure.
+    async fn fail(&self, id: &str, attempt: u32, error: &JobError) -> Result<(), StoreError>;
+
+    /// Number of jobs per state (for metrics and tests).
+    async fn counts(&self) -> Result<Vec<(JobState, u64)>, StoreError>;
+
+    /// Deletes up to `limit` jobs that ended (succeeded or failed) before `ended_before`
+    /// (milliseconds since the Unix epoch), with their events; returns how many. Jobs that have
+    /// not ended are never touched. Their blobs are left to the blob store.
+    async fn prune(&self, ended_before: i64, limit: u32) -> Result<u64, StoreError>;
+
+    /// The health probe: with `write`, a tiny write transaction on `who`'s health row (which
+    /// fails like a job write would: full disk, read-only or locked file); without, a read.
+    async fn probe(&self, who: &str, write: bool) -> Result<(), StoreError>;
+}
+
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// Stores `bytes` durably and returns their address. Storing the same bytes twice is a no-op.
+    async fn put(&self, bytes: Bytes) -> Result<BlobRef, StoreError>;
+    /// The bytes of a blob, or `None` if there is no such blob.
+    async fn get(&self, digest: &str) -> Result<Option<Bytes>, StoreError>;
+    /// Deletes a blob; deleting a missing blob is not an error.
+    async fn delete(&self, digest: &str) -> Result<(), StoreError>;
+    /// The health probe: proves that blobs can be written (`write`), or read.
+    async fn probe(&self, write: bool) -> Result<(), StoreError>;
+}

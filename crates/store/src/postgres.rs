@@ -1,0 +1,440 @@
+//! The job store on PostgreSQL, for deployments across machines: any number of upload,
+//! status and distributor processes share one database.
+//!
+//! Claims take the oldest queued job with `FOR UPDATE SKIP LOCKED`, so concurrent claimers
+//! never wait for each other or take the same job; the claim, the job row and its `claimed`
+//! event are one statement (a single round trip, atomic without an explicit transaction), as
+//! are the fenced transitions (`succeeded`, `failed`, …) with their events. The claim reads
+//! only the small partial index of queued jobs, however many ended jobs the table holds
+//! (`EXPLAIN` in the conformance tests).
+//!
+//! Leases: a claim holds its job until `lease_expires_at`, pushed out by the distributor while
+//! it works. A crashed claimer's jobs are rescued by the next claim after their lease ran out
+//! (a sweep that runs when a claim finds the queue empty, and at least every
+//! [`SWEEP_INTERVAL`] while it does not): within the lease plus a fraction of a second, not
+//! the hour of a time-only rescue. The rescued job's next claim bumps `attempt`, which fences
+//! the old claimer's late writes.
+
+use crate::error::DbError;
+use crate::health::Alarm;
+use crate::rows::{EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, encode, gave_up, json, millis};
+use async_trait::async_trait;
+use pixmesh_chassis::time::now_ms;
+use pixmesh_model::{Created, Event, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, StoreError};
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgConnection, PgPool};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// While claims keep finding queued jobs, expired leases are still looked for this often.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Most expired leases one sweep handles (the next sweep takes the rest).
+const SWEEP_BATCH: i64 = 100;
+
+/// [`JOB_COLUMNS`] of the CTE `c`.
+static CLAIMED_COLUMNS: LazyLock<String> =
+    LazyLock::new(|| JOB_COLUMNS.split(", ").map(|c| format!("c.{c}")).collect::<Vec<_>>().join(", "));
+
+#[derive(Debug, Clone)]
+pub struct PostgresJobStore {
+    pool: PgPool,
+    alarm: Alarm,
+    /// When this process last swept for expired leases (ms since the epoch).
+    last_sweep: Arc<AtomicI64>,
+}
+
+impl PostgresJobStore {
+    /// Connects (waiting up to `timeout` for the server) and brings the schema up to date;
+    /// concurrent processes migrate one at a time (an advisory lock).
+    pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> Result<Self, StoreError> {
+        Ok(Self::connect_db(url, max_connections, timeout).await?)
+    }
+
+    async fn connect_db(url: &str, max_connections: u32, timeout: Duration) -> Result<Self, DbError> {
+        let options = PgConnectOptions::from_str(url)?.application_name("pixmesh");
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(timeout)
+            // A connection that broke while the server restarted is found out before it is
+            // handed to a request.
+            .test_before_acquire(true)
+            .connect_with(options)
+            .await?;
+        MIGRATOR.run(&pool).await.map_err(|e| StoreError::Database(format!("cannot bring the schema up to date: {e}")))?;
+        Ok(PostgresJobStore { pool, alarm: Alarm::default(), last_sweep: Arc::new(AtomicI64::new(0)) })
+    }
+
+    /// Raises `alarm` whenever a write fails.
+    pub(crate) fn with_alarm(mut self, alarm: Alarm) -> Self {
+        self.alarm = alarm;
+        self
+    }
+
+    /// The pool, for tests that look at plans and hold transactions open.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn watch<T>(&self, result: Result<T, DbError>) -> Result<T, StoreError> {
+        if let Err(DbError::Sql(_)) = &result {
+            self.alarm.raise();
+        }
+        Ok(result?)
+    }
+
+    async fn fetch_job(conn: &mut PgConnection, id: &str) -> Result<Option<Job>, DbError> {
+        let row: Option<JobRow> =
+            sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1")).bind(id).fetch_optional(conn).await?;
+        Ok(row.map(JobRow::into_job).transpose()?)
+    }
+
+    /// Appends `event` inside the caller's transaction, which holds the job's row lock.
+    async fn append(conn: &mut PgConnection, id: &str, attempt: u32, at: i64, event: &Event) -> Result<(), DbError> {
+        let (kind, version, data) = encode(event)?;
+        sqlx::query(
+            "WITH n AS (UPDATE jobs SET event_seq = event_seq + 1 WHERE id = $1 RETURNING event_seq)
+             INSERT INTO job_events (job_id, seq, version, kind, attempt, at, data) SELECT $1, event_seq, $2, $3, $4, $5, $6 FROM n",
+        )
+        .bind(id)
+        .bind(version)
+        .bind(kind.as_str())
+        .bind(i64::from(attempt))
+        .bind(at)
+        .bind(data)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// One fenced transition and its event, as one statement: `set` applies only while the job
+    /// is still held by `attempt` and not terminal.
+    async fn fenced(&self, id: &str, attempt: u32, set: &str, bind: Option<Bind>, event: Event) -> Result<(), DbError> {
+        let (kind, version, data) = encode(&event)?;
+        let sql = format!(
+            "WITH changed AS (
+                UPDATE jobs SET {set}, updated_at = $1, event_seq = event_seq + 1
+                WHERE id = $2 AND attempt = $3 AND state = 'processing'
+                RETURNING id, event_seq, attempt)
+             INSERT INTO job_events (job_id, seq, version, kind, attempt, at, data)
+             SELECT id, event_seq, $4, $5, attempt, $1, $6 FROM changed"
+        );
+        let mut query = sqlx::query(&sql).bind(now_ms()).bind(id).bind(i64::from(attempt)).bind(version).bind(kind.as_str()).bind(data);
+        query = match bind {
+            Some(Bind::Int(v)) => query.bind(v),
+            Some(Bind::Text(v)) => query.bind(v),
+            None => query,
+        };
+        let done = query.execute(&self.pool).await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::Fenced { id: id.to_string(), attempt }.into());
+        }
+        Ok(())
+    }
+
+    async fn create_job(&self, job: NewJob) -> Result<Created, DbError> {
+        let now = now_ms();
+        let accepted = Event::Accepted { input: job.input.clone(), input_format: job.input_format.clone(), options: job.options.clone() };
+        let (kind, version, data) = encode(&accepted)?;
+        // A second create with the same idempotency key inserts nothing (it waits for the first
+        // to commit, then sees its row) and reads the first job instead.
+        let created: Option<JobRow> = sqlx::query_as(&format!(
+            "WITH c AS (
+                INSERT INTO jobs (id, owner, state, attempt, input_digest, input_size, input_format, options, idempotency_key,
+                                  request_hash, event_seq, created_at, updated_at)
+                VALUES ($1, $2, 'queued', 0, $3, $4, $5, $6, $7, $8, 1, $9, $9)
+                ON CONFLICT (idempotency_key) DO NOTHING
+                RETURNING *),
+             e AS (INSERT INTO job_events (job_id, seq, version, kind, attempt, at, data)
+                   SELECT id, 1, $10, $11, 0, $9, $12 FROM c)
+             SELECT {} FROM c",
+            *CLAIMED_COLUMNS
+        ))
+        .bind(&job.id)
+        .bind(&job.owner)
+        .bind(&job.input.digest)
+        .bind(i64::try_from(job.input.size).unwrap_or(i64::MAX))
+        .bind(&job.input_format)
+        .bind(json(&job.options)?)
+        .bind(&job.idempotency_key)
+        .bind(&job.request_hash)
+        .bind(now)
+        .bind(version)
+        .bind(kind.as_str())
+        .bind(data)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = created {
+            return Ok(Created { job: row.into_job()?, created: true });
+        }
+        let key = job.idempotency_key.as_deref().unwrap_or_default();
+        let existing: Option<(String, String)> =
+            sqlx::query_as("SELECT id, request_hash FROM jobs WHERE idempotency_key = $1").bind(key).fetch_optional(&self.pool).await?;
+        let Some((id, hash)) = existing else {
+            // The first job under this key was pruned between the two statements.
+            return Err(StoreError::Database(format!("idempotency key {key:?} conflicted but its job is gone; retry")).into());
+        };
+        if hash != job.request_hash {
+            return Err(StoreError::IdempotencyConflict { existing: id }.into());
+        }
+        let mut conn = self.pool.acquire().await?;
+        let found = Self::fetch_job(&mut conn, &id).await?.ok_or(StoreError::NotFound(id))?;
+        Ok(Created { job: found, created: false })
+    }
+
+    async fn claim_job(&self, owner: &str, lease: Duration, max_attempts: u32) -> Result<Option<Job>, DbError> {
+        let mut swept = false;
+        if now_ms() - self.last_sweep.load(Ordering::Relaxed) >= millis(SWEEP_INTERVAL) {
+            self.sweep(max_attempts).await?;
+            swept = true;
+        }
+        loop {
+            let now = now_ms();
+            let expires = now + millis(lease);
+            let (kind, version, data) = encode(&Event::Claimed { owner: owner.to_string(), lease_expires_at: expires })?;
+            // `picked` without a claimed row: the oldest queued job has used up its attempts.
+            let row: Option<(String, Option<String>)> = sqlx::query_as(
+                "WITH next AS (
+                    SELECT id FROM jobs WHERE state = 'queued' AND not_before <= $1
+                    ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED),
+                 c AS (
+                    UPDATE jobs SET state = 'processing', attempt = jobs.attempt + 1, lease_owner = $2, lease_expires_at = $3,
+                                    updated_at = $1, event_seq = jobs.event_seq + 1
+                    FROM next WHERE jobs.id = next.id AND jobs.attempt < $4
+                    RETURNING jobs.id, jobs.attempt, jobs.event_seq),
+                 e AS (INSERT INTO job_events (job_id, seq, version, kind, attempt, at, data)
+                       SELECT id, event_seq, $5, $6, attempt, $1, $7 FROM c)
+                 SELECT next.id, c.id FROM next LEFT JOIN c ON c.id = next.id",
+            )
+            .bind(now)
+            .bind(owner)
+            .bind(expires)
+            .bind(i64::from(max_attempts))
+            .bind(version)
+            .bind(kind.as_str())
+            .bind(data)
+            .fetch_optional(&self.pool)
+            .await?;
+            match row {
+                Some((_, Some(id))) => {
+                    let mut conn = self.pool.acquire().await?;
+                    return Self::fetch_job(&mut conn, &id).await;
+                }
+                Some((picked, None)) => self.give_up(&picked, max_attempts).await?,
+                None if !swept => {
+                    // The queue looks empty: expired leases may be all there is.
+                    if self.sweep(max_attempts).await? == 0 {
+                        return Ok(None);
+                    }
+                    swept = true;
+                }
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Fails a queued job that used up its attempts (if it still is one).
+    async fn give_up(&self, id: &str, max_attempts: u32) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT attempt FROM jobs WHERE id = $1 AND state = 'queued' AND attempt >= $2 FOR UPDATE")
+                .bind(id)
+                .bind(i64::from(max_attempts))
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some((attempt,)) = row {
+            let attempt = u32::try_from(attempt).unwrap_or(0);
+            Self::fail_exhausted(&mut tx, id, attempt).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn fail_exhausted(conn: &mut PgConnection, id: &str, attempt: u32) -> Result<(), DbError> {
+        let now = now_ms();
+        let error = gave_up(attempt);
+        sqlx::query(
+            "UPDATE jobs SET state = 'failed', error = $1, lease_owner = NULL, lease_expires_at = NULL, updated_at = $2 WHERE id = $3",
+        )
+        .bind(json(&error)?)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+        Self::append(conn, id, attempt, now, &Event::Failed { error }).await
+    }
+
+    /// Gives jobs whose lease ran out back to the queue (or fails those that used up their
+    /// attempts), each with its `lease_expired` event. Returns how many.
+    async fn sweep(&self, max_attempts: u32) -> Result<u64, DbError> {
+        let now = now_ms();
+        self.last_sweep.store(now, Ordering::Relaxed);
+        let expired: Option<(bool,)> = sqlx::query_as("SELECT true FROM jobs WHERE state = 'processing' AND lease_expires_at < $1 LIMIT 1")
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await?;
+        if expired.is_none() {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<(String, i64, Option<String>)> = sqlx::query_as(
+            "SELECT id, attempt, lease_owner FROM jobs WHERE state = 'processing' AND lease_expires_at < $1
+             ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(now)
+        .bind(SWEEP_BATCH)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (id, attempt, previous) in &rows {
+            let attempt = u32::try_from(*attempt).unwrap_or(0);
+            Self::append(&mut tx, id, attempt, now, &Event::LeaseExpired { owner: previous.clone() }).await?;
+            if attempt >= max_attempts {
+                Self::fail_exhausted(&mut tx, id, attempt).await?;
+            } else {
+                sqlx::query(
+                    "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, not_before = 0, updated_at = $1 WHERE id = $2",
+                )
+                .bind(now)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        if !rows.is_empty() {
+            tracing::info!(jobs = rows.len(), "rescued jobs whose lease ran out");
+            metrics::counter!("pixmesh_store_leases_expired_total").increment(rows.len() as u64);
+        }
+        Ok(rows.len() as u64)
+    }
+
+    async fn prune_jobs(&self, ended_before: i64, limit: u32) -> Result<u64, DbError> {
+        // Events go with their job (ON DELETE CASCADE).
+        let done = sqlx::query(
+            "WITH old AS (
+                SELECT id FROM jobs WHERE state IN ('succeeded', 'failed') AND updated_at < $1
+                ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+             DELETE FROM jobs USING old WHERE jobs.id = old.id",
+        )
+        .bind(ended_before)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn probe_db(&self, who: &str, write: bool) -> Result<(), DbError> {
+        if !write {
+            sqlx::query("SELECT 1 FROM jobs LIMIT 1").fetch_optional(&self.pool).await?;
+            return Ok(());
+        }
+        sqlx::query("INSERT INTO health (probe, at) VALUES ($1, $2) ON CONFLICT (probe) DO UPDATE SET at = excluded.at")
+            .bind(who)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+enum Bind {
+    Int(i64),
+    Text(String),
+}
+
+#[async_trait]
+impl JobStore for PostgresJobStore {
+    async fn create(&self, job: NewJob) -> Result<Created, StoreError> {
+        let result = self.create_job(job).await;
+        self.watch(result)
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        let result = async {
+            let mut conn = self.pool.acquire().await?;
+            Self::fetch_job(&mut conn, id).await
+        }
+        .await;
+        self.watch(result)
+    }
+
+    async fn events(&self, id: &str) -> Result<Vec<JobEvent>, StoreError> {
+        let rows: Result<Vec<EventRow>, DbError> =
+            sqlx::query_as(&format!("SELECT {EVENT_COLUMNS} FROM job_events WHERE job_id = $1 ORDER BY seq"))
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(DbError::from);
+        self.watch(rows)?.into_iter().map(EventRow::into_event).collect()
+    }
+
+    async fn claim(&self, owner: &str, lease: Duration, max_attempts: u32) -> Result<Option<Job>, StoreError> {
+        let result = self.claim_job(owner, lease, max_attempts).await;
+        self.watch(result)
+    }
+
+    async fn extend_lease(&self, id: &str, attempt: u32, lease: Duration) -> Result<(), StoreError> {
+        let now = now_ms();
+        let done =
+            sqlx::query("UPDATE jobs SET lease_expires_at = $1, updated_at = $2 WHERE id = $3 AND attempt = $4 AND state = 'processing'")
+                .bind(now + millis(lease))
+                .bind(now)
+                .bind(id)
+                .bind(i64::from(attempt))
+                .execute(&self.pool)
+                .await
+                .map_err(DbError::from);
+        if self.watch(done)?.rows_affected() == 0 {
+            return Err(StoreError::Fenced { id: id.to_string(), attempt });
+        }
+        Ok(())
+    }
+
+    async fn record_retry(&self, id: &str, attempt: u32, worker: &str, error: &JobError) -> Result<(), StoreError> {
+        // Touch the row (no state change) so the event is fenced like every other transition.
+        let event = Event::Retried { worker: worker.to_string(), error: error.clone() };
+        let result = self.fenced(id, attempt, "state = state", None, event).await;
+        self.watch(result)
+    }
+
+    async fn release(&self, id: &str, attempt: u32, reason: &JobError, delay: Duration) -> Result<(), StoreError> {
+        let not_before = now_ms() + millis(delay);
+        let set = "state = 'queued', lease_owner = NULL, lease_expires_at = NULL, not_before = $7";
+        let result =
+            self.fenced(id, attempt, set, Some(Bind::Int(not_before)), Event::Released { error: reason.clone(), not_before }).await;
+        self.watch(result)
+    }
+
+    async fn succeed(&self, id: &str, attempt: u32, result: &JobResult) -> Result<(), StoreError> {
+        let set = "state = 'succeeded', result = $7, lease_owner = NULL, lease_expires_at = NULL";
+        let done = self.fenced(id, attempt, set, Some(Bind::Text(json(result)?)), Event::Succeeded { result: result.clone() }).await;
+        self.watch(done)
+    }
+
+    async fn fail(&self, id: &str, attempt: u32, error: &JobError) -> Result<(), StoreError> {
+        let set = "state = 'failed', error = $7, lease_owner = NULL, lease_expires_at = NULL";
+        let result = self.fenced(id, attempt, set, Some(Bind::Text(json(error)?)), Event::Failed { error: error.clone() }).await;
+        self.watch(result)
+    }
+
+    async fn counts(&self) -> Result<Vec<(JobState, u64)>, StoreError> {
+        let rows = sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetch_all(&self.pool).await.map_err(DbError::from);
+        Ok(crate::rows::counts(self.watch(rows)?))
+    }
+
+    async fn prune(&self, ended_before: i64, limit: u32) -> Result<u64, StoreError> {
+        let result = self.prune_jobs(ended_before, limit).await;
+        self.watch(result)
+    }
+
+    async fn probe(&self, who: &str, write: bool) -> Result<(), StoreError> {
+        let result = self.probe_db(who, write).await;
+        self.watch(result)
+    }
+}

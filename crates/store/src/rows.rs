@@ -1,0 +1,99 @@
+//! What both SQL backends share: the columns they read, rows as plain values, and their
+//! conversion to the model's types. The SQL itself differs per engine (transactions, locking,
+//! placeholders), so each backend writes its own statements.
+
+use pixmesh_model::{BlobRef, Event, EventKind, Job, JobError, JobEvent, JobState, StoreError};
+
+/// The columns of `jobs` that make a [`Job`], in [`JobRow`]'s order.
+pub(crate) const JOB_COLUMNS: &str = "id, owner, state, attempt, lease_owner, lease_expires_at, input_digest, input_size, input_format, options, result, error, created_at, updated_at";
+
+/// The columns of `job_events` that make a [`JobEvent`].
+pub(crate) const EVENT_COLUMNS: &str = "job_id, seq, version, kind, attempt, at, data";
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct JobRow {
+    id: String,
+    owner: String,
+    state: String,
+    attempt: i64,
+    lease_owner: Option<String>,
+    lease_expires_at: Option<i64>,
+    input_digest: String,
+    input_size: i64,
+    input_format: String,
+    options: String,
+    result: Option<String>,
+    error: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl JobRow {
+    pub(crate) fn into_job(self) -> Result<Job, StoreError> {
+        let parse = |what: &str, e: serde_json::Error| StoreError::Invalid(format!("job {}: {what}: {e}", self.id));
+        Ok(Job {
+            state: JobState::parse(&self.state).ok_or_else(|| StoreError::Invalid(format!("unknown job state {:?}", self.state)))?,
+            attempt: u32::try_from(self.attempt).unwrap_or(0),
+            input: BlobRef { digest: self.input_digest.clone(), size: u64::try_from(self.input_size).unwrap_or(0) },
+            input_format: self.input_format.clone(),
+            options: serde_json::from_str(&self.options).map_err(|e| parse("options", e))?,
+            result: self.result.as_deref().map(serde_json::from_str).transpose().map_err(|e| parse("result", e))?,
+            error: self.error.as_deref().map(serde_json::from_str).transpose().map_err(|e| parse("error", e))?,
+            lease_owner: self.lease_owner.clone(),
+            lease_expires_at: self.lease_expires_at,
+            owner: self.owner.clone(),
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            id: self.id,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct EventRow {
+    job_id: String,
+    seq: i64,
+    version: i64,
+    kind: String,
+    attempt: i64,
+    at: i64,
+    data: String,
+}
+
+impl EventRow {
+    pub(crate) fn into_event(self) -> Result<JobEvent, StoreError> {
+        let event = Event::decode(&self.kind, self.version, &self.data)
+            .map_err(|e| StoreError::Invalid(format!("job {} event {}: {e}", self.job_id, self.seq)))?;
+        Ok(JobEvent {
+            job_id: self.job_id,
+            seq: u32::try_from(self.seq).unwrap_or(0),
+            attempt: u32::try_from(self.attempt).unwrap_or(0),
+            at: self.at,
+            event,
+        })
+    }
+}
+
+/// An event in its stored form: kind, version, data.
+pub(crate) fn encode(event: &Event) -> Result<(EventKind, i64, String), StoreError> {
+    let (kind, data) = event.encode().map_err(StoreError::Invalid)?;
+    Ok((kind, i64::from(pixmesh_model::EVENT_VERSION), data))
+}
+
+pub(crate) fn json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Invalid(e.to_string()))
+}
+
+pub(crate) fn millis(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The error a job fails with when it was claimed `attempts` times without finishing.
+pub(crate) fn gave_up(attempts: u32) -> JobError {
+    JobError { code: "unavailable".into(), message: format!("gave up after {attempts} attempts; no worker could process the image") }
+}
+
+/// Counts per state from `(state, count)` rows, skipping states this build does not know.
+pub(crate) fn counts(rows: Vec<(String, i64)>) -> Vec<(JobState, u64)> {
+    rows.into_iter().filter_map(|(state, n)| Some((JobState::parse(&state)?, u64::try_from(n).unwrap_or(0)))).collect()
+}

@@ -1,0 +1,370 @@
+//! One suite, every job store backend: each case runs on SQLite (a temp file) and on
+//! PostgreSQL (a fresh database on the test server, see `pixmesh_test_support::postgres`).
+//! What a role relies on (claims, leases, expiry, fencing, idempotency, concurrent claimers,
+//! pruning, histories) must hold the same way on both.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+use pixmesh_model::{BlobRef, Event, EventKind, JobError, JobResult, JobState, JobStore, NewJob, Options, StoreError, fold};
+use pixmesh_store::{PostgresJobStore, SqliteJobStore};
+use pixmesh_test_support::postgres::TestDatabase;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+type Store = Arc<dyn JobStore>;
+
+/// A backend under test, and a way to open a second handle on the same data (as another
+/// process would).
+enum Backend {
+    Sqlite(tempfile::TempDir),
+    Postgres(TestDatabase),
+}
+
+impl Backend {
+    async fn sqlite() -> Backend {
+        Backend::Sqlite(tempfile::tempdir().unwrap())
+    }
+
+    async fn postgres(tag: &str) -> Backend {
+        Backend::Postgres(TestDatabase::create(tag).await)
+    }
+
+    async fn open(&self) -> Store {
+        match self {
+            Backend::Sqlite(dir) => Arc::new(SqliteJobStore::open(&dir.path().join("jobs.db")).await.unwrap()),
+            Backend::Postgres(db) => Arc::new(PostgresJobStore::connect(&db.url, 8, Duration::from_secs(5)).await.unwrap()),
+        }
+    }
+}
+
+/// Runs `case` on both backends (`sqlite_<name>`, `postgres_<name>`).
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(super::Backend::sqlite().await).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(super::Backend::postgres(stringify!($name)).await).await;
+            })*
+        }
+    };
+}
+
+conformance!(
+    a_job_goes_from_accepted_to_succeeded_with_its_history,
+    stale_attempts_are_fenced_and_ended_jobs_for_everyone,
+    an_expired_lease_is_rescued_within_moments,
+    a_renewed_lease_keeps_the_job,
+    released_jobs_wait_and_used_up_attempts_fail_the_job,
+    idempotency_keys_replay_or_conflict_even_when_raced,
+    concurrent_claimers_never_share_a_job,
+    pruning_deletes_only_ended_jobs_past_the_cutoff,
+    histories_fold_to_the_job_row_after_a_mixed_workload,
+    unknown_jobs_have_no_row_and_no_history,
+);
+
+fn new_job(id: &str, key: Option<&str>, hash: &str) -> NewJob {
+    NewJob {
+        id: id.into(),
+        owner: "alice".into(),
+        input: BlobRef { digest: "a".repeat(64), size: 10 },
+        input_format: "jpeg".into(),
+        options: Options { width: Some(100), ..Options::default() },
+        idempotency_key: key.map(str::to_string),
+        request_hash: hash.into(),
+    }
+}
+
+fn result() -> JobResult {
+    JobResult {
+        blob: BlobRef { digest: "b".repeat(64), size: 5 },
+        format: "webp".into(),
+        content_type: "image/webp".into(),
+        width: 100,
+        height: 50,
+    }
+}
+
+fn error(code: &str) -> JobError {
+    JobError { code: code.into(), message: format!("{code} (test)") }
+}
+
+async fn kinds(store: &Store, id: &str) -> Vec<EventKind> {
+    store.events(id).await.unwrap().iter().map(|e| e.kind()).collect()
+}
+
+const LONG: Duration = Duration::from_secs(30);
+
+async fn a_job_goes_from_accepted_to_succeeded_with_its_history(backend: Backend) {
+    let store = backend.open().await;
+    let created = store.create(new_job("j1", None, "h")).await.unwrap();
+    assert!(created.created);
+    assert_eq!((created.job.state, created.job.attempt, created.job.owner.as_str()), (JobState::Queued, 0, "alice"));
+    assert_eq!(created.job.options.width, Some(100));
+    let job = store.claim("d1", LONG, 5).await.unwrap().unwrap();
+    assert_eq!((job.id.as_str(), job.attempt, job.state, job.lease_owner.as_deref()), ("j1", 1, JobState::Processing, Some("d1")));
+    assert!(job.lease_expires_at.unwrap() > job.created_at);
+    assert!(store.claim("d1", LONG, 5).await.unwrap().is_none(), "nothing else to claim");
+    store.succeed("j1", 1, &result()).await.unwrap();
+    let done = store.get("j1").await.unwrap().unwrap();
+    assert_eq!((done.state, done.result.clone(), done.lease_owner.clone()), (JobState::Succeeded, Some(result()), None));
+
+    let events = store.events("j1").await.unwrap();
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3], "numbered per job, without gaps");
+    assert_eq!(events.iter().map(|e| e.attempt).collect::<Vec<_>>(), vec![0, 1, 1]);
+    assert!(
+        matches!(&events[0].event, Event::Accepted { input_format, options, .. } if input_format == "jpeg" && options.width == Some(100))
+    );
+    assert!(matches!(&events[1].event, Event::Claimed { owner, .. } if owner == "d1"));
+    assert_eq!(events[2].event, Event::Succeeded { result: result() });
+    let view = fold(&events).unwrap();
+    assert_eq!((view.state, view.attempts, view.result), (JobState::Succeeded, 1, Some(result())));
+}
+
+async fn stale_attempts_are_fenced_and_ended_jobs_for_everyone(backend: Backend) {
+    let store = backend.open().await;
+    store.create(new_job("j1", None, "h")).await.unwrap();
+    // A lease of 0 expires at once: a second distributor takes the job over.
+    let first = store.claim("d1", Duration::ZERO, 5).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let second = store.claim("d2", LONG, 5).await.unwrap().unwrap();
+    assert_eq!((first.attempt, second.attempt), (1, 2));
+    for err in [
+        store.succeed("j1", 1, &result()).await.unwrap_err(),
+        store.fail("j1", 1, &error("internal")).await.unwrap_err(),
+        store.extend_lease("j1", 1, LONG).await.unwrap_err(),
+        store.record_retry("j1", 1, "w", &error("unavailable")).await.unwrap_err(),
+        store.release("j1", 1, &error("unavailable"), Duration::ZERO).await.unwrap_err(),
+    ] {
+        assert!(matches!(err, StoreError::Fenced { attempt: 1, .. }), "{err}");
+    }
+    assert_eq!(store.get("j1").await.unwrap().unwrap().lease_owner.as_deref(), Some("d2"), "the stale writes changed nothing");
+    store.record_retry("j1", 2, "w1", &error("unavailable")).await.unwrap();
+    store.succeed("j1", 2, &result()).await.unwrap();
+    // An ended job is fenced for everyone, including the claim that ended it.
+    let err = store.fail("j1", 2, &error("internal")).await.unwrap_err();
+    assert!(matches!(err, StoreError::Fenced { .. }), "{err}");
+    assert!(matches!(store.succeed("j1", 2, &result()).await.unwrap_err(), StoreError::Fenced { .. }));
+    use EventKind::*;
+    assert_eq!(kinds(&store, "j1").await, vec![Accepted, Claimed, LeaseExpired, Claimed, Retried, Succeeded]);
+    let events = store.events("j1").await.unwrap();
+    assert_eq!(events[2].event, Event::LeaseExpired { owner: Some("d1".into()) });
+    assert_eq!(events[4].event, Event::Retried { worker: "w1".into(), error: error("unavailable") });
+}
+
+async fn an_expired_lease_is_rescued_within_moments(backend: Backend) {
+    let store = backend.open().await;
+    // Jobs queued behind the abandoned one do not delay its rescue.
+    store.create(new_job("abandoned", None, "h")).await.unwrap();
+    let lease = Duration::from_millis(300);
+    let taken = store.claim("crashed", lease, 5).await.unwrap().unwrap();
+    for i in 0..20 {
+        store.create(new_job(&format!("later-{i:02}"), None, "h")).await.unwrap();
+    }
+    let start = Instant::now();
+    let rescued = loop {
+        let job = store.claim("survivor", LONG, 5).await.unwrap().unwrap();
+        if job.id == "abandoned" {
+            break job;
+        }
+        store.succeed(&job.id, job.attempt, &result()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let waited = start.elapsed();
+    println!("rescued {waited:?} after the claim (lease {lease:?})");
+    assert_eq!((rescued.attempt, rescued.lease_owner.as_deref()), (2, Some("survivor")));
+    assert!(waited >= lease - Duration::from_millis(50), "not before its lease ran out: {waited:?}");
+    assert!(waited < lease + Duration::from_secs(1), "rescued within a second of the lease: {waited:?}");
+    assert!(matches!(store.succeed("abandoned", taken.attempt, &result()).await.unwrap_err(), StoreError::Fenced { .. }));
+}
+
+async fn a_renewed_lease_keeps_the_job(backend: Backend) {
+    let store = backend.open().await;
+    store.create(new_job("kept", None, "h")).await.unwrap();
+    // Renewed every 100 ms for 2.5 leases: it would have run out twice without renewals (with
+    // room for a statement that stalls on a busy machine).
+    let lease = Duration::from_millis(1000);
+    let job = store.claim("holder", lease, 5).await.unwrap().unwrap();
+    let until = Instant::now() + lease * 5 / 2;
+    while Instant::now() < until {
+        store.extend_lease("kept", job.attempt, lease).await.unwrap();
+        assert!(store.claim("other", LONG, 5).await.unwrap().is_none(), "a renewed lease is never taken over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    store.succeed("kept", job.attempt, &result()).await.unwrap();
+    assert!(!kinds(&store, "kept").await.contains(&EventKind::LeaseExpired));
+}
+
+async fn released_jobs_wait_and_used_up_attempts_fail_the_job(backend: Backend) {
+    let store = backend.open().await;
+    store.create(new_job("j1", None, "h")).await.unwrap();
+    let job = store.claim("d", LONG, 2).await.unwrap().unwrap();
+    store.release("j1", job.attempt, &error("unavailable"), Duration::from_millis(400)).await.unwrap();
+    assert_eq!(store.get("j1").await.unwrap().unwrap().state, JobState::Queued);
+    assert!(store.claim("d", LONG, 2).await.unwrap().is_none(), "not due yet");
+    assert!(store.release("j1", job.attempt, &error("unavailable"), Duration::ZERO).await.is_err(), "released once");
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let job = store.claim("d", LONG, 2).await.unwrap().unwrap();
+    assert_eq!(job.attempt, 2);
+    store.release("j1", 2, &error("unavailable"), Duration::ZERO).await.unwrap();
+    assert!(store.claim("d", LONG, 2).await.unwrap().is_none(), "the third claim fails the job instead");
+    let job = store.get("j1").await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert!(job.error.unwrap().message.contains("gave up after 2 attempts"));
+    use EventKind::*;
+    assert_eq!(kinds(&store, "j1").await, vec![Accepted, Claimed, Released, Claimed, Released, Failed]);
+    // An abandoned last attempt fails too, once its lease runs out.
+    store.create(new_job("j2", None, "h")).await.unwrap();
+    store.claim("d", Duration::ZERO, 1).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert!(store.claim("d", LONG, 1).await.unwrap().is_none());
+    assert_eq!(store.get("j2").await.unwrap().unwrap().state, JobState::Failed);
+    assert_eq!(kinds(&store, "j2").await, vec![Accepted, Claimed, LeaseExpired, Failed]);
+}
+
+async fn idempotency_keys_replay_or_conflict_even_when_raced(backend: Backend) {
+    let store = backend.open().await;
+    let first = store.create(new_job("j1", Some("k"), "h1")).await.unwrap();
+    let replay = store.create(new_job("j2", Some("k"), "h1")).await.unwrap();
+    assert!(first.created && !replay.created);
+    assert_eq!(replay.job.id, "j1");
+    let err = store.create(new_job("j3", Some("k"), "h2")).await.unwrap_err();
+    assert!(matches!(err, StoreError::IdempotencyConflict { ref existing } if existing == "j1"), "{err}");
+    assert!(store.get("j3").await.unwrap().is_none(), "nothing was written");
+    assert_eq!(kinds(&store, "j1").await, vec![EventKind::Accepted], "a replay writes no event");
+
+    // Ten clients retry the same request at once, through two handles: one job.
+    let other = backend.open().await;
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let s = if i % 2 == 0 { store.clone() } else { other.clone() };
+        tasks.push(tokio::spawn(async move { s.create(new_job(&format!("race-{i}"), Some("raced"), "same")).await }));
+    }
+    let mut ids = Vec::new();
+    let mut created = 0;
+    for t in tasks {
+        let c = t.await.unwrap().unwrap();
+        created += usize::from(c.created);
+        ids.push(c.job.id);
+    }
+    ids.dedup();
+    assert_eq!((created, ids.len()), (1, 1), "exactly one job for one key: {ids:?}");
+}
+
+async fn concurrent_claimers_never_share_a_job(backend: Backend) {
+    let store = backend.open().await;
+    for i in 0..80 {
+        store.create(new_job(&format!("j{i:02}"), None, "h")).await.unwrap();
+    }
+    let mut claimers = Vec::new();
+    for c in 0..4 {
+        // Two handles, as two distributor processes would have.
+        let s = if c % 2 == 0 { store.clone() } else { backend.open().await };
+        claimers.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            while let Some(job) = s.claim(&format!("c{c}"), LONG, 5).await.unwrap() {
+                s.succeed(&job.id, job.attempt, &result()).await.unwrap();
+                mine.push(job.id);
+            }
+            mine
+        }));
+    }
+    let mut all = Vec::new();
+    let mut per = Vec::new();
+    for c in claimers {
+        let mine = c.await.unwrap();
+        per.push(mine.len());
+        all.extend(mine);
+    }
+    let claims = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!((claims, all.len()), (80, 80), "each job claimed exactly once (per claimer: {per:?})");
+    let counts = store.counts().await.unwrap();
+    assert_eq!(counts, vec![(JobState::Succeeded, 80)]);
+}
+
+async fn pruning_deletes_only_ended_jobs_past_the_cutoff(backend: Backend) {
+    let store = backend.open().await;
+    for id in ["old-ok", "old-failed", "in-flight", "still-queued"] {
+        store.create(new_job(id, Some(id), "h")).await.unwrap();
+    }
+    for _ in 0..3 {
+        let job = store.claim("d", LONG, 5).await.unwrap().unwrap();
+        match job.id.as_str() {
+            "old-ok" => store.succeed(&job.id, job.attempt, &result()).await.unwrap(),
+            "old-failed" => store.fail(&job.id, job.attempt, &error("corrupt_image")).await.unwrap(),
+            _ => {}
+        }
+    }
+    let cutoff = pixmesh_chassis::time::now_ms() + 1;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    store.create(new_job("recent", None, "h")).await.unwrap();
+    // The oldest queued job goes back to the queue for a minute: queued, not ended.
+    let job = store.claim("d", LONG, 5).await.unwrap().unwrap();
+    assert_eq!(job.id, "still-queued");
+    store.release(&job.id, job.attempt, &error("unavailable"), Duration::from_secs(60)).await.unwrap();
+    let job = store.claim("d", LONG, 5).await.unwrap().unwrap();
+    assert_eq!(job.id, "recent");
+    store.succeed("recent", job.attempt, &result()).await.unwrap();
+
+    assert_eq!(store.prune(cutoff, 1).await.unwrap(), 1, "at most `limit` per call");
+    assert_eq!(store.prune(cutoff, 100).await.unwrap(), 1);
+    assert_eq!(store.prune(cutoff, 100).await.unwrap(), 0);
+    for gone in ["old-ok", "old-failed"] {
+        assert!(store.get(gone).await.unwrap().is_none(), "{gone} was pruned");
+        assert!(store.events(gone).await.unwrap().is_empty(), "{gone}'s events went with it");
+    }
+    for kept in ["in-flight", "still-queued", "recent"] {
+        assert!(store.get(kept).await.unwrap().is_some(), "{kept} is kept");
+        assert!(!store.events(kept).await.unwrap().is_empty());
+    }
+    // A pruned job's idempotency key is free again: a new job, not a replay of a deleted one.
+    let again = store.create(new_job("old-ok-2", Some("old-ok"), "h")).await.unwrap();
+    assert!(again.created);
+}
+
+async fn histories_fold_to_the_job_row_after_a_mixed_workload(backend: Backend) {
+    let store = backend.open().await;
+    for i in 0..30 {
+        store.create(new_job(&format!("m{i:02}"), None, "h")).await.unwrap();
+    }
+    let mut n = 0;
+    while let Some(job) = store.claim("d", LONG, 3).await.unwrap() {
+        n += 1;
+        match n % 5 {
+            0 => store.fail(&job.id, job.attempt, &error("corrupt_image")).await.unwrap(),
+            1 => store.release(&job.id, job.attempt, &error("unavailable"), Duration::ZERO).await.unwrap(),
+            2 => {
+                store.record_retry(&job.id, job.attempt, "w", &error("unavailable")).await.unwrap();
+                store.succeed(&job.id, job.attempt, &result()).await.unwrap();
+            }
+            _ => store.succeed(&job.id, job.attempt, &result()).await.unwrap(),
+        }
+    }
+    for i in 0..30 {
+        let id = format!("m{i:02}");
+        let job = store.get(&id).await.unwrap().unwrap();
+        let events = store.events(&id).await.unwrap();
+        assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=events.len() as u32).collect::<Vec<_>>(), "{id}");
+        let view = fold(&events).unwrap();
+        assert_eq!((view.state, view.attempts, &view.result, &view.error), (job.state, job.attempt, &job.result, &job.error), "{id}");
+        assert!(job.state.is_terminal(), "{id}");
+    }
+}
+
+async fn unknown_jobs_have_no_row_and_no_history(backend: Backend) {
+    let store = backend.open().await;
+    assert!(store.get("nope").await.unwrap().is_none());
+    assert!(store.events("nope").await.unwrap().is_empty());
+    assert!(matches!(store.succeed("nope", 1, &result()).await.unwrap_err(), StoreError::Fenced { .. }));
+    assert!(matches!(store.extend_lease("nope", 1, LONG).await.unwrap_err(), StoreError::Fenced { .. }));
+    store.probe("conformance", true).await.unwrap();
+    store.probe("conformance", false).await.unwrap();
+    assert!(store.counts().await.unwrap().is_empty());
+}
