@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 use http_body_util::BodyExt;
-use pixmesh_store::{JobStore, SqliteJobStore};
 use pixmesh_test_support::{System, disposition, form, icc_profile_big_jpeg, jpeg, png, with_metadata};
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -105,7 +104,7 @@ fn bmp() -> Vec<u8> {
 }
 
 async fn jobs(system: &System) -> u64 {
-    let store = SqliteJobStore::open(&system.data_dir.join("pixmesh.db")).await.unwrap();
+    let store = pixmesh_e2e::job_store(system).await;
     store.counts().await.unwrap().iter().map(|(_, n)| n).sum()
 }
 

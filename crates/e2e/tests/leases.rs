@@ -7,10 +7,11 @@
 use futures_util::future::join_all;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use pixmesh_store::{EventKind, JobEvent, JobState, JobStore, SqliteJobStore};
+use pixmesh_store::{EventKind, JobEvent, JobState, JobStore};
 use pixmesh_test_support::{Role, System, jpeg};
 use serde_json::Value;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 /// Both tests measure how soon something happens: they run one at a time.
@@ -25,8 +26,8 @@ fn epoch_ms() -> i64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
-async fn store(system: &System) -> SqliteJobStore {
-    SqliteJobStore::open(&system.data_dir.join("pixmesh.db")).await.unwrap()
+async fn store(system: &System) -> Arc<dyn JobStore> {
+    pixmesh_e2e::job_store(system).await
 }
 
 async fn upload(system: &System, n: usize) -> Vec<String> {
@@ -68,7 +69,7 @@ async fn metric(system: &System, admin: &str, name: &str, label: &str) -> f64 {
 }
 
 /// Those of `ids` that `owner` holds (processing under its lease).
-async fn held_by(store: &SqliteJobStore, owner: &str, ids: &[String]) -> Vec<String> {
+async fn held_by(store: &Arc<dyn JobStore>, owner: &str, ids: &[String]) -> Vec<String> {
     let mut held = Vec::new();
     for id in ids {
         let job = store.get(id).await.unwrap().unwrap();
@@ -98,9 +99,9 @@ async fn a_killed_distributors_jobs_are_taken_again_within_seconds() {
         assert!(started.elapsed() < Duration::from_secs(20), "the first distributor did not claim the jobs");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let data_dir = format!("store.data_dir={}", dir.path().display());
+    let [data_dir, database] = system.store_sets().try_into().unwrap();
     let registry_set = format!("distributor.registry={registry}");
-    let second = Role::start("distributor", None, &[&data_dir, &registry_set], &[]).await.unwrap();
+    let second = Role::start("distributor", None, &[&data_dir, &database, &registry_set], &[]).await.unwrap();
     ids.extend(upload(&system, 4).await);
     let started = Instant::now();
     loop {

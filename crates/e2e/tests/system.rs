@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 use futures_util::future::join_all;
-use pixmesh_store::{EventKind, JobStore, SqliteJobStore};
+use pixmesh_store::EventKind;
 use pixmesh_test_support::{System, corpus, jpeg, png};
 use serde_json::Value;
 use std::time::Duration;
@@ -22,7 +22,7 @@ fn id(v: &Value) -> String {
 
 /// Every job succeeded exactly once: one `succeeded` event, the job row terminal with a result.
 async fn assert_exactly_one_result(system: &System, ids: &[String]) {
-    let store = SqliteJobStore::open(&system.data_dir.join("pixmesh.db")).await.unwrap();
+    let store = pixmesh_e2e::job_store(system).await;
     for id in ids {
         let events = store.events(id).await.unwrap();
         let succeeded = events.iter().filter(|e| e.kind() == EventKind::Succeeded).count();
@@ -634,10 +634,12 @@ async fn a_distributor_that_lost_its_lease_has_its_late_results_rejected() {
     kill(Pid::from_raw(first.pid), Signal::SIGSTOP).unwrap();
     // A second distributor on the same store takes the jobs over once their leases run out, and
     // finishes them.
-    let data_dir = format!("store.data_dir={}", dir.path().display());
+    let [data_dir, database] = system.store_sets().try_into().unwrap();
     let registry_set = format!("distributor.registry={registry}");
     let second =
-        pixmesh_test_support::Role::start("distributor", None, &[&data_dir, &registry_set, sets[0], sets[1], sets[2]], &[]).await.unwrap();
+        pixmesh_test_support::Role::start("distributor", None, &[&data_dir, &database, &registry_set, sets[0], sets[1], sets[2]], &[])
+            .await
+            .unwrap();
     let statuses = join_all(ids.iter().map(|id| system.wait_terminal(id, Duration::from_secs(60)))).await;
     // Thawed, the first one comes back with answers for attempts that are no longer its own
     // (or its renewals are fenced first, and it drops them).

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 use futures_util::future::join_all;
-use pixmesh_store::{EventKind, JobStore, SqliteJobStore};
+use pixmesh_store::EventKind;
 use pixmesh_test_support::{System, jpeg};
 use serde_json::Value;
 use std::time::Duration;
@@ -64,7 +64,7 @@ async fn an_image_that_panics_the_decoder_fails_internal_after_two_calls_and_cos
         jobs.push((poisoned, id(&body)));
     }
 
-    let store = SqliteJobStore::open(&system.data_dir.join("pixmesh.db")).await.unwrap();
+    let store = pixmesh_e2e::job_store(&system).await;
     for (poisoned, job) in &jobs {
         let status = system.wait_terminal(job, JOB_TIMEOUT).await.unwrap();
         if !poisoned {

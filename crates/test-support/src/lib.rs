@@ -126,6 +126,9 @@ pub struct System {
     pub gateway: String,
     pub api_key: String,
     pub data_dir: PathBuf,
+    /// The job store it runs on (`store.database`): its SQLite file, or its PostgreSQL database
+    /// when the tests run on that profile ([`postgres::e2e_on_postgres`]).
+    pub database: String,
     children: Arc<Mutex<HashMap<String, ChildInfo>>>,
     client: reqwest::Client,
 }
@@ -133,7 +136,13 @@ pub struct System {
 impl System {
     /// Starts `pixmesh up --workers N` on `data_dir`; extra `--set key=value` pairs go to every role.
     pub async fn start(data_dir: &Path, workers: usize, sets: &[&str]) -> anyhow::Result<System> {
+        let database = if postgres::e2e_on_postgres() {
+            postgres::database_for(data_dir).await
+        } else {
+            format!("sqlite:{}", data_dir.join("pixmesh.db").display())
+        };
         let mut cmd = Command::new(pixmesh_bin());
+        cmd.arg("--database").arg(&database);
         for s in sets {
             cmd.arg("--set").arg(s);
         }
@@ -177,7 +186,13 @@ impl System {
         let gateway = format!("http://{}", ready["gateway"].as_str().ok_or_else(|| anyhow!("no gateway address"))?);
         let api_key = ready["api_key"].as_str().unwrap_or_default().to_string();
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
-        Ok(System { up, gateway, api_key, data_dir: data_dir.to_path_buf(), children, client })
+        Ok(System { up, gateway, api_key, data_dir: data_dir.to_path_buf(), database, children, client })
+    }
+
+    /// The settings that put another role (started with [`Role::start`]) on this system's
+    /// stores.
+    pub fn store_sets(&self) -> Vec<String> {
+        vec![format!("store.data_dir={}", self.data_dir.display()), format!("store.database={}", self.database)]
     }
 
     /// What `up` announced for a child (`worker-1`, `upload`, …), as of its latest (re)start.

@@ -177,3 +177,60 @@ fn run_pg(bin: &std::path::Path, tool: &str, args: &[&str]) {
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(54329)
 }
+
+/// The job store profile end-to-end tests run on: `PIXMESH_E2E_DATABASE=postgres` runs every
+/// system on PostgreSQL (a database of its own on the test server); unset or `sqlite`, on the
+/// embedded SQLite file.
+pub fn e2e_on_postgres() -> bool {
+    match std::env::var("PIXMESH_E2E_DATABASE").unwrap_or_default().as_str() {
+        "" | "sqlite" => false,
+        "postgres" => true,
+        other => panic!("PIXMESH_E2E_DATABASE={other:?}: use sqlite or postgres"),
+    }
+}
+
+/// The database of the system on `data_dir`: one per data dir, kept for the life of the test
+/// process, so a system restarted on the same data dir finds its jobs. Databases are named after
+/// the process that made them; each test process drops, when it makes its first, those whose
+/// process is gone (and `.ci/run` drops what the last one leaves).
+pub async fn database_for(data_dir: &std::path::Path) -> String {
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+    static DATABASES: OnceLock<tokio::sync::Mutex<HashMap<std::path::PathBuf, String>>> = OnceLock::new();
+    let mut databases = DATABASES.get_or_init(Default::default).lock().await;
+    if let Some(url) = databases.get(data_dir) {
+        return url.clone();
+    }
+    let server = server_url();
+    let mut conn = PgConnection::connect(&server)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach the test PostgreSQL at {server}: {e}. Start it or point PIXMESH_TEST_POSTGRES at one"));
+    if databases.is_empty() {
+        drop_stale(&mut conn).await;
+    }
+    let name = format!("pixmesh_e2e_{}_{}", std::process::id(), databases.len());
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await.unwrap_or_else(|e| panic!("{e}"));
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
+    let _ = conn.close().await;
+    let url = match server.rsplit_once('/') {
+        Some((base, _)) if base.len() > "postgres://".len() => format!("{base}/{name}"),
+        _ => format!("{server}/{name}"),
+    };
+    databases.insert(data_dir.to_path_buf(), url.clone());
+    url
+}
+
+/// Drops the e2e databases of test processes that are no longer running.
+async fn drop_stale(conn: &mut PgConnection) {
+    let names: Vec<(String,)> = sqlx::query_as("SELECT datname FROM pg_database WHERE datname LIKE 'pixmesh\\_e2e\\_%'")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap_or_default();
+    for (name,) in names {
+        let pid = name.trim_start_matches("pixmesh_e2e_").split('_').next().and_then(|p| p.parse::<u32>().ok());
+        let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut *conn).await;
+        }
+    }
+}
