@@ -68,24 +68,39 @@ impl Dispatcher {
                     _ = shutdown.wait() => break,
                 }
             }
+            // As many jobs at once as there are free places here and free worker slots (up to
+            // `claim_batch`): one claim transaction, one commit, for all of them.
+            let mut permits = vec![permit];
+            let room = self.workers.free_slots().min(self.config.claim_batch as usize);
+            while permits.len() < room {
+                match Arc::clone(&slots).try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
             // Taken before the store sets the lease: the lease's conservative start.
             let claimed_at = Instant::now();
-            let claimed = self.stores.jobs.claim(&self.owner, lease, self.config.max_attempts).await;
+            let limit = u32::try_from(permits.len()).unwrap_or(1);
+            let claimed = self.stores.jobs.claim_many(&self.owner, lease, self.config.max_attempts, limit).await;
             if claimed.is_ok() && failures > 0 {
                 tracing::info!(failures, "claims work again");
                 failures = 0;
             }
             match claimed {
-                Ok(Some(job)) => {
-                    metrics::counter!("pixmesh_distributor_claims_total").increment(1);
-                    let this = self.clone();
-                    tasks.spawn(async move {
-                        this.handle(job, claimed_at).await;
-                        drop(permit);
-                    });
+                Ok(jobs) if !jobs.is_empty() => {
+                    metrics::counter!("pixmesh_distributor_claims_total").increment(jobs.len() as u64);
+                    // Unused places go back at once (fewer jobs were claimable).
+                    permits.truncate(jobs.len());
+                    for (job, permit) in jobs.into_iter().zip(permits) {
+                        let this = self.clone();
+                        tasks.spawn(async move {
+                            this.handle(job, claimed_at).await;
+                            drop(permit);
+                        });
+                    }
                 }
-                Ok(None) => {
-                    drop(permit);
+                Ok(_) => {
+                    drop(permits);
                     tokio::select! {
                         _ = tokio::time::sleep(poll) => {}
                         _ = shutdown.wait() => break,
@@ -94,7 +109,7 @@ impl Dispatcher {
                 Err(e) => {
                     // Back off and try again, for as long as it takes: the store comes back by
                     // itself (space freed, file writable again), and so do the claims.
-                    drop(permit);
+                    drop(permits);
                     failures = failures.saturating_add(1);
                     let wait = claim_backoff(poll, failures);
                     metrics::counter!("pixmesh_distributor_claim_errors_total").increment(1);

@@ -47,6 +47,8 @@ pub struct DistributorConfig {
     pub worker_capacity: u32,
     /// Jobs in flight at once.
     pub concurrency: usize,
+    /// Most jobs claimed in one transaction (when that many places and worker slots are free).
+    pub claim_batch: u32,
     /// How long a claim's lease lasts. It is renewed every `lease_renew_ms` for as long as the
     /// claim is held, so a call may outlive it; the jobs of a distributor that died are claimed
     /// again at most this long after its last renewal.
@@ -92,6 +94,7 @@ impl Default for DistributorConfig {
             workers: Vec::new(),
             worker_capacity: 2,
             concurrency: 16,
+            claim_batch: 16,
             lease_ms: 10_000,
             lease_renew_ms: 3_000,
             max_claim_ms: 60_000,
@@ -113,6 +116,9 @@ impl DistributorConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.concurrency == 0 || self.concurrency > 4096 {
             return Err("distributor.concurrency must be between 1 and 4096".into());
+        }
+        if self.claim_batch == 0 || self.claim_batch > 1000 {
+            return Err("distributor.claim_batch must be between 1 and 1000".into());
         }
         if self.lease_renew_ms == 0 || self.lease_renew_ms.saturating_mul(2) >= self.lease_ms {
             return Err(
@@ -151,6 +157,8 @@ pub async fn run(config: DistributorConfig, stores: Stores, admin: TcpListener, 
     let admin_addr = admin.local_addr()?;
     let admin_server = pixmesh_chassis::serve::admin("distributor", admin, readiness.clone(), shutdown.clone());
     // Ready while it can write jobs and result blobs.
+    // Results of jobs in flight together are committed together.
+    let stores = stores.with_group_commit(config.concurrency.min(256));
     let probe = stores.watch_health("distributor", Access::ReadWrite, readiness.clone(), shutdown.clone()).await;
     // Ended jobs are deleted after their retention (several distributors may prune at once).
     let pruner = stores.spawn_pruner(shutdown.clone());

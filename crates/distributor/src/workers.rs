@@ -380,6 +380,21 @@ impl WorkerSet {
     }
 
     /// True when some worker has a free slot.
+    /// Free call slots over all workers (an estimate: slots may be taken meanwhile).
+    pub fn free_slots(&self) -> usize {
+        self.endpoints
+            .read()
+            .map(|m| {
+                m.values()
+                    .map(|e| {
+                        let latency = e.latency();
+                        latency.limit(e.capacity).saturating_sub(latency.pending.len())
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     pub fn has_free_slot(&self) -> bool {
         self.endpoints
             .read()

@@ -19,6 +19,7 @@
 //! Results are printed as one JSON object.
 
 mod balance;
+mod dispatch;
 mod open_loop;
 
 use anyhow::Context;
@@ -102,6 +103,34 @@ enum Mode {
         /// e.g. http://127.0.0.1:8081
         #[arg(long)]
         upstream: String,
+    },
+    /// Distributors moving accepted jobs through a job store with instant workers, and the
+    /// wait from accepted to claimed (see dispatch.rs).
+    Dispatch {
+        /// The `pixmesh` binary that runs the distributors.
+        #[arg(long)]
+        pixmesh: std::path::PathBuf,
+        /// The job store: sqlite:PATH or postgres://…
+        #[arg(long)]
+        database: String,
+        /// Data directory (blobs; the SQLite file when relative).
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 5000)]
+        jobs: usize,
+        #[arg(long, default_value_t = 1)]
+        distributors: usize,
+        /// Jobs in flight per distributor.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 500)]
+        latency_jobs: usize,
+        /// Jobs per second recorded in the latency phase.
+        #[arg(long, default_value_t = 100)]
+        latency_rate: u64,
+        /// More settings for the distributors (`key=value`, repeatable).
+        #[arg(long = "set")]
+        sets: Vec<String>,
     },
     /// Worker picking against simulated gRPC workers (see balance.rs).
     Balance {
@@ -370,6 +399,12 @@ fn main() -> anyhow::Result<()> {
                 out["served_ms"] = json!(mean * 1e3);
                 out["ideal_served_per_second"] = json!(healthy_slots / mean);
                 println!("{out}");
+                Ok(())
+            }
+            Mode::Dispatch { pixmesh, database, data_dir, jobs, distributors, concurrency, latency_jobs, latency_rate, sets } => {
+                let run =
+                    dispatch::Dispatch { pixmesh, database, data_dir, jobs, distributors, concurrency, latency_jobs, latency_rate, sets };
+                println!("{}", dispatch::run(run).await?);
                 Ok(())
             }
             Mode::PickOverhead { workers } => {

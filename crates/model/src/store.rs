@@ -75,6 +75,22 @@ impl StoreError {
         matches!(self, StoreError::Full { .. })
     }
 
+    /// The same error once more, for each of several callers a failed batch answers (I/O
+    /// errors keep their kind and text).
+    pub fn replicate(&self) -> StoreError {
+        match self {
+            StoreError::Fenced { id, attempt } => StoreError::Fenced { id: id.clone(), attempt: *attempt },
+            StoreError::IdempotencyConflict { existing } => StoreError::IdempotencyConflict { existing: existing.clone() },
+            StoreError::NotFound(id) => StoreError::NotFound(id.clone()),
+            StoreError::Full { store, detail } => StoreError::Full { store: *store, detail: detail.clone() },
+            StoreError::Database(e) => StoreError::Database(e.clone()),
+            StoreError::Io { store, path, source } => {
+                StoreError::Io { store: *store, path: path.clone(), source: std::io::Error::new(source.kind(), source.to_string()) }
+            }
+            StoreError::Invalid(e) => StoreError::Invalid(e.clone()),
+        }
+    }
+
     /// An I/O error of `store` on `path`; a full disk or an exceeded quota becomes
     /// [`StoreError::Full`].
     pub fn io(store: StoreKind, path: &std::path::Path, source: std::io::Error) -> Self {
@@ -101,10 +117,16 @@ pub trait JobStore: Send + Sync + 'static {
     /// The job's events in order.
     async fn events(&self, id: &str) -> Result<Vec<JobEvent>, StoreError>;
 
-    /// Claims the oldest claimable job (queued and due, or processing with an expired lease)
-    /// for `owner` under a lease of `lease`. A job that already had `max_attempts` claims is
-    /// failed instead of claimed.
-    async fn claim(&self, owner: &str, lease: Duration, max_attempts: u32) -> Result<Option<Job>, StoreError>;
+    /// Claims up to `limit` of the oldest claimable jobs (queued and due, or processing with an
+    /// expired lease) for `owner` under a lease of `lease`, oldest first, in one transaction. A
+    /// job that already had `max_attempts` claims is failed instead of claimed. Fewer (or none)
+    /// when fewer are claimable.
+    async fn claim_many(&self, owner: &str, lease: Duration, max_attempts: u32, limit: u32) -> Result<Vec<Job>, StoreError>;
+
+    /// Claims the oldest claimable job, as [`JobStore::claim_many`] with a limit of one.
+    async fn claim(&self, owner: &str, lease: Duration, max_attempts: u32) -> Result<Option<Job>, StoreError> {
+        Ok(self.claim_many(owner, lease, max_attempts, 1).await?.pop())
+    }
 
     /// Pushes the lease of a claim further out.
     async fn extend_lease(&self, id: &str, attempt: u32, lease: Duration) -> Result<(), StoreError>;
@@ -117,6 +139,16 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// Commits the result.
     async fn succeed(&self, id: &str, attempt: u32, result: &JobResult) -> Result<(), StoreError>;
+
+    /// Commits several results at once (one transaction), each fenced on its own: the answer
+    /// for each item is what [`JobStore::succeed`] would have answered for it.
+    async fn succeed_many(&self, items: &[(String, u32, JobResult)]) -> Vec<Result<(), StoreError>> {
+        let mut out = Vec::with_capacity(items.len());
+        for (id, attempt, result) in items {
+            out.push(self.succeed(id, *attempt, result).await);
+        }
+        out
+    }
 
     /// Commits a permanent failure.
     async fn fail(&self, id: &str, attempt: u32, error: &JobError) -> Result<(), StoreError>;

@@ -7,6 +7,7 @@
 
 mod blob;
 mod error;
+mod group;
 pub mod health;
 mod postgres;
 mod prune;
@@ -19,6 +20,7 @@ mod write_tx;
 
 pub use blob::LocalBlobStore;
 pub use error::StoreErrorExt;
+pub use group::GroupCommit;
 pub use health::Access;
 pub use pixmesh_model::options::Options;
 pub use pixmesh_model::{

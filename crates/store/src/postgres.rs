@@ -38,9 +38,21 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 /// Most expired leases one sweep handles (the next sweep takes the rest).
 const SWEEP_BATCH: i64 = 100;
 
-/// [`JOB_COLUMNS`] of the CTE `c`.
-static CLAIMED_COLUMNS: LazyLock<String> =
-    LazyLock::new(|| JOB_COLUMNS.split(", ").map(|c| format!("c.{c}")).collect::<Vec<_>>().join(", "));
+/// [`JOB_COLUMNS`] of the CTE `c`, and of `jobs` as `j`.
+static CLAIMED_COLUMNS: LazyLock<String> = LazyLock::new(|| prefixed("c"));
+static PICKED_COLUMNS: LazyLock<String> = LazyLock::new(|| prefixed("j"));
+
+fn prefixed(table: &str) -> String {
+    JOB_COLUMNS.split(", ").map(|c| format!("{table}.{c}")).collect::<Vec<_>>().join(", ")
+}
+
+/// A row of the claim: a job, and whether it was claimed (or only picked: out of attempts).
+#[derive(sqlx::FromRow)]
+struct ClaimRow {
+    #[sqlx(flatten)]
+    job: JobRow,
+    claimed: bool,
+}
 
 #[derive(Debug, Clone)]
 pub struct PostgresJobStore {
@@ -188,7 +200,7 @@ impl PostgresJobStore {
         Ok(Created { job: found, created: false })
     }
 
-    async fn claim_job(&self, owner: &str, lease: Duration, max_attempts: u32) -> Result<Option<Job>, DbError> {
+    async fn claim_jobs(&self, owner: &str, lease: Duration, max_attempts: u32, limit: u32) -> Result<Vec<Job>, DbError> {
         let mut swept = false;
         if now_ms() - self.last_sweep.load(Ordering::Relaxed) >= millis(SWEEP_INTERVAL) {
             self.sweep(max_attempts).await?;
@@ -198,20 +210,25 @@ impl PostgresJobStore {
             let now = now_ms();
             let expires = now + millis(lease);
             let (kind, version, data) = encode(&Event::Claimed { owner: owner.to_string(), lease_expires_at: expires })?;
-            // `picked` without a claimed row: the oldest queued job has used up its attempts.
-            let row: Option<(String, Option<String>)> = sqlx::query_as(
+            // One statement: pick, claim, write the events, return the jobs. A picked job that
+            // is not claimed has used up its attempts; it comes back with `claimed` false.
+            let rows: Vec<ClaimRow> = sqlx::query_as(&format!(
                 "WITH next AS (
                     SELECT id FROM jobs WHERE state = 'queued' AND not_before <= $1
-                    ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED),
+                    ORDER BY created_at, id LIMIT $8 FOR UPDATE SKIP LOCKED),
                  c AS (
                     UPDATE jobs SET state = 'processing', attempt = jobs.attempt + 1, lease_owner = $2, lease_expires_at = $3,
                                     updated_at = $1, event_seq = jobs.event_seq + 1
                     FROM next WHERE jobs.id = next.id AND jobs.attempt < $4
-                    RETURNING jobs.id, jobs.attempt, jobs.event_seq),
+                    RETURNING jobs.*),
                  e AS (INSERT INTO job_events (job_id, seq, version, kind, attempt, at, data)
                        SELECT id, event_seq, $5, $6, attempt, $1, $7 FROM c)
-                 SELECT next.id, c.id FROM next LEFT JOIN c ON c.id = next.id",
-            )
+                 SELECT {}, true AS claimed FROM c
+                 UNION ALL
+                 SELECT {}, false AS claimed FROM jobs j JOIN next ON j.id = next.id
+                 WHERE NOT EXISTS (SELECT 1 FROM c WHERE c.id = next.id)",
+                *CLAIMED_COLUMNS, *PICKED_COLUMNS
+            ))
             .bind(now)
             .bind(owner)
             .bind(expires)
@@ -219,23 +236,33 @@ impl PostgresJobStore {
             .bind(version)
             .bind(kind.as_str())
             .bind(data)
-            .fetch_optional(&self.pool)
+            .bind(i64::from(limit.max(1)))
+            .fetch_all(&self.pool)
             .await?;
-            match row {
-                Some((_, Some(id))) => {
-                    let mut conn = self.pool.acquire().await?;
-                    return Self::fetch_job(&mut conn, &id).await;
-                }
-                Some((picked, None)) => self.give_up(&picked, max_attempts).await?,
-                None if !swept => {
-                    // The queue looks empty: expired leases may be all there is.
-                    if self.sweep(max_attempts).await? == 0 {
-                        return Ok(None);
-                    }
+            if rows.is_empty() {
+                // The queue looks empty: expired leases may be all there is.
+                if !swept && self.sweep(max_attempts).await? > 0 {
                     swept = true;
+                    continue;
                 }
-                None => return Ok(None),
+                return Ok(Vec::new());
             }
+            let mut claimed = Vec::new();
+            let mut exhausted = false;
+            for row in rows {
+                if row.claimed {
+                    claimed.push(row.job.into_job()?);
+                } else {
+                    let job = row.job.into_job()?;
+                    self.give_up(&job.id, max_attempts).await?;
+                    exhausted = true;
+                }
+            }
+            if claimed.is_empty() && exhausted {
+                continue;
+            }
+            claimed.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+            return Ok(claimed);
         }
     }
 
@@ -314,6 +341,53 @@ impl PostgresJobStore {
         Ok(rows.len() as u64)
     }
 
+    async fn succeed_jobs(&self, items: &[(String, u32, JobResult)]) -> Result<Vec<Result<(), StoreError>>, DbError> {
+        let (mut ids, mut attempts, mut results, mut datas) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut version = 0;
+        for (id, attempt, result) in items {
+            let (_, v, data) = encode(&Event::Succeeded { result: result.clone() })?;
+            version = v;
+            ids.push(id.clone());
+            attempts.push(i64::from(*attempt));
+            results.push(json(result)?);
+            datas.push(data);
+        }
+        // One statement for the batch; each row is fenced on its own (its attempt, still
+        // processing), and the ids that changed say which were.
+        let changed: Vec<(String, i64)> = sqlx::query_as(
+            "WITH input AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[]) AS t (id, attempt, result, data)),
+             changed AS (
+                UPDATE jobs SET state = 'succeeded', result = input.result, lease_owner = NULL, lease_expires_at = NULL,
+                                updated_at = $5, event_seq = jobs.event_seq + 1
+                FROM input WHERE jobs.id = input.id AND jobs.attempt = input.attempt AND jobs.state = 'processing'
+                RETURNING jobs.id, jobs.event_seq, jobs.attempt, input.data),
+             e AS (INSERT INTO job_events (job_id, seq, version, kind, attempt, at, data)
+                   SELECT id, event_seq, $6, 'succeeded', attempt, $5, data FROM changed)
+             SELECT id, attempt FROM changed",
+        )
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&results)
+        .bind(&datas)
+        .bind(now_ms())
+        .bind(version)
+        .fetch_all(&self.pool)
+        .await?;
+        // Each changed row answers one item: a result given twice in one batch is fenced the
+        // second time, as it would have been given one after the other.
+        let mut changed = changed;
+        Ok(items
+            .iter()
+            .map(|(id, attempt, _)| match changed.iter().position(|(c, a)| c == id && *a == i64::from(*attempt)) {
+                Some(i) => {
+                    changed.swap_remove(i);
+                    Ok(())
+                }
+                None => Err(StoreError::Fenced { id: id.clone(), attempt: *attempt }),
+            })
+            .collect())
+    }
+
     async fn prune_jobs(&self, ended_before: i64, limit: u32) -> Result<u64, DbError> {
         // Events go with their job (ON DELETE CASCADE).
         let done = sqlx::query(
@@ -374,8 +448,8 @@ impl JobStore for PostgresJobStore {
         self.watch(rows)?.into_iter().map(EventRow::into_event).collect()
     }
 
-    async fn claim(&self, owner: &str, lease: Duration, max_attempts: u32) -> Result<Option<Job>, StoreError> {
-        let result = self.claim_job(owner, lease, max_attempts).await;
+    async fn claim_many(&self, owner: &str, lease: Duration, max_attempts: u32, limit: u32) -> Result<Vec<Job>, StoreError> {
+        let result = self.claim_jobs(owner, lease, max_attempts, limit).await;
         self.watch(result)
     }
 
@@ -415,6 +489,14 @@ impl JobStore for PostgresJobStore {
         let set = "state = 'succeeded', result = $7, lease_owner = NULL, lease_expires_at = NULL";
         let done = self.fenced(id, attempt, set, Some(Bind::Text(json(result)?)), Event::Succeeded { result: result.clone() }).await;
         self.watch(done)
+    }
+
+    async fn succeed_many(&self, items: &[(String, u32, JobResult)]) -> Vec<Result<(), StoreError>> {
+        let result = self.succeed_jobs(items).await;
+        match self.watch(result) {
+            Ok(each) => each,
+            Err(e) => items.iter().map(|_| Err(e.replicate())).collect(),
+        }
     }
 
     async fn fail(&self, id: &str, attempt: u32, error: &JobError) -> Result<(), StoreError> {

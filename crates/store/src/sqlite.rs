@@ -163,22 +163,35 @@ impl SqliteJobStore {
         Ok(Created { job: created, created: true })
     }
 
-    async fn claim_job(&self, owner: &str, lease: Duration, max_attempts: u32) -> Result<Option<Job>, DbError> {
-        loop {
-            let now = now_ms();
-            let mut tx = WriteTx::begin(&self.pool, &self.alarm).await?;
-            let candidate: Option<(String, String, i64, Option<String>)> = sqlx::query_as(
+    async fn claim_jobs(&self, owner: &str, lease: Duration, max_attempts: u32, limit: u32) -> Result<Vec<Job>, DbError> {
+        let now = now_ms();
+        let expires = now + millis(lease);
+        let mut claimed = Vec::new();
+        // One write transaction (one commit, one fsync) for the whole batch.
+        let mut tx = WriteTx::begin(&self.pool, &self.alarm).await?;
+        while claimed.len() < limit as usize {
+            // Jobs whose lease ran out first (they are the oldest work), then the oldest queued
+            // job: each from its partial index.
+            let expired: Option<(String, String, i64, Option<String>)> = sqlx::query_as(
                 "SELECT id, state, attempt, lease_owner FROM jobs
-                 WHERE (state = 'queued' AND not_before <= ?1) OR (state = 'processing' AND lease_expires_at < ?1)
-                 ORDER BY created_at, id LIMIT 1",
+                 WHERE state = 'processing' AND lease_expires_at < ? ORDER BY lease_expires_at LIMIT 1",
             )
             .bind(now)
             .fetch_optional(&mut *tx)
             .await?;
-            let Some((id, state, attempt, previous)) = candidate else {
-                tx.commit().await?;
-                return Ok(None);
+            let candidate = match expired {
+                Some(row) => Some(row),
+                None => {
+                    sqlx::query_as(
+                        "SELECT id, state, attempt, lease_owner FROM jobs
+                         WHERE state = 'queued' AND not_before <= ? ORDER BY created_at, id LIMIT 1",
+                    )
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                }
             };
+            let Some((id, state, attempt, previous)) = candidate else { break };
             let attempt = u32::try_from(attempt).unwrap_or(0);
             if state == "processing" {
                 Self::append(&mut tx, &id, attempt, now, &Event::LeaseExpired { owner: previous }).await?;
@@ -194,11 +207,9 @@ impl SqliteJobStore {
                 .execute(&mut *tx)
                 .await?;
                 Self::append(&mut tx, &id, attempt, now, &Event::Failed { error }).await?;
-                tx.commit().await?;
                 continue;
             }
             let next = attempt + 1;
-            let expires = now + millis(lease);
             sqlx::query(
                 "UPDATE jobs SET state = 'processing', attempt = ?, lease_owner = ?, lease_expires_at = ?, updated_at = ? WHERE id = ?",
             )
@@ -210,10 +221,37 @@ impl SqliteJobStore {
             .execute(&mut *tx)
             .await?;
             Self::append(&mut tx, &id, next, now, &Event::Claimed { owner: owner.to_string(), lease_expires_at: expires }).await?;
-            let job = Self::fetch_job(&mut tx, &id).await?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
-            tx.commit().await?;
-            return Ok(Some(job));
+            claimed.push(Self::fetch_job(&mut tx, &id).await?.ok_or_else(|| StoreError::NotFound(id.clone()))?);
         }
+        tx.commit().await?;
+        Ok(claimed)
+    }
+
+    async fn succeed_jobs(&self, items: &[(String, u32, JobResult)]) -> Result<Vec<Result<(), StoreError>>, DbError> {
+        let now = now_ms();
+        // One write transaction (one commit, one fsync) for the batch; each row fenced on its own.
+        let mut tx = WriteTx::begin(&self.pool, &self.alarm).await?;
+        let mut out = Vec::with_capacity(items.len());
+        for (id, attempt, result) in items {
+            let done = sqlx::query(
+                "UPDATE jobs SET state = 'succeeded', result = ?, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?
+                 WHERE id = ? AND attempt = ? AND state = 'processing'",
+            )
+            .bind(json(result)?)
+            .bind(now)
+            .bind(id)
+            .bind(i64::from(*attempt))
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                out.push(Err(StoreError::Fenced { id: id.clone(), attempt: *attempt }));
+                continue;
+            }
+            Self::append(&mut tx, id, *attempt, now, &Event::Succeeded { result: result.clone() }).await?;
+            out.push(Ok(()));
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 
     async fn prune_jobs(&self, ended_before: i64, limit: u32) -> Result<u64, DbError> {
@@ -274,8 +312,8 @@ impl JobStore for SqliteJobStore {
         rows.into_iter().map(EventRow::into_event).collect()
     }
 
-    async fn claim(&self, owner: &str, lease: Duration, max_attempts: u32) -> Result<Option<Job>, StoreError> {
-        Ok(self.claim_job(owner, lease, max_attempts).await?)
+    async fn claim_many(&self, owner: &str, lease: Duration, max_attempts: u32, limit: u32) -> Result<Vec<Job>, StoreError> {
+        Ok(self.claim_jobs(owner, lease, max_attempts, limit).await?)
     }
 
     async fn extend_lease(&self, id: &str, attempt: u32, lease: Duration) -> Result<(), StoreError> {
@@ -310,6 +348,16 @@ impl JobStore for SqliteJobStore {
     async fn succeed(&self, id: &str, attempt: u32, result: &JobResult) -> Result<(), StoreError> {
         let set = "state = 'succeeded', result = ?, lease_owner = NULL, lease_expires_at = NULL";
         Ok(self.fenced(id, attempt, set, Some(Bind::Text(json(result)?)), Event::Succeeded { result: result.clone() }).await?)
+    }
+
+    async fn succeed_many(&self, items: &[(String, u32, JobResult)]) -> Vec<Result<(), StoreError>> {
+        match self.succeed_jobs(items).await {
+            Ok(each) => each,
+            Err(e) => {
+                let e = StoreError::from(e);
+                items.iter().map(|_| Err(e.replicate())).collect()
+            }
+        }
     }
 
     async fn fail(&self, id: &str, attempt: u32, error: &JobError) -> Result<(), StoreError> {
@@ -415,6 +463,27 @@ mod tests {
         for store in stores {
             let store = store.unwrap();
             store.probe("t", true).await.unwrap();
+        }
+    }
+}
+
+#[cfg(test)]
+mod plan {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_claim_reads_partial_indexes_not_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteJobStore::open(&dir.path().join("jobs.db")).await.unwrap();
+        for (sql, index) in [
+            ("SELECT id FROM jobs WHERE state = 'queued' AND not_before <= 0 ORDER BY created_at, id LIMIT 1", "jobs_queued"),
+            ("SELECT id FROM jobs WHERE state = 'processing' AND lease_expires_at < 0 ORDER BY lease_expires_at LIMIT 1", "jobs_leased"),
+        ] {
+            let rows: Vec<(i64, i64, i64, String)> =
+                sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}")).fetch_all(&store.pool).await.unwrap();
+            let plan: Vec<String> = rows.into_iter().map(|r| r.3).collect();
+            assert!(plan.iter().any(|p| p.contains(index)), "{sql}: {plan:?}");
+            assert!(!plan.iter().any(|p| p.contains("TEMP B-TREE")), "no sort: {plan:?}");
         }
     }
 }

@@ -66,6 +66,8 @@ conformance!(
     pruning_deletes_only_ended_jobs_past_the_cutoff,
     histories_fold_to_the_job_row_after_a_mixed_workload,
     unknown_jobs_have_no_row_and_no_history,
+    a_batch_claim_takes_the_oldest_jobs_at_once_and_batches_never_overlap,
+    results_committed_together_are_each_fenced_on_their_own,
 );
 
 fn new_job(id: &str, key: Option<&str>, hash: &str) -> NewJob {
@@ -367,4 +369,88 @@ async fn unknown_jobs_have_no_row_and_no_history(backend: Backend) {
     store.probe("conformance", true).await.unwrap();
     store.probe("conformance", false).await.unwrap();
     assert!(store.counts().await.unwrap().is_empty());
+}
+
+async fn a_batch_claim_takes_the_oldest_jobs_at_once_and_batches_never_overlap(backend: Backend) {
+    let store = backend.open().await;
+    for i in 0..50 {
+        store.create(new_job(&format!("b{i:02}"), None, "h")).await.unwrap();
+    }
+    let first = store.claim_many("d", LONG, 5, 10).await.unwrap();
+    assert_eq!(first.iter().map(|j| j.id.clone()).collect::<Vec<_>>(), (0..10).map(|i| format!("b{i:02}")).collect::<Vec<_>>());
+    assert!(first.iter().all(|j| j.attempt == 1 && j.state == JobState::Processing && j.lease_owner.as_deref() == Some("d")));
+    for job in &first {
+        assert_eq!(kinds(&store, &job.id).await, vec![EventKind::Accepted, EventKind::Claimed], "{}", job.id);
+    }
+    // Batches from two handles at once share nothing.
+    let other = backend.open().await;
+    let (a, b) = tokio::join!(store.claim_many("a", LONG, 5, 25), other.claim_many("b", LONG, 5, 25));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let mut ids: Vec<_> = a.iter().chain(&b).map(|j| j.id.clone()).collect();
+    assert_eq!(ids.len(), 40, "a: {}, b: {}", a.len(), b.len());
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 40);
+    assert!(store.claim_many("d", LONG, 5, 10).await.unwrap().is_empty());
+    // A batch skips (and fails) jobs that used up their attempts, and still fills up.
+    for i in 0..3 {
+        store.create(new_job(&format!("c{i}"), None, "h")).await.unwrap();
+    }
+    let c0 = store.claim("d", LONG, 5).await.unwrap().unwrap();
+    store.release(&c0.id, c0.attempt, &error("unavailable"), Duration::ZERO).await.unwrap();
+    let batch = store.claim_many("d", LONG, 1, 10).await.unwrap();
+    assert_eq!(batch.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), vec!["c1", "c2"]);
+    assert_eq!(store.get("c0").await.unwrap().unwrap().state, JobState::Failed);
+}
+
+async fn results_committed_together_are_each_fenced_on_their_own(backend: Backend) {
+    let store = backend.open().await;
+    for i in 0..4 {
+        store.create(new_job(&format!("g{i}"), None, "h")).await.unwrap();
+    }
+    let jobs = store.claim_many("d", LONG, 5, 4).await.unwrap();
+    assert_eq!(jobs.len(), 4);
+    // g1's claim is stale (attempt 0 never held it), g3 is given twice in one batch.
+    let items: Vec<(String, u32, JobResult)> = vec![
+        ("g0".into(), 1, result()),
+        ("g1".into(), 0, result()),
+        ("g2".into(), 1, result()),
+        ("g3".into(), 1, result()),
+        ("g3".into(), 1, result()),
+        ("nope".into(), 1, result()),
+    ];
+    let answers = store.succeed_many(&items).await;
+    let ok: Vec<bool> = answers.iter().map(|a| a.is_ok()).collect();
+    assert_eq!(ok[..4], [true, false, true, true], "{answers:?}");
+    assert!(!ok[4] || !ok[3], "one result per job, however often it is given: {answers:?}");
+    assert!(matches!(answers[5], Err(StoreError::Fenced { .. })));
+    for id in ["g0", "g2", "g3"] {
+        assert_eq!(store.get(id).await.unwrap().unwrap().state, JobState::Succeeded, "{id}");
+        assert_eq!(kinds(&store, id).await.iter().filter(|k| **k == EventKind::Succeeded).count(), 1, "{id}");
+    }
+    assert_eq!(store.get("g1").await.unwrap().unwrap().state, JobState::Processing);
+
+    // Through the group committer, many concurrent results: each answered, each once.
+    let grouped = pixmesh_store::GroupCommit::wrap(backend.open().await, 16);
+    for i in 0..40 {
+        grouped.create(new_job(&format!("m{i:02}"), None, "h")).await.unwrap();
+    }
+    let claimed = grouped.claim_many("d", LONG, 5, 40).await.unwrap();
+    assert_eq!(claimed.len(), 40);
+    let mut tasks = Vec::new();
+    for job in claimed {
+        let g = grouped.clone();
+        tasks.push(tokio::spawn(async move {
+            let first = g.succeed(&job.id, job.attempt, &result()).await;
+            let again = g.succeed(&job.id, job.attempt, &result()).await;
+            (first, again)
+        }));
+    }
+    for t in tasks {
+        let (first, again) = t.await.unwrap();
+        first.unwrap();
+        assert!(matches!(again, Err(StoreError::Fenced { .. })), "an ended job is fenced: {again:?}");
+    }
+    let succeeded = grouped.counts().await.unwrap().into_iter().find(|(s, _)| *s == JobState::Succeeded).map(|(_, n)| n);
+    assert_eq!(succeeded, Some(43));
 }

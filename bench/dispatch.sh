@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Dispatch benchmark: how fast distributors move jobs that were already accepted through the job
+# store, with simulated gRPC workers that answer at once (no pixels), and how long a new job
+# waits from `accepted` to `claimed` (p50/p99) — on (a) SQLite and (b) PostgreSQL (distributors
+# woken by polling the database), beside the floor measured in the same run on the same server:
+# a pgbench script of the plain SKIP LOCKED lease + complete loop (claim the oldest queued row
+# with FOR UPDATE SKIP LOCKED, then mark it done; two commits per job, as pixmesh's claim and
+# commit), with 4 clients.
+#
+# Jobs/s is read off the job log (first `claimed` to last `succeeded`); see
+# crates/loadgen/src/dispatch.rs. PostgreSQL is the machine's (PIXMESH_TEST_POSTGRES, default
+# postgres://postgres@127.0.0.1:5432/postgres), with its own settings for both sides; each run
+# uses a fresh database, dropped at the end.
+#
+# Usage: bench/dispatch.sh     Env: JOBS (default 5000), DISTRIBUTORS (default 1 2),
+#                                   CONCURRENCY (default 32), LATENCY_RATE (default 100/s)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+JOBS="${JOBS:-5000}"
+DISTRIBUTORS="${DISTRIBUTORS:-1 2}"
+CONCURRENCY="${CONCURRENCY:-32}"
+RATE="${LATENCY_RATE:-100}"
+SERVER="${PIXMESH_TEST_POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}"
+cargo build --release -q -p pixmesh -p pixmesh-loadgen
+T="${CARGO_TARGET_DIR:-target}/release"
+work="$(mktemp -d)"
+dbs=()
+cleanup() {
+  for db in "${dbs[@]}"; do psql "$SERVER" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+fresh_db() { # name; sets $url
+  psql "$SERVER" -qc "CREATE DATABASE $1" >/dev/null
+  dbs+=("$1")
+  url="${SERVER%/*}/$1"
+}
+
+run() { # label database-url distributors
+  local dir="$work/$1-$3"
+  mkdir -p "$dir"
+  "$T/pixmesh-loadgen" dispatch --pixmesh "$T/pixmesh" --database "$2" --data-dir "$dir" --jobs "$JOBS" \
+    --distributors "$3" --concurrency "$CONCURRENCY" --latency-jobs $((RATE * 5)) --latency-rate "$RATE"
+}
+
+echo "== floor: pgbench, SKIP LOCKED lease + complete, 4 clients"
+fresh_db "pixmesh_bench_floor_$$"
+floor_url="$url"
+per_client=$((JOBS / 4 > 500 ? JOBS / 4 : 500))
+psql "$floor_url" -q <<SQL
+CREATE TABLE q (id bigserial PRIMARY KEY, state text NOT NULL, lease_owner text, lease_expires_at bigint,
+                created_at bigint NOT NULL, payload text NOT NULL) WITH (fillfactor = 80);
+CREATE INDEX q_queued ON q (created_at, id) WHERE state = 'queued';
+INSERT INTO q (state, created_at, payload) SELECT 'queued', n, '{}' FROM generate_series(1, $((per_client * 4 + 100))) AS n;
+VACUUM ANALYZE q;
+SQL
+cat > "$work/loop.sql" <<'SQL'
+WITH next AS (SELECT id FROM q WHERE state = 'queued' ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)
+UPDATE q SET state = 'processing', lease_owner = 'bench', lease_expires_at = 0 FROM next WHERE q.id = next.id RETURNING q.id AS claimed \gset
+UPDATE q SET state = 'done', lease_owner = NULL, lease_expires_at = NULL WHERE id = :claimed;
+SQL
+floor=$(pgbench -n -c 4 -j 2 -t "$per_client" -f "$work/loop.sql" "$floor_url" 2>/dev/null | awk '/^tps/ { print $3; exit }')
+echo "  $floor jobs/s"
+
+results=()
+for d in $DISTRIBUTORS; do
+  echo "== SQLite, $d distributor(s)"
+  results+=("$(run sqlite "sqlite:$work/sqlite-$d.db" "$d")")
+  echo "  ${results[-1]}"
+  echo "== PostgreSQL (polling), $d distributor(s)"
+  fresh_db "pixmesh_bench_${d}_$$"
+  results+=("$(run postgres "$url" "$d")")
+  echo "  ${results[-1]}"
+done
+
+python3 - "$floor" "${results[@]}" <<'PY'
+import json, sys
+floor = float(sys.argv[1])
+print("\nsummary (same run, same machine):")
+print(f"  floor: pgbench SKIP LOCKED lease + complete loop, 4 clients: {floor:.0f} jobs/s")
+for r in map(json.loads, sys.argv[2:]):
+    kind = "SQLite" if r["database"].startswith("sqlite") else "PostgreSQL"
+    lat = r["accepted_to_claimed"]
+    line = (f"  {kind:10} {r['distributors']} distributor(s) x {r['concurrency']} in flight: {r['jobs_per_second']:7.0f} jobs/s"
+            f" (claims per distributor {r['claims_per_distributor']})")
+    if kind == "PostgreSQL":
+        line += f" = {r['jobs_per_second'] / floor:.2f}x the floor"
+    line += f"; accepted->claimed at {r['latency_rate']}/s: p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms"
+    print(line)
+PY
