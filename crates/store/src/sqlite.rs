@@ -30,7 +30,20 @@ pub struct SqliteJobStore {
 impl SqliteJobStore {
     /// Opens (or creates) the database and brings its schema up to date.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
-        Ok(Self::open_db(path).await?)
+        // Processes that open a new file at the same moment race for the switch to WAL, which
+        // takes an exclusive lock without waiting (SQLITE_BUSY, "database is locked"): the one
+        // that lost opens again once the winner is done.
+        let mut tries = 0;
+        loop {
+            match Self::open_db(path).await {
+                Err(DbError::Sql(e)) if tries < 20 && is_busy(&e) => {
+                    tries += 1;
+                    tracing::debug!(error = %e, "the database was busy while opening; trying again");
+                    tokio::time::sleep(Duration::from_millis(20 * tries)).await;
+                }
+                other => return Ok(other?),
+            }
+        }
     }
 
     async fn open_db(path: &Path) -> Result<Self, DbError> {
@@ -287,6 +300,12 @@ impl SqliteJobStore {
     }
 }
 
+/// SQLITE_BUSY and SQLITE_LOCKED, with their extended codes.
+fn is_busy(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else { return false };
+    db.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|code| matches!(code & 0xff, 5 | 6))
+}
+
 enum Bind {
     Int(i64),
     Text(String),
@@ -454,15 +473,18 @@ mod tests {
         assert_eq!(again.events("old").await.unwrap().len(), 4);
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn processes_opening_a_new_database_at_once_all_succeed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("jobs.db");
-        let opens: Vec<_> = (0..4).map(|_| SqliteJobStore::open(&path)).collect();
-        let stores: Vec<_> = futures_util::future::join_all(opens).await;
-        for store in stores {
-            let store = store.unwrap();
-            store.probe("t", true).await.unwrap();
+        // Several rounds: the race for the first open is lost differently each time.
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("jobs.db");
+            let opens: Vec<_> = (0..6).map(|_| SqliteJobStore::open(&path)).collect();
+            let stores: Vec<_> = futures_util::future::join_all(opens).await;
+            for store in stores {
+                let store = store.unwrap();
+                store.probe("t", true).await.unwrap();
+            }
         }
     }
 }
