@@ -396,15 +396,7 @@ impl WorkerSet {
     }
 
     pub fn has_free_slot(&self) -> bool {
-        self.endpoints
-            .read()
-            .map(|m| {
-                m.values().any(|e| {
-                    let latency = e.latency();
-                    latency.pending.len() < latency.limit(e.capacity)
-                })
-            })
-            .unwrap_or(false)
+        self.free_slots() > 0
     }
 
     /// Waits until some worker may have a free slot (one was freed or the set changed), at most

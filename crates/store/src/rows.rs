@@ -30,21 +30,26 @@ pub(crate) struct JobRow {
 
 impl JobRow {
     pub(crate) fn into_job(self) -> Result<Job, StoreError> {
-        let parse = |what: &str, e: serde_json::Error| StoreError::Invalid(format!("job {}: {what}: {e}", self.id));
+        let id = self.id;
+        let parse = |what: &str, e: serde_json::Error| StoreError::Invalid(format!("job {id}: {what}: {e}"));
+        let state = JobState::parse(&self.state).ok_or_else(|| StoreError::Invalid(format!("unknown job state {:?}", self.state)))?;
+        let options = serde_json::from_str(&self.options).map_err(|e| parse("options", e))?;
+        let result = self.result.as_deref().map(serde_json::from_str).transpose().map_err(|e| parse("result", e))?;
+        let error = self.error.as_deref().map(serde_json::from_str).transpose().map_err(|e| parse("error", e))?;
         Ok(Job {
-            state: JobState::parse(&self.state).ok_or_else(|| StoreError::Invalid(format!("unknown job state {:?}", self.state)))?,
+            id,
+            owner: self.owner,
+            state,
             attempt: u32::try_from(self.attempt).unwrap_or(0),
-            input: BlobRef { digest: self.input_digest.clone(), size: u64::try_from(self.input_size).unwrap_or(0) },
-            input_format: self.input_format.clone(),
-            options: serde_json::from_str(&self.options).map_err(|e| parse("options", e))?,
-            result: self.result.as_deref().map(serde_json::from_str).transpose().map_err(|e| parse("result", e))?,
-            error: self.error.as_deref().map(serde_json::from_str).transpose().map_err(|e| parse("error", e))?,
-            lease_owner: self.lease_owner.clone(),
+            input: BlobRef { digest: self.input_digest, size: u64::try_from(self.input_size).unwrap_or(0) },
+            input_format: self.input_format,
+            options,
+            lease_owner: self.lease_owner,
             lease_expires_at: self.lease_expires_at,
-            owner: self.owner.clone(),
+            result,
+            error,
             created_at: self.created_at,
             updated_at: self.updated_at,
-            id: self.id,
         })
     }
 }
