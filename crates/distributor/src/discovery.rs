@@ -69,6 +69,31 @@ impl Discovery for RegistryWatch {
     }
 }
 
+/// The registry on NATS KV (`nats://HOST:PORT`): the workers' entries in the bucket, watched.
+pub struct NatsKv {
+    watch: pixmesh_queue::registry::NatsWatch,
+}
+
+impl NatsKv {
+    pub fn new(url: &str) -> NatsKv {
+        NatsKv { watch: pixmesh_queue::registry::NatsWatch::new(url) }
+    }
+}
+
+impl Discovery for NatsKv {
+    fn name(&self) -> &'static str {
+        "nats-kv"
+    }
+
+    fn next(&mut self) -> Next<'_> {
+        Box::pin(async move {
+            let members = self.watch.next().await?;
+            tracing::debug!(workers = members.len(), "worker set from NATS KV");
+            Ok(members.into_iter().map(|m| Member { address: m.address, capacity: m.capacity }).collect())
+        })
+    }
+}
+
 /// A fixed list: answered once, then never changes.
 pub struct Static {
     members: Option<Vec<Member>>,
@@ -137,6 +162,10 @@ impl Discovery for Dns {
 
 /// The discovery the configuration asks for: `registry`, else `dns`, else `workers`.
 pub fn from_config(config: &DistributorConfig) -> Result<Box<dyn Discovery>, String> {
+    if config.registry.starts_with("nats://") || config.registry.starts_with("tls://") {
+        pixmesh_queue::nats_url("distributor.registry", &config.registry)?;
+        return Ok(Box::new(NatsKv::new(&config.registry)));
+    }
     if !config.registry.is_empty() {
         return Ok(Box::new(RegistryWatch::new(&config.registry).map_err(|e| format!("distributor.registry: {e}"))?));
     }

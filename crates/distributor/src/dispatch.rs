@@ -6,15 +6,24 @@ use bytes::Bytes;
 use pixmesh_chassis::error::Retry;
 use pixmesh_chassis::{ApiError, ErrorCode, Shutdown};
 use pixmesh_proto::v1::ProcessRequest;
+use pixmesh_queue::Queue;
+use pixmesh_queue::wake::{Delivery, Wakeups};
+use pixmesh_store::ClaimById;
 use pixmesh_store::{Job, JobError, JobResult, StoreError, Stores};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 /// How long a try waits for a worker with a free slot before giving up on this claim.
 const WAIT_FOR_WORKER: Duration = Duration::from_secs(3);
+
+/// How long one pull request for wake-ups waits for the first of them.
+const TAKE_WAIT: Duration = Duration::from_millis(500);
+
+/// Without wake-ups for this long, the distributor checks that its consumer still exists.
+const CHECK_CONSUMER_AFTER: Duration = Duration::from_secs(2);
 
 /// The longest wait between claims while the job store fails. The wait doubles from twice the
 /// poll interval up to this: a broken store is not hammered, and one that works again is
@@ -125,6 +134,189 @@ impl Dispatcher {
                 }
             }
         }
+        self.drain(tasks).await;
+    }
+
+    /// Claims and dispatches the jobs that wake-ups from the broker name, until `shutdown`;
+    /// then drains as [`Dispatcher::run`] does. A wake-up is acked once its job is handled (or
+    /// found held by another claim, or ended), delivered again later when its job is not due
+    /// yet, and goes to the dead-letter stream when it cannot be read.
+    pub async fn run_woken(&self, queue: Queue, shutdown: Shutdown) {
+        let slots = Arc::new(Semaphore::new(self.config.concurrency));
+        let poll = Duration::from_millis(self.config.poll_interval_ms);
+        let mut tasks = JoinSet::new();
+        let mut wakeups: Option<Wakeups> = None;
+        let mut failures: u32 = 0;
+        let mut idle_since = Instant::now();
+        'taking: loop {
+            while tasks.try_join_next().is_some() {}
+            let permit = tokio::select! {
+                p = Arc::clone(&slots).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = shutdown.wait() => break,
+            };
+            if !self.workers.has_free_slot() {
+                drop(permit);
+                tokio::select! {
+                    _ = self.workers.wait_for_free_slot(poll) => continue,
+                    _ = shutdown.wait() => break,
+                }
+            }
+            let mut permits = vec![permit];
+            let room = self.workers.free_slots().min(self.config.claim_batch as usize);
+            while permits.len() < room {
+                match Arc::clone(&slots).try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            if wakeups.is_none() {
+                match Wakeups::open(&queue).await {
+                    Ok(w) => wakeups = Some(w),
+                    Err(e) => {
+                        failures = failures.saturating_add(1);
+                        if failures == 1 {
+                            tracing::error!(error = %e, "cannot open the wake-up consumer; retrying with backoff");
+                        }
+                        // A server whose store was wiped has lost its streams: make them again.
+                        let _ = queue.ensure_streams().await;
+                        drop(permits);
+                        tokio::select! {
+                            _ = tokio::time::sleep(claim_backoff(poll, failures)) => continue,
+                            _ = shutdown.wait() => break,
+                        }
+                    }
+                }
+            }
+            let Some(consumer) = wakeups.as_mut() else { continue };
+            // Pull requests to a consumer the server lost bring nothing and fail nothing: it
+            // is looked for after a while without wake-ups, and made again when gone.
+            if idle_since.elapsed() >= CHECK_CONSUMER_AFTER {
+                idle_since = Instant::now();
+                if !consumer.exists().await {
+                    tracing::warn!("the wake-up consumer is gone (the broker lost its state); making it again");
+                    let _ = queue.ensure_streams().await;
+                    wakeups = None;
+                    continue;
+                }
+            }
+            let mut batch = match consumer.take(permits.len(), TAKE_WAIT).await {
+                Ok(batch) => batch,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(error = %e, "cannot take wake-ups; opening the consumer again");
+                    wakeups = None;
+                    drop(permits);
+                    tokio::select! {
+                        _ = tokio::time::sleep(claim_backoff(poll, failures)) => continue,
+                        _ = shutdown.wait() => break,
+                    }
+                }
+            };
+            if failures > 0 {
+                tracing::info!(failures, "wake-ups flow again");
+                failures = 0;
+            }
+            // Claim what has arrived together, as it arrives, until the pull request is over.
+            loop {
+                let first = tokio::select! {
+                    d = batch.next() => d,
+                    _ = shutdown.wait() => {
+                        // Whatever this pull still brings goes back to the stream at once.
+                        while let Some(d) = batch.next().await {
+                            if let Ok(d) = d { d.later(Duration::ZERO).await }
+                        }
+                        break 'taking;
+                    }
+                };
+                let Some(first) = first else { break };
+                idle_since = Instant::now();
+                let mut group = vec![first];
+                while let Some(d) = batch.ready() {
+                    group.push(d);
+                }
+                if let Err(e) = self.claim_woken(group, &mut permits, &mut tasks).await {
+                    metrics::counter!("pixmesh_distributor_claim_errors_total").increment(1);
+                    tracing::error!(error = %e, "claim failed; the wake-ups come again");
+                    tokio::select! {
+                        _ = tokio::time::sleep(claim_backoff(poll, 1)) => {}
+                        _ = shutdown.wait() => break 'taking,
+                    }
+                }
+            }
+        }
+        self.drain(tasks).await;
+    }
+
+    /// Claims the jobs of a group of wake-ups in one transaction and starts the claimed ones.
+    async fn claim_woken(
+        &self,
+        group: Vec<Result<Delivery, pixmesh_queue::QueueError>>,
+        permits: &mut Vec<OwnedSemaphorePermit>,
+        tasks: &mut JoinSet<()>,
+    ) -> Result<(), StoreError> {
+        let mut by_job: Vec<(String, Delivery)> = Vec::with_capacity(group.len());
+        for delivery in group {
+            let delivery = match delivery {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "a wake-up could not be received");
+                    continue;
+                }
+            };
+            match &delivery.wake {
+                Err(why) => {
+                    let why = why.clone();
+                    delivery.dead(&why).await;
+                }
+                // A second wake-up for a job already in this group: the first one decides.
+                Ok(wake) if by_job.iter().any(|(id, _)| id == &wake.job) => delivery.done().await,
+                Ok(wake) => by_job.push((wake.job.clone(), delivery)),
+            }
+        }
+        if by_job.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = by_job.iter().map(|(id, _)| id.clone()).collect();
+        let claimed_at = Instant::now();
+        let lease = Duration::from_millis(self.config.lease_ms);
+        let answers = match self.stores.jobs.claim_ids(&self.owner, lease, self.config.max_attempts, &ids).await {
+            Ok(answers) => answers,
+            Err(e) => {
+                let again = claim_backoff(Duration::from_millis(self.config.poll_interval_ms), 1);
+                for (_, delivery) in by_job {
+                    delivery.later(again).await;
+                }
+                return Err(e);
+            }
+        };
+        metrics::counter!("pixmesh_distributor_claims_total")
+            .increment(answers.iter().filter(|a| matches!(a, ClaimById::Claimed(_))).count() as u64);
+        for answer in answers {
+            let Some(at) = by_job.iter().position(|(id, _)| id == answer.id()) else { continue };
+            let (_, delivery) = by_job.swap_remove(at);
+            match answer {
+                ClaimById::Claimed(job) => {
+                    let permit = permits.pop();
+                    let this = self.clone();
+                    tasks.spawn(async move {
+                        delivery.hold(this.handle(*job, claimed_at)).await;
+                        delivery.done().await;
+                        drop(permit);
+                    });
+                }
+                ClaimById::NotDue { in_ms, .. } => delivery.later(Duration::from_millis(in_ms)).await,
+                ClaimById::Held { .. } | ClaimById::Ended { .. } => delivery.done().await,
+            }
+        }
+        for (_, delivery) in by_job {
+            delivery.done().await;
+        }
+        Ok(())
+    }
+
+    /// Waits (within the grace period) for the jobs in flight. A job still unfinished after
+    /// that keeps its lease until it expires and is claimed again: nothing is lost.
+    async fn drain(&self, mut tasks: JoinSet<()>) {
         tracing::info!(in_flight = tasks.len(), "distributor draining");
         let grace = Duration::from_millis(self.config.drain_grace_ms);
         let drained =

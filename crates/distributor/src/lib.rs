@@ -26,6 +26,7 @@ pub use workers::{WorkerEndpoint, WorkerSet};
 use pixmesh_chassis::Shutdown;
 use pixmesh_chassis::admin::Readiness;
 use pixmesh_chassis::announce::Announcement;
+use pixmesh_queue::Queue;
 use pixmesh_store::{Access, Stores};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -152,7 +153,16 @@ impl DistributorConfig {
 }
 
 /// Runs the distributor until `shutdown`, then lets in-flight jobs finish within the grace period.
-pub async fn run(config: DistributorConfig, stores: Stores, admin: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
+///
+/// With a broker (`queue`), jobs are claimed as their wake-ups arrive, and this process also
+/// runs an outbox relay (one of all the distributors' relays publishes at a time).
+pub async fn run(
+    config: DistributorConfig,
+    stores: Stores,
+    queue: Option<Queue>,
+    admin: TcpListener,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
     let readiness = Readiness::new();
     let admin_addr = admin.local_addr()?;
     let admin_server = pixmesh_chassis::serve::admin("distributor", admin, readiness.clone(), shutdown.clone());
@@ -169,8 +179,18 @@ pub async fn run(config: DistributorConfig, stores: Stores, admin: TcpListener, 
     Announcement::new("distributor").with("admin", admin_addr).with("id", &owner).print();
     readiness.set_ready(true);
     tracing::info!(%owner, admin = %admin_addr, "distributor ready");
+    let relay = queue.clone().map(|queue| {
+        let settings = pixmesh_queue::relay::RelaySettings { max_attempts: config.max_attempts };
+        tokio::spawn(pixmesh_queue::relay::run(queue, stores.outbox.clone(), settings, shutdown.clone().wait_owned()))
+    });
     let dispatcher = Dispatcher::new(config.clone(), stores, workers, owner);
-    dispatcher.run(shutdown.clone()).await;
+    match queue {
+        Some(queue) => dispatcher.run_woken(queue, shutdown.clone()).await,
+        None => dispatcher.run(shutdown.clone()).await,
+    }
+    if let Some(relay) = relay {
+        relay.abort();
+    }
     discovery.abort();
     probe.abort();
     pruner.abort();

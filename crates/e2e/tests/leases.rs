@@ -90,7 +90,7 @@ async fn a_killed_distributors_jobs_are_taken_again_within_seconds() {
     let system = System::start(dir.path(), 2, &sets).await.unwrap();
     let victim = system.child("distributor").unwrap();
     let victim_id = victim.addresses["id"].clone();
-    let registry = system.child("registry").unwrap().addresses["grpc"].clone();
+    let registry = system.registry();
     let store = store(&system).await;
     // The first distributor takes the first four jobs; then a second one runs beside it.
     let mut ids = upload(&system, 4).await;
@@ -99,9 +99,10 @@ async fn a_killed_distributors_jobs_are_taken_again_within_seconds() {
         assert!(started.elapsed() < Duration::from_secs(20), "the first distributor did not claim the jobs");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let [data_dir, database] = system.store_sets().try_into().unwrap();
-    let registry_set = format!("distributor.registry={registry}");
-    let second = Role::start("distributor", None, &[&data_dir, &database, &registry_set], &[]).await.unwrap();
+    let mut sets = system.store_sets();
+    sets.push(format!("distributor.registry={registry}"));
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let second = Role::start("distributor", None, &sets, &[]).await.unwrap();
     ids.extend(upload(&system, 4).await);
     let started = Instant::now();
     loop {

@@ -163,7 +163,7 @@ fn pid(system: &System, role: &str) -> i32 {
 }
 
 async fn worker(system: &System, name: &str) -> Role {
-    let registry = system.child("registry").unwrap().addresses["grpc"].clone();
+    let registry = system.registry();
     let worker = Role::start("worker", None, &[&format!("worker.registry={registry}"), &format!("worker.id={name}")], &[]).await.unwrap();
     wait_metric(system, "distributor", "pixmesh_distributor_workers", 1.0).await;
     worker

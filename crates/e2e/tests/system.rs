@@ -382,7 +382,7 @@ async fn a_joining_worker_is_used_at_once() {
     let _machine = MACHINE.write().await;
     let dir = tempfile::tempdir().unwrap();
     let system = System::start(dir.path(), 2, &[]).await.unwrap();
-    let registry = system.child("registry").unwrap().addresses["grpc"].clone();
+    let registry = system.registry();
     let image = jpeg(640, 480);
     let submit = |n: usize| {
         let (system, image) = (&system, image.clone());
@@ -465,7 +465,7 @@ async fn a_dead_worker_trips_its_breaker_which_closes_when_it_is_back() {
     // The registry must not expire the worker while it is down (30 missed 1 s heartbeats), so
     // that what the test sees is the breaker's work, however slow the machine is.
     let system = System::start(dir.path(), 2, &["registry.missed_heartbeats=30"]).await.unwrap();
-    let registry = system.child("registry").unwrap().addresses["grpc"].clone();
+    let registry = system.registry();
     let registry_set = format!("worker.registry={registry}");
     let first = pixmesh_test_support::Role::start("worker", None, &[&registry_set, "worker.id=phoenix"], &[]).await.unwrap();
     let address = first.addresses["grpc"].clone();
@@ -549,7 +549,7 @@ async fn a_worker_stopped_with_sigterm_leaves_the_pool_and_finishes_its_calls() 
     use nix::unistd::Pid;
     let dir = tempfile::tempdir().unwrap();
     let system = System::start(dir.path(), 1, &[]).await.unwrap();
-    let registry = system.child("registry").unwrap().addresses["grpc"].clone();
+    let registry = system.registry();
     let distributor = system.child("distributor").unwrap().addresses["admin"].clone();
     let registry_set = format!("worker.registry={registry}");
     // Slow enough that its calls are surely in flight when it is told to stop.
@@ -613,7 +613,7 @@ async fn a_distributor_that_lost_its_lease_has_its_late_results_rejected() {
     ];
     let system = System::start(dir.path(), 2, &sets).await.unwrap();
     let first = system.child("distributor").unwrap();
-    let registry = system.child("registry").unwrap().addresses["grpc"].clone();
+    let registry = system.registry();
     let image = jpeg(320, 240);
     let mut ids = Vec::new();
     for _ in 0..8 {
@@ -634,12 +634,11 @@ async fn a_distributor_that_lost_its_lease_has_its_late_results_rejected() {
     kill(Pid::from_raw(first.pid), Signal::SIGSTOP).unwrap();
     // A second distributor on the same store takes the jobs over once their leases run out, and
     // finishes them.
-    let [data_dir, database] = system.store_sets().try_into().unwrap();
-    let registry_set = format!("distributor.registry={registry}");
-    let second =
-        pixmesh_test_support::Role::start("distributor", None, &[&data_dir, &database, &registry_set, sets[0], sets[1], sets[2]], &[])
-            .await
-            .unwrap();
+    let mut second_sets = system.store_sets();
+    second_sets.push(format!("distributor.registry={registry}"));
+    second_sets.extend(sets.iter().map(|s| s.to_string()));
+    let second_sets: Vec<&str> = second_sets.iter().map(String::as_str).collect();
+    let second = pixmesh_test_support::Role::start("distributor", None, &second_sets, &[]).await.unwrap();
     let statuses = join_all(ids.iter().map(|id| system.wait_terminal(id, Duration::from_secs(60)))).await;
     // Thawed, the first one comes back with answers for attempts that are no longer its own
     // (or its renewals are fenced first, and it drops them).

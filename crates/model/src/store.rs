@@ -123,6 +123,13 @@ pub trait JobStore: Send + Sync + 'static {
     /// when fewer are claimable.
     async fn claim_many(&self, owner: &str, lease: Duration, max_attempts: u32, limit: u32) -> Result<Vec<Job>, StoreError>;
 
+    /// Claims the named jobs that are queued and due (a wake-up from the broker names them),
+    /// in one transaction, and answers for each: claimed, not due yet, held by a live claim,
+    /// or ended (terminal, unknown, or failed now for having used up its attempts). Jobs
+    /// whose lease ran out are not claimed here: [`Outbox::rescue_expired`] gives them back to
+    /// the queue first, with their `lease_expired` event.
+    async fn claim_ids(&self, owner: &str, lease: Duration, max_attempts: u32, ids: &[String]) -> Result<Vec<ClaimById>, StoreError>;
+
     /// Claims the oldest claimable job, as [`JobStore::claim_many`] with a limit of one.
     async fn claim(&self, owner: &str, lease: Duration, max_attempts: u32) -> Result<Option<Job>, StoreError> {
         Ok(self.claim_many(owner, lease, max_attempts, 1).await?.pop())
@@ -164,6 +171,71 @@ pub trait JobStore: Send + Sync + 'static {
     /// The health probe: with `write`, a tiny write transaction on `who`'s health row (which
     /// fails like a job write would: full disk, read-only or locked file); without, a read.
     async fn probe(&self, who: &str, write: bool) -> Result<(), StoreError>;
+}
+
+/// The answer of [`JobStore::claim_ids`] for one job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClaimById {
+    Claimed(Box<Job>),
+    /// Queued, claimable in this many milliseconds (a release's delay).
+    NotDue {
+        id: String,
+        in_ms: u64,
+    },
+    /// Processing under a claim whose lease has not run out.
+    Held {
+        id: String,
+    },
+    /// Succeeded, failed, or not there (pruned, never created).
+    Ended {
+        id: String,
+    },
+}
+
+impl ClaimById {
+    pub fn id(&self) -> &str {
+        match self {
+            ClaimById::Claimed(job) => &job.id,
+            ClaimById::NotDue { id, .. } | ClaimById::Held { id } | ClaimById::Ended { id } => id,
+        }
+    }
+}
+
+/// An event as the outbox holds it: its place in the log of all jobs' events, and the event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxEvent {
+    /// Orders all events of all jobs (increasing, with gaps where a transaction rolled back or
+    /// has not committed yet).
+    pub id: i64,
+    pub event: JobEvent,
+}
+
+/// The job store seen from the outbox relay: the event rows are the outbox, read in order and
+/// published to the broker by whichever relay holds the relay lease.
+#[async_trait]
+pub trait Outbox: Send + Sync + 'static {
+    /// Up to `limit` events with an id above `after`, in id order.
+    async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<OutboxEvent>, StoreError>;
+
+    /// Takes or renews the relay lease for `owner` for `ttl`, and (when `owner` already held
+    /// it) saves `cursor`: every event up to it has been published. Answers the saved cursor
+    /// when `owner` holds the lease, `None` when another relay does. The first relay ever
+    /// starts at the newest event: older events were written before there was a broker.
+    async fn relay_lease(&self, owner: &str, ttl: Duration, cursor: Option<i64>) -> Result<Option<i64>, StoreError>;
+
+    /// Gives jobs whose lease ran out back to the queue (or fails those that used up their
+    /// attempts), each with its `lease_expired` event; returns how many.
+    async fn rescue_expired(&self, max_attempts: u32) -> Result<u64, StoreError>;
+
+    /// Queued jobs that have been claimable for longer than `for_longer_than` without being
+    /// claimed, oldest first, with their attempt: the sweeper wakes distributors for them again.
+    async fn stale_claimable(&self, for_longer_than: Duration, limit: u32) -> Result<Vec<(String, u32)>, StoreError>;
+}
+
+/// Told at once of a job just created, so a distributor can be woken before the outbox relay
+/// gets to it (the relay wakes for it in any case: this is only the early path).
+pub trait Notify: Send + Sync + 'static {
+    fn job_created(&self, id: &str);
 }
 
 #[async_trait]

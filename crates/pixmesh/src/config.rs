@@ -5,6 +5,7 @@ use pixmesh_chassis::config::Validate;
 use pixmesh_chassis::telemetry::LogConfig;
 use pixmesh_distributor::DistributorConfig;
 use pixmesh_gateway::GatewayConfig;
+use pixmesh_queue::QueueConfig;
 use pixmesh_registry::RegistryConfig;
 use pixmesh_status::StatusConfig;
 use pixmesh_store::StoreConfig;
@@ -17,6 +18,7 @@ use serde::Deserialize;
 pub struct Config {
     pub log: LogConfig,
     pub store: StoreConfig,
+    pub queue: QueueConfig,
     pub gateway: GatewayConfig,
     pub upload: UploadConfig,
     pub status: StatusConfig,
@@ -29,6 +31,7 @@ impl Validate for Config {
     fn validate(&self) -> Result<(), String> {
         self.log.validate()?;
         self.store.validate()?;
+        self.queue.validate()?;
         self.gateway.validate()?;
         self.upload.validate()?;
         self.status.validate()?;

@@ -33,6 +33,14 @@ struct Cli {
     /// The blob store: file:DIR (the setting store.blobs; default file:blobs under the data dir).
     #[arg(long, global = true, value_name = "URL", env = "PIXMESH_BLOBS")]
     blobs: Option<String>,
+    /// The broker: nats://HOST:PORT (the setting queue.url; default none: distributors poll
+    /// the database for work).
+    #[arg(long, global = true, value_name = "URL", env = "PIXMESH_QUEUE")]
+    queue: Option<String>,
+    /// The worker registry: nats://HOST:PORT for NATS KV (the settings distributor.registry and
+    /// worker.registry; default pixmesh's own registry role).
+    #[arg(long, global = true, value_name = "URL", env = "PIXMESH_REGISTRY")]
+    registry: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -89,7 +97,14 @@ fn main() -> ExitCode {
     let mut cli = Cli::parse();
     // The backend flags are settings like any other: as `--set`s they reach every role that
     // `up` starts, and a gateway reload, the same way.
-    for (key, value) in [("store.database", cli.database.take()), ("store.blobs", cli.blobs.take())] {
+    let registry = cli.registry.take();
+    for (key, value) in [
+        ("store.database", cli.database.take()),
+        ("store.blobs", cli.blobs.take()),
+        ("queue.url", cli.queue.take()),
+        ("distributor.registry", registry.clone()),
+        ("worker.registry", registry),
+    ] {
         if let Some(value) = value {
             cli.sets.push(format!("{key}={}", toml_string(&value)));
         }
@@ -143,6 +158,27 @@ fn toml_string(s: &str) -> String {
 /// role with a message that names the setting, and nothing ever listened.
 async fn open_stores(store: &pixmesh_store::StoreConfig) -> anyhow::Result<pixmesh_store::Stores> {
     Ok(pixmesh_store::Stores::open(store).await?)
+}
+
+/// Connects to the broker (when `queue.url` is set) before any port is bound, for the same
+/// reason.
+async fn connect_queue(queue: &pixmesh_queue::QueueConfig, role: &str) -> anyhow::Result<Option<pixmesh_queue::Queue>> {
+    if !queue.enabled() {
+        return Ok(None);
+    }
+    Ok(Some(pixmesh_queue::Queue::connect(queue, role).await?))
+}
+
+/// A registry on NATS must answer before any port is bound.
+async fn check_registry(url: &str, setting: &str) -> anyhow::Result<()> {
+    if is_nats(url) {
+        pixmesh_queue::connect_client(url, "check", std::time::Duration::from_secs(3), setting).await?;
+    }
+    Ok(())
+}
+
+fn is_nats(url: &str) -> bool {
+    url.starts_with("nats://") || url.starts_with("tls://")
 }
 
 fn load_config(cli: &Cli, env: &HashMap<String, String>) -> anyhow::Result<Config> {
@@ -209,6 +245,11 @@ async fn run(
             // The roles open the stores themselves; opening them here first refuses a bad
             // URL or an unreachable engine before anything starts, and applies migrations once.
             drop(open_stores(&store.clone().with_data_dir(&data_dir)).await?);
+            drop(connect_queue(&config.queue, "up").await?);
+            let external_registry = Some(config.distributor.registry.clone()).filter(|r| is_nats(r));
+            if let Some(url) = &external_registry {
+                check_registry(url, "distributor.registry").await?;
+            }
             let exe = std::env::current_exe().context("cannot find the pixmesh binary")?;
             let options = pixmesh_supervisor::UpOptions {
                 exe,
@@ -217,6 +258,7 @@ async fn run(
                 data_dir,
                 listen,
                 workers,
+                external_registry,
                 grace: std::time::Duration::from_secs(grace_secs),
             };
             pixmesh_supervisor::run(options, shutdown).await
@@ -245,7 +287,10 @@ async fn run(
         }
         Command::Upload => {
             let c = config.upload;
-            let stores = open_stores(&store).await?;
+            let mut stores = open_stores(&store).await?;
+            if let Some(queue) = connect_queue(&config.queue, "upload").await? {
+                stores = stores.with_notify(std::sync::Arc::new(queue));
+            }
             let (http, admin) = (bind("upload", c.listen).await?, bind("upload admin", c.admin_listen).await?);
             Ok(pixmesh_upload::run(c, stores, http, admin, shutdown).await?)
         }
@@ -261,11 +306,14 @@ async fn run(
                 anyhow::bail!("the distributor needs distributor.registry, distributor.dns or distributor.workers");
             }
             let stores = open_stores(&store).await?;
+            let queue = connect_queue(&config.queue, "distributor").await?;
+            check_registry(&c.registry, "distributor.registry").await?;
             let admin = bind("distributor admin", c.admin_listen).await?;
-            Ok(pixmesh_distributor::run(c, stores, admin, shutdown).await?)
+            Ok(pixmesh_distributor::run(c, stores, queue, admin, shutdown).await?)
         }
         Command::Worker => {
             let c = config.worker;
+            check_registry(&c.registry, "worker.registry").await?;
             let (grpc, admin) = (bind("worker", c.listen).await?, bind("worker admin", c.admin_listen).await?);
             Ok(pixmesh_worker::run(c, grpc, admin, shutdown).await?)
         }

@@ -6,7 +6,7 @@
 
 use crate::{StoreError, Stores};
 use async_trait::async_trait;
-use pixmesh_model::{Created, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob};
+use pixmesh_model::{ClaimById, Created, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -75,6 +75,10 @@ impl JobStore for GroupCommit {
 
     async fn events(&self, id: &str) -> Result<Vec<JobEvent>, StoreError> {
         self.inner.events(id).await
+    }
+
+    async fn claim_ids(&self, owner: &str, lease: Duration, max_attempts: u32, ids: &[String]) -> Result<Vec<ClaimById>, StoreError> {
+        self.inner.claim_ids(owner, lease, max_attempts, ids).await
     }
 
     async fn claim_many(&self, owner: &str, lease: Duration, max_attempts: u32, limit: u32) -> Result<Vec<Job>, StoreError> {

@@ -24,8 +24,8 @@ pub use group::GroupCommit;
 pub use health::Access;
 pub use pixmesh_model::options::Options;
 pub use pixmesh_model::{
-    BlobRef, BlobStore, Created, Event, EventKind, Job, JobError, JobEvent, JobResult, JobState, JobStore, JobView, NewJob, StoreError,
-    StoreKind, fold,
+    BlobRef, BlobStore, ClaimById, Created, Event, EventKind, Job, JobError, JobEvent, JobResult, JobState, JobStore, JobView, NewJob,
+    Notify, Outbox, OutboxEvent, StoreError, StoreKind, fold,
 };
 pub use postgres::PostgresJobStore;
 pub use sqlite::SqliteJobStore;
@@ -111,6 +111,10 @@ impl StoreConfig {
 pub struct Stores {
     pub jobs: Arc<dyn JobStore>,
     pub blobs: Arc<dyn BlobStore>,
+    /// The job store's event rows as the outbox (the relay's view of the same database).
+    pub outbox: Arc<dyn Outbox>,
+    /// Told of each job created here (the broker's early wake-up), when there is a broker.
+    notify: Option<Arc<dyn Notify>>,
     /// Raised by both stores when a read or write fails; wakes [`Stores::watch_health`].
     alarm: health::Alarm,
     retention: Duration,
@@ -125,13 +129,14 @@ impl Stores {
         let blobs = config.blobs_url().map_err(OpenError)?;
         let alarm = health::Alarm::default();
         let timeout = Duration::from_millis(config.connect_timeout_ms);
-        let jobs: Arc<dyn JobStore> = match &database {
+        let (jobs, outbox): (Arc<dyn JobStore>, Arc<dyn Outbox>) = match &database {
             DatabaseUrl::Sqlite(path) => {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir).map_err(|e| OpenError(format!("store.database: cannot create {}: {e}", dir.display())))?;
                 }
                 let store = SqliteJobStore::open(path).await.map_err(|e| OpenError(format!("store.database ({database}): {e}")))?;
-                Arc::new(store.with_alarm(alarm.clone()))
+                let store = Arc::new(store.with_alarm(alarm.clone()));
+                (store.clone(), store)
             }
             DatabaseUrl::Postgres(url) => {
                 let store = PostgresJobStore::connect(url, config.max_connections, timeout).await.map_err(|e| {
@@ -139,7 +144,8 @@ impl Stores {
                         "store.database ({database}): {e}; check that PostgreSQL runs there and accepts this user, or fix the URL"
                     ))
                 })?;
-                Arc::new(store.with_alarm(alarm.clone()))
+                let store = Arc::new(store.with_alarm(alarm.clone()));
+                (store.clone(), store)
             }
         };
         let blobs: Arc<dyn BlobStore> = match &blobs {
@@ -147,7 +153,22 @@ impl Stores {
                 Arc::new(LocalBlobStore::open(dir).map_err(|e| OpenError(format!("store.blobs ({blobs}): {e}")))?.with_alarm(alarm.clone()))
             }
         };
-        Ok(Stores { jobs, blobs, alarm, retention: config.retention() })
+        Ok(Stores { jobs, blobs, outbox, notify: None, alarm, retention: config.retention() })
+    }
+}
+
+impl Stores {
+    /// These stores, telling `notify` of every job created through them.
+    pub fn with_notify(mut self, notify: Arc<dyn Notify>) -> Stores {
+        self.notify = Some(notify);
+        self
+    }
+
+    /// Tells the notifier (if any) that job `id` was just created.
+    pub fn job_created(&self, id: &str) {
+        if let Some(notify) = &self.notify {
+            notify.job_created(id);
+        }
     }
 }
 

@@ -17,10 +17,12 @@
 
 use crate::error::DbError;
 use crate::health::Alarm;
-use crate::rows::{EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, encode, gave_up, json, millis};
+use crate::rows::{EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, OutboxRow, encode, gave_up, json, millis, unclaimed};
 use async_trait::async_trait;
 use pixmesh_chassis::time::now_ms;
-use pixmesh_model::{Created, Event, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, StoreError};
+use pixmesh_model::{
+    ClaimById, Created, Event, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Outbox, OutboxEvent, StoreError,
+};
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool};
@@ -212,33 +214,19 @@ impl PostgresJobStore {
             let (kind, version, data) = encode(&Event::Claimed { owner: owner.to_string(), lease_expires_at: expires })?;
             // One statement: pick, claim, write the events, return the jobs. A picked job that
             // is not claimed has used up its attempts; it comes back with `claimed` false.
-            let rows: Vec<ClaimRow> = sqlx::query_as(&format!(
-                "WITH next AS (
-                    SELECT id FROM jobs WHERE state = 'queued' AND not_before <= $1
-                    ORDER BY created_at, id LIMIT $8 FOR UPDATE SKIP LOCKED),
-                 c AS (
-                    UPDATE jobs SET state = 'processing', attempt = jobs.attempt + 1, lease_owner = $2, lease_expires_at = $3,
-                                    updated_at = $1, event_seq = jobs.event_seq + 1
-                    FROM next WHERE jobs.id = next.id AND jobs.attempt < $4
-                    RETURNING jobs.*),
-                 e AS (INSERT INTO job_events (job_id, seq, version, kind, attempt, at, data)
-                       SELECT id, event_seq, $5, $6, attempt, $1, $7 FROM c)
-                 SELECT {}, true AS claimed FROM c
-                 UNION ALL
-                 SELECT {}, false AS claimed FROM jobs j JOIN next ON j.id = next.id
-                 WHERE NOT EXISTS (SELECT 1 FROM c WHERE c.id = next.id)",
-                *CLAIMED_COLUMNS, *PICKED_COLUMNS
-            ))
-            .bind(now)
-            .bind(owner)
-            .bind(expires)
-            .bind(i64::from(max_attempts))
-            .bind(version)
-            .bind(kind.as_str())
-            .bind(data)
-            .bind(i64::from(limit.max(1)))
-            .fetch_all(&self.pool)
-            .await?;
+            let next = "SELECT id FROM jobs WHERE state = 'queued' AND not_before <= $1
+                        ORDER BY created_at, id LIMIT $8 FOR UPDATE SKIP LOCKED";
+            let rows: Vec<ClaimRow> = sqlx::query_as(&claim_statement(next))
+                .bind(now)
+                .bind(owner)
+                .bind(expires)
+                .bind(i64::from(max_attempts))
+                .bind(version)
+                .bind(kind.as_str())
+                .bind(data)
+                .bind(i64::from(limit.max(1)))
+                .fetch_all(&self.pool)
+                .await?;
             if rows.is_empty() {
                 // The queue looks empty: expired leases may be all there is.
                 if !swept && self.sweep(max_attempts).await? > 0 {
@@ -264,6 +252,69 @@ impl PostgresJobStore {
             claimed.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
             return Ok(claimed);
         }
+    }
+
+    async fn claim_by_id(&self, owner: &str, lease: Duration, max_attempts: u32, ids: &[String]) -> Result<Vec<ClaimById>, DbError> {
+        let now = now_ms();
+        let expires = now + millis(lease);
+        let (kind, version, data) = encode(&Event::Claimed { owner: owner.to_string(), lease_expires_at: expires })?;
+        let next = "SELECT id FROM jobs WHERE id = ANY($8::text[]) AND state = 'queued' AND not_before <= $1
+                    ORDER BY created_at, id FOR UPDATE SKIP LOCKED";
+        let rows: Vec<ClaimRow> = sqlx::query_as(&claim_statement(next))
+            .bind(now)
+            .bind(owner)
+            .bind(expires)
+            .bind(i64::from(max_attempts))
+            .bind(version)
+            .bind(kind.as_str())
+            .bind(data)
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut answers = Vec::with_capacity(ids.len());
+        let mut ended = Vec::new();
+        for row in rows {
+            let job = row.job.into_job()?;
+            if row.claimed {
+                answers.push(ClaimById::Claimed(Box::new(job)));
+            } else {
+                self.give_up(&job.id, max_attempts).await?;
+                ended.push(job.id);
+            }
+        }
+        let rest: Vec<&String> = ids.iter().filter(|id| !answers.iter().any(|a| a.id() == id.as_str())).collect();
+        if !rest.is_empty() {
+            let found: Vec<(String, String, i64, Option<i64>)> =
+                sqlx::query_as("SELECT id, state, not_before, lease_expires_at FROM jobs WHERE id = ANY($1::text[])")
+                    .bind(&rest)
+                    .fetch_all(&self.pool)
+                    .await?;
+            for id in rest {
+                let row = found.iter().find(|r| &r.0 == id).map(|(_, state, nb, lease)| (state.clone(), *nb, *lease));
+                answers.push(if ended.contains(id) { ClaimById::Ended { id: id.clone() } } else { unclaimed(id, row, now) });
+            }
+        }
+        Ok(answers)
+    }
+
+    async fn take_relay_lease(&self, owner: &str, ttl: Duration, cursor: Option<i64>) -> Result<Option<i64>, DbError> {
+        let now = now_ms();
+        let row: Option<(i64,)> = sqlx::query_as(
+            "INSERT INTO relays (name, owner, lease_expires_at, cursor)
+             VALUES ('relay', $1, $2, (SELECT COALESCE(MAX(id), 0) FROM job_events))
+             ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, lease_expires_at = excluded.lease_expires_at,
+                 cursor = CASE WHEN relays.owner = excluded.owner AND $3::bigint IS NOT NULL THEN GREATEST(relays.cursor, $3::bigint)
+                               ELSE relays.cursor END
+             WHERE relays.owner = excluded.owner OR relays.lease_expires_at < $4
+             RETURNING cursor",
+        )
+        .bind(owner)
+        .bind(now + millis(ttl))
+        .bind(cursor)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(c,)| c))
     }
 
     /// Fails a queued job that used up its attempts (if it still is one).
@@ -417,9 +468,69 @@ impl PostgresJobStore {
     }
 }
 
+/// The claim as one statement, around `next` (the jobs to claim, locked with SKIP LOCKED):
+/// claim them, write their `claimed` events, return the rows. A picked job that is not
+/// claimed has used up its attempts; it comes back with `claimed` false. Binds: $1 now,
+/// $2 owner, $3 lease expiry, $4 max attempts, $5–$7 the event, $8 whatever `next` needs.
+fn claim_statement(next: &str) -> String {
+    format!(
+        "WITH next AS ({next}),
+         c AS (
+            UPDATE jobs SET state = 'processing', attempt = jobs.attempt + 1, lease_owner = $2, lease_expires_at = $3,
+                            updated_at = $1, event_seq = jobs.event_seq + 1
+            FROM next WHERE jobs.id = next.id AND jobs.attempt < $4
+            RETURNING jobs.*),
+         e AS (INSERT INTO job_events (job_id, seq, version, kind, attempt, at, data)
+               SELECT id, event_seq, $5, $6, attempt, $1, $7 FROM c)
+         SELECT {}, true AS claimed FROM c
+         UNION ALL
+         SELECT {}, false AS claimed FROM jobs j JOIN next ON j.id = next.id
+         WHERE NOT EXISTS (SELECT 1 FROM c WHERE c.id = next.id)",
+        *CLAIMED_COLUMNS, *PICKED_COLUMNS
+    )
+}
+
 enum Bind {
     Int(i64),
     Text(String),
+}
+
+#[async_trait]
+impl Outbox for PostgresJobStore {
+    async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
+        let rows: Result<Vec<OutboxRow>, DbError> =
+            sqlx::query_as(&format!("SELECT id, {EVENT_COLUMNS} FROM job_events WHERE id > $1 ORDER BY id LIMIT $2"))
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(DbError::from);
+        self.watch(rows)?.into_iter().map(OutboxRow::into_outbox).collect()
+    }
+
+    async fn relay_lease(&self, owner: &str, ttl: Duration, cursor: Option<i64>) -> Result<Option<i64>, StoreError> {
+        let result = self.take_relay_lease(owner, ttl, cursor).await;
+        self.watch(result)
+    }
+
+    async fn rescue_expired(&self, max_attempts: u32) -> Result<u64, StoreError> {
+        let result = self.sweep(max_attempts).await;
+        self.watch(result)
+    }
+
+    async fn stale_claimable(&self, for_longer_than: Duration, limit: u32) -> Result<Vec<(String, u32)>, StoreError> {
+        let since = now_ms() - millis(for_longer_than);
+        let rows: Result<Vec<(String, i64)>, DbError> = sqlx::query_as(
+            "SELECT id, attempt FROM jobs WHERE state = 'queued' AND not_before <= $1 AND updated_at <= $1
+             ORDER BY created_at, id LIMIT $2",
+        )
+        .bind(since)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(DbError::from);
+        Ok(self.watch(rows)?.into_iter().map(|(id, attempt)| (id, u32::try_from(attempt).unwrap_or(0))).collect())
+    }
 }
 
 #[async_trait]
@@ -450,6 +561,11 @@ impl JobStore for PostgresJobStore {
 
     async fn claim_many(&self, owner: &str, lease: Duration, max_attempts: u32, limit: u32) -> Result<Vec<Job>, StoreError> {
         let result = self.claim_jobs(owner, lease, max_attempts, limit).await;
+        self.watch(result)
+    }
+
+    async fn claim_ids(&self, owner: &str, lease: Duration, max_attempts: u32, ids: &[String]) -> Result<Vec<ClaimById>, StoreError> {
+        let result = self.claim_by_id(owner, lease, max_attempts, ids).await;
         self.watch(result)
     }
 

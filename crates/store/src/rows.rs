@@ -79,6 +79,40 @@ impl EventRow {
     }
 }
 
+/// An event row with its place in the log of all events (the outbox).
+#[derive(sqlx::FromRow)]
+pub(crate) struct OutboxRow {
+    id: i64,
+    #[sqlx(flatten)]
+    event: EventRow,
+}
+
+impl OutboxRow {
+    pub(crate) fn into_outbox(self) -> Result<pixmesh_model::OutboxEvent, StoreError> {
+        Ok(pixmesh_model::OutboxEvent { id: self.id, event: self.event.into_event()? })
+    }
+}
+
+/// What a claim by id answers for a job it did not claim, from the job's row as read after
+/// the claim (`None`: no such job). A queued job that is due but was not claimed was locked by
+/// a concurrent claim or commit: asked again shortly, it answers held or ended.
+pub(crate) fn unclaimed(id: &str, row: Option<(String, i64, Option<i64>)>, now: i64) -> pixmesh_model::ClaimById {
+    use pixmesh_model::ClaimById;
+    let id = id.to_string();
+    match row {
+        None => ClaimById::Ended { id },
+        Some((state, not_before, lease_expires_at)) => match state.as_str() {
+            "queued" => ClaimById::NotDue { id, in_ms: u64::try_from(not_before - now).unwrap_or(0).max(50) },
+            // An expired lease is rescued (and the job woken again) by the sweeper.
+            "processing" => match lease_expires_at {
+                Some(at) if at < now => ClaimById::NotDue { id, in_ms: 250 },
+                _ => ClaimById::Held { id },
+            },
+            _ => ClaimById::Ended { id },
+        },
+    }
+}
+
 /// An event in its stored form: kind, version, data.
 pub(crate) fn encode(event: &Event) -> Result<(EventKind, i64, String), StoreError> {
     let (kind, data) = event.encode().map_err(StoreError::Invalid)?;

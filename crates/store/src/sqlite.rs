@@ -8,11 +8,13 @@
 
 use crate::error::DbError;
 use crate::health::Alarm;
-use crate::rows::{EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, encode, gave_up, json, millis};
+use crate::rows::{EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, OutboxRow, encode, gave_up, json, millis, unclaimed};
 use crate::write_tx::WriteTx;
 use async_trait::async_trait;
 use pixmesh_chassis::time::now_ms;
-use pixmesh_model::{Created, Event, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, StoreError};
+use pixmesh_model::{
+    ClaimById, Created, Event, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Outbox, OutboxEvent, StoreError,
+};
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{SqliteConnection, SqlitePool};
@@ -210,34 +212,139 @@ impl SqliteJobStore {
                 Self::append(&mut tx, &id, attempt, now, &Event::LeaseExpired { owner: previous }).await?;
             }
             if attempt >= max_attempts {
-                let error = gave_up(attempt);
-                sqlx::query(
-                    "UPDATE jobs SET state = 'failed', error = ?, lease_owner = NULL, lease_expires_at = NULL, updated_at = ? WHERE id = ?",
-                )
-                .bind(json(&error)?)
-                .bind(now)
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-                Self::append(&mut tx, &id, attempt, now, &Event::Failed { error }).await?;
+                Self::fail_exhausted(&mut tx, &id, attempt, now).await?;
                 continue;
             }
-            let next = attempt + 1;
-            sqlx::query(
-                "UPDATE jobs SET state = 'processing', attempt = ?, lease_owner = ?, lease_expires_at = ?, updated_at = ? WHERE id = ?",
-            )
-            .bind(i64::from(next))
-            .bind(owner)
-            .bind(expires)
-            .bind(now)
-            .bind(&id)
-            .execute(&mut *tx)
-            .await?;
-            Self::append(&mut tx, &id, next, now, &Event::Claimed { owner: owner.to_string(), lease_expires_at: expires }).await?;
-            claimed.push(Self::fetch_job(&mut tx, &id).await?.ok_or_else(|| StoreError::NotFound(id.clone()))?);
+            claimed.push(Self::claim_row(&mut tx, &id, attempt, owner, expires, now).await?);
         }
         tx.commit().await?;
         Ok(claimed)
+    }
+
+    /// Fails a job that used up its attempts, with its `failed` event (inside the caller's
+    /// write transaction).
+    async fn fail_exhausted(conn: &mut SqliteConnection, id: &str, attempt: u32, now: i64) -> Result<(), DbError> {
+        let error = gave_up(attempt);
+        sqlx::query(
+            "UPDATE jobs SET state = 'failed', error = ?, lease_owner = NULL, lease_expires_at = NULL, updated_at = ? WHERE id = ?",
+        )
+        .bind(json(&error)?)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+        Self::append(conn, id, attempt, now, &Event::Failed { error }).await
+    }
+
+    /// Claims one job for `owner` (inside the caller's write transaction, which found it
+    /// claimable at `attempt`), with its `claimed` event.
+    async fn claim_row(conn: &mut SqliteConnection, id: &str, attempt: u32, owner: &str, expires: i64, now: i64) -> Result<Job, DbError> {
+        let next = attempt + 1;
+        sqlx::query(
+            "UPDATE jobs SET state = 'processing', attempt = ?, lease_owner = ?, lease_expires_at = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(i64::from(next))
+        .bind(owner)
+        .bind(expires)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+        Self::append(conn, id, next, now, &Event::Claimed { owner: owner.to_string(), lease_expires_at: expires }).await?;
+        Ok(Self::fetch_job(conn, id).await?.ok_or_else(|| StoreError::NotFound(id.to_string()))?)
+    }
+
+    async fn claim_by_id(&self, owner: &str, lease: Duration, max_attempts: u32, ids: &[String]) -> Result<Vec<ClaimById>, DbError> {
+        let now = now_ms();
+        let expires = now + millis(lease);
+        let mut answers = Vec::with_capacity(ids.len());
+        let mut tx = WriteTx::begin(&self.pool, &self.alarm).await?;
+        for id in ids {
+            let row: Option<(String, i64, i64, Option<i64>)> =
+                sqlx::query_as("SELECT state, attempt, not_before, lease_expires_at FROM jobs WHERE id = ?")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let answer = match row {
+                Some((state, attempt, not_before, _)) if state == "queued" && not_before <= now => {
+                    let attempt = u32::try_from(attempt).unwrap_or(0);
+                    if attempt >= max_attempts {
+                        Self::fail_exhausted(&mut tx, id, attempt, now).await?;
+                        ClaimById::Ended { id: id.clone() }
+                    } else {
+                        ClaimById::Claimed(Box::new(Self::claim_row(&mut tx, id, attempt, owner, expires, now).await?))
+                    }
+                }
+                other => unclaimed(id, other.map(|(state, _, not_before, lease)| (state, not_before, lease)), now),
+            };
+            answers.push(answer);
+        }
+        tx.commit().await?;
+        Ok(answers)
+    }
+
+    async fn rescue(&self, max_attempts: u32) -> Result<u64, DbError> {
+        let now = now_ms();
+        let expired: Vec<(String, i64, Option<String>)> = sqlx::query_as(
+            "SELECT id, attempt, lease_owner FROM jobs WHERE state = 'processing' AND lease_expires_at < ? ORDER BY lease_expires_at LIMIT 100",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = WriteTx::begin(&self.pool, &self.alarm).await?;
+        let mut rescued = 0;
+        for (id, attempt, previous) in expired {
+            // Still expired under the write lock (a renewal may have come in between).
+            let done = sqlx::query(
+                "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, not_before = 0, updated_at = ?
+                 WHERE id = ? AND attempt = ? AND state = 'processing' AND lease_expires_at < ?",
+            )
+            .bind(now)
+            .bind(&id)
+            .bind(attempt)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                continue;
+            }
+            let attempt = u32::try_from(attempt).unwrap_or(0);
+            Self::append(&mut tx, &id, attempt, now, &Event::LeaseExpired { owner: previous }).await?;
+            if attempt >= max_attempts {
+                Self::fail_exhausted(&mut tx, &id, attempt, now).await?;
+            }
+            rescued += 1;
+        }
+        tx.commit().await?;
+        if rescued > 0 {
+            tracing::info!(jobs = rescued, "rescued jobs whose lease ran out");
+            metrics::counter!("pixmesh_store_leases_expired_total").increment(rescued);
+        }
+        Ok(rescued)
+    }
+
+    async fn take_relay_lease(&self, owner: &str, ttl: Duration, cursor: Option<i64>) -> Result<Option<i64>, DbError> {
+        let now = now_ms();
+        let mut tx = WriteTx::begin(&self.pool, &self.alarm).await?;
+        let row: Option<(i64,)> = sqlx::query_as(
+            "INSERT INTO relays (name, owner, lease_expires_at, cursor)
+             VALUES ('relay', ?1, ?2, (SELECT COALESCE(MAX(id), 0) FROM job_events))
+             ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, lease_expires_at = excluded.lease_expires_at,
+                 cursor = CASE WHEN relays.owner = excluded.owner AND ?3 IS NOT NULL THEN MAX(relays.cursor, ?3) ELSE relays.cursor END
+             WHERE relays.owner = excluded.owner OR relays.lease_expires_at < ?4
+             RETURNING cursor",
+        )
+        .bind(owner)
+        .bind(now + millis(ttl))
+        .bind(cursor)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(row.map(|(c,)| c))
     }
 
     async fn succeed_jobs(&self, items: &[(String, u32, JobResult)]) -> Result<Vec<Result<(), StoreError>>, DbError> {
@@ -312,7 +419,46 @@ enum Bind {
 }
 
 #[async_trait]
+impl Outbox for SqliteJobStore {
+    async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
+        let rows: Vec<OutboxRow> = sqlx::query_as(&format!("SELECT id, {EVENT_COLUMNS} FROM job_events WHERE id > ? ORDER BY id LIMIT ?"))
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(DbError::from)?;
+        rows.into_iter().map(OutboxRow::into_outbox).collect()
+    }
+
+    async fn relay_lease(&self, owner: &str, ttl: Duration, cursor: Option<i64>) -> Result<Option<i64>, StoreError> {
+        Ok(self.take_relay_lease(owner, ttl, cursor).await?)
+    }
+
+    async fn rescue_expired(&self, max_attempts: u32) -> Result<u64, StoreError> {
+        Ok(self.rescue(max_attempts).await?)
+    }
+
+    async fn stale_claimable(&self, for_longer_than: Duration, limit: u32) -> Result<Vec<(String, u32)>, StoreError> {
+        let since = now_ms() - millis(for_longer_than);
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT id, attempt FROM jobs WHERE state = 'queued' AND not_before <= ? AND updated_at <= ? ORDER BY created_at, id LIMIT ?",
+        )
+        .bind(since)
+        .bind(since)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(DbError::from)?;
+        Ok(rows.into_iter().map(|(id, attempt)| (id, u32::try_from(attempt).unwrap_or(0))).collect())
+    }
+}
+
+#[async_trait]
 impl JobStore for SqliteJobStore {
+    async fn claim_ids(&self, owner: &str, lease: Duration, max_attempts: u32, ids: &[String]) -> Result<Vec<ClaimById>, StoreError> {
+        Ok(self.claim_by_id(owner, lease, max_attempts, ids).await?)
+    }
+
     async fn create(&self, job: NewJob) -> Result<Created, StoreError> {
         Ok(self.create_job(job).await?)
     }

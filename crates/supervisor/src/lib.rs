@@ -34,6 +34,9 @@ pub struct UpOptions {
     /// Gateway listen address.
     pub listen: String,
     pub workers: usize,
+    /// A registry that is not pixmesh's own (`nats://…`): the registry role is not started, and
+    /// workers and the distributor use this one.
+    pub external_registry: Option<String>,
     /// Time each child gets to stop after SIGTERM.
     pub grace: Duration,
 }
@@ -79,9 +82,15 @@ pub async fn run(options: UpOptions, shutdown: Shutdown) -> anyhow::Result<()> {
     println!("pixmesh up: data in {data}");
     let mut groups: Vec<Vec<Supervised>> = Vec::new();
     let result = async {
-        let registry = Supervised::start(spec("registry", "registry", vec![])).await?;
-        let registry_addr = addr(registry.announcement(), "grpc")?.to_string();
-        groups.push(vec![registry]);
+        let registry_addr = match &options.external_registry {
+            Some(url) => url.clone(),
+            None => {
+                let registry = Supervised::start(spec("registry", "registry", vec![])).await?;
+                let registry_addr = addr(registry.announcement(), "grpc")?.to_string();
+                groups.push(vec![registry]);
+                registry_addr
+            }
+        };
 
         let mut workers = Vec::new();
         for i in 1..=options.workers {

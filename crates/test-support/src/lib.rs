@@ -5,6 +5,7 @@
 //! announcement lines `up` prints. Images are generated in code, so tests need no fixtures;
 //! [`corpus`] finds the shared corpus when it is there.
 
+pub mod nats;
 pub mod postgres;
 
 use anyhow::{Context, anyhow, bail};
@@ -129,20 +130,36 @@ pub struct System {
     /// The job store it runs on (`store.database`): its SQLite file, or its PostgreSQL database
     /// when the tests run on that profile ([`postgres::e2e_on_postgres`]).
     pub database: String,
+    /// The broker and registry it runs on (`queue.url`) when the tests run on that profile
+    /// ([`nats::e2e_on_nats`]).
+    pub queue: Option<String>,
     children: Arc<Mutex<HashMap<String, ChildInfo>>>,
     client: reqwest::Client,
 }
 
 impl System {
     /// Starts `pixmesh up --workers N` on `data_dir`; extra `--set key=value` pairs go to every role.
+    /// The job store and the broker are the profile's ([`postgres::e2e_on_postgres`],
+    /// [`nats::e2e_on_nats`]).
     pub async fn start(data_dir: &Path, workers: usize, sets: &[&str]) -> anyhow::Result<System> {
         let database = if postgres::e2e_on_postgres() {
             postgres::database_for(data_dir).await
         } else {
             format!("sqlite:{}", data_dir.join("pixmesh.db").display())
         };
+        let queue = if nats::e2e_on_nats() { Some(nats::namespaced_url_for(data_dir).await) } else { None };
+        System::start_on(data_dir, workers, sets, &database, queue.as_deref()).await
+    }
+
+    /// Starts `pixmesh up` on the job store `database` and, when given, the broker and registry
+    /// `queue` (`nats://…`).
+    pub async fn start_on(data_dir: &Path, workers: usize, sets: &[&str], database: &str, queue: Option<&str>) -> anyhow::Result<System> {
+        let (database, queue) = (database.to_string(), queue.map(str::to_string));
         let mut cmd = Command::new(pixmesh_bin());
         cmd.arg("--database").arg(&database);
+        if let Some(url) = &queue {
+            cmd.arg("--queue").arg(url).arg("--registry").arg(url);
+        }
         for s in sets {
             cmd.arg("--set").arg(s);
         }
@@ -186,13 +203,26 @@ impl System {
         let gateway = format!("http://{}", ready["gateway"].as_str().ok_or_else(|| anyhow!("no gateway address"))?);
         let api_key = ready["api_key"].as_str().unwrap_or_default().to_string();
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
-        Ok(System { up, gateway, api_key, data_dir: data_dir.to_path_buf(), database, children, client })
+        Ok(System { up, gateway, api_key, data_dir: data_dir.to_path_buf(), database, queue, children, client })
     }
 
     /// The settings that put another role (started with [`Role::start`]) on this system's
     /// stores.
     pub fn store_sets(&self) -> Vec<String> {
-        vec![format!("store.data_dir={}", self.data_dir.display()), format!("store.database={}", self.database)]
+        let mut sets = vec![format!("store.data_dir={}", self.data_dir.display()), format!("store.database={}", self.database)];
+        if let Some(url) = &self.queue {
+            sets.push(format!("queue.url={url}"));
+        }
+        sets
+    }
+
+    /// The registry its workers register with: the registry role's address, or the NATS URL on
+    /// that profile.
+    pub fn registry(&self) -> String {
+        match &self.queue {
+            Some(url) => url.clone(),
+            None => self.child("registry").and_then(|c| c.addresses.get("grpc").cloned()).unwrap_or_default(),
+        }
     }
 
     /// What `up` announced for a child (`worker-1`, `upload`, …), as of its latest (re)start.

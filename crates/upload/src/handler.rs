@@ -212,6 +212,7 @@ async fn upload(
     let id = created.job.id;
     metrics::counter!("pixmesh_upload_jobs_total", "replayed" => if created.created { "false" } else { "true" }).increment(1);
     if created.created {
+        state.stores.job_created(&id);
         tracing::info!(job = %id, format = probe.format.as_str(), width = probe.width, height = probe.height, "job accepted");
     }
     let status_url = format!("/api/status/{id}");

@@ -145,6 +145,15 @@ pub async fn run(config: WorkerConfig, grpc: TcpListener, admin: TcpListener, sh
 
     let registration = if config.registry.is_empty() {
         None
+    } else if is_nats(&config.registry) {
+        let member = pixmesh_queue::registry::Member {
+            address: grpc_addr.to_string(),
+            capacity: capacity as usize,
+            heartbeat_ms: config.heartbeat_interval_ms,
+        };
+        let registration =
+            pixmesh_queue::registry::NatsRegistration::start(&config.registry, &id, member).await.map_err(std::io::Error::other)?;
+        Some(Registration::Nats(Box::new(registration)))
     } else {
         let channel = pixmesh_registry::client::channel(&config.registry).map_err(std::io::Error::other)?;
         let instance = Instance {
@@ -155,7 +164,11 @@ pub async fn run(config: WorkerConfig, grpc: TcpListener, admin: TcpListener, sh
             version: env!("CARGO_PKG_VERSION").into(),
             labels: [("threads".to_string(), threads.to_string())].into_iter().collect(),
         };
-        Some(pixmesh_registry::client::Registration::start(channel, instance, Duration::from_millis(config.heartbeat_interval_ms)))
+        Some(Registration::Builtin(pixmesh_registry::client::Registration::start(
+            channel,
+            instance,
+            Duration::from_millis(config.heartbeat_interval_ms),
+        )))
     };
 
     Announcement::new("worker").with("grpc", grpc_addr).with("admin", admin_addr).with("id", &id).print();
@@ -167,7 +180,10 @@ pub async fn run(config: WorkerConfig, grpc: TcpListener, admin: TcpListener, sh
     // (the registry's watchers hear within a second); then stop accepting and drain.
     health_reporter.set_not_serving::<ImageWorkerServer<ImageWorkerService>>().await;
     if let Some(registration) = registration {
-        registration.deregister().await;
+        match registration {
+            Registration::Builtin(r) => r.deregister().await,
+            Registration::Nats(r) => r.deregister().await,
+        }
         tokio::time::sleep(Duration::from_millis(config.deregister_grace_ms)).await;
     }
     stop_serving.trigger();
@@ -178,4 +194,14 @@ pub async fn run(config: WorkerConfig, grpc: TcpListener, admin: TcpListener, sh
         Some(Ok(Err(e))) => Err(std::io::Error::other(e)),
         Some(Err(e)) => Err(std::io::Error::other(e)),
     }
+}
+
+/// Where this worker registers: pixmesh's registry role, or a NATS KV bucket.
+enum Registration {
+    Builtin(pixmesh_registry::client::Registration),
+    Nats(Box<pixmesh_queue::registry::NatsRegistration>),
+}
+
+fn is_nats(registry: &str) -> bool {
+    registry.starts_with("nats://") || registry.starts_with("tls://")
 }

@@ -1,0 +1,149 @@
+//! pixmesh on real engines, many processes of each role at once, and the broker failing under
+//! load: the database stays the truth, so a NATS server that restarts or loses its whole store
+//! costs time, never a job.
+//!
+//! These start their own `nats-server` (ephemeral port, store in a temp dir) and use the job
+//! store of the suite's profile (SQLite, or PostgreSQL with `PIXMESH_E2E_DATABASE=postgres`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+use futures_util::future::join_all;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use pixmesh_store::{EventKind, JobStore, StoreConfig, Stores};
+use pixmesh_test_support::nats::NatsServer;
+use pixmesh_test_support::{Role, System, jpeg};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The job store of the suite's profile for `data_dir`.
+async fn database(data_dir: &std::path::Path) -> String {
+    if pixmesh_test_support::postgres::e2e_on_postgres() {
+        pixmesh_test_support::postgres::database_for(data_dir).await
+    } else {
+        format!("sqlite:{}", data_dir.join("pixmesh.db").display())
+    }
+}
+
+async fn open(data_dir: &std::path::Path, database: &str) -> Arc<dyn JobStore> {
+    Stores::open(&StoreConfig::default().with_data_dir(data_dir).with_database(database)).await.unwrap().jobs
+}
+
+fn id(v: &Value) -> String {
+    v["id"].as_str().unwrap_or_else(|| panic!("no id in {v}")).to_string()
+}
+
+async fn upload(system: &System, n: usize) -> Vec<String> {
+    let uploads = (0..n).map(|i| async move {
+        let (code, body) = system.upload(jpeg(160 + i as u32 % 7, 120), "image/jpeg", "width=48&format=png").await.unwrap();
+        assert_eq!(code, 202, "{body}");
+        id(&body)
+    });
+    join_all(uploads).await
+}
+
+/// Every job ended `succeeded` exactly once, with one result; returns the claim owners.
+async fn every_job_once(store: &Arc<dyn JobStore>, ids: &[String]) -> HashMap<String, usize> {
+    let mut owners: HashMap<String, usize> = HashMap::new();
+    for id in ids {
+        let job = store.get(id).await.unwrap().unwrap_or_else(|| panic!("job {id} lost"));
+        let events = store.events(id).await.unwrap();
+        let kinds: Vec<EventKind> = events.iter().map(|e| e.kind()).collect();
+        let succeeded = kinds.iter().filter(|k| **k == EventKind::Succeeded).count();
+        assert_eq!((succeeded, kinds.contains(&EventKind::Failed)), (1, false), "job {id}: {kinds:?}");
+        assert!(job.result.is_some(), "job {id} has no result");
+        if let Some(owner) = events.iter().rev().find_map(|e| match &e.event {
+            pixmesh_store::Event::Claimed { owner, .. } => Some(owner.clone()),
+            _ => None,
+        }) {
+            *owners.entry(owner).or_default() += 1;
+        }
+    }
+    owners
+}
+
+async fn all_terminal(system: &System, ids: &[String], within: Duration) {
+    for s in join_all(ids.iter().map(|id| system.wait_terminal(id, within))).await {
+        let s = s.unwrap();
+        assert_eq!(s["state"], "succeeded", "{s}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_three_distributors_four_workers_every_job_ends_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start().await.unwrap();
+    let url = format!("{}/many", nats.url());
+    let db = database(dir.path()).await;
+    // Two systems on one data dir (one API key, one blob directory), one job store and one
+    // broker: 2 gateways, 2 upload and 2 status services, 2 distributors and 2 + 2 workers,
+    // all found through the NATS registry; a third distributor runs on its own.
+    let sets = ["distributor.lease_ms=3000", "distributor.lease_renew_ms=1000"];
+    let a = System::start_on(dir.path(), 2, &sets, &db, Some(&url)).await.unwrap();
+    let b = System::start_on(dir.path(), 2, &sets, &db, Some(&url)).await.unwrap();
+    assert_ne!(a.gateway, b.gateway);
+    let mut third_sets = a.store_sets();
+    third_sets.extend([format!("distributor.registry={url}"), sets[0].to_string(), sets[1].to_string()]);
+    let third_sets: Vec<&str> = third_sets.iter().map(String::as_str).collect();
+    let third = Role::start("distributor", None, &third_sets, &[]).await.unwrap();
+
+    let (mut ids, more) = tokio::join!(upload(&a, 60), upload(&b, 60));
+    ids.extend(more);
+    // Status through either gateway: they share the store.
+    for id in ids.iter().step_by(17) {
+        assert_eq!(b.status(id).await.unwrap().0, 200);
+        assert_eq!(a.status(id).await.unwrap().0, 200);
+    }
+    // kill -9 of one distributor mid-load (its jobs are taken again once their lease runs
+    // out; `up` starts it again).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let victim = a.child("distributor").unwrap().pid;
+    kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    let killed = Instant::now();
+    ids.extend(upload(&b, 40).await);
+    all_terminal(&a, &ids, Duration::from_secs(90)).await;
+    println!("{} jobs ended {:?} after the kill", ids.len(), killed.elapsed());
+    let store = open(dir.path(), &db).await;
+    let owners = every_job_once(&store, &ids).await;
+    println!("jobs per distributor: {owners:?}");
+    assert!(owners.len() >= 3, "the distributors share the work: {owners:?}");
+    drop(third);
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_and_then_wiped_broker_loses_no_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = NatsServer::start().await.unwrap();
+    let db = database(dir.path()).await;
+    let system = System::start_on(dir.path(), 2, &[], &db, Some(&nats.url())).await.unwrap();
+    let mut ids = upload(&system, 30).await;
+
+    // Restarted (kill -9, same store) while jobs are in flight, and uploads go on meanwhile.
+    nats.kill().await;
+    ids.extend(upload(&system, 10).await);
+    nats.start_again().await.unwrap();
+    let restarted = Instant::now();
+    ids.extend(upload(&system, 10).await);
+    all_terminal(&system, &ids, Duration::from_secs(60)).await;
+    println!("after a restart: {} jobs ended {:?} after NATS was back", ids.len(), restarted.elapsed());
+
+    // Wiped: every stream, consumer, message and registry entry gone.
+    let before = upload(&system, 30).await;
+    nats.wipe_and_start_again().await.unwrap();
+    let wiped = Instant::now();
+    let after = upload(&system, 10).await;
+    all_terminal(&system, &before, Duration::from_secs(60)).await;
+    all_terminal(&system, &after, Duration::from_secs(60)).await;
+    println!("after a wipe: {} jobs ended {:?} after NATS was back empty", before.len() + after.len(), wiped.elapsed());
+    ids.extend(before);
+    ids.extend(after);
+    let store = open(dir.path(), &db).await;
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len());
+    every_job_once(&store, &ids).await;
+    system.stop().await.unwrap();
+}
