@@ -2,15 +2,19 @@
 # Dispatch benchmark: how fast distributors move jobs that were already accepted through the job
 # store, with simulated gRPC workers that answer at once (no pixels), and how long a new job
 # waits from `accepted` to `claimed` (p50/p99) — on (a) SQLite and (b) PostgreSQL (distributors
-# woken by polling the database), beside the floor measured in the same run on the same server:
-# a pgbench script of the plain SKIP LOCKED lease + complete loop (claim the oldest queued row
-# with FOR UPDATE SKIP LOCKED, then mark it done; two commits per job, as pixmesh's claim and
-# commit), with 4 clients.
+# woken by polling the database) and (c) PostgreSQL + NATS JetStream (distributors woken by the
+# wake-up stream; each latency-phase job also gets the upload service's early wake-up), beside
+# the floors measured in the same run on the same servers: a pgbench script of the plain SKIP
+# LOCKED lease + complete loop (claim the oldest queued row with FOR UPDATE SKIP LOCKED, then
+# mark it done; two commits per job, as pixmesh's claim and commit), with 4 clients; and a
+# JetStream publish + consume/ack loop on a work-queue stream with the durability pixmesh uses
+# (file storage, the server's own sync interval).
 #
 # Jobs/s is read off the job log (first `claimed` to last `succeeded`); see
 # crates/loadgen/src/dispatch.rs. PostgreSQL is the machine's (PIXMESH_TEST_POSTGRES, default
 # postgres://postgres@127.0.0.1:5432/postgres), with its own settings for both sides; each run
-# uses a fresh database, dropped at the end.
+# uses a fresh database, dropped at the end. NATS is the machine's (PIXMESH_TEST_NATS, default
+# nats://127.0.0.1:4222), each run in a namespace of its own.
 #
 # Usage: bench/dispatch.sh     Env: JOBS (default 5000), DISTRIBUTORS (default 1 2),
 #                                   CONCURRENCY (default 32), LATENCY_RATE (default 100/s)
@@ -21,6 +25,7 @@ DISTRIBUTORS="${DISTRIBUTORS:-1 2}"
 CONCURRENCY="${CONCURRENCY:-32}"
 RATE="${LATENCY_RATE:-100}"
 SERVER="${PIXMESH_TEST_POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}"
+NATS="${PIXMESH_TEST_NATS:-nats://127.0.0.1:4222}"
 cargo build --release -q -p pixmesh -p pixmesh-loadgen
 T="${CARGO_TARGET_DIR:-target}/release"
 work="$(mktemp -d)"
@@ -36,11 +41,11 @@ fresh_db() { # name; sets $url
   url="${SERVER%/*}/$1"
 }
 
-run() { # label database-url distributors
+run() { # label database-url distributors [extra loadgen args]
   local dir="$work/$1-$3"
   mkdir -p "$dir"
   "$T/pixmesh-loadgen" dispatch --pixmesh "$T/pixmesh" --database "$2" --data-dir "$dir" --jobs "$JOBS" \
-    --distributors "$3" --concurrency "$CONCURRENCY" --latency-jobs $((RATE * 5)) --latency-rate "$RATE"
+    --distributors "$3" --concurrency "$CONCURRENCY" --latency-jobs $((RATE * 5)) --latency-rate "$RATE" "${@:4}"
 }
 
 echo "== floor: pgbench, SKIP LOCKED lease + complete, 4 clients"
@@ -62,6 +67,10 @@ SQL
 floor=$(pgbench -n -c 4 -j 2 -t "$per_client" -f "$work/loop.sql" "$floor_url" 2>/dev/null | awk '/^tps/ { print $3; exit }')
 echo "  $floor jobs/s"
 
+echo "== floor: JetStream publish + consume/ack, work-queue stream, file storage"
+jsfloor="$("$T/pixmesh-loadgen" jetstream-floor --url "$NATS" --messages $((JOBS * 4)))"
+echo "  $jsfloor"
+
 results=()
 for d in $DISTRIBUTORS; do
   echo "== SQLite, $d distributor(s)"
@@ -71,19 +80,26 @@ for d in $DISTRIBUTORS; do
   fresh_db "pixmesh_bench_${d}_$$"
   results+=("$(run postgres "$url" "$d")")
   echo "  ${results[-1]}"
+  echo "== PostgreSQL + NATS, $d distributor(s)"
+  fresh_db "pixmesh_bench_nats_${d}_$$"
+  results+=("$(run nats "$url" "$d" --queue "$NATS/bench$$x$d")")
+  echo "  ${results[-1]}"
 done
 
-python3 - "$floor" "${results[@]}" <<'PY'
+python3 - "$floor" "$jsfloor" "${results[@]}" <<'PY'
 import json, sys
 floor = float(sys.argv[1])
+js = json.loads(sys.argv[2])
 print("\nsummary (same run, same machine):")
 print(f"  floor: pgbench SKIP LOCKED lease + complete loop, 4 clients: {floor:.0f} jobs/s")
-for r in map(json.loads, sys.argv[2:]):
-    kind = "SQLite" if r["database"].startswith("sqlite") else "PostgreSQL"
+print(f"  floor: JetStream publish {js['publish_per_second']:.0f}/s, consume+ack {js['consume_ack_per_second']:.0f}/s,"
+      f" whole loop {js['loop_per_second']:.0f} messages/s")
+for r in map(json.loads, sys.argv[3:]):
+    kind = "SQLite" if r["database"].startswith("sqlite") else ("PG + NATS" if r.get("queue") else "PostgreSQL")
     lat = r["accepted_to_claimed"]
     line = (f"  {kind:10} {r['distributors']} distributor(s) x {r['concurrency']} in flight: {r['jobs_per_second']:7.0f} jobs/s"
             f" (claims per distributor {r['claims_per_distributor']})")
-    if kind == "PostgreSQL":
+    if kind != "SQLite":
         line += f" = {r['jobs_per_second'] / floor:.2f}x the floor"
     line += f"; accepted->claimed at {r['latency_rate']}/s: p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms"
     print(line)

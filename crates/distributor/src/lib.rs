@@ -142,6 +142,9 @@ impl DistributorConfig {
                 budget::MAX_PERCENT
             ));
         }
+        if self.registry.starts_with("nats://") || self.registry.starts_with("tls://") {
+            pixmesh_queue::nats_url("distributor.registry", &self.registry)?;
+        }
         if self.worker_capacity == 0 {
             return Err("distributor.worker_capacity must be at least 1".into());
         }

@@ -2,7 +2,7 @@
 //! with instant workers, and how long a new job waits to be claimed.
 //!
 //! 1. Throughput: `jobs` jobs are recorded in the store (by this process, as the upload service
-//!    would), then `distributors` real `pixmesh distributor` processes start against it, with
+//!    would, early wake-up included when there is a broker), then `distributors` real `pixmesh distributor` processes start against it, with
 //!    simulated gRPC workers that answer at once (no pixels). Jobs/s is measured from the job
 //!    log itself: from the first `claimed` event to the last `succeeded` one, so process start
 //!    and the store's warm-up are not counted.
@@ -32,6 +32,7 @@ pub struct Dispatch {
     pub latency_jobs: usize,
     pub latency_rate: u64,
     pub sets: Vec<String>,
+    pub queue: Option<String>,
 }
 
 fn job(id: String, input: &BlobRef) -> NewJob {
@@ -50,6 +51,9 @@ fn job(id: String, input: &BlobRef) -> NewJob {
 async fn distributor(run: &Dispatch, workers: &[String]) -> anyhow::Result<Child> {
     let mut cmd = Command::new(&run.pixmesh);
     cmd.arg("--database").arg(&run.database);
+    if let Some(queue) = &run.queue {
+        cmd.arg("--queue").arg(queue);
+    }
     let list = workers.iter().map(|w| format!("\"{w}\"")).collect::<Vec<_>>().join(",");
     for set in [
         format!("store.data_dir={}", run.data_dir.display()),
@@ -108,13 +112,21 @@ fn first(events: &[JobEvent], kind: EventKind) -> Option<i64> {
 pub async fn run(run: Dispatch) -> anyhow::Result<serde_json::Value> {
     let (workers, _) = start_workers(4, 0, Duration::ZERO, 1.0, 256).await?;
     let config = StoreConfig::default().with_data_dir(&run.data_dir).with_database(&run.database);
-    let stores = Stores::open(&config).await?;
+    let mut stores = Stores::open(&config).await?;
+    if let Some(url) = &run.queue {
+        let queue =
+            pixmesh_queue::Queue::connect(&pixmesh_queue::QueueConfig { url: url.clone(), ..Default::default() }, "loadgen").await?;
+        stores = stores.with_notify(std::sync::Arc::new(queue));
+    }
     let input = stores.blobs.put(Bytes::from_static(b"\x89PNG bench input")).await?;
 
     // 1. Throughput over jobs already accepted.
     let started = Instant::now();
     for i in 0..run.jobs {
-        stores.jobs.create(job(format!("t{i:07}"), &input)).await?;
+        let created = stores.jobs.create(job(format!("t{i:07}"), &input)).await?;
+        // With a broker, the wake-up the upload service would have sent (the stream keeps it
+        // until the distributors start).
+        stores.job_created(&created.job.id);
     }
     let accept_per_second = run.jobs as f64 / started.elapsed().as_secs_f64();
     let mut children = Vec::new();
@@ -143,7 +155,9 @@ pub async fn run(run: Dispatch) -> anyhow::Result<serde_json::Value> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     for i in 0..run.latency_jobs {
         tick.tick().await;
-        stores.jobs.create(job(format!("l{i:07}"), &input)).await?;
+        let created = stores.jobs.create(job(format!("l{i:07}"), &input)).await?;
+        // As the upload service does: the early wake-up, after the commit.
+        stores.job_created(&created.job.id);
     }
     wait_done(&stores, (run.jobs + run.latency_jobs) as u64, Duration::from_secs(120)).await?;
     let mut waits = Vec::new();
@@ -157,8 +171,18 @@ pub async fn run(run: Dispatch) -> anyhow::Result<serde_json::Value> {
     for mut child in children {
         let _ = child.kill().await;
     }
+    if let Some(url) = &run.queue {
+        // The run's namespace goes with it.
+        let names = pixmesh_queue::nats_url("--queue", url).map_err(anyhow::Error::msg)?.names();
+        let queue =
+            pixmesh_queue::Queue::connect(&pixmesh_queue::QueueConfig { url: url.clone(), ..Default::default() }, "loadgen").await?;
+        for stream in [names.wake_stream, names.events_stream, names.dead_stream] {
+            let _ = queue.jetstream().delete_stream(&stream).await;
+        }
+    }
     Ok(json!({
         "database": run.database.split('@').next_back().unwrap_or_default(),
+        "queue": run.queue.is_some(),
         "jobs": run.jobs,
         "distributors": run.distributors,
         "concurrency": run.concurrency,
@@ -167,5 +191,67 @@ pub async fn run(run: Dispatch) -> anyhow::Result<serde_json::Value> {
         "claims_per_distributor": shares,
         "latency_rate": run.latency_rate,
         "accepted_to_claimed": percentiles(waits),
+    }))
+}
+
+/// Publish `messages` wake-up-sized messages to a fresh work-queue stream (file storage, the
+/// server's default sync, `Nats-Msg-Id` on each, every ack awaited, 256 in flight), then
+/// consume and ack them all with a pull consumer: messages/s for the whole loop.
+pub async fn jetstream_floor(url: &str, messages: usize) -> anyhow::Result<serde_json::Value> {
+    use async_nats::jetstream::{self, consumer::pull, stream};
+    use futures_util::StreamExt;
+    let client = async_nats::connect(url).await?;
+    let js = jetstream::new(client);
+    let name = format!("PIXMESH_FLOOR_{}", std::process::id());
+    let subject = format!("pixmesh.floor.{}", std::process::id());
+    let stream = js
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let payload = Bytes::from_static(br#"{"job":"01a2356e-5173-720f-a31e-893d0b78afb4","attempt":0}"#);
+    let started = Instant::now();
+    let mut pending = std::collections::VecDeque::new();
+    for i in 0..messages {
+        let publish = jetstream::message::PublishMessage::build().payload(payload.clone()).message_id(format!("m{i}"));
+        pending.push_back(js.send_publish(subject.clone(), publish).await?);
+        if pending.len() >= 256
+            && let Some(ack) = pending.pop_front()
+        {
+            ack.await?;
+        }
+    }
+    for ack in pending {
+        ack.await?;
+    }
+    let published = started.elapsed();
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("floor".into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    let consuming = Instant::now();
+    let mut done = 0;
+    while done < messages {
+        let mut batch = consumer.batch().max_messages(256).expires(Duration::from_secs(1)).messages().await?;
+        while let Some(m) = batch.next().await {
+            m.map_err(|e| anyhow::anyhow!("{e}"))?.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            done += 1;
+        }
+    }
+    let consumed = consuming.elapsed();
+    js.delete_stream(&name).await?;
+    let total = published + consumed;
+    Ok(json!({
+        "messages": messages,
+        "publish_per_second": messages as f64 / published.as_secs_f64(),
+        "consume_ack_per_second": messages as f64 / consumed.as_secs_f64(),
+        "loop_per_second": messages as f64 / total.as_secs_f64(),
     }))
 }

@@ -20,6 +20,7 @@
 
 mod balance;
 mod dispatch;
+mod e2e;
 mod open_loop;
 
 use anyhow::Context;
@@ -131,6 +132,37 @@ enum Mode {
         /// More settings for the distributors (`key=value`, repeatable).
         #[arg(long = "set")]
         sets: Vec<String>,
+        /// The broker (nats://HOST:PORT/NAMESPACE): distributors are woken by it, and each
+        /// latency-phase job gets the upload service's early wake-up.
+        #[arg(long)]
+        queue: Option<String>,
+    },
+    /// A whole running system through its gateway: tiny images, jobs/s until all ended
+    /// (see e2e.rs).
+    E2e {
+        /// e.g. http://127.0.0.1:8080
+        #[arg(long)]
+        gateway: String,
+        #[arg(long)]
+        key: String,
+        /// The system's job store (to see when every job ended).
+        #[arg(long)]
+        database: String,
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 2000)]
+        jobs: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
+    /// The JetStream floor: publish (with Nats-Msg-Id, waiting for every ack) then consume
+    /// and ack, on a work-queue stream with file storage, as pixmesh's wake-ups do.
+    JetstreamFloor {
+        /// nats://HOST:PORT
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 20000)]
+        messages: usize,
     },
     /// Worker picking against simulated gRPC workers (see balance.rs).
     Balance {
@@ -401,10 +433,28 @@ fn main() -> anyhow::Result<()> {
                 println!("{out}");
                 Ok(())
             }
-            Mode::Dispatch { pixmesh, database, data_dir, jobs, distributors, concurrency, latency_jobs, latency_rate, sets } => {
-                let run =
-                    dispatch::Dispatch { pixmesh, database, data_dir, jobs, distributors, concurrency, latency_jobs, latency_rate, sets };
+            Mode::Dispatch { pixmesh, database, data_dir, jobs, distributors, concurrency, latency_jobs, latency_rate, sets, queue } => {
+                let run = dispatch::Dispatch {
+                    pixmesh,
+                    database,
+                    data_dir,
+                    jobs,
+                    distributors,
+                    concurrency,
+                    latency_jobs,
+                    latency_rate,
+                    sets,
+                    queue,
+                };
                 println!("{}", dispatch::run(run).await?);
+                Ok(())
+            }
+            Mode::E2e { gateway, key, database, data_dir, jobs, concurrency } => {
+                println!("{}", e2e::run(e2e::E2e { gateway, key, database, data_dir, jobs, concurrency }).await?);
+                Ok(())
+            }
+            Mode::JetstreamFloor { url, messages } => {
+                println!("{}", dispatch::jetstream_floor(&url, messages).await?);
                 Ok(())
             }
             Mode::PickOverhead { workers } => {

@@ -113,7 +113,7 @@ impl Default for QueueConfig {
         QueueConfig {
             url: String::new(),
             connect_timeout_ms: 3000,
-            ack_wait_ms: 30_000,
+            ack_wait_ms: 10_000,
             max_deliver: 10,
             sweep_after_ms: 2000,
             sweep_interval_ms: 500,

@@ -31,6 +31,9 @@ use tokio::time::Instant;
 /// that rolled back. Far beyond any transaction pixmesh runs (they are one statement, or a few).
 pub const GAP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The widest span of missing ids that the relay waits for.
+const MAX_GAP_SPAN: i64 = 4096;
+
 /// Events read per round.
 const BATCH: u32 = 512;
 
@@ -64,11 +67,13 @@ struct Leading {
     done: BTreeSet<i64>,
     /// Ids above `cursor` and below `high` not seen yet, with when they were first missed.
     gaps: BTreeMap<i64, Instant>,
+    /// Spans of ids not waited for (first → last).
+    skips: BTreeMap<i64, i64>,
 }
 
 impl Leading {
     fn new(cursor: i64) -> Leading {
-        Leading { cursor, high: cursor, done: BTreeSet::new(), gaps: BTreeMap::new() }
+        Leading { cursor, high: cursor, done: BTreeSet::new(), gaps: BTreeMap::new(), skips: BTreeMap::new() }
     }
 
     /// Records that `id` was published.
@@ -78,11 +83,18 @@ impl Leading {
         }
         self.gaps.remove(&id);
         if id > self.high {
-            let now = Instant::now();
-            for missing in (self.high + 1)..id {
-                if !self.done.contains(&missing) {
-                    self.gaps.insert(missing, now);
+            // A span wider than any number of transactions in flight is not waited for: its ids
+            // were pruned, or skipped by the sequence (PostgreSQL after a crash).
+            if id - self.high <= MAX_GAP_SPAN {
+                let now = Instant::now();
+                for missing in (self.high + 1)..id {
+                    if !self.done.contains(&missing) {
+                        self.gaps.insert(missing, now);
+                    }
                 }
+            } else {
+                tracing::info!(from = self.high + 1, to = id - 1, "event ids skipped; not waiting for them");
+                self.skips.insert(self.high + 1, id - 1);
             }
             self.high = id;
         }
@@ -95,6 +107,8 @@ impl Leading {
             let next = self.cursor + 1;
             if self.done.remove(&next) {
                 self.cursor = next;
+            } else if let Some(last) = self.skips.remove(&next) {
+                self.cursor = last;
             } else if let Some(seen) = self.gaps.get(&next).copied() {
                 if seen.elapsed() < timeout {
                     break;
@@ -318,5 +332,15 @@ mod tests {
         l.published(14);
         assert_eq!((l.cursor, l.high), (15, 15));
         assert!(l.done.is_empty());
+        // A span too wide for transactions in flight (pruned ids) is not waited for, even
+        // behind a gap that is.
+        l.published(17);
+        l.published(17 + MAX_GAP_SPAN + 10);
+        l.advance(GAP_TIMEOUT);
+        assert_eq!(l.cursor, 15, "16 is waited for");
+        l.published(16);
+        l.advance(GAP_TIMEOUT);
+        assert_eq!(l.cursor, 17 + MAX_GAP_SPAN + 10);
+        assert!(l.gaps.is_empty() && l.skips.is_empty() && l.done.is_empty());
     }
 }

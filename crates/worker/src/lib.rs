@@ -35,8 +35,12 @@ pub struct WorkerConfig {
     /// Calls accepted at once (running + waiting for a thread), advertised to the registry.
     /// 0 means twice the threads.
     pub capacity: u32,
-    /// Registry address (`host:port`); empty means do not register.
+    /// Registry address (`host:port`, or `nats://HOST:PORT` for NATS KV); empty means do not
+    /// register.
     pub registry: String,
+    /// The address (`host:port`) registered for distributors to call; empty means the bound
+    /// address, which must then not be a wildcard (`0.0.0.0`, `[::]`).
+    pub advertise: String,
     /// Instance id; empty means generated at start.
     pub id: String,
     pub heartbeat_interval_ms: u64,
@@ -67,6 +71,7 @@ impl Default for WorkerConfig {
             threads: 0,
             capacity: 0,
             registry: String::new(),
+            advertise: String::new(),
             id: String::new(),
             heartbeat_interval_ms: 1000,
             drain_grace_ms: 30_000,
@@ -82,6 +87,15 @@ impl WorkerConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.threads > 256 {
             return Err("worker.threads must be at most 256".into());
+        }
+        if !self.registry.is_empty() && self.advertise.is_empty() && self.listen.ip().is_unspecified() {
+            return Err(format!(
+                "worker.listen is {}, which distributors cannot call: set worker.advertise to the host:port they reach this worker at",
+                self.listen
+            ));
+        }
+        if is_nats(&self.registry) {
+            pixmesh_queue::nats_url("worker.registry", &self.registry)?;
         }
         if !(10..=60_000).contains(&self.heartbeat_interval_ms) {
             return Err("worker.heartbeat_interval_ms must be between 10 and 60000".into());
@@ -143,11 +157,13 @@ pub async fn run(config: WorkerConfig, grpc: TcpListener, admin: TcpListener, sh
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), stop_serving.wait_owned());
     let server = tokio::spawn(server);
 
+    // A wildcard listen address with a registry and no `advertise` is refused by `validate`.
+    let advertised = if config.advertise.is_empty() { grpc_addr.to_string() } else { config.advertise.clone() };
     let registration = if config.registry.is_empty() {
         None
     } else if is_nats(&config.registry) {
         let member = pixmesh_queue::registry::Member {
-            address: grpc_addr.to_string(),
+            address: advertised.clone(),
             capacity: capacity as usize,
             heartbeat_ms: config.heartbeat_interval_ms,
         };
@@ -159,7 +175,7 @@ pub async fn run(config: WorkerConfig, grpc: TcpListener, admin: TcpListener, sh
         let instance = Instance {
             id: id.clone(),
             service: "worker".into(),
-            address: grpc_addr.to_string(),
+            address: advertised.clone(),
             capacity,
             version: env!("CARGO_PKG_VERSION").into(),
             labels: [("threads".to_string(), threads.to_string())].into_iter().collect(),

@@ -1,0 +1,132 @@
+//! `pixmesh-loadgen e2e`: jobs/s of a whole running system, through its gateway: `jobs` tiny
+//! images uploaded by `concurrency` clients at once, timed from the first upload until the job
+//! store says every job ended (read from the store, so polling the API costs nothing).
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use pixmesh_store::{JobState, StoreConfig, Stores};
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub struct E2e {
+    pub gateway: String,
+    pub key: String,
+    pub database: String,
+    pub data_dir: PathBuf,
+    pub jobs: usize,
+    pub concurrency: usize,
+}
+
+/// A 16×16 PNG.
+fn tiny_png() -> Bytes {
+    // A valid PNG: signature, IHDR 16x16 gray, one IDAT of 16 rows of zero, IEND.
+    let mut raw = Vec::new();
+    for _ in 0..16 {
+        raw.push(0u8);
+        raw.extend_from_slice(&[0x80; 16]);
+    }
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let chunk = |out: &mut Vec<u8>, kind: &[u8], data: &[u8]| {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&crc32(&body).to_be_bytes());
+    };
+    chunk(&mut out, b"IHDR", &[0, 0, 0, 16, 0, 0, 0, 16, 8, 0, 0, 0, 0]);
+    chunk(&mut out, b"IDAT", &zlib_stored(&raw));
+    chunk(&mut out, b"IEND", &[]);
+    Bytes::from(out)
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// zlib with one stored (uncompressed) block.
+fn zlib_stored(data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x78, 0x01, 1];
+    let len = data.len() as u16;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&(!len).to_le_bytes());
+    out.extend_from_slice(data);
+    let (mut a, mut b) = (1u32, 0u32);
+    for &x in data {
+        a = (a + u32::from(x)) % 65521;
+        b = (b + a) % 65521;
+    }
+    out.extend_from_slice(&((b << 16) | a).to_be_bytes());
+    out
+}
+
+pub async fn run(run: E2e) -> anyhow::Result<serde_json::Value> {
+    let stores = Stores::open(&StoreConfig::default().with_data_dir(&run.data_dir).with_database(&run.database)).await?;
+    let before: u64 = stores.jobs.counts().await?.iter().map(|(_, n)| n).sum();
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let image = tiny_png();
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..run.concurrency.max(1) {
+        let (client, image, next, jobs) = (client.clone(), image.clone(), Arc::clone(&next), run.jobs);
+        let uri = format!("{}/api/upload?width=8&format=png", run.gateway.trim_end_matches('/'));
+        let key = run.key.clone();
+        clients.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < jobs {
+                let request = http::Request::post(&uri)
+                    .header("x-api-key", &key)
+                    .header("content-type", "image/png")
+                    .body(Full::new(image.clone()))
+                    .context("request")?;
+                let response = client.request(request).await.context("upload")?;
+                let status = response.status();
+                let body = response.into_body().collect().await.context("upload body")?.to_bytes();
+                if status.as_u16() != 202 {
+                    bail!("upload answered {status}: {}", String::from_utf8_lossy(&body));
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for c in clients {
+        c.await??;
+    }
+    let uploaded = started.elapsed();
+    let total = before + run.jobs as u64;
+    loop {
+        let counts = stores.jobs.counts().await?;
+        let ended: u64 = counts.iter().filter(|(s, _)| s.is_terminal()).map(|(_, n)| n).sum();
+        if ended >= total {
+            let failed: u64 = counts.iter().filter(|(s, _)| *s == JobState::Failed).map(|(_, n)| n).sum();
+            if failed > 0 {
+                bail!("{failed} jobs failed");
+            }
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("only {ended} of {total} jobs ended within 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = started.elapsed();
+    Ok(json!({
+        "jobs": run.jobs,
+        "concurrency": run.concurrency,
+        "uploads_per_second": run.jobs as f64 / uploaded.as_secs_f64(),
+        "jobs_per_second": run.jobs as f64 / elapsed.as_secs_f64(),
+    }))
+}
