@@ -27,6 +27,10 @@ async fn database(data_dir: &std::path::Path) -> String {
     }
 }
 
+fn epoch_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
 async fn open(data_dir: &std::path::Path, database: &str) -> Arc<dyn JobStore> {
     Stores::open(&StoreConfig::default().with_data_dir(data_dir).with_database(database)).await.unwrap().jobs
 }
@@ -80,7 +84,8 @@ async fn two_gateways_three_distributors_four_workers_every_job_ends_once() {
     // Two systems on one data dir (one API key, one blob directory), one job store and one
     // broker: 2 gateways, 2 upload and 2 status services, 2 distributors and 2 + 2 workers,
     // all found through the NATS registry; a third distributor runs on its own.
-    let sets = ["distributor.lease_ms=3000", "distributor.lease_renew_ms=1000"];
+    let lease = Duration::from_secs(5);
+    let sets = ["distributor.lease_ms=5000", "distributor.lease_renew_ms=1500"];
     let a = System::start_on(dir.path(), 2, &sets, &db, Some(&url)).await.unwrap();
     let b = System::start_on(dir.path(), 2, &sets, &db, Some(&url)).await.unwrap();
     assert_ne!(a.gateway, b.gateway);
@@ -89,31 +94,51 @@ async fn two_gateways_three_distributors_four_workers_every_job_ends_once() {
     let third_sets: Vec<&str> = third_sets.iter().map(String::as_str).collect();
     let third = Role::start("distributor", None, &third_sets, &[]).await.unwrap();
 
-    let (mut ids, more) = tokio::join!(upload(&a, 60), upload(&b, 60));
-    ids.extend(more);
+    // kill -9 of every distributor while the uploads come in, and so of the relay, whichever
+    // holds its lease: `up` starts its two again; their jobs are taken again once their leases
+    // run out, and a new relay takes over once the old one's relay lease has.
+    let mut third = third;
+    let uploads = async {
+        let (mut ids, more) = tokio::join!(upload(&a, 60), upload(&b, 60));
+        ids.extend(more);
+        ids
+    };
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for victim in [a.child("distributor").unwrap().pid, b.child("distributor").unwrap().pid] {
+            kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+        }
+        third.child.kill().await.unwrap();
+        (Instant::now(), epoch_ms())
+    };
+    let (mut ids, (killed, killed_at)) = tokio::join!(uploads, killer);
     // Status through either gateway: they share the store.
     for id in ids.iter().step_by(17) {
         assert_eq!(b.status(id).await.unwrap().0, 200);
         assert_eq!(a.status(id).await.unwrap().0, 200);
     }
-    // kill -9 of every distributor mid-load, and so of the relay, whichever holds its lease:
-    // `up` starts its two again; their jobs are taken again once their leases run out, and a
-    // new relay takes over once the old one's relay lease has.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    for victim in [a.child("distributor").unwrap().pid, b.child("distributor").unwrap().pid] {
-        kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
-    }
-    let mut third = third;
-    third.child.kill().await.unwrap();
-    let killed = Instant::now();
     ids.extend(upload(&b, 40).await);
     all_terminal(&a, &ids, Duration::from_secs(90)).await;
     let recovered = killed.elapsed();
-    println!("{} jobs ended {recovered:?} after every distributor was killed (lease 3 s)", ids.len());
+    println!("{} jobs ended {recovered:?} after every distributor was killed (lease {lease:?})", ids.len());
     assert!(recovered < Duration::from_secs(30), "recovered within the bound: {recovered:?}");
     let store = open(dir.path(), &db).await;
     let owners = every_job_once(&store, &ids).await;
-    println!("jobs per distributor: {owners:?}");
+    // The killed distributors' jobs: claimed again within 2× the lease of the kill.
+    let mut again = Vec::new();
+    for id in &ids {
+        let events = store.events(id).await.unwrap();
+        let claims: Vec<i64> = events.iter().filter(|e| e.kind() == EventKind::Claimed).map(|e| e.at).collect();
+        if claims.len() > 1 && claims[0] <= killed_at {
+            again.push(claims[1] - killed_at);
+        }
+    }
+    let slowest = again.iter().max().copied().unwrap_or(0);
+    println!(
+        "jobs per distributor: {owners:?}; {} jobs of the killed distributors claimed again, the last {slowest} ms after the kill",
+        again.len()
+    );
+    assert!(slowest <= 2 * lease.as_millis() as i64, "a killed distributor's job waited {slowest} ms (lease {lease:?})");
     assert!(owners.len() >= 3, "the distributors share the work: {owners:?}");
     b.stop().await.unwrap();
     a.stop().await.unwrap();
@@ -150,5 +175,66 @@ async fn a_restarted_and_then_wiped_broker_loses_no_job() {
     let unique: HashSet<&String> = ids.iter().collect();
     assert_eq!(unique.len(), ids.len());
     every_job_once(&store, &ids).await;
+    system.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_under_load_refuses_uploads_clearly_and_loses_no_job() {
+    use pixmesh_test_support::postgres::PgCluster;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = tokio::task::spawn_blocking(PgCluster::start).await.unwrap();
+    let nats = NatsServer::start().await.unwrap();
+    let db = cluster.url("postgres");
+    let system = System::start_on(dir.path(), 2, &["store.connect_timeout_ms=1000"], &db, Some(&nats.url())).await.unwrap();
+    let mut ids = upload(&system, 30).await;
+
+    // The database goes down (immediate stop: like a crash) with jobs in flight.
+    tokio::task::block_in_place(|| cluster.kill());
+    let down = Instant::now();
+    // Uploads meanwhile: a clear 503 with Retry-After, within the connect timeout; nothing kept.
+    let mut refused = 0;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let response = system
+            .client()
+            .post(format!("{}/api/upload?width=48&format=png", system.gateway))
+            .header("x-api-key", &system.api_key)
+            .header("content-type", "image/jpeg")
+            .body(jpeg(160, 120))
+            .send()
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        let status = response.status().as_u16();
+        let retry_after = response.headers().get("retry-after").is_some();
+        let body: Value = response.json().await.unwrap_or_default();
+        assert_eq!(status, 503, "{body}");
+        assert!(retry_after, "503 without Retry-After: {body}");
+        assert!(took < Duration::from_secs(5), "refused after {took:?}");
+        refused += 1;
+    }
+    tokio::task::block_in_place(|| cluster.start_again());
+    println!("database down for {:?}; {refused} uploads refused with 503 + Retry-After", down.elapsed());
+    let back = Instant::now();
+    // Uploads work again by themselves, and every accepted job finishes once.
+    let mut again = Vec::new();
+    while again.len() < 10 {
+        let (code, body) = system.upload(jpeg(160, 120), "image/jpeg", "width=48&format=png").await.unwrap();
+        if code == 202 {
+            again.push(id(&body));
+        } else {
+            assert_eq!(code, 503, "{body}");
+            assert!(back.elapsed() < Duration::from_secs(30), "uploads still refused {:?} after the restart", back.elapsed());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    ids.extend(again);
+    all_terminal(&system, &ids, Duration::from_secs(90)).await;
+    println!("every job ended {:?} after the database was back", back.elapsed());
+    let store = open(dir.path(), &db).await;
+    every_job_once(&store, &ids).await;
+    let counts = store.counts().await.unwrap();
+    let total: u64 = counts.iter().map(|(_, n)| n).sum();
+    assert_eq!(total, ids.len() as u64, "no job was half-written during the outage: {counts:?}");
     system.stop().await.unwrap();
 }
