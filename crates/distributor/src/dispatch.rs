@@ -66,27 +66,11 @@ impl Dispatcher {
         let mut failures: u32 = 0;
         loop {
             while tasks.try_join_next().is_some() {}
-            let permit = tokio::select! {
-                p = Arc::clone(&slots).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                _ = shutdown.wait() => break,
+            let mut permits = match self.places(&slots, poll, &shutdown).await {
+                Places::Taken(permits) => permits,
+                Places::Again => continue,
+                Places::Stop => break,
             };
-            if !self.workers.has_free_slot() {
-                drop(permit);
-                tokio::select! {
-                    _ = self.workers.wait_for_free_slot(poll) => continue,
-                    _ = shutdown.wait() => break,
-                }
-            }
-            // As many jobs at once as there are free places here and free worker slots (up to
-            // `claim_batch`): one claim transaction, one commit, for all of them.
-            let mut permits = vec![permit];
-            let room = self.workers.free_slots().min(self.config.claim_batch as usize);
-            while permits.len() < room {
-                match Arc::clone(&slots).try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
-                }
-            }
             // Taken before the store sets the lease: the lease's conservative start.
             let claimed_at = Instant::now();
             let limit = u32::try_from(permits.len()).unwrap_or(1);
@@ -137,6 +121,32 @@ impl Dispatcher {
         self.drain(tasks).await;
     }
 
+    /// Waits for a free place here and a free worker slot, then takes as many places as there
+    /// are free places and worker slots (up to `claim_batch`): one claim transaction, one commit,
+    /// for all of them.
+    async fn places(&self, slots: &Arc<Semaphore>, poll: Duration, shutdown: &Shutdown) -> Places {
+        let permit = tokio::select! {
+            p = Arc::clone(slots).acquire_owned() => match p { Ok(p) => p, Err(_) => return Places::Stop },
+            _ = shutdown.wait() => return Places::Stop,
+        };
+        if !self.workers.has_free_slot() {
+            drop(permit);
+            return tokio::select! {
+                _ = self.workers.wait_for_free_slot(poll) => Places::Again,
+                _ = shutdown.wait() => Places::Stop,
+            };
+        }
+        let mut permits = vec![permit];
+        let room = self.workers.free_slots().min(self.config.claim_batch as usize);
+        while permits.len() < room {
+            match Arc::clone(slots).try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        Places::Taken(permits)
+    }
+
     /// Claims and dispatches the jobs that wake-ups from the broker name, until `shutdown`;
     /// then drains as [`Dispatcher::run`] does. A wake-up is acked once its job is handled (or
     /// found held by another claim, or ended), delivered again later when its job is not due
@@ -150,25 +160,11 @@ impl Dispatcher {
         let mut idle_since = Instant::now();
         'taking: loop {
             while tasks.try_join_next().is_some() {}
-            let permit = tokio::select! {
-                p = Arc::clone(&slots).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                _ = shutdown.wait() => break,
+            let mut permits = match self.places(&slots, poll, &shutdown).await {
+                Places::Taken(permits) => permits,
+                Places::Again => continue,
+                Places::Stop => break,
             };
-            if !self.workers.has_free_slot() {
-                drop(permit);
-                tokio::select! {
-                    _ = self.workers.wait_for_free_slot(poll) => continue,
-                    _ = shutdown.wait() => break,
-                }
-            }
-            let mut permits = vec![permit];
-            let room = self.workers.free_slots().min(self.config.claim_batch as usize);
-            while permits.len() < room {
-                match Arc::clone(&slots).try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
-                }
-            }
             if wakeups.is_none() {
                 match Wakeups::open(&queue).await {
                     Ok(w) => wakeups = Some(w),
@@ -527,6 +523,14 @@ impl Dispatcher {
             Err(_) => Err(timed_out()),
         }
     }
+}
+
+/// What waiting for places to claim into ended with.
+enum Places {
+    Taken(Vec<OwnedSemaphorePermit>),
+    /// No worker slot came free in time: look again.
+    Again,
+    Stop,
 }
 
 /// A failed worker call, and why.
