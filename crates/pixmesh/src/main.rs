@@ -98,6 +98,14 @@ fn main() -> ExitCode {
     // The backend flags are settings like any other: as `--set`s they reach every role that
     // `up` starts, and a gateway reload, the same way.
     let registry = cli.registry.take();
+    // The flag is for a registry that is not pixmesh's own (pixmesh's own is a role, and `up`
+    // starts it); anything else than NATS is a mistake, not something to ignore.
+    if let Some(url) = &registry
+        && let Err(e) = pixmesh_queue::nats_url("--registry", url)
+    {
+        eprintln!("pixmesh: {e} (pixmesh's own registry needs no flag: `up` starts it, and roles take --set worker.registry=HOST:PORT)");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     for (key, value) in [
         ("store.database", cli.database.take()),
         ("store.blobs", cli.blobs.take()),

@@ -40,10 +40,33 @@ fn bad_configuration_exits_64_before_binding() {
     check(&["--set", "distributor.breaker.windw_ms=5", "distributor"], "windw_ms");
     check(&["--set", "worker.deregister_grace_ms=600000", "worker"], "deregister_grace_ms");
     check(&["--config", "/nonexistent/pixmesh.toml", "status"], "cannot read config file");
+    // The brokers' URLs: a registry flag that is not NATS is refused, not ignored; so are bad
+    // queue URLs and a worker that would register an address no one can call.
+    check(&["--registry", "http://127.0.0.1:7000", "up"], "--registry");
+    check(&["--registry", "nats://127.0.0.1", "worker"], "no port");
+    check(&["--queue", "redis://127.0.0.1:6379", "distributor"], "queue.url");
+    check(&["--queue", "nats://127.0.0.1:4222/a.b", "upload"], "namespace");
+    check(&["--set", "worker.listen=0.0.0.0:0", "--set", "worker.registry=127.0.0.1:7000", "worker"], "worker.advertise");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.toml");
     std::fs::write(&file, "[gateway]\nlisten = \"127.0.0.1:1\"\n[gatewy]\n").unwrap();
     check(&["--config", file.to_str().unwrap(), "gateway"], "gatewy");
+}
+
+#[test]
+fn an_unreachable_broker_is_refused_before_binding_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = format!("store.data_dir=\"{}\"", dir.path().display());
+    // Port 1: nothing listens there.
+    let (code, text) =
+        pixmesh(&["--set", &data, "--queue", "nats://127.0.0.1:1", "--set", "distributor.workers=[\"127.0.0.1:2\"]", "distributor"]);
+    assert_ne!(code, 0);
+    assert!(text.contains("queue.url") && text.contains("nats-server"), "{text}");
+    assert!(!text.contains("\"listening\""), "nothing was bound: {text}");
+    let (code, text) = pixmesh(&["--registry", "nats://127.0.0.1:1", "worker"]);
+    assert_ne!(code, 0);
+    assert!(text.contains("worker.registry"), "{text}");
+    assert!(!text.contains("\"listening\""), "nothing was bound: {text}");
 }
 
 #[test]
