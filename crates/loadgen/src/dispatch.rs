@@ -86,7 +86,8 @@ async fn distributor(run: &Dispatch, workers: &[String]) -> anyhow::Result<Child
     Ok(child)
 }
 
-async fn wait_done(stores: &Stores, total: u64, within: Duration) -> anyhow::Result<()> {
+/// Waits until `total` jobs of the store ended (none failed), for at most `within`.
+pub(crate) async fn wait_done(stores: &Stores, total: u64, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     loop {
         let counts = stores.jobs.counts().await?;
@@ -101,7 +102,7 @@ async fn wait_done(stores: &Stores, total: u64, within: Duration) -> anyhow::Res
         if Instant::now() > deadline {
             bail!("only {ended} of {total} jobs ended within {within:?}: {counts:?}");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -8,7 +8,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use pixmesh_store::{JobState, StoreConfig, Stores};
+use pixmesh_store::{StoreConfig, Stores};
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -107,21 +107,7 @@ pub async fn run(run: E2e) -> anyhow::Result<serde_json::Value> {
     }
     let uploaded = started.elapsed();
     let total = before + run.jobs as u64;
-    loop {
-        let counts = stores.jobs.counts().await?;
-        let ended: u64 = counts.iter().filter(|(s, _)| s.is_terminal()).map(|(_, n)| n).sum();
-        if ended >= total {
-            let failed: u64 = counts.iter().filter(|(s, _)| *s == JobState::Failed).map(|(_, n)| n).sum();
-            if failed > 0 {
-                bail!("{failed} jobs failed");
-            }
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!("only {ended} of {total} jobs ended within 600 s");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    crate::dispatch::wait_done(&stores, total, Duration::from_secs(600)).await?;
     let elapsed = started.elapsed();
     Ok(json!({
         "jobs": run.jobs,

@@ -227,7 +227,6 @@ impl QueueError {
 /// A connection to the broker, with the streams in place.
 #[derive(Clone)]
 pub struct Queue {
-    client: async_nats::Client,
     js: jetstream::Context,
     config: QueueConfig,
     names: Names,
@@ -239,8 +238,8 @@ impl Queue {
     pub async fn connect(config: &QueueConfig, name: &str) -> Result<Queue, QueueError> {
         let url = nats_url("queue.url", &config.url).map_err(QueueError::Connect)?;
         let client = connect_client(&config.url, name, Duration::from_millis(config.connect_timeout_ms), "queue.url").await?;
-        let js = jetstream::new(client.clone());
-        let queue = Queue { client, js, config: config.clone(), names: url.names() };
+        let js = jetstream::new(client);
+        let queue = Queue { js, config: config.clone(), names: url.names() };
         queue.ensure_streams().await.map_err(|e| {
             QueueError::Connect(format!(
                 "queue.url ({}): cannot set up the JetStream streams: {e}; is JetStream enabled (nats-server -js)?",
@@ -260,10 +259,6 @@ impl Queue {
 
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
-    }
-
-    pub fn client(&self) -> &async_nats::Client {
-        &self.client
     }
 
     /// Creates the streams, or brings their settings to this configuration. Also run again by

@@ -209,24 +209,9 @@ impl PostgresJobStore {
             swept = true;
         }
         loop {
-            let now = now_ms();
-            let expires = now + millis(lease);
-            let (kind, version, data) = encode(&Event::Claimed { owner: owner.to_string(), lease_expires_at: expires })?;
-            // One statement: pick, claim, write the events, return the jobs. A picked job that
-            // is not claimed has used up its attempts; it comes back with `claimed` false.
             let next = "SELECT id FROM jobs WHERE state = 'queued' AND not_before <= $1
                         ORDER BY created_at, id LIMIT $8 FOR UPDATE SKIP LOCKED";
-            let rows: Vec<ClaimRow> = sqlx::query_as(&claim_statement(next))
-                .bind(now)
-                .bind(owner)
-                .bind(expires)
-                .bind(i64::from(max_attempts))
-                .bind(version)
-                .bind(kind.as_str())
-                .bind(data)
-                .bind(i64::from(limit.max(1)))
-                .fetch_all(&self.pool)
-                .await?;
+            let rows = self.claim_rows(next, owner, lease, max_attempts, i64::from(limit.max(1))).await?;
             if rows.is_empty() {
                 // The queue looks empty: expired leases may be all there is.
                 if !swept && self.sweep(max_attempts).await? > 0 {
@@ -254,13 +239,15 @@ impl PostgresJobStore {
         }
     }
 
-    async fn claim_by_id(&self, owner: &str, lease: Duration, max_attempts: u32, ids: &[String]) -> Result<Vec<ClaimById>, DbError> {
+    /// Runs the claim statement around `next` ([`claim_statement`]), `picked` bound as its $8.
+    async fn claim_rows<T>(&self, next: &str, owner: &str, lease: Duration, max_attempts: u32, picked: T) -> Result<Vec<ClaimRow>, DbError>
+    where
+        T: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
+    {
         let now = now_ms();
         let expires = now + millis(lease);
         let (kind, version, data) = encode(&Event::Claimed { owner: owner.to_string(), lease_expires_at: expires })?;
-        let next = "SELECT id FROM jobs WHERE id = ANY($8::text[]) AND state = 'queued' AND not_before <= $1
-                    ORDER BY created_at, id FOR UPDATE SKIP LOCKED";
-        let rows: Vec<ClaimRow> = sqlx::query_as(&claim_statement(next))
+        Ok(sqlx::query_as(&claim_statement(next))
             .bind(now)
             .bind(owner)
             .bind(expires)
@@ -268,9 +255,16 @@ impl PostgresJobStore {
             .bind(version)
             .bind(kind.as_str())
             .bind(data)
-            .bind(ids)
+            .bind(picked)
             .fetch_all(&self.pool)
-            .await?;
+            .await?)
+    }
+
+    async fn claim_by_id(&self, owner: &str, lease: Duration, max_attempts: u32, ids: &[String]) -> Result<Vec<ClaimById>, DbError> {
+        let next = "SELECT id FROM jobs WHERE id = ANY($8::text[]) AND state = 'queued' AND not_before <= $1
+                    ORDER BY created_at, id FOR UPDATE SKIP LOCKED";
+        let rows = self.claim_rows(next, owner, lease, max_attempts, ids).await?;
+        let now = now_ms();
         let mut answers = Vec::with_capacity(ids.len());
         let mut ended = Vec::new();
         for row in rows {
