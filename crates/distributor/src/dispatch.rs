@@ -383,12 +383,24 @@ impl Dispatcher {
 
     async fn try_workers(&self, job: &Job) -> Result<Outcome, StoreError> {
         let jobs = &self.stores.jobs;
-        let Some(input) = self.stores.blobs.get(&job.input.digest).await? else {
-            let error =
-                JobError { code: ErrorCode::Internal.as_str().into(), message: "the uploaded image is missing from the blob store".into() };
-            jobs.fail(&job.id, job.attempt, &error).await?;
-            return Ok(Outcome::Failed);
+        // With presigned URLs (S3) the bytes go between the worker and the blob store; else
+        // they travel in the call, read here once for all its tries.
+        let presign = self.stores.blobs.presign();
+        let input = match presign {
+            Some(_) => Bytes::new(),
+            None => match self.stores.blobs.get(&job.input.digest).await? {
+                Some(input) => input,
+                None => {
+                    let error = JobError {
+                        code: ErrorCode::Internal.as_str().into(),
+                        message: "the uploaded image is missing from the blob store".into(),
+                    };
+                    jobs.fail(&job.id, job.attempt, &error).await?;
+                    return Ok(Outcome::Failed);
+                }
+            },
         };
+        let mut calls = 0u32;
         let mut tried: Vec<String> = Vec::new();
         let mut last_error = ApiError::new(ErrorCode::Unavailable, "no image worker is available");
         // A failure the table allows one more try for (`Retry::Once`: `internal`, e.g. a
@@ -423,16 +435,48 @@ impl Dispatcher {
             let Some(timeout) = remaining(self.workers.call_timeout(), started) else { break };
             let endpoint = Arc::clone(slot.endpoint());
             let client = endpoint.client();
+            calls += 1;
+            // One staging object per call: a late answer of an abandoned call cannot touch it.
+            let call = format!("{}-{}-{calls}", job.id, job.attempt);
+            let payload = match presign {
+                Some(presign) => Payload::urls(presign, job, &call, timeout).await?,
+                None => Payload::Inline(input.clone()),
+            };
             let answer = tokio::select! {
                 // An answer that came wins over the worker's departure noticed in the same poll.
                 biased;
-                answer = self.call(&client, job, input.clone(), timeout) => answer,
+                answer = self.call(&client, job, payload, timeout) => answer,
                 _ = endpoint.gone() => Err(CallFailure::abandoned(&endpoint)),
             };
+            // Taken when the worker's part is over: an answer frees its slot before the output is
+            // stored (adopted from staging, or put), so the next job can go to it meanwhile.
+            let mut slot = Some(slot);
+            let answer = match (answer, presign) {
+                (Ok(response), Some(presign)) => {
+                    if let Some(slot) = slot.take() {
+                        slot.finish(false);
+                    }
+                    adopt(presign, &call, response).await?
+                }
+                (answer, presign) => {
+                    if let (Err(_), Some(presign)) = (&answer, presign) {
+                        // Whatever the worker may have put there is not wanted.
+                        if let Err(e) = presign.discard(&call).await {
+                            tracing::debug!(job = %job.id, call, error = %e, "staging object not deleted");
+                        }
+                    }
+                    answer.map(|response| (response, None))
+                }
+            };
             match answer {
-                Ok(response) => {
-                    slot.finish(false);
-                    let blob = self.stores.blobs.put(response.image).await?;
+                Ok((response, staged)) => {
+                    if let Some(slot) = slot.take() {
+                        slot.finish(false);
+                    }
+                    let blob = match staged {
+                        Some(blob) => blob,
+                        None => self.stores.blobs.put(response.image).await?,
+                    };
                     let result = JobResult {
                         blob,
                         format: response.format,
@@ -446,25 +490,30 @@ impl Dispatcher {
                 }
                 Err(CallFailure { error, cause: Cause::Failed }) if error.code.retry() == Retry::Never => {
                     // The image's fault, not the worker's.
-                    slot.finish(false);
+                    if let Some(slot) = slot.take() {
+                        slot.finish(false);
+                    }
                     jobs.fail(&job.id, job.attempt, &job_error(&error)).await?;
                     tracing::info!(job = %job.id, attempt = job.attempt, code = %error.code, reason = %error.message, "job failed");
                     return Ok(Outcome::Failed);
                 }
                 Err(CallFailure { error, cause }) => {
-                    match cause {
-                        Cause::Refused => slot.refused(),
-                        // A worker that answers `internal` (it caught a panic on this input) is
-                        // up and answering: its breaker does not count it, or a few poisoned
-                        // uploads would open every worker's breaker.
-                        Cause::Failed => slot.finish(error.code != ErrorCode::Internal),
-                        // The worker is gone from the set: nothing for its breaker or its
-                        // latency estimate to learn, the slot is simply freed.
-                        Cause::Abandoned => {
-                            drop(slot);
-                            redispatch = true;
-                            metrics::counter!("pixmesh_distributor_calls_abandoned_total").increment(1);
+                    // (No slot left: the worker answered, and what it staged was refused.)
+                    if let Some(slot) = slot.take() {
+                        match cause {
+                            Cause::Refused => slot.refused(),
+                            // A worker that answers `internal` (it caught a panic on this input)
+                            // is up and answering: its breaker does not count it, or a few
+                            // poisoned uploads would open every worker's breaker.
+                            Cause::Failed => slot.finish(error.code != ErrorCode::Internal),
+                            // The worker is gone from the set: nothing for its breaker or its
+                            // latency estimate to learn, the slot is simply freed.
+                            Cause::Abandoned => drop(slot),
                         }
+                    }
+                    if cause == Cause::Abandoned {
+                        redispatch = true;
+                        metrics::counter!("pixmesh_distributor_calls_abandoned_total").increment(1);
                     }
                     metrics::counter!("pixmesh_distributor_worker_failures_total", "code" => error.code.as_str()).increment(1);
                     if let Some(first) = final_try.as_ref().filter(|_| cause != Cause::Abandoned) {
@@ -496,15 +545,23 @@ impl Dispatcher {
         &self,
         client: &pixmesh_proto::v1::image_worker_client::ImageWorkerClient<tonic::transport::Channel>,
         job: &Job,
-        input: Bytes,
+        payload: Payload,
         deadline: Duration,
     ) -> Result<pixmesh_proto::v1::ProcessResponse, CallFailure> {
-        let mut request = tonic::Request::new(ProcessRequest {
+        let mut request = ProcessRequest {
             job_id: job.id.clone(),
             attempt: job.attempt,
-            image: input,
             ops: Some(pixmesh_worker::wire::to_wire(&job.options)),
-        });
+            ..Default::default()
+        };
+        match payload {
+            Payload::Inline(image) => request.image = image,
+            Payload::Urls { input, output } => {
+                request.input_url = input;
+                request.output_url = output;
+            }
+        }
+        let mut request = tonic::Request::new(request);
         // Sent to the worker as `grpc-timeout`.
         request.set_timeout(deadline);
         let mut client = client.clone();
@@ -521,6 +578,49 @@ impl Dispatcher {
                 Err(CallFailure { error: ApiError::from_grpc_status(&status), cause })
             }
             Err(_) => Err(timed_out()),
+        }
+    }
+}
+
+/// How a call gets its input and gives back its output.
+enum Payload {
+    /// The bytes in the call, both ways (a local blob store).
+    Inline(Bytes),
+    /// Presigned URLs: GET the input, PUT the output to this call's staging object.
+    Urls { input: String, output: String },
+}
+
+impl Payload {
+    /// URLs valid for the call's deadline and a margin for clock skew, no longer.
+    async fn urls(presign: &dyn pixmesh_store::Presign, job: &Job, call: &str, deadline: Duration) -> Result<Payload, StoreError> {
+        let ttl = Duration::from_secs((deadline + URL_MARGIN).as_secs_f64().ceil() as u64);
+        Ok(Payload::Urls { input: presign.get_url(&job.input.digest, ttl).await?, output: presign.staging_url(call, ttl).await? })
+    }
+}
+
+/// Added to a call's deadline for the life of its presigned URLs.
+const URL_MARGIN: Duration = Duration::from_secs(5);
+
+/// Puts the output a worker staged at its content address. A worker that names no valid digest,
+/// or staged something else than it said, has failed this call (`internal`: one more try
+/// elsewhere); a blob store that fails is the store's error.
+async fn adopt(
+    presign: &dyn pixmesh_store::Presign,
+    call: &str,
+    response: pixmesh_proto::v1::ProcessResponse,
+) -> Result<Result<(pixmesh_proto::v1::ProcessResponse, Option<pixmesh_store::BlobRef>), CallFailure>, StoreError> {
+    let bad = |message: String| Ok(Err(CallFailure { error: ApiError::new(ErrorCode::Internal, message), cause: Cause::Failed }));
+    if !pixmesh_store::BlobRef::is_digest(&response.digest) {
+        let _ = presign.discard(call).await;
+        return bad(format!("the worker named no valid digest for its output ({:?})", response.digest));
+    }
+    let blob = pixmesh_store::BlobRef { digest: response.digest.clone(), size: response.size };
+    match presign.adopt(call, &blob).await {
+        Ok(()) => Ok(Ok((response, Some(blob)))),
+        Err(StoreError::Invalid(message)) => bad(message),
+        Err(e) => {
+            let _ = presign.discard(call).await;
+            Err(e)
         }
     }
 }

@@ -2,8 +2,9 @@
 //! load: the database stays the truth, so a NATS server that restarts or loses its whole store
 //! costs time, never a job.
 //!
-//! These start their own `nats-server` (ephemeral port, store in a temp dir) and use the job
-//! store of the suite's profile (SQLite, or PostgreSQL with `PIXMESH_E2E_DATABASE=postgres`).
+//! These start their own `nats-server` (ephemeral port, store in a temp dir) and S3 server
+//! (s3s-fs, signatures checked) where they need one, and use the job store of the suite's
+//! profile (SQLite, or PostgreSQL with `PIXMESH_E2E_DATABASE=postgres`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
@@ -12,7 +13,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use pixmesh_store::{EventKind, JobStore, StoreConfig, Stores};
 use pixmesh_test_support::nats::NatsServer;
-use pixmesh_test_support::{Role, System, jpeg};
+use pixmesh_test_support::s3::S3Server;
+use pixmesh_test_support::{Engines, Role, System, jpeg};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -68,6 +70,41 @@ async fn every_job_once(store: &Arc<dyn JobStore>, ids: &[String]) -> HashMap<St
     owners
 }
 
+/// `n` uploads accepted once the engine that was down is `back`: a 503 meanwhile is retried,
+/// for at most `within`.
+async fn uploads_again(system: &System, n: usize, back: Instant, within: Duration) -> Vec<String> {
+    let mut again = Vec::new();
+    while again.len() < n {
+        let (code, body) = system.upload(jpeg(160, 120), "image/jpeg", "width=48&format=png").await.unwrap();
+        if code == 202 {
+            again.push(id(&body));
+        } else {
+            assert_eq!(code, 503, "{body}");
+            assert!(back.elapsed() < within, "uploads still refused {:?} after the engine was back", back.elapsed());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    again
+}
+
+/// One raw upload: its status, whether it had `Retry-After`, its body, and how long it took.
+async fn upload_once(system: &System, bytes: Vec<u8>) -> (u16, bool, Value, Duration) {
+    let started = Instant::now();
+    let response = system
+        .client()
+        .post(format!("{}/api/upload?width=48&format=png", system.gateway))
+        .header("x-api-key", &system.api_key)
+        .header("content-type", "image/jpeg")
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    let status = response.status().as_u16();
+    let retry_after = response.headers().get("retry-after").is_some();
+    (status, retry_after, response.json().await.unwrap_or_default(), took)
+}
+
 async fn all_terminal(system: &System, ids: &[String], within: Duration) {
     for s in join_all(ids.iter().map(|id| system.wait_terminal(id, within))).await {
         let s = s.unwrap();
@@ -86,8 +123,10 @@ async fn two_gateways_three_distributors_four_workers_every_job_ends_once() {
     // all found through the NATS registry; a third distributor runs on its own.
     let lease = Duration::from_secs(5);
     let sets = ["distributor.lease_ms=5000", "distributor.lease_renew_ms=1500"];
-    let a = System::start_on(dir.path(), 2, &sets, &db, Some(&url)).await.unwrap();
-    let b = System::start_on(dir.path(), 2, &sets, &db, Some(&url)).await.unwrap();
+    let s3 = S3Server::start();
+    let engines = Engines { database: db.clone(), queue: Some(url.clone()), blobs: Some(s3.url("many")) };
+    let a = System::start_on(dir.path(), 2, &sets, &engines).await.unwrap();
+    let b = System::start_on(dir.path(), 2, &sets, &engines).await.unwrap();
     assert_ne!(a.gateway, b.gateway);
     let mut third_sets = a.store_sets();
     third_sets.extend([format!("distributor.registry={url}"), sets[0].to_string(), sets[1].to_string()]);
@@ -150,6 +189,17 @@ async fn two_gateways_three_distributors_four_workers_every_job_ends_once() {
     );
     assert!(slowest <= 2 * lease.as_millis() as i64, "a killed distributor's job waited {slowest} ms (lease {lease:?})");
     assert!(owners.len() >= 2, "the distributors share the work: {owners:?}");
+    // The images went through S3: every input and result is there under its digest, and the
+    // staging objects of the calls are gone (the killed distributors' calls may leave theirs).
+    let stored = s3.keys("many", "blobs");
+    for id in ids.iter().step_by(11) {
+        let job = store.get(id).await.unwrap().unwrap();
+        assert!(stored.contains(&job.input.digest), "input of {id} is not in S3");
+        assert!(stored.contains(&job.result.unwrap().blob.digest), "result of {id} is not in S3");
+    }
+    let staged = s3.keys("many", "staging");
+    println!("{} blobs in S3, {} staging objects left (calls cut by the kill)", stored.len(), staged.len());
+    assert!(staged.len() <= 3 * 8, "staging objects pile up: {staged:?}");
     b.stop().await.unwrap();
     a.stop().await.unwrap();
 }
@@ -159,7 +209,8 @@ async fn a_restarted_and_then_wiped_broker_loses_no_job() {
     let dir = tempfile::tempdir().unwrap();
     let mut nats = NatsServer::start().await.unwrap();
     let db = database(dir.path()).await;
-    let system = System::start_on(dir.path(), 2, &[], &db, Some(&nats.url())).await.unwrap();
+    let engines = Engines { database: db.clone(), queue: Some(nats.url()), blobs: None };
+    let system = System::start_on(dir.path(), 2, &[], &engines).await.unwrap();
     let mut ids = upload(&system, 30).await;
 
     // Restarted (kill -9, same store) while jobs are in flight, and uploads go on meanwhile.
@@ -195,7 +246,8 @@ async fn a_postgres_restart_under_load_refuses_uploads_clearly_and_loses_no_job(
     let cluster = tokio::task::spawn_blocking(PgCluster::start).await.unwrap();
     let nats = NatsServer::start().await.unwrap();
     let db = cluster.url("postgres");
-    let system = System::start_on(dir.path(), 2, &["store.connect_timeout_ms=1000"], &db, Some(&nats.url())).await.unwrap();
+    let engines = Engines { database: db.clone(), queue: Some(nats.url()), blobs: None };
+    let system = System::start_on(dir.path(), 2, &["store.connect_timeout_ms=1000"], &engines).await.unwrap();
     let mut ids = upload(&system, 30).await;
 
     // The database goes down (immediate stop: like a crash) with jobs in flight.
@@ -204,20 +256,7 @@ async fn a_postgres_restart_under_load_refuses_uploads_clearly_and_loses_no_job(
     // Uploads meanwhile: a clear 503 with Retry-After, within the connect timeout; nothing kept.
     let mut refused = 0;
     for _ in 0..5 {
-        let started = Instant::now();
-        let response = system
-            .client()
-            .post(format!("{}/api/upload?width=48&format=png", system.gateway))
-            .header("x-api-key", &system.api_key)
-            .header("content-type", "image/jpeg")
-            .body(jpeg(160, 120))
-            .send()
-            .await
-            .unwrap();
-        let took = started.elapsed();
-        let status = response.status().as_u16();
-        let retry_after = response.headers().get("retry-after").is_some();
-        let body: Value = response.json().await.unwrap_or_default();
+        let (status, retry_after, body, took) = upload_once(&system, jpeg(160, 120)).await;
         assert_eq!(status, 503, "{body}");
         assert!(retry_after, "503 without Retry-After: {body}");
         assert!(took < Duration::from_secs(5), "refused after {took:?}");
@@ -227,18 +266,7 @@ async fn a_postgres_restart_under_load_refuses_uploads_clearly_and_loses_no_job(
     println!("database down for {:?}; {refused} uploads refused with 503 + Retry-After", down.elapsed());
     let back = Instant::now();
     // Uploads work again by themselves, and every accepted job finishes once.
-    let mut again = Vec::new();
-    while again.len() < 10 {
-        let (code, body) = system.upload(jpeg(160, 120), "image/jpeg", "width=48&format=png").await.unwrap();
-        if code == 202 {
-            again.push(id(&body));
-        } else {
-            assert_eq!(code, 503, "{body}");
-            assert!(back.elapsed() < Duration::from_secs(30), "uploads still refused {:?} after the restart", back.elapsed());
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    ids.extend(again);
+    ids.extend(uploads_again(&system, 10, back, Duration::from_secs(30)).await);
     all_terminal(&system, &ids, Duration::from_secs(90)).await;
     println!("every job ended {:?} after the database was back", back.elapsed());
     let store = open(dir.path(), &db).await;
@@ -246,5 +274,60 @@ async fn a_postgres_restart_under_load_refuses_uploads_clearly_and_loses_no_job(
     let counts = store.counts().await.unwrap();
     let total: u64 = counts.iter().map(|(_, n)| n).sum();
     assert_eq!(total, ids.len() as u64, "no job was half-written during the outage: {counts:?}");
+    system.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_outage_of_10_s_under_load_refuses_uploads_clearly_and_loses_no_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s3 = S3Server::start();
+    let nats = NatsServer::start().await.unwrap();
+    let db = database(dir.path()).await;
+    let engines = Engines { database: db.clone(), queue: Some(nats.url()), blobs: Some(s3.url("outage")) };
+    let sets = ["store.blobs_retry_ms=1000", "distributor.retry_delay_ms=500"];
+    let system = System::start_on(dir.path(), 2, &sets, &engines).await.unwrap();
+    let mut ids = upload(&system, 20).await;
+
+    // S3 goes away for 10 s while jobs are in flight and uploads go on.
+    s3.stop();
+    let down = Instant::now();
+    let (mut accepted, mut refused) = (0, 0);
+    while down.elapsed() < Duration::from_secs(10) {
+        let (status, retry_after, body, took) = upload_once(&system, jpeg(150 + refused % 9, 100)).await;
+        match status {
+            // Accepted before the store noticed: the blob was written, so the job must finish.
+            202 => {
+                ids.push(id(&body));
+                accepted += 1;
+            }
+            503 => {
+                assert!(retry_after, "503 without Retry-After: {body}");
+                assert_eq!(body["error"]["code"], "unavailable", "{body}");
+                refused += 1;
+            }
+            other => panic!("upload during the S3 outage: {other} {body}"),
+        }
+        assert!(took < Duration::from_secs(6), "an upload during the outage took {took:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    s3.start_again();
+    let back = Instant::now();
+    println!("S3 down for {:?}: {refused} uploads refused with 503 + Retry-After, {accepted} accepted", down.elapsed());
+    assert!(refused > 0, "no upload noticed the outage");
+    // Uploads work again by themselves, and every accepted job finishes once.
+    ids.extend(uploads_again(&system, 10, back, Duration::from_secs(20)).await);
+    all_terminal(&system, &ids, Duration::from_secs(90)).await;
+    println!("every job ({}) ended {:?} after S3 was back", ids.len(), back.elapsed());
+    let store = open(dir.path(), &db).await;
+    every_job_once(&store, &ids).await;
+    let counts = store.counts().await.unwrap();
+    let total: u64 = counts.iter().map(|(_, n)| n).sum();
+    assert_eq!(total, ids.len() as u64, "no job without its blob was created during the outage: {counts:?}");
+    // Every result can be downloaded (from S3, through the status service).
+    for id in ids.iter().step_by(7) {
+        let (code, _, bytes) = system.result(id).await.unwrap();
+        assert_eq!(code, 200);
+        assert!(bytes.starts_with(b"\x89PNG"), "the result of {id} is a PNG");
+    }
     system.stop().await.unwrap();
 }

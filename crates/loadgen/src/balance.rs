@@ -88,7 +88,7 @@ pub async fn start_workers(
 }
 
 fn request() -> ProcessRequest {
-    ProcessRequest { job_id: "bench".into(), attempt: 1, image: Bytes::new(), ops: None }
+    ProcessRequest { job_id: "bench".into(), attempt: 1, image: Bytes::new(), ops: None, ..Default::default() }
 }
 
 /// The callers' side: one worker set (pixmesh's pick) or the plain clients, by policy.

@@ -22,6 +22,32 @@ pub struct E2e {
     pub data_dir: PathBuf,
     pub jobs: usize,
     pub concurrency: usize,
+    /// Uploaded instead of the tiny PNG.
+    pub image: Option<PathBuf>,
+    pub query: String,
+    /// A process whose CPU time during the run is reported (a distributor).
+    pub watch_pid: Option<u32>,
+}
+
+/// User + system CPU time of process `pid` so far, from `/proc/PID/stat`.
+fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("process {pid}"))?;
+    // The fields after the command name (which may hold spaces), from its closing parenthesis.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("/proc stat format")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()? + fields.get(12).context("stime")?.parse::<u64>()?;
+    // In USER_HZ, which Linux fixes at 100 for everything it shows to user space.
+    Ok(Duration::from_millis(ticks * 10))
+}
+
+fn content_type_of(path: &std::path::Path) -> &'static str {
+    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("webp") => "image/webp",
+        Some("gif") => "image/gif",
+        _ => "image/png",
+    }
 }
 
 /// A 16×16 PNG.
@@ -77,19 +103,23 @@ pub async fn run(run: E2e) -> anyhow::Result<serde_json::Value> {
     let stores = Stores::open(&StoreConfig::default().with_data_dir(&run.data_dir).with_database(&run.database)).await?;
     let before: u64 = stores.jobs.counts().await?.iter().map(|(_, n)| n).sum();
     let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let image = tiny_png();
+    let (image, content_type) = match &run.image {
+        Some(path) => (Bytes::from(std::fs::read(path).with_context(|| format!("{}", path.display()))?), content_type_of(path)),
+        None => (tiny_png(), "image/png"),
+    };
+    let cpu_before = run.watch_pid.map(cpu_time).transpose()?;
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut clients = Vec::new();
     for _ in 0..run.concurrency.max(1) {
         let (client, image, next, jobs) = (client.clone(), image.clone(), Arc::clone(&next), run.jobs);
-        let uri = format!("{}/api/upload?width=8&format=png", run.gateway.trim_end_matches('/'));
+        let uri = format!("{}/api/upload?{}", run.gateway.trim_end_matches('/'), run.query);
         let key = run.key.clone();
         clients.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < jobs {
                 let request = http::Request::post(&uri)
                     .header("x-api-key", &key)
-                    .header("content-type", "image/png")
+                    .header("content-type", content_type)
                     .body(Full::new(image.clone()))
                     .context("request")?;
                 let response = client.request(request).await.context("upload")?;
@@ -109,10 +139,16 @@ pub async fn run(run: E2e) -> anyhow::Result<serde_json::Value> {
     let total = before + run.jobs as u64;
     crate::dispatch::wait_done(&stores, total, Duration::from_secs(600)).await?;
     let elapsed = started.elapsed();
-    Ok(json!({
+    let mut report = json!({
         "jobs": run.jobs,
         "concurrency": run.concurrency,
+        "image_bytes": image.len(),
         "uploads_per_second": run.jobs as f64 / uploaded.as_secs_f64(),
         "jobs_per_second": run.jobs as f64 / elapsed.as_secs_f64(),
-    }))
+    });
+    if let (Some(pid), Some(before)) = (run.watch_pid, cpu_before) {
+        let spent = cpu_time(pid)?.saturating_sub(before);
+        report["watched_cpu_ms_per_job"] = json!(spent.as_secs_f64() * 1000.0 / run.jobs as f64);
+    }
+    Ok(report)
 }

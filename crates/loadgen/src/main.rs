@@ -154,7 +154,19 @@ enum Mode {
         jobs: usize,
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
+        /// Upload this image instead of the tiny PNG (its type from its extension).
+        #[arg(long)]
+        image: Option<std::path::PathBuf>,
+        /// The processing options of every upload.
+        #[arg(long, default_value = "width=8&format=png")]
+        query: String,
+        /// Report the CPU time this process (a distributor) spent during the run, per job.
+        #[arg(long)]
+        watch_pid: Option<u32>,
     },
+    /// A real S3-compatible server (s3s-fs, signatures checked) for the benchmarks: prints its
+    /// endpoint and key pair as one JSON line, serves until killed.
+    S3Server,
     /// The JetStream floor: publish (with Nats-Msg-Id, waiting for every ack) then consume
     /// and ack, on a work-queue stream with file storage, as pixmesh's wake-ups do.
     JetstreamFloor {
@@ -449,8 +461,20 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", dispatch::run(run).await?);
                 Ok(())
             }
-            Mode::E2e { gateway, key, database, data_dir, jobs, concurrency } => {
-                println!("{}", e2e::run(e2e::E2e { gateway, key, database, data_dir, jobs, concurrency }).await?);
+            Mode::E2e { gateway, key, database, data_dir, jobs, concurrency, image, query, watch_pid } => {
+                let run = e2e::E2e { gateway, key, database, data_dir, jobs, concurrency, image, query, watch_pid };
+                println!("{}", e2e::run(run).await?);
+                Ok(())
+            }
+            Mode::S3Server => {
+                let server = pixmesh_test_support::s3::S3Server::start();
+                let line = serde_json::json!({
+                    "endpoint": server.endpoint(),
+                    "access_key": server.access_key(),
+                    "secret_key": server.secret_key(),
+                });
+                println!("{line}");
+                tokio::signal::ctrl_c().await?;
                 Ok(())
             }
             Mode::JetstreamFloor { url, messages } => {

@@ -16,4 +16,4 @@ pub use blob::BlobRef;
 pub use event::{EVENT_VERSION, Event, EventKind, JobEvent, JobView, fold};
 pub use job::{Created, Job, JobError, JobResult, JobState, NewJob};
 pub use options::Options;
-pub use store::{BlobStore, ClaimById, JobStore, Notify, Outbox, OutboxEvent, StoreError, StoreKind};
+pub use store::{BlobStore, BlobStream, ClaimById, JobStore, Notify, Outbox, OutboxEvent, Presign, StoreError, StoreKind};

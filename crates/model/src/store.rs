@@ -12,7 +12,7 @@ use std::time::Duration;
 pub enum StoreKind {
     /// The job table (SQLite or PostgreSQL).
     Jobs,
-    /// The blob store (a local directory).
+    /// The blob store (a local directory or an S3 bucket).
     Blobs,
 }
 
@@ -248,4 +248,43 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn delete(&self, digest: &str) -> Result<(), StoreError>;
     /// The health probe: proves that blobs can be written (`write`), or read.
     async fn probe(&self, write: bool) -> Result<(), StoreError>;
+    /// A blob as a stream of chunks, for bodies that should not be held whole in memory (a
+    /// download): its size, then its bytes. `None` if there is no such blob.
+    async fn stream(&self, digest: &str) -> Result<Option<BlobStream>, StoreError> {
+        Ok(self
+            .get(digest)
+            .await?
+            .map(|bytes| BlobStream { size: bytes.len() as u64, chunks: Box::pin(futures_util::stream::once(async move { Ok(bytes) })) }))
+    }
+    /// Short-lived URLs for parties that hold no credentials of this store (image workers),
+    /// when the backend has them (S3). A backend without them moves the bytes itself.
+    fn presign(&self) -> Option<&dyn Presign> {
+        None
+    }
+}
+
+/// A blob's bytes as they come (see [`BlobStore::stream`]).
+pub struct BlobStream {
+    pub size: u64,
+    pub chunks: std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, StoreError>> + Send>>,
+}
+
+/// Presigned URLs: each for one object and one method, valid for a bounded time. A worker call
+/// gets a GET URL for its input and a PUT URL for a staging object of its own; once the call
+/// has answered, the staged object is put at its content address and the staging copy goes.
+#[async_trait]
+pub trait Presign: Send + Sync + 'static {
+    /// A URL that GETs blob `digest` for `ttl`.
+    async fn get_url(&self, digest: &str, ttl: Duration) -> Result<String, StoreError>;
+    /// A URL that PUTs the staging object of `call` (a name unique to one worker call) for `ttl`.
+    async fn staging_url(&self, call: &str, ttl: Duration) -> Result<String, StoreError>;
+    /// Checks that the staged object of `call` has `blob.size` bytes, puts it at the address of
+    /// `blob` unless a blob is there already (which then has these bytes), and deletes the
+    /// staging object. A staged object that is missing or of another size is [`StoreError::Invalid`].
+    async fn adopt(&self, call: &str, blob: &BlobRef) -> Result<(), StoreError>;
+    /// Deletes the staging object of `call`, if there is one (a call whose answer is dropped).
+    async fn discard(&self, call: &str) -> Result<(), StoreError>;
+    /// Deletes staging objects older than `age` (calls whose distributor died before adopting
+    /// or discarding them); returns how many.
+    async fn sweep_staging(&self, age: Duration) -> Result<u64, StoreError>;
 }

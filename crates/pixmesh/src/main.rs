@@ -30,7 +30,9 @@ struct Cli {
     /// (the setting store.database; default sqlite:pixmesh.db under the data dir).
     #[arg(long, global = true, value_name = "URL", env = "PIXMESH_DATABASE")]
     database: Option<String>,
-    /// The blob store: file:DIR (the setting store.blobs; default file:blobs under the data dir).
+    /// The blob store: file:DIR or s3://BUCKET[/PREFIX]?endpoint=URL&region=R, with the keys in
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (the setting store.blobs; default file:blobs
+    /// under the data dir).
     #[arg(long, global = true, value_name = "URL", env = "PIXMESH_BLOBS")]
     blobs: Option<String>,
     /// The broker: nats://HOST:PORT (the setting queue.url; default none: distributors poll

@@ -45,6 +45,9 @@ fn bad_configuration_exits_64_before_binding() {
     check(&["--registry", "http://127.0.0.1:7000", "up"], "--registry");
     check(&["--registry", "nats://127.0.0.1", "worker"], "no port");
     check(&["--queue", "redis://127.0.0.1:6379", "distributor"], "queue.url");
+    check(&["--blobs", "s3://Not_A_Bucket", "upload"], "store.blobs");
+    check(&["--blobs", "s3://bucket?endpoint=127.0.0.1:9000", "status"], "endpoint=http://HOST:PORT");
+    check(&["--blobs", "gs://bucket", "up"], "use file:DIR or s3://");
     check(&["--queue", "nats://127.0.0.1:4222/a.b", "upload"], "namespace");
     check(&["--set", "worker.listen=0.0.0.0:0", "--set", "worker.registry=127.0.0.1:7000", "worker"], "worker.advertise");
     let dir = tempfile::tempdir().unwrap();
@@ -76,4 +79,29 @@ fn the_distributor_refuses_to_start_without_workers_to_find() {
     let (code, text) = pixmesh(&["--set", &data, "distributor"]);
     assert_ne!(code, 0);
     assert!(text.contains("distributor.registry"), "{text}");
+}
+
+#[test]
+fn a_blob_store_without_credentials_or_with_wrong_ones_is_refused_before_binding() {
+    let server = pixmesh_test_support::s3::S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = format!("store.data_dir=\"{}\"", dir.path().display());
+    let blobs = server.url("cli");
+    let run = |env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pixmesh"));
+        cmd.args(["--set", &data, "--blobs", &blobs, "upload"]).env_remove("RUST_LOG");
+        for var in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_WEB_IDENTITY_TOKEN_FILE"] {
+            cmd.env_remove(var);
+        }
+        let out = cmd.envs(env.iter().copied()).output().unwrap();
+        (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let (code, text) = run(&[]);
+    assert_ne!(code, 0);
+    assert!(text.contains("store.blobs") && text.contains("no S3 credentials: set AWS_ACCESS_KEY_ID"), "{text}");
+    assert!(!text.contains("\"listening\""), "nothing was bound: {text}");
+    let (code, text) = run(&[("AWS_ACCESS_KEY_ID", server.access_key()), ("AWS_SECRET_ACCESS_KEY", "wrong")]);
+    assert_ne!(code, 0);
+    assert!(text.contains("store.blobs") && text.contains("SignatureDoesNotMatch"), "{text}");
+    assert!(!text.contains("\"listening\""), "nothing was bound: {text}");
 }

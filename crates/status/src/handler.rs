@@ -123,14 +123,16 @@ async fn result(State(stores): State<Stores>, path: Result<Path<String>, PathRej
         }
         return Ok(response);
     }
-    let bytes = stores
+    // Streamed as it is read: a download holds a chunk at a time, not the whole image.
+    let blob = stores
         .blobs
-        .get(&result.blob.digest)
+        .stream(&result.blob.digest)
         .await
         .map_err(store_error)?
         .ok_or_else(|| ApiError::new(ErrorCode::Internal, "the result image is missing from the blob store"))?;
-    let mut response = bytes.into_response();
+    let mut response = axum::body::Body::from_stream(blob.chunks).into_response();
     let h = response.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(blob.size));
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_str(&result.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream")),

@@ -4,7 +4,8 @@
 use crate::health::Alarm;
 use async_trait::async_trait;
 use bytes::Bytes;
-use pixmesh_model::{BlobRef, BlobStore, StoreError, StoreKind};
+use futures_util::StreamExt;
+use pixmesh_model::{BlobRef, BlobStore, BlobStream, StoreError, StoreKind};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -126,6 +127,22 @@ impl BlobStore for LocalBlobStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => self.watch(Err(StoreError::io(StoreKind::Blobs, &path, e))),
         }
+    }
+
+    async fn stream(&self, digest: &str) -> Result<Option<BlobStream>, StoreError> {
+        let path = self.path_of(digest)?;
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return self.watch(Err(StoreError::io(StoreKind::Blobs, &path, e))),
+        };
+        let size = match file.metadata().await {
+            Ok(meta) => meta.len(),
+            Err(e) => return self.watch(Err(StoreError::io(StoreKind::Blobs, &path, e))),
+        };
+        let chunks = tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024)
+            .map(move |chunk| chunk.map_err(|e| StoreError::io(StoreKind::Blobs, &path, e)));
+        Ok(Some(BlobStream { size, chunks: Box::pin(chunks) }))
     }
 
     async fn delete(&self, digest: &str) -> Result<(), StoreError> {

@@ -1,6 +1,6 @@
 //! The storage backends of pixmesh, chosen by URL: the job store (the queue and the source of
 //! truth: jobs and their events) on SQLite or PostgreSQL, and the blob store on a local
-//! directory.
+//! directory or S3.
 //!
 //! The traits they implement and the values they keep live in `pixmesh-model`; this crate
 //! re-exports them, so a role needs only `pixmesh-store` to open and use its stores.
@@ -12,6 +12,7 @@ pub mod health;
 mod postgres;
 mod prune;
 mod rows;
+mod s3;
 mod sqlite;
 #[cfg(test)]
 mod testing;
@@ -24,12 +25,13 @@ pub use group::GroupCommit;
 pub use health::Access;
 pub use pixmesh_model::options::Options;
 pub use pixmesh_model::{
-    BlobRef, BlobStore, ClaimById, Created, Event, EventKind, Job, JobError, JobEvent, JobResult, JobState, JobStore, JobView, NewJob,
-    Notify, Outbox, OutboxEvent, StoreError, StoreKind, fold,
+    BlobRef, BlobStore, BlobStream, ClaimById, Created, Event, EventKind, Job, JobError, JobEvent, JobResult, JobState, JobStore, JobView,
+    NewJob, Notify, Outbox, OutboxEvent, Presign, StoreError, StoreKind, fold,
 };
 pub use postgres::PostgresJobStore;
+pub use s3::{S3BlobStore, S3Credentials, S3Limits};
 pub use sqlite::SqliteJobStore;
-pub use url::{BlobsUrl, DatabaseUrl};
+pub use url::{BlobsUrl, DatabaseUrl, S3Url};
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -45,9 +47,15 @@ pub struct StoreConfig {
     /// The job store: `sqlite:PATH` (relative paths are under `data_dir`) or
     /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE`. A bare path means `sqlite:PATH`.
     pub database: String,
-    /// The blob store: `file:DIR` (relative paths are under `data_dir`). A bare path means
-    /// `file:DIR`.
+    /// The blob store: `file:DIR` (relative paths are under `data_dir`; a bare path means
+    /// `file:DIR`), or `s3://BUCKET[/PREFIX]?endpoint=URL&region=R` with the credentials in
+    /// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`.
     pub blobs: String,
+    /// S3 only: the most one request may take, from connect to the last byte.
+    pub blobs_timeout_ms: u64,
+    /// S3 only: how long one operation is retried (5xx, throttling, connection errors) before it
+    /// fails, and the client is told 503 with `Retry-After`.
+    pub blobs_retry_ms: u64,
     /// PostgreSQL only: the most connections this process keeps to the database.
     pub max_connections: u32,
     /// How long a request waits for a database connection before it fails (503), and how long
@@ -63,6 +71,8 @@ impl Default for StoreConfig {
             data_dir: PathBuf::from("pixmesh-data"),
             database: "sqlite:pixmesh.db".into(),
             blobs: "file:blobs".into(),
+            blobs_timeout_ms: 30_000,
+            blobs_retry_ms: 3_000,
             max_connections: 8,
             connect_timeout_ms: 3000,
             retention_hours: 7 * 24,
@@ -95,8 +105,10 @@ impl StoreConfig {
     pub fn validate(&self) -> Result<(), String> {
         self.database_url()?;
         self.blobs_url()?;
-        if self.max_connections == 0 || self.connect_timeout_ms == 0 || self.retention_hours == 0 {
-            return Err("store.max_connections, store.connect_timeout_ms and store.retention_hours must be above 0".into());
+        if self.max_connections == 0 || self.connect_timeout_ms == 0 || self.retention_hours == 0 || self.blobs_timeout_ms == 0 {
+            return Err(
+                "store.max_connections, store.connect_timeout_ms, store.retention_hours and store.blobs_timeout_ms must be above 0".into(),
+            );
         }
         Ok(())
     }
@@ -151,6 +163,17 @@ impl Stores {
         let blobs: Arc<dyn BlobStore> = match &blobs {
             BlobsUrl::File(dir) => {
                 Arc::new(LocalBlobStore::open(dir).map_err(|e| OpenError(format!("store.blobs ({blobs}): {e}")))?.with_alarm(alarm.clone()))
+            }
+            BlobsUrl::S3(url) => {
+                let limits = S3Limits {
+                    timeout: Duration::from_millis(config.blobs_timeout_ms),
+                    connect_timeout: timeout,
+                    retry_for: Duration::from_millis(config.blobs_retry_ms),
+                };
+                let store = S3BlobStore::open(url, limits, S3Credentials::Environment)
+                    .await
+                    .map_err(|e| OpenError(format!("store.blobs ({blobs}): {e}")))?;
+                Arc::new(store.with_alarm(alarm.clone()))
             }
         };
         Ok(Stores { jobs, blobs, outbox, notify: None, alarm, retention: config.retention() })

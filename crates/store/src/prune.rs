@@ -12,6 +12,9 @@ use tokio::task::JoinHandle;
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// Jobs deleted per statement: short transactions, so claims never wait behind a big delete.
 pub const PRUNE_BATCH: u32 = 500;
+/// Staging objects (S3) older than this belong to calls whose distributor died between the
+/// worker's PUT and the adoption: no live call is this old (a call's URLs expire long before).
+pub const STAGING_MAX_AGE: Duration = Duration::from_secs(3600);
 
 impl Stores {
     /// Deletes every job that ended more than the retention ago, with its events, in batches;
@@ -41,6 +44,13 @@ impl Stores {
                         metrics::counter!("pixmesh_store_pruned_jobs_total").increment(n);
                     }
                     Err(e) => tracing::warn!(error = %e, "pruning ended jobs failed; trying again later"),
+                }
+                if let Some(presign) = stores.blobs.presign() {
+                    match presign.sweep_staging(STAGING_MAX_AGE).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(objects = n, "deleted staging objects of calls that never ended"),
+                        Err(e) => tracing::warn!(error = %e, "sweeping the staging area failed; trying again later"),
+                    }
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(PRUNE_INTERVAL) => {}

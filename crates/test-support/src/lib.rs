@@ -7,6 +7,7 @@
 
 pub mod nats;
 pub mod postgres;
+pub mod s3;
 
 use anyhow::{Context, anyhow, bail};
 use serde_json::Value;
@@ -121,6 +122,33 @@ pub struct ChildInfo {
     pub addresses: HashMap<String, String>,
 }
 
+/// The engines a system runs on.
+#[derive(Debug, Clone, Default)]
+pub struct Engines {
+    /// `store.database`: a SQLite file or a PostgreSQL database.
+    pub database: String,
+    /// `--queue` and `--registry` (`nats://…`); `None`: polling and the registry role.
+    pub queue: Option<String>,
+    /// `--blobs` (`s3://…`); `None`: the local directory under the data dir.
+    pub blobs: Option<String>,
+}
+
+impl Engines {
+    /// The test profile's engines for a system on `data_dir`: SQLite, or PostgreSQL
+    /// ([`postgres::e2e_on_postgres`]); NATS ([`nats::e2e_on_nats`]); S3 ([`s3::e2e_on_s3`], a
+    /// prefix of the shared server named after the data dir, so a restart finds its blobs).
+    pub async fn for_profile(data_dir: &Path) -> Engines {
+        let database = if postgres::e2e_on_postgres() {
+            postgres::database_for(data_dir).await
+        } else {
+            format!("sqlite:{}", data_dir.join("pixmesh.db").display())
+        };
+        let queue = if nats::e2e_on_nats() { Some(nats::namespaced_url_for(data_dir).await) } else { None };
+        let blobs = s3::e2e_on_s3().then(|| s3::shared().url(&s3::prefix_for(data_dir)));
+        Engines { database, queue, blobs }
+    }
+}
+
 /// A running `pixmesh up`.
 pub struct System {
     up: Child,
@@ -133,32 +161,29 @@ pub struct System {
     /// The broker and registry it runs on (`queue.url`) when the tests run on that profile
     /// ([`nats::e2e_on_nats`]).
     pub queue: Option<String>,
+    /// The blob store it runs on (`store.blobs`) when not the local default.
+    pub blobs: Option<String>,
     children: Arc<Mutex<HashMap<String, ChildInfo>>>,
     client: reqwest::Client,
 }
 
 impl System {
     /// Starts `pixmesh up --workers N` on `data_dir`; extra `--set key=value` pairs go to every role.
-    /// The job store and the broker are the profile's ([`postgres::e2e_on_postgres`],
-    /// [`nats::e2e_on_nats`]).
+    /// The engines are the profile's ([`Engines::for_profile`]).
     pub async fn start(data_dir: &Path, workers: usize, sets: &[&str]) -> anyhow::Result<System> {
-        let database = if postgres::e2e_on_postgres() {
-            postgres::database_for(data_dir).await
-        } else {
-            format!("sqlite:{}", data_dir.join("pixmesh.db").display())
-        };
-        let queue = if nats::e2e_on_nats() { Some(nats::namespaced_url_for(data_dir).await) } else { None };
-        System::start_on(data_dir, workers, sets, &database, queue.as_deref()).await
+        System::start_on(data_dir, workers, sets, &Engines::for_profile(data_dir).await).await
     }
 
-    /// Starts `pixmesh up` on the job store `database` and, when given, the broker and registry
-    /// `queue` (`nats://…`).
-    pub async fn start_on(data_dir: &Path, workers: usize, sets: &[&str], database: &str, queue: Option<&str>) -> anyhow::Result<System> {
-        let (database, queue) = (database.to_string(), queue.map(str::to_string));
+    /// Starts `pixmesh up` on `engines`.
+    pub async fn start_on(data_dir: &Path, workers: usize, sets: &[&str], engines: &Engines) -> anyhow::Result<System> {
+        let Engines { database, queue, blobs } = engines.clone();
         let mut cmd = Command::new(pixmesh_bin());
         cmd.arg("--database").arg(&database);
         if let Some(url) = &queue {
             cmd.arg("--queue").arg(url).arg("--registry").arg(url);
+        }
+        if let Some(url) = &blobs {
+            cmd.arg("--blobs").arg(url);
         }
         for s in sets {
             cmd.arg("--set").arg(s);
@@ -203,7 +228,7 @@ impl System {
         let gateway = format!("http://{}", ready["gateway"].as_str().ok_or_else(|| anyhow!("no gateway address"))?);
         let api_key = ready["api_key"].as_str().unwrap_or_default().to_string();
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
-        Ok(System { up, gateway, api_key, data_dir: data_dir.to_path_buf(), database, queue, children, client })
+        Ok(System { up, gateway, api_key, data_dir: data_dir.to_path_buf(), database, queue, blobs, children, client })
     }
 
     /// The settings that put another role (started with [`Role::start`]) on this system's
@@ -212,6 +237,9 @@ impl System {
         let mut sets = vec![format!("store.data_dir={}", self.data_dir.display()), format!("store.database={}", self.database)];
         if let Some(url) = &self.queue {
             sets.push(format!("queue.url={url}"));
+        }
+        if let Some(url) = &self.blobs {
+            sets.push(format!("store.blobs={url}"));
         }
         sets
     }
@@ -314,6 +342,8 @@ fn addresses(v: &Value) -> HashMap<String, String> {
 /// piped for its announcement lines, stderr shown, killed with the test.
 fn quiet_with_announcements(cmd: &mut Command) {
     cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        // The key pair of the tests' S3 servers: one for the whole test process.
+        .envs(s3::credentials_env())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -1,4 +1,5 @@
-//! The image worker: a stateless gRPC service. Bytes in, bytes out; no storage credentials.
+//! The image worker: a stateless gRPC service. Bytes in, bytes out; no storage credentials
+//! (with S3 blobs the call carries presigned URLs for its input and its output).
 //!
 //! Pixel work runs on a bounded CPU pool ([`pool::CpuPool`]), never on the async reactor.
 //! The worker self-registers with the registry using the address it actually bound, heartbeats,
@@ -8,10 +9,12 @@
 mod errors;
 pub mod pool;
 mod service;
+mod transfer;
 pub mod wire;
 
 pub use errors::error_code;
 pub use service::ImageWorkerService;
+pub use transfer::Transfer;
 
 use pixmesh_chassis::Shutdown;
 use pixmesh_chassis::admin::Readiness;
@@ -140,7 +143,8 @@ pub async fn run(config: WorkerConfig, grpc: TcpListener, admin: TcpListener, sh
     if !config.fault_panic_marker.is_empty() {
         tracing::warn!("fault injection is on: calls whose image contains worker.fault_panic_marker panic (for tests only)");
     }
-    let service = ImageWorkerService::new(pool, config.limits)
+    let transfer = Transfer::new(MAX_MESSAGE_BYTES).map_err(std::io::Error::other)?;
+    let service = ImageWorkerService::new(pool, config.limits, transfer)
         .with_extra_delay(std::time::Duration::from_millis(config.extra_delay_ms))
         .with_panic_marker(config.fault_panic_marker.as_bytes());
 

@@ -1,9 +1,11 @@
 use crate::errors::error_code;
 use crate::pool::{CpuPool, PoolError};
+use crate::transfer::Transfer;
 use pixmesh_chassis::{ApiError, ErrorCode};
 use pixmesh_imaging::Limits;
 use pixmesh_proto::v1::image_worker_server::ImageWorker;
 use pixmesh_proto::v1::{ProcessRequest, ProcessResponse};
+use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -16,6 +18,8 @@ pub struct ImageWorkerService {
     /// Fault injection for tests (`WorkerConfig::fault_panic_marker`): `None` unless configured.
     panic_marker: Option<Arc<[u8]>>,
     in_flight: Arc<AtomicUsize>,
+    /// Reads inputs from and writes outputs to presigned URLs.
+    transfer: Transfer,
 }
 
 /// What a client is told when processing panicked; the panic itself goes to the log.
@@ -40,8 +44,8 @@ impl Drop for InFlight {
 }
 
 impl ImageWorkerService {
-    pub fn new(pool: CpuPool, limits: Limits) -> Self {
-        ImageWorkerService { pool, limits, extra_delay: std::time::Duration::ZERO, panic_marker: None, in_flight: Arc::default() }
+    pub fn new(pool: CpuPool, limits: Limits, transfer: Transfer) -> Self {
+        ImageWorkerService { pool, limits, extra_delay: std::time::Duration::ZERO, panic_marker: None, in_flight: Arc::default(), transfer }
     }
 
     /// Panics on the pool thread for any input that contains `marker` (see
@@ -68,9 +72,18 @@ impl ImageWorker for ImageWorkerService {
         let req = request.into_inner();
         let options = crate::wire::options_from(req.ops).map_err(|e| e.to_grpc_status())?;
         let limits = self.limits;
-        let image = req.image;
+        let image = if req.input_url.is_empty() {
+            req.image
+        } else {
+            self.transfer.fetch(&req.input_url).await.map_err(|e| {
+                tracing::warn!(job = %req.job_id, attempt = req.attempt, code = %e.code, reason = %e.message, "input not fetched");
+                e.to_grpc_status()
+            })?
+        };
         let started = Instant::now();
         let marker = self.panic_marker.clone();
+        // With an output URL the worker names what it puts there: hashed here, on the pool.
+        let hash_output = !req.output_url.is_empty();
         let outcome = self
             .pool
             .run(move || {
@@ -79,7 +92,10 @@ impl ImageWorker for ImageWorkerService {
                 {
                     panic!("fault injection: the input contains worker.fault_panic_marker");
                 }
-                pixmesh_imaging::process(&image, &options, &limits)
+                pixmesh_imaging::process(&image, &options, &limits).map(|out| {
+                    let digest = hash_output.then(|| hex::encode(Sha256::digest(&out.bytes)));
+                    (out, digest)
+                })
             })
             .await
             .map_err(|e| match e {
@@ -93,17 +109,29 @@ impl ImageWorker for ImageWorkerService {
         let elapsed = started.elapsed();
         metrics::histogram!("pixmesh_worker_process_seconds").record(elapsed.as_secs_f64());
         match outcome {
-            Ok(out) => {
+            Ok((out, digest)) => {
                 metrics::counter!("pixmesh_worker_images_total", "outcome" => "ok").increment(1);
                 tracing::debug!(job = %req.job_id, attempt = req.attempt, width = out.width, height = out.height, ms = elapsed.as_millis() as u64, "processed");
-                Ok(Response::new(ProcessResponse {
+                let mut response = ProcessResponse {
                     content_type: out.format.mime().to_string(),
                     format: out.format.as_str().to_string(),
                     width: out.width,
                     height: out.height,
                     image: out.bytes.into(),
                     cpu_micros: elapsed.as_micros() as u64,
-                }))
+                    digest: String::new(),
+                    size: 0,
+                };
+                if let Some(digest) = digest {
+                    let image = std::mem::take(&mut response.image);
+                    response.digest = digest;
+                    response.size = image.len() as u64;
+                    self.transfer.store(&req.output_url, image, &response.content_type).await.map_err(|e| {
+                        tracing::warn!(job = %req.job_id, attempt = req.attempt, code = %e.code, reason = %e.message, "output not stored");
+                        e.to_grpc_status()
+                    })?;
+                }
+                Ok(Response::new(response))
             }
             Err(err) => {
                 let code = error_code(&err);

@@ -42,7 +42,7 @@ fn jpeg_with_comment(text: &[u8]) -> Vec<u8> {
 }
 
 fn request(image: Vec<u8>, ops: Operations) -> ProcessRequest {
-    ProcessRequest { job_id: "t".into(), attempt: 1, image: image.into(), ops: Some(ops) }
+    ProcessRequest { job_id: "t".into(), attempt: 1, image: image.into(), ops: Some(ops), ..Default::default() }
 }
 
 #[tokio::test]
