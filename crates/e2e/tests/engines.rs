@@ -90,19 +90,8 @@ async fn uploads_again(system: &System, n: usize, back: Instant, within: Duratio
 /// One raw upload: its status, whether it had `Retry-After`, its body, and how long it took.
 async fn upload_once(system: &System, bytes: Vec<u8>) -> (u16, bool, Value, Duration) {
     let started = Instant::now();
-    let response = system
-        .client()
-        .post(format!("{}/api/upload?width=48&format=png", system.gateway))
-        .header("x-api-key", &system.api_key)
-        .header("content-type", "image/jpeg")
-        .body(bytes)
-        .send()
-        .await
-        .unwrap();
-    let took = started.elapsed();
-    let status = response.status().as_u16();
-    let retry_after = response.headers().get("retry-after").is_some();
-    (status, retry_after, response.json().await.unwrap_or_default(), took)
+    let (status, retry_after, body) = system.upload_answer(bytes, "image/jpeg", "width=48&format=png").await.unwrap();
+    (status, retry_after.is_some(), body, started.elapsed())
 }
 
 async fn all_terminal(system: &System, ids: &[String], within: Duration) {

@@ -138,17 +138,7 @@ async fn wait_metric(system: &System, role: &str, name: &str, at_least: f64) {
 
 /// Uploads through the gateway; answers the status, the `Retry-After` header and the body.
 async fn upload(system: &System, bytes: Vec<u8>, query: &str) -> (u16, Option<String>, Value) {
-    let res = system
-        .client()
-        .post(format!("{}/api/upload?{query}", system.gateway))
-        .header("x-api-key", &system.api_key)
-        .header("content-type", "image/jpeg")
-        .body(bytes)
-        .send()
-        .await
-        .unwrap();
-    let retry_after = res.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
-    (res.status().as_u16(), retry_after, res.json().await.unwrap_or(Value::Null))
+    system.upload_answer(bytes, "image/jpeg", query).await.unwrap()
 }
 
 async fn upload_and_finish(system: &System, bytes: Vec<u8>, query: &str) {

@@ -285,10 +285,17 @@ impl System {
 
     /// POSTs an image to `/api/upload?{query}` through the gateway.
     pub async fn upload(&self, bytes: Vec<u8>, content_type: &str, query: &str) -> anyhow::Result<(u16, Value)> {
+        let (status, _, body) = self.upload_answer(bytes, content_type, query).await?;
+        Ok((status, body))
+    }
+
+    /// [`System::upload`], with the answer's `Retry-After` header too.
+    pub async fn upload_answer(&self, bytes: Vec<u8>, content_type: &str, query: &str) -> anyhow::Result<(u16, Option<String>, Value)> {
         let url = format!("{}/api/upload?{query}", self.gateway);
         let res = self.send(|| self.client.post(&url).header("content-type", content_type).body(bytes.clone())).await?;
         let status = res.status().as_u16();
-        Ok((status, res.json().await.unwrap_or(Value::Null)))
+        let retry_after = res.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_string);
+        Ok((status, retry_after, res.json().await.unwrap_or(Value::Null)))
     }
 
     pub async fn status(&self, id: &str) -> anyhow::Result<(u16, Value)> {

@@ -3,10 +3,6 @@
 //! port of 127.0.0.1, in a runtime of its own so it can be stopped and started again on the same
 //! port (the "S3 outage" fault tests) while the processes under test keep running.
 
-// Test support: a test server that cannot start (no temp dir, no port) is a failed test, and
-// `shared()` is reached from tests that have no error to return it through.
-#![allow(clippy::expect_used)]
-
 use s3s::auth::SimpleAuth;
 use s3s::service::S3ServiceBuilder;
 use std::net::SocketAddr;
@@ -65,8 +61,8 @@ pub fn prefix_for(data_dir: &Path) -> String {
 impl S3Server {
     /// Starts a server with an empty bucket [`BUCKET`].
     pub fn start() -> S3Server {
-        let root = tempfile::Builder::new().prefix("pixmesh-s3-").tempdir().expect("temp dir for the S3 server");
-        std::fs::create_dir_all(root.path().join(BUCKET)).expect("bucket dir");
+        let root = tempfile::Builder::new().prefix("pixmesh-s3-").tempdir().unwrap_or_else(|e| panic!("temp dir for the S3 server: {e}"));
+        std::fs::create_dir_all(root.path().join(BUCKET)).unwrap_or_else(|e| panic!("bucket dir: {e}"));
         let (access_key, secret_key) = key_pair().clone();
         let mut server = S3Server { addr: SocketAddr::from(([127, 0, 0, 1], 0)), root, access_key, secret_key, runtime: None };
         server.serve();
@@ -79,16 +75,16 @@ impl S3Server {
             .thread_name("s3-test-server")
             .enable_all()
             .build()
-            .expect("S3 server runtime");
+            .unwrap_or_else(|e| panic!("S3 server runtime: {e}"));
         let listener = {
             let _guard = runtime.enter();
-            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-            socket.set_reuseaddr(true).expect("SO_REUSEADDR");
-            socket.bind(self.addr).expect("bind the S3 server's port");
-            socket.listen(1024).expect("listen")
+            let socket = tokio::net::TcpSocket::new_v4().unwrap_or_else(|e| panic!("socket: {e}"));
+            socket.set_reuseaddr(true).unwrap_or_else(|e| panic!("SO_REUSEADDR: {e}"));
+            socket.bind(self.addr).unwrap_or_else(|e| panic!("bind the S3 server's port: {e}"));
+            socket.listen(1024).unwrap_or_else(|e| panic!("listen: {e}"))
         };
-        self.addr = listener.local_addr().expect("local addr");
-        let fs = s3s_fs::FileSystem::new(self.root.path()).expect("s3s-fs root");
+        self.addr = listener.local_addr().unwrap_or_else(|e| panic!("local addr: {e}"));
+        let fs = s3s_fs::FileSystem::new(self.root.path()).unwrap_or_else(|e| panic!("s3s-fs root: {e:?}"));
         let mut builder = S3ServiceBuilder::new(fs);
         builder.set_auth(SimpleAuth::from_single(self.access_key.clone(), self.secret_key.clone()));
         let service = builder.build();
