@@ -6,19 +6,24 @@
 #    (a) the embedded profile (`pixmesh up`: SQLite, local blobs, pixmesh's registry),
 #    (b) PostgreSQL + NATS (`--database postgres://... --queue nats://... --registry nats://...`),
 #    (c) PostgreSQL + NATS + S3 (`--blobs s3://...`, an s3s-fs server started here, signatures
-#        checked); prints (b) and (c) as ratios of (a).
+#        checked),
+#    (d) the same with every S3 request answered `S3_LATENCY_MS` late (default 20 ms, about a
+#        remote S3's time to first byte): throughput must not fall with the blob store's latency;
+#    prints (b), (c) and (d) as ratios of (a).
 # 2. The distributor's CPU time per job with multi-MB images (`BIG_IMAGE`, default a 4.6 MB
 #    14.7 MP photo of the corpus, resized to 1920 px wide JPEG; `BIG_JOBS` of them): (b) the bytes
 #    travel through the distributor over gRPC, (c) workers get presigned URLs and the bytes go
 #    between them and S3. Read from /proc of the distributor process.
 #
-# Usage: bench/e2e.sh     Env: JOBS (3000), CONCURRENCY (32), WORKERS (2), BIG_JOBS (60), BIG_IMAGE
+# Usage: bench/e2e.sh     Env: JOBS (3000), CONCURRENCY (32), WORKERS (2), BIG_JOBS (60), BIG_IMAGE,
+#                             S3_LATENCY_MS (20)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS="${JOBS:-3000}"
 CONCURRENCY="${CONCURRENCY:-32}"
 WORKERS="${WORKERS:-2}"
 BIG_JOBS="${BIG_JOBS:-60}"
+S3_LATENCY_MS="${S3_LATENCY_MS:-20}"
 BIG_IMAGE="${BIG_IMAGE:-../shared/corpus/photos/volna-5120x2880.jpg}"
 SERVER="${PIXMESH_TEST_POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}"
 NATS="${PIXMESH_TEST_NATS:-nats://127.0.0.1:4222}"
@@ -30,7 +35,7 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  for d in "$db" "${db}_s3" "${db}_big" "${db}_big_s3"; do
+  for d in "$db" "${db}_s3" "${db}_s3_slow" "${db}_big" "${db}_big_s3"; do
     psql "$SERVER" -qc "DROP DATABASE IF EXISTS $d WITH (FORCE)" >/dev/null 2>&1 || true
   done
   rm -rf "$work"
@@ -70,6 +75,12 @@ pids+=("$!")
 for _ in $(seq 1 50); do [ -s "$work/s3.json" ] && break; sleep 0.1; done
 read -r S3_ENDPOINT S3_KEY S3_SECRET < <(python3 -c 'import json,sys; v=json.load(open(sys.argv[1])); print(v["endpoint"], v["access_key"], v["secret_key"])' "$work/s3.json")
 s3() { AWS_ACCESS_KEY_ID="$S3_KEY" AWS_SECRET_ACCESS_KEY="$S3_SECRET" "$@"; }
+# A second one that answers every request S3_LATENCY_MS late (its own key pair).
+"$T/pixmesh-loadgen" s3-server --latency-ms "$S3_LATENCY_MS" >"$work/s3-slow.json" 2>"$work/s3-slow.err" &
+pids+=("$!")
+for _ in $(seq 1 50); do [ -s "$work/s3-slow.json" ] && break; sleep 0.1; done
+read -r SLOW_ENDPOINT SLOW_KEY SLOW_SECRET < <(python3 -c 'import json,sys; v=json.load(open(sys.argv[1])); print(v["endpoint"], v["access_key"], v["secret_key"])' "$work/s3-slow.json")
+s3_slow() { AWS_ACCESS_KEY_ID="$SLOW_KEY" AWS_SECRET_ACCESS_KEY="$SLOW_SECRET" "$@"; }
 
 tiny="--jobs $JOBS --concurrency $CONCURRENCY"
 big="--jobs $BIG_JOBS --concurrency 8 --image $BIG_IMAGE --query width=1920&format=jpeg"
@@ -86,6 +97,11 @@ psql "$SERVER" -qc "CREATE DATABASE ${db}_s3" >/dev/null
 c="$(s3 profile engines-s3 "$work/c" "${SERVER%/*}/${db}_s3" "$tiny" -- --queue "$NATS/benche2es$$" --registry "$NATS/benche2es$$" \
   --blobs "s3://pixmesh/bench-c?endpoint=$S3_ENDPOINT&region=us-east-1")"
 echo "  $c"
+echo "== (d) PostgreSQL + NATS + S3 answering every request $S3_LATENCY_MS ms late"
+psql "$SERVER" -qc "CREATE DATABASE ${db}_s3_slow" >/dev/null
+d="$(s3_slow profile engines-s3-slow "$work/d" "${SERVER%/*}/${db}_s3_slow" "$tiny" -- --queue "$NATS/benche2ed$$" --registry "$NATS/benche2ed$$" \
+  --blobs "s3://pixmesh/bench-d?endpoint=$SLOW_ENDPOINT&region=us-east-1")"
+echo "  $d"
 echo "== distributor CPU per job, $BIG_JOBS x $(du -h "$BIG_IMAGE" | cut -f1) images: (b) bytes through the distributor"
 psql "$SERVER" -qc "CREATE DATABASE ${db}_big" >/dev/null
 bb="$(profile big "$work/bb" "${SERVER%/*}/${db}_big" "$big" -- --queue "$NATS/benchbig$$" --registry "$NATS/benchbig$$")"
@@ -95,9 +111,10 @@ psql "$SERVER" -qc "CREATE DATABASE ${db}_big_s3" >/dev/null
 cb="$(s3 profile big-s3 "$work/cb" "${SERVER%/*}/${db}_big_s3" "$big" -- --queue "$NATS/benchbigs$$" --registry "$NATS/benchbigs$$" \
   --blobs "s3://pixmesh/bench-big?endpoint=$S3_ENDPOINT&region=us-east-1")"
 echo "  $cb"
-python3 - "$a" "$b" "$c" "$bb" "$cb" <<'PY'
+python3 - "$S3_LATENCY_MS" "$a" "$b" "$c" "$d" "$bb" "$cb" <<'PY'
 import json, sys
-a, b, c, bb, cb = (json.loads(x) for x in sys.argv[1:])
+latency = sys.argv[1]
+a, b, c, d, bb, cb = (json.loads(x) for x in sys.argv[2:])
 print("\nsummary (same run, same machine):")
 print("  tiny images, end to end:")
 print(f"    embedded:               {a['jobs_per_second']:6.0f} jobs/s (uploads {a['uploads_per_second']:.0f}/s)")
@@ -105,6 +122,8 @@ print(f"    PostgreSQL + NATS:      {b['jobs_per_second']:6.0f} jobs/s (uploads 
       f" = {b['jobs_per_second'] / a['jobs_per_second']:.2f}x the embedded profile")
 print(f"    PostgreSQL + NATS + S3: {c['jobs_per_second']:6.0f} jobs/s (uploads {c['uploads_per_second']:.0f}/s)"
       f" = {c['jobs_per_second'] / a['jobs_per_second']:.2f}x the embedded profile")
+print(f"    the same, S3 at +{latency} ms: {d['jobs_per_second']:6.0f} jobs/s (uploads {d['uploads_per_second']:.0f}/s)"
+      f" = {d['jobs_per_second'] / a['jobs_per_second']:.2f}x the embedded profile")
 print(f"  {bb['image_bytes'] / 1e6:.1f} MB images, the distributor's CPU per job:")
 print(f"    bytes over gRPC (local blobs): {bb['watched_cpu_ms_per_job']:6.2f} ms/job ({bb['jobs_per_second']:.1f} jobs/s)")
 print(f"    presigned URLs (S3):           {cb['watched_cpu_ms_per_job']:6.2f} ms/job ({cb['jobs_per_second']:.1f} jobs/s)"

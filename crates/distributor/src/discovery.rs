@@ -15,7 +15,35 @@ use tonic::transport::Channel;
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Member {
     pub address: String,
+    /// Calls with their bytes inline.
     pub capacity: usize,
+    /// Calls with presigned URLs (0: as `capacity`).
+    pub transfers: usize,
+}
+
+/// Which of a worker's numbers bounds its calls here (its bulkhead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slots {
+    /// The image bytes travel in the calls: `capacity`.
+    Capacity,
+    /// The calls carry presigned URLs: `transfers`.
+    Transfers,
+}
+
+impl Slots {
+    /// Which one the blob store calls for: presigned URLs (S3) or bytes in the calls.
+    pub fn of(stores: &pixmesh_store::Stores) -> Slots {
+        if stores.blobs.presign().is_some() { Slots::Transfers } else { Slots::Capacity }
+    }
+}
+
+impl Member {
+    pub fn slots(&self, slots: Slots) -> usize {
+        match slots {
+            Slots::Transfers if self.transfers > 0 => self.transfers,
+            _ => self.capacity,
+        }
+    }
 }
 
 pub type Next<'a> = Pin<Box<dyn Future<Output = Result<Vec<Member>, String>> + Send + 'a>>;
@@ -54,7 +82,11 @@ impl Discovery for RegistryWatch {
             match stream.message().await {
                 Ok(Some(update)) => {
                     tracing::debug!(revision = update.revision, workers = update.instances.len(), "worker set from the registry");
-                    Ok(update.instances.into_iter().map(|i| Member { address: i.address, capacity: i.capacity as usize }).collect())
+                    Ok(update
+                        .instances
+                        .into_iter()
+                        .map(|i| Member { address: i.address, capacity: i.capacity as usize, transfers: i.transfers as usize })
+                        .collect())
                 }
                 Ok(None) => {
                     self.stream = None;
@@ -89,7 +121,7 @@ impl Discovery for NatsKv {
         Box::pin(async move {
             let members = self.watch.next().await?;
             tracing::debug!(workers = members.len(), "worker set from NATS KV");
-            Ok(members.into_iter().map(|m| Member { address: m.address, capacity: m.capacity }).collect())
+            Ok(members.into_iter().map(|m| Member { address: m.address, capacity: m.capacity, transfers: m.transfers }).collect())
         })
     }
 }
@@ -100,8 +132,8 @@ pub struct Static {
 }
 
 impl Static {
-    pub fn new(addresses: &[String], capacity: usize) -> Static {
-        Static { members: Some(addresses.iter().map(|a| Member { address: a.clone(), capacity }).collect()) }
+    pub fn new(addresses: &[String], capacity: usize, transfers: usize) -> Static {
+        Static { members: Some(addresses.iter().map(|a| Member { address: a.clone(), capacity, transfers }).collect()) }
     }
 }
 
@@ -125,13 +157,14 @@ impl Discovery for Static {
 pub struct Dns {
     target: String,
     capacity: usize,
+    transfers: usize,
     interval: Duration,
     last: Option<Vec<Member>>,
 }
 
 impl Dns {
-    pub fn new(target: &str, capacity: usize, interval: Duration) -> Dns {
-        Dns { target: target.to_string(), capacity, interval, last: None }
+    pub fn new(target: &str, capacity: usize, transfers: usize, interval: Duration) -> Dns {
+        Dns { target: target.to_string(), capacity, transfers, interval, last: None }
     }
 }
 
@@ -148,7 +181,8 @@ impl Discovery for Dns {
                 }
                 let resolved =
                     tokio::net::lookup_host(self.target.as_str()).await.map_err(|e| format!("cannot resolve {}: {e}", self.target))?;
-                let mut members: Vec<Member> = resolved.map(|a| Member { address: a.to_string(), capacity: self.capacity }).collect();
+                let mut members: Vec<Member> =
+                    resolved.map(|a| Member { address: a.to_string(), capacity: self.capacity, transfers: self.transfers }).collect();
                 members.sort();
                 members.dedup();
                 if self.last.as_ref() != Some(&members) {
@@ -170,21 +204,26 @@ pub fn from_config(config: &DistributorConfig) -> Result<Box<dyn Discovery>, Str
         return Ok(Box::new(RegistryWatch::new(&config.registry).map_err(|e| format!("distributor.registry: {e}"))?));
     }
     let capacity = config.worker_capacity as usize;
+    let transfers = match config.worker_transfers {
+        0 => config.worker_capacity.saturating_mul(pixmesh_proto::TRANSFERS_PER_SLOT),
+        n => n.max(config.worker_capacity),
+    } as usize;
     if !config.dns.is_empty() {
-        return Ok(Box::new(Dns::new(&config.dns, capacity, Duration::from_millis(config.discovery_interval_ms))));
+        return Ok(Box::new(Dns::new(&config.dns, capacity, transfers, Duration::from_millis(config.discovery_interval_ms))));
     }
     if !config.workers.is_empty() {
-        return Ok(Box::new(Static::new(&config.workers, capacity)));
+        return Ok(Box::new(Static::new(&config.workers, capacity, transfers)));
     }
     Err("the distributor needs distributor.registry, distributor.dns or distributor.workers".into())
 }
 
 /// Keeps `set` in line with `discovery` until `shutdown`. While the source is unreachable the
 /// last known set is kept (an outage of the registry or of DNS must not stop dispatch) and it
-/// is asked again after `retry`.
+/// is asked again after `retry`. Each worker gets the calls its `slots` number allows.
 pub fn spawn(
     mut discovery: Box<dyn Discovery>,
     set: WorkerSet,
+    slots: Slots,
     retry: Duration,
     shutdown: pixmesh_chassis::Shutdown,
 ) -> tokio::task::JoinHandle<()> {
@@ -196,7 +235,7 @@ pub fn spawn(
             };
             match outcome {
                 Ok(members) => {
-                    let instances: Vec<(String, usize)> = members.into_iter().map(|m| (m.address, m.capacity)).collect();
+                    let instances: Vec<(String, usize)> = members.iter().map(|m| (m.address.clone(), m.slots(slots))).collect();
                     set.update(&instances);
                 }
                 Err(e) => {
@@ -217,15 +256,34 @@ mod tests {
 
     #[tokio::test]
     async fn static_answers_once_and_dns_resolves() {
-        let mut s = Static::new(&["127.0.0.1:1".into(), "127.0.0.1:2".into()], 3);
+        let mut s = Static::new(&["127.0.0.1:1".into(), "127.0.0.1:2".into()], 3, 12);
         assert_eq!(s.next().await.unwrap().len(), 2);
         assert!(tokio::time::timeout(Duration::from_millis(50), s.next()).await.is_err(), "no second answer");
 
-        let mut d = Dns::new("localhost:50051", 2, Duration::from_millis(20));
+        let mut d = Dns::new("localhost:50051", 2, 8, Duration::from_millis(20));
         let first = d.next().await.unwrap();
         assert!(first.iter().any(|m| m.address.ends_with(":50051") && m.capacity == 2), "{first:?}");
         assert!(tokio::time::timeout(Duration::from_millis(100), d.next()).await.is_err(), "unchanged records are not reported again");
-        let mut bad = Dns::new("no-such-host.invalid:1", 2, Duration::from_millis(20));
+        let mut bad = Dns::new("no-such-host.invalid:1", 2, 8, Duration::from_millis(20));
         assert!(bad.next().await.is_err());
+    }
+
+    #[test]
+    fn calls_with_urls_get_a_workers_transfers_and_an_older_worker_its_capacity() {
+        let new = Member { address: "a:1".into(), capacity: 4, transfers: 16 };
+        assert_eq!(new.slots(Slots::Capacity), 4);
+        assert_eq!(new.slots(Slots::Transfers), 16);
+        let older = Member { transfers: 0, ..new };
+        assert_eq!(older.slots(Slots::Transfers), 4);
+    }
+
+    #[tokio::test]
+    async fn a_static_list_takes_four_transfers_per_slot_unless_configured() {
+        let config = DistributorConfig { workers: vec!["127.0.0.1:1".into()], worker_capacity: 3, ..DistributorConfig::default() };
+        for (configured, expected) in [(0, 12), (5, 5), (1, 3)] {
+            let mut source = from_config(&DistributorConfig { worker_transfers: configured, ..config.clone() }).unwrap();
+            let member = source.next().await.unwrap().remove(0);
+            assert_eq!(member.transfers, expected, "worker_transfers = {configured} (never below the inline calls)");
+        }
     }
 }

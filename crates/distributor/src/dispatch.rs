@@ -50,6 +50,8 @@ fn job_error(e: &ApiError) -> JobError {
 
 impl Dispatcher {
     pub fn new(config: DistributorConfig, stores: Stores, workers: WorkerSet, owner: String) -> Dispatcher {
+        let slots = crate::discovery::Slots::of(&stores);
+        let config = DistributorConfig { concurrency: config.effective_concurrency(slots), ..config };
         let budget = RetryBudget::new(config.retry_budget_percent, config.retry_budget_per_second);
         Dispatcher { config, stores, workers, owner: owner.into(), budget: Arc::new(budget) }
     }

@@ -23,6 +23,7 @@ pub use breaker::BreakerConfig;
 pub use dispatch::Dispatcher;
 pub use workers::{WorkerEndpoint, WorkerSet};
 
+use discovery::Slots;
 use pixmesh_chassis::Shutdown;
 use pixmesh_chassis::admin::Readiness;
 use pixmesh_chassis::announce::Announcement;
@@ -46,7 +47,13 @@ pub struct DistributorConfig {
     pub workers: Vec<String>,
     /// Calls at once per worker found by `dns` or `workers` (registered workers report their own).
     pub worker_capacity: u32,
-    /// Jobs in flight at once.
+    /// Calls at once per worker found by `dns` or `workers` when the bytes go by presigned URLs
+    /// (S3 blobs: the calls wait on the blob store more than on the worker). 0 means
+    /// `worker_capacity` × 4, as a worker's own `worker.transfers` default.
+    pub worker_transfers: u32,
+    /// Jobs in flight at once. 0 means 16, or 64 when workers get presigned URLs (S3 blobs):
+    /// then a job holds no image bytes here, and spends most of its time waiting on the blob
+    /// store, which more jobs in flight make up for.
     pub concurrency: usize,
     /// Most jobs claimed in one transaction (when that many places and worker slots are free).
     pub claim_batch: u32,
@@ -86,6 +93,21 @@ pub struct DistributorConfig {
     pub breaker: BreakerConfig,
 }
 
+/// Jobs in flight at once by default, with the bytes in the calls and with presigned URLs.
+const CONCURRENCY: usize = 16;
+const CONCURRENCY_WITH_URLS: usize = 64;
+
+impl DistributorConfig {
+    /// `concurrency`, or its default for how the bytes travel.
+    pub fn effective_concurrency(&self, slots: Slots) -> usize {
+        match (self.concurrency, slots) {
+            (0, Slots::Capacity) => CONCURRENCY,
+            (0, Slots::Transfers) => CONCURRENCY_WITH_URLS,
+            (n, _) => n,
+        }
+    }
+}
+
 impl Default for DistributorConfig {
     fn default() -> Self {
         DistributorConfig {
@@ -94,7 +116,8 @@ impl Default for DistributorConfig {
             dns: String::new(),
             workers: Vec::new(),
             worker_capacity: 2,
-            concurrency: 16,
+            worker_transfers: 0,
+            concurrency: 0,
             claim_batch: 16,
             lease_ms: 10_000,
             lease_renew_ms: 3_000,
@@ -115,8 +138,8 @@ impl Default for DistributorConfig {
 
 impl DistributorConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if self.concurrency == 0 || self.concurrency > 4096 {
-            return Err("distributor.concurrency must be between 1 and 4096".into());
+        if self.concurrency > 4096 {
+            return Err("distributor.concurrency must be at most 4096 (0 means 16, or 64 with S3 blobs)".into());
         }
         if self.claim_batch == 0 || self.claim_batch > 1000 {
             return Err("distributor.claim_batch must be between 1 and 1000".into());
@@ -171,13 +194,15 @@ pub async fn run(
     let admin_server = pixmesh_chassis::serve::admin("distributor", admin, readiness.clone(), shutdown.clone());
     // Ready while it can write jobs and result blobs.
     // Results of jobs in flight together are committed together.
-    let stores = stores.with_group_commit(config.concurrency.min(256));
+    // With presigned URLs a call waits on the blob store: a worker takes its `transfers` of them.
+    let slots = Slots::of(&stores);
+    let stores = stores.with_group_commit(config.effective_concurrency(slots).min(256));
     let probe = stores.watch_health("distributor", Access::ReadWrite, readiness.clone(), shutdown.clone()).await;
     // Ended jobs are deleted after their retention (several distributors may prune at once).
     let pruner = stores.spawn_pruner(shutdown.clone());
     let workers = WorkerSet::with_breaker(Duration::from_millis(config.call_timeout_ms), &config.breaker);
     let source = discovery::from_config(&config).map_err(std::io::Error::other)?;
-    let discovery = discovery::spawn(source, workers.clone(), Duration::from_millis(config.discovery_interval_ms), shutdown.clone());
+    let discovery = discovery::spawn(source, workers.clone(), slots, Duration::from_millis(config.discovery_interval_ms), shutdown.clone());
     let owner = format!("distributor-{}", uuid::Uuid::now_v7().simple());
     Announcement::new("distributor").with("admin", admin_addr).with("id", &owner).print();
     readiness.set_ready(true);

@@ -43,7 +43,13 @@ async fn workers_join_and_leave_through_the_watch() {
     let set = WorkerSet::new(Duration::from_secs(5));
     let config = DistributorConfig { registry: addr.clone(), discovery_interval_ms: 100, ..DistributorConfig::default() };
     let source = pixmesh_distributor::discovery::from_config(&config).unwrap();
-    let _discovery = pixmesh_distributor::discovery::spawn(source, set.clone(), Duration::from_millis(100), shutdown.clone());
+    let _discovery = pixmesh_distributor::discovery::spawn(
+        source,
+        set.clone(),
+        pixmesh_distributor::discovery::Slots::Capacity,
+        Duration::from_millis(100),
+        shutdown.clone(),
+    );
 
     let a = Registration::start(channel(&addr).unwrap(), worker("a", 1), Duration::from_millis(100));
     let joined = until("a joins", &set, 1, Duration::from_secs(1)).await;

@@ -73,7 +73,13 @@ async fn dead_workers_are_retried_elsewhere_and_bad_images_fail_once() {
     let workers = WorkerSet::with_breaker(Duration::from_millis(config.call_timeout_ms), &config.breaker);
     let source = pixmesh_distributor::discovery::from_config(&config).unwrap();
     let discovery_stop = Shutdown::new();
-    let _discovery = pixmesh_distributor::discovery::spawn(source, workers.clone(), Duration::from_millis(100), discovery_stop.clone());
+    let _discovery = pixmesh_distributor::discovery::spawn(
+        source,
+        workers.clone(),
+        pixmesh_distributor::discovery::Slots::Capacity,
+        Duration::from_millis(100),
+        discovery_stop.clone(),
+    );
     while workers.len() < 2 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -183,7 +189,13 @@ async fn an_internal_failure_is_retried_once_on_another_worker_then_the_job_fail
         let workers = WorkerSet::with_breaker(Duration::from_millis(config.call_timeout_ms), &config.breaker);
         let source = pixmesh_distributor::discovery::from_config(&config).unwrap();
         let discovery_stop = Shutdown::new();
-        let _discovery = pixmesh_distributor::discovery::spawn(source, workers.clone(), Duration::from_millis(100), discovery_stop.clone());
+        let _discovery = pixmesh_distributor::discovery::spawn(
+            source,
+            workers.clone(),
+            pixmesh_distributor::discovery::Slots::Capacity,
+            Duration::from_millis(100),
+            discovery_stop.clone(),
+        );
         while workers.len() < worker_count {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -166,7 +166,11 @@ enum Mode {
     },
     /// A real S3-compatible server (s3s-fs, signatures checked) for the benchmarks: prints its
     /// endpoint and key pair as one JSON line, serves until killed.
-    S3Server,
+    S3Server {
+        /// Added before every answer, as a remote S3's latency (0: this host's own).
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+    },
     /// The JetStream floor: publish (with Nats-Msg-Id, waiting for every ack) then consume
     /// and ack, on a work-queue stream with file storage, as pixmesh's wake-ups do.
     JetstreamFloor {
@@ -466,8 +470,8 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", e2e::run(run).await?);
                 Ok(())
             }
-            Mode::S3Server => {
-                let server = pixmesh_test_support::s3::S3Server::start();
+            Mode::S3Server { latency_ms } => {
+                let server = pixmesh_test_support::s3::S3Server::start_with_latency(Duration::from_millis(latency_ms));
                 let line = serde_json::json!({
                     "endpoint": server.endpoint(),
                     "access_key": server.access_key(),

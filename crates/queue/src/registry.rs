@@ -26,6 +26,10 @@ pub const MISSED_HEARTBEATS: u32 = 3;
 pub struct Member {
     pub address: String,
     pub capacity: usize,
+    /// Calls at once when their bytes come by presigned URLs (0, or absent in an older
+    /// worker's entry: `capacity`).
+    #[serde(default)]
+    pub transfers: usize,
     /// How often the worker puts its entry again (watchers drop it after [`MISSED_HEARTBEATS`]).
     pub heartbeat_ms: u64,
 }

@@ -169,7 +169,7 @@ async fn workers_join_and_leave_the_kv_registry_within_a_second() {
     let mut watch = NatsWatch::new(&url);
     let first = tokio::time::timeout(Duration::from_secs(5), watch.next()).await.unwrap().unwrap();
     assert_eq!(first, vec![], "an empty bucket is an empty set");
-    let member = |port: u16| Member { address: format!("127.0.0.1:{port}"), capacity: 4, heartbeat_ms: 200 };
+    let member = |port: u16| Member { address: format!("127.0.0.1:{port}"), capacity: 4, transfers: 16, heartbeat_ms: 200 };
 
     let joined = Instant::now();
     let a = NatsRegistration::start(&url, "worker-a", member(1)).await.unwrap();

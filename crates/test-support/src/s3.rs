@@ -16,6 +16,8 @@ pub struct S3Server {
     root: tempfile::TempDir,
     access_key: String,
     secret_key: String,
+    /// Added before every request is answered (see [`S3Server::start_with_latency`]).
+    latency: std::time::Duration,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -61,10 +63,16 @@ pub fn prefix_for(data_dir: &Path) -> String {
 impl S3Server {
     /// Starts a server with an empty bucket [`BUCKET`].
     pub fn start() -> S3Server {
+        S3Server::start_with_latency(std::time::Duration::ZERO)
+    }
+
+    /// A server that answers every request `latency` late, as a remote S3 does (AWS S3 takes
+    /// tens of milliseconds to a first byte; this server, on the same host, well under one).
+    pub fn start_with_latency(latency: std::time::Duration) -> S3Server {
         let root = tempfile::Builder::new().prefix("pixmesh-s3-").tempdir().unwrap_or_else(|e| panic!("temp dir for the S3 server: {e}"));
         std::fs::create_dir_all(root.path().join(BUCKET)).unwrap_or_else(|e| panic!("bucket dir: {e}"));
         let (access_key, secret_key) = key_pair().clone();
-        let mut server = S3Server { addr: SocketAddr::from(([127, 0, 0, 1], 0)), root, access_key, secret_key, runtime: None };
+        let mut server = S3Server { addr: SocketAddr::from(([127, 0, 0, 1], 0)), root, access_key, secret_key, latency, runtime: None };
         server.serve();
         server
     }
@@ -87,11 +95,24 @@ impl S3Server {
         let fs = s3s_fs::FileSystem::new(self.root.path()).unwrap_or_else(|e| panic!("s3s-fs root: {e:?}"));
         let mut builder = S3ServiceBuilder::new(fs);
         builder.set_auth(SimpleAuth::from_single(self.access_key.clone(), self.secret_key.clone()));
-        let service = builder.build();
+        let s3 = builder.build();
+        let latency = self.latency;
+        let service = hyper::service::service_fn(move |request| {
+            let s3 = s3.clone();
+            async move {
+                if !latency.is_zero() {
+                    tokio::time::sleep(latency).await;
+                }
+                hyper::service::Service::call(&s3, request).await
+            }
+        });
         runtime.spawn(async move {
             let http = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
             loop {
                 let Ok((socket, _)) = listener.accept().await else { continue };
+                // As S3 servers do: a response's head and body are not held back for an ACK
+                // (Nagle), which would add the client's delayed-ACK time to small requests.
+                let _ = socket.set_nodelay(true);
                 let conn = http.serve_connection(hyper_util::rt::TokioIo::new(socket), service.clone()).into_owned();
                 tokio::spawn(async move {
                     let _ = conn.await;

@@ -20,9 +20,9 @@ use pixmesh_chassis::Shutdown;
 use pixmesh_chassis::admin::Readiness;
 use pixmesh_chassis::announce::Announcement;
 use pixmesh_imaging::Limits;
-use pixmesh_proto::MAX_MESSAGE_BYTES;
 use pixmesh_proto::v1::Instance;
 use pixmesh_proto::v1::image_worker_server::ImageWorkerServer;
+use pixmesh_proto::{MAX_MESSAGE_BYTES, TRANSFERS_PER_SLOT};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -38,6 +38,13 @@ pub struct WorkerConfig {
     /// Calls accepted at once (running + waiting for a thread), advertised to the registry.
     /// 0 means twice the threads.
     pub capacity: u32,
+    /// Calls accepted at once when their bytes come and go through presigned URLs (S3 blobs),
+    /// advertised beside `capacity`. Such a call waits on the blob store for most of its life
+    /// and holds a CPU slot (of `capacity`) only while its pixels are processed, so a worker
+    /// needs more of them in flight to keep its threads busy. Each holds its input and output
+    /// in memory: at most `transfers` × `limits.max_input_bytes` (and the outputs). 0 means
+    /// `capacity` × 4.
+    pub transfers: u32,
     /// Registry address (`host:port`, or `nats://HOST:PORT` for NATS KV); empty means do not
     /// register.
     pub registry: String,
@@ -73,6 +80,7 @@ impl Default for WorkerConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             threads: 0,
             capacity: 0,
+            transfers: 0,
             registry: String::new(),
             advertise: String::new(),
             id: String::new(),
@@ -103,6 +111,9 @@ impl WorkerConfig {
         if !(10..=60_000).contains(&self.heartbeat_interval_ms) {
             return Err("worker.heartbeat_interval_ms must be between 10 and 60000".into());
         }
+        if self.transfers > 4096 {
+            return Err("worker.transfers must be at most 4096 (0 means 4 per CPU slot)".into());
+        }
         if self.deregister_grace_ms > 60_000 {
             return Err("worker.deregister_grace_ms must be at most 60000".into());
         }
@@ -124,6 +135,12 @@ impl WorkerConfig {
     pub fn effective_capacity(&self) -> u32 {
         if self.capacity == 0 { (self.effective_threads() * 2) as u32 } else { self.capacity }
     }
+
+    /// `transfers`, or its default: [`TRANSFERS_PER_SLOT`] per CPU slot (never below the CPU slots).
+    pub fn effective_transfers(&self) -> u32 {
+        let capacity = self.effective_capacity();
+        if self.transfers == 0 { capacity.saturating_mul(TRANSFERS_PER_SLOT) } else { self.transfers.max(capacity) }
+    }
 }
 
 /// Serves the worker on `grpc` until `shutdown`, then deregisters, serves on for
@@ -143,7 +160,10 @@ pub async fn run(config: WorkerConfig, grpc: TcpListener, admin: TcpListener, sh
     if !config.fault_panic_marker.is_empty() {
         tracing::warn!("fault injection is on: calls whose image contains worker.fault_panic_marker panic (for tests only)");
     }
-    let transfer = Transfer::new(MAX_MESSAGE_BYTES).map_err(std::io::Error::other)?;
+    let transfers = config.effective_transfers();
+    // A download is refused past what the image checks would refuse anyway.
+    let transfer =
+        Transfer::new(config.limits.max_input_bytes.min(MAX_MESSAGE_BYTES), transfers as usize).map_err(std::io::Error::other)?;
     let service = ImageWorkerService::new(pool, config.limits, transfer)
         .with_extra_delay(std::time::Duration::from_millis(config.extra_delay_ms))
         .with_panic_marker(config.fault_panic_marker.as_bytes());
@@ -169,6 +189,7 @@ pub async fn run(config: WorkerConfig, grpc: TcpListener, admin: TcpListener, sh
         let member = pixmesh_queue::registry::Member {
             address: advertised.clone(),
             capacity: capacity as usize,
+            transfers: transfers as usize,
             heartbeat_ms: config.heartbeat_interval_ms,
         };
         let registration =
@@ -181,6 +202,7 @@ pub async fn run(config: WorkerConfig, grpc: TcpListener, admin: TcpListener, sh
             service: "worker".into(),
             address: advertised.clone(),
             capacity,
+            transfers,
             version: env!("CARGO_PKG_VERSION").into(),
             labels: [("threads".to_string(), threads.to_string())].into_iter().collect(),
         };
@@ -193,7 +215,7 @@ pub async fn run(config: WorkerConfig, grpc: TcpListener, admin: TcpListener, sh
 
     Announcement::new("worker").with("grpc", grpc_addr).with("admin", admin_addr).with("id", &id).print();
     readiness.set_ready(true);
-    tracing::info!(%id, grpc = %grpc_addr, threads, capacity, "worker ready");
+    tracing::info!(%id, grpc = %grpc_addr, threads, capacity, transfers, "worker ready");
 
     shutdown.wait().await;
     // Leave the pool first so no new work is sent here; keep answering while the news spreads

@@ -136,6 +136,26 @@ impl CpuPool {
         T: Send + 'static,
     {
         let permit: OwnedSemaphorePermit = Arc::clone(&self.admission).try_acquire_owned().map_err(|_| PoolError::Full(self.capacity()))?;
+        self.submit(permit, f).await
+    }
+
+    /// As [`CpuPool::run`], but waits for a slot instead of failing when the pool is full. For
+    /// calls already bounded by another admission (the calls with URLs, see `Transfer::admit`),
+    /// so the wait is bounded too.
+    pub async fn run_queued<T, F>(&self, f: F) -> Result<T, PoolError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let permit: OwnedSemaphorePermit = Arc::clone(&self.admission).acquire_owned().await.map_err(|_| PoolError::Closed)?;
+        self.submit(permit, f).await
+    }
+
+    async fn submit<T, F>(&self, permit: OwnedSemaphorePermit, f: F) -> Result<T, PoolError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
         let task: Task = Box::new(move || {
             // AssertUnwindSafe: nothing `f` touched is looked at after a panic. It owns its
@@ -192,6 +212,24 @@ mod tests {
             assert_eq!(r.await.unwrap(), Ok(true));
         }
         assert!(pool.run(|| 1).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_queued_run_waits_for_a_slot_instead_of_failing() {
+        let pool = CpuPool::new(1, 1).unwrap();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let p = pool.clone();
+        let busy = tokio::spawn(async move { p.run(move || release_rx.recv_timeout(Duration::from_secs(5)).is_ok()).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(matches!(pool.run(|| ()).await, Err(PoolError::Full(_))), "the plain run fails fast");
+        let p = pool.clone();
+        let queued = tokio::spawn(async move { p.run_queued(|| 7).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!queued.is_finished(), "the queued run waits while the slot is taken");
+        release_tx.send(()).unwrap();
+        assert_eq!(busy.await.unwrap(), Ok(true));
+        assert_eq!(queued.await.unwrap(), Ok(7));
+        assert_eq!(pool.in_flight(), 0);
     }
 
     /// Dropped on a pool thread.

@@ -72,7 +72,12 @@ impl ImageWorker for ImageWorkerService {
         let req = request.into_inner();
         let options = crate::wire::options_from(req.ops).map_err(|e| e.to_grpc_status())?;
         let limits = self.limits;
-        let image = if req.input_url.is_empty() {
+        // A call with URLs holds a transfer place for its whole life (refused when none is
+        // free) and waits for a CPU slot; a call with its bytes inline takes a CPU slot or is
+        // refused at once.
+        let by_url = !req.input_url.is_empty();
+        let _transfer = if by_url { Some(self.transfer.admit().map_err(|e| e.to_grpc_status())?) } else { None };
+        let image = if !by_url {
             req.image
         } else {
             self.transfer.fetch(&req.input_url).await.map_err(|e| {
@@ -84,28 +89,26 @@ impl ImageWorker for ImageWorkerService {
         let marker = self.panic_marker.clone();
         // With an output URL the worker names what it puts there: hashed here, on the pool.
         let hash_output = !req.output_url.is_empty();
-        let outcome = self
-            .pool
-            .run(move || {
-                if let Some(marker) = marker
-                    && image.windows(marker.len()).any(|w| *w == *marker)
-                {
-                    panic!("fault injection: the input contains worker.fault_panic_marker");
-                }
-                pixmesh_imaging::process(&image, &options, &limits).map(|out| {
-                    let digest = hash_output.then(|| hex::encode(Sha256::digest(&out.bytes)));
-                    (out, digest)
-                })
+        let work = move || {
+            if let Some(marker) = marker
+                && image.windows(marker.len()).any(|w| *w == *marker)
+            {
+                panic!("fault injection: the input contains worker.fault_panic_marker");
+            }
+            pixmesh_imaging::process(&image, &options, &limits).map(|out| {
+                let digest = hash_output.then(|| hex::encode(Sha256::digest(&out.bytes)));
+                (out, digest)
             })
-            .await
-            .map_err(|e| match e {
-                PoolError::Full(_) | PoolError::Closed => ApiError::new(ErrorCode::Unavailable, e.to_string()).to_grpc_status(),
-                PoolError::Panicked(panic) => {
-                    metrics::counter!("pixmesh_worker_images_total", "outcome" => ErrorCode::Internal.as_str()).increment(1);
-                    tracing::error!(job = %req.job_id, attempt = req.attempt, %panic, "processing panicked; the call fails with `internal`");
-                    ApiError::new(ErrorCode::Internal, INTERNAL_MESSAGE).to_grpc_status()
-                }
-            })?;
+        };
+        let outcome = if by_url { self.pool.run_queued(work).await } else { self.pool.run(work).await };
+        let outcome = outcome.map_err(|e| match e {
+            PoolError::Full(_) | PoolError::Closed => ApiError::new(ErrorCode::Unavailable, e.to_string()).to_grpc_status(),
+            PoolError::Panicked(panic) => {
+                metrics::counter!("pixmesh_worker_images_total", "outcome" => ErrorCode::Internal.as_str()).increment(1);
+                tracing::error!(job = %req.job_id, attempt = req.attempt, %panic, "processing panicked; the call fails with `internal`");
+                ApiError::new(ErrorCode::Internal, INTERNAL_MESSAGE).to_grpc_status()
+            }
+        })?;
         let elapsed = started.elapsed();
         metrics::histogram!("pixmesh_worker_process_seconds").record(elapsed.as_secs_f64());
         match outcome {

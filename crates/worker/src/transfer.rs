@@ -3,19 +3,36 @@
 
 use bytes::{Bytes, BytesMut};
 use pixmesh_chassis::{ApiError, ErrorCode};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 #[derive(Clone)]
 pub struct Transfer {
     client: reqwest::Client,
     max_bytes: usize,
+    /// Calls with URLs at once (`worker.transfers`). Such a call waits on the blob store for
+    /// most of its life, so it holds one of these for all of it and a CPU slot only while its
+    /// pixels are processed: a worker keeps its threads busy however slow the blob store is.
+    calls: Arc<Semaphore>,
+    limit: usize,
 }
 
 impl Transfer {
-    /// `max_bytes` bounds a download (the same bound as an image sent in the call).
-    pub fn new(max_bytes: usize) -> Result<Transfer, reqwest::Error> {
+    /// `max_bytes` bounds a download (the same bound as an image sent in the call); at most
+    /// `calls` calls with URLs are taken at once.
+    pub fn new(max_bytes: usize, calls: usize) -> Result<Transfer, reqwest::Error> {
         let client = reqwest::Client::builder().connect_timeout(Duration::from_secs(3)).timeout(Duration::from_secs(60)).build()?;
-        Ok(Transfer { client, max_bytes })
+        let limit = calls.max(1);
+        Ok(Transfer { client, max_bytes, calls: Arc::new(Semaphore::new(limit)), limit })
+    }
+
+    /// Takes a place for one call with URLs, for its whole life, or refuses it (`unavailable`:
+    /// the distributor tries another worker) when all are taken.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        Arc::clone(&self.calls).try_acquire_owned().map_err(|_| {
+            ApiError::new(ErrorCode::Unavailable, format!("worker is at capacity ({} calls with presigned URLs in flight)", self.limit))
+        })
     }
 
     /// GETs the input. The body is read chunk by chunk and refused past `max_bytes`.
