@@ -8,7 +8,10 @@
 # LOCKED lease + complete loop (claim the oldest queued row with FOR UPDATE SKIP LOCKED, then
 # mark it done; two commits per job, as pixmesh's claim and commit), with 4 clients; and a
 # JetStream publish + consume/ack loop on a work-queue stream with the durability pixmesh uses
-# (file storage, the server's own sync interval).
+# (file storage, the server's own sync interval); and for SQLite, bench/sqlite_floor.py: the same
+# claim + complete loop in Python's sqlite3 on the same disk with pixmesh's durability (WAL,
+# synchronous=FULL), one job per commit (two commits per job, as the pgbench floor) and batched
+# (the ceiling for a dispatcher that claims and commits many jobs per transaction).
 #
 # Jobs/s is read off the job log (first `claimed` to last `succeeded`); see
 # crates/loadgen/src/dispatch.rs. PostgreSQL is the machine's (PIXMESH_TEST_POSTGRES, default
@@ -71,6 +74,11 @@ echo "== floor: JetStream publish + consume/ack, work-queue stream, file storage
 jsfloor="$("$T/pixmesh-loadgen" jetstream-floor --url "$NATS" --messages $((JOBS * 4)))"
 echo "  $jsfloor"
 
+echo "== floor: SQLite claim + complete loop (WAL, synchronous=FULL)"
+mkdir -p "$work/sqlite-floor"
+sqfloor="$(python3 bench/sqlite_floor.py "$work/sqlite-floor" "$JOBS" 32)"
+echo "  $sqfloor"
+
 results=()
 for d in $DISTRIBUTORS; do
   echo "== SQLite, $d distributor(s)"
@@ -86,20 +94,26 @@ for d in $DISTRIBUTORS; do
   echo "  ${results[-1]}"
 done
 
-python3 - "$floor" "$jsfloor" "${results[@]}" <<'PY'
+python3 - "$floor" "$jsfloor" "$sqfloor" "${results[@]}" <<'PY'
 import json, sys
 floor = float(sys.argv[1])
 js = json.loads(sys.argv[2])
+sq = json.loads(sys.argv[3])
 print("\nsummary (same run, same machine):")
 print(f"  floor: pgbench SKIP LOCKED lease + complete loop, 4 clients: {floor:.0f} jobs/s")
 print(f"  floor: JetStream publish {js['publish_per_second']:.0f}/s, consume+ack {js['consume_ack_per_second']:.0f}/s,"
       f" whole loop {js['loop_per_second']:.0f} messages/s")
-for r in map(json.loads, sys.argv[3:]):
+print(f"  floor: SQLite {sq['commits_per_second']:.0f} commits/s; claim + complete one job per commit"
+      f" {sq['one_per_commit']:.0f} jobs/s, {sq['batch']} per commit {sq['batched_per_commit']:.0f} jobs/s")
+for r in map(json.loads, sys.argv[4:]):
     kind = "SQLite" if r["database"].startswith("sqlite") else ("PG + NATS" if r.get("queue") else "PostgreSQL")
     lat = r["accepted_to_claimed"]
     line = (f"  {kind:10} {r['distributors']} distributor(s) x {r['concurrency']} in flight: {r['jobs_per_second']:7.0f} jobs/s"
             f" (claims per distributor {r['claims_per_distributor']})")
-    if kind != "SQLite":
+    if kind == "SQLite":
+        line += (f" = {r['jobs_per_second'] / sq['one_per_commit']:.2f}x the one-per-commit floor,"
+                 f" {r['jobs_per_second'] / sq['batched_per_commit']:.2f}x the batched one")
+    else:
         line += f" = {r['jobs_per_second'] / floor:.2f}x the floor"
     line += f"; accepted->claimed at {r['latency_rate']}/s: p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms"
     print(line)

@@ -9,7 +9,7 @@
 use crate::error::DbError;
 use crate::health::Alarm;
 use crate::rows::{EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, OutboxRow, encode, gave_up, json, millis, unclaimed};
-use crate::write_tx::WriteTx;
+use crate::write_tx::{Turn, WriteTx};
 use async_trait::async_trait;
 use pixmesh_chassis::time::now_ms;
 use pixmesh_model::{
@@ -19,13 +19,25 @@ use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{SqliteConnection, SqlitePool};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Mutex;
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
+
+/// A job row as a claim's update returns it, with the number its `claimed` event takes.
+#[derive(sqlx::FromRow)]
+struct ClaimedRow {
+    #[sqlx(flatten)]
+    job: JobRow,
+    event_seq: i64,
+}
 
 #[derive(Debug, Clone)]
 pub struct SqliteJobStore {
     pool: SqlitePool,
+    /// This process's turn to write (see [`WriteTx::begin`]).
+    turn: Arc<Mutex<Turn>>,
     alarm: Alarm,
 }
 
@@ -55,8 +67,13 @@ impl SqliteJobStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(30));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+            // While a connection opens (the switch to WAL); then our handler takes over.
+            .busy_timeout(busy::BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .after_connect(|conn, _| Box::pin(async move { busy::install(conn).await }))
+            .connect_with(options)
+            .await?;
         // Databases made before jobs had owners (and before migrations): their jobs belong to
         // no key (""). Done before the first migration, which expects the column.
         let has_jobs: Option<i64> =
@@ -81,7 +98,7 @@ impl SqliteJobStore {
                 Err(e) => return Err(StoreError::Database(format!("cannot bring the schema up to date: {e}")).into()),
             }
         }
-        Ok(SqliteJobStore { pool, alarm: Alarm::default() })
+        Ok(SqliteJobStore { pool, turn: Turn::shared(), alarm: Alarm::default() })
     }
 
     /// Raises `alarm` whenever a write transaction fails.
@@ -93,11 +110,18 @@ impl SqliteJobStore {
     /// Appends `event` to the job's history, numbered after its last event; the caller's
     /// transaction holds the write lock, so numbers never collide.
     async fn append(conn: &mut SqliteConnection, id: &str, attempt: u32, at: i64, event: &Event) -> Result<(), DbError> {
-        let (kind, version, data) = encode(event)?;
         let seq: i64 = sqlx::query_scalar("UPDATE jobs SET event_seq = event_seq + 1 WHERE id = ? RETURNING event_seq")
             .bind(id)
             .fetch_one(&mut *conn)
             .await?;
+        Self::insert_event(conn, id, seq, attempt, at, event).await
+    }
+
+    /// Writes `event` as number `seq` of the job's history: a number the caller's update of the
+    /// job row just took (`event_seq = event_seq + 1 … RETURNING event_seq`), so that a
+    /// transition and the numbering of its event are one statement.
+    async fn insert_event(conn: &mut SqliteConnection, id: &str, seq: i64, attempt: u32, at: i64, event: &Event) -> Result<(), DbError> {
+        let (kind, version, data) = encode(event)?;
         sqlx::query("INSERT INTO job_events (job_id, seq, version, kind, attempt, at, data) VALUES (?, ?, ?, ?, ?, ?, ?)")
             .bind(id)
             .bind(seq)
@@ -121,7 +145,7 @@ impl SqliteJobStore {
     /// and not terminal; then `event` is appended in the same transaction.
     async fn fenced(&self, id: &str, attempt: u32, set: &str, bind: Option<Bind>, event: Event) -> Result<(), DbError> {
         let now = now_ms();
-        let mut tx = WriteTx::begin(&self.pool, &self.alarm).await?;
+        let mut tx = WriteTx::begin(&self.pool, &self.turn, &self.alarm).await?;
         let sql = format!("UPDATE jobs SET {set}, updated_at = ? WHERE id = ? AND attempt = ? AND state = 'processing'");
         let mut query = sqlx::query(&sql);
         query = match bind {
@@ -141,7 +165,7 @@ impl SqliteJobStore {
 
     async fn create_job(&self, job: NewJob) -> Result<Created, DbError> {
         let now = now_ms();
-        let mut tx = WriteTx::begin(&self.pool, &self.alarm).await?;
+        let mut tx = WriteTx::begin(&self.pool, &self.turn, &self.alarm).await?;
         if let Some(key) = &job.idempotency_key {
             let existing: Option<(String, String)> =
                 sqlx::query_as("SELECT id, request_hash FROM jobs WHERE idempotency_key = ?").bind(key).fetch_optional(&mut *tx).await?;
@@ -155,10 +179,11 @@ impl SqliteJobStore {
                 return Ok(Created { job: found, created: false });
             }
         }
-        sqlx::query(
-            "INSERT INTO jobs (id, owner, state, attempt, input_digest, input_size, input_format, options, idempotency_key, request_hash, created_at, updated_at)
-             VALUES (?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
+        // The job with its `accepted` event, number 1 of its history.
+        let row: JobRow = sqlx::query_as(&format!(
+            "INSERT INTO jobs (id, owner, state, attempt, input_digest, input_size, input_format, options, idempotency_key, request_hash, created_at, updated_at, event_seq)
+             VALUES (?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?, 1) RETURNING {JOB_COLUMNS}"
+        ))
         .bind(&job.id)
         .bind(&job.owner)
         .bind(&job.input.digest)
@@ -169,11 +194,11 @@ impl SqliteJobStore {
         .bind(&job.request_hash)
         .bind(now)
         .bind(now)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
         let accepted = Event::Accepted { input: job.input.clone(), input_format: job.input_format.clone(), options: job.options.clone() };
-        Self::append(&mut tx, &job.id, 0, now, &accepted).await?;
-        let created = Self::fetch_job(&mut tx, &job.id).await?.ok_or_else(|| StoreError::NotFound(job.id.clone()))?;
+        Self::insert_event(&mut tx, &job.id, 1, 0, now, &accepted).await?;
+        let created = row.into_job()?;
         tx.commit().await?;
         Ok(Created { job: created, created: true })
     }
@@ -181,41 +206,50 @@ impl SqliteJobStore {
     async fn claim_jobs(&self, owner: &str, lease: Duration, max_attempts: u32, limit: u32) -> Result<Vec<Job>, DbError> {
         let now = now_ms();
         let expires = now + millis(lease);
-        let mut claimed = Vec::new();
+        let limit = limit as usize;
+        let mut claimed = Vec::with_capacity(limit);
         // One write transaction (one commit, one fsync) for the whole batch.
-        let mut tx = WriteTx::begin(&self.pool, &self.alarm).await?;
-        while claimed.len() < limit as usize {
-            // Jobs whose lease ran out first (they are the oldest work), then the oldest queued
-            // job: each from its partial index.
-            let expired: Option<(String, String, i64, Option<String>)> = sqlx::query_as(
-                "SELECT id, state, attempt, lease_owner FROM jobs
-                 WHERE state = 'processing' AND lease_expires_at < ? ORDER BY lease_expires_at LIMIT 1",
-            )
-            .bind(now)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let candidate = match expired {
-                Some(row) => Some(row),
-                None => {
-                    sqlx::query_as(
-                        "SELECT id, state, attempt, lease_owner FROM jobs
-                         WHERE state = 'queued' AND not_before <= ? ORDER BY created_at, id LIMIT 1",
-                    )
-                    .bind(now)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                }
-            };
-            let Some((id, state, attempt, previous)) = candidate else { break };
+        let mut tx = WriteTx::begin(&self.pool, &self.turn, &self.alarm).await?;
+        // Jobs whose lease ran out first (they are the oldest work), then the oldest queued
+        // jobs: each from its partial index, as many as the batch may take in one read. A job
+        // that used up its attempts ends here instead, and the next read fills its place.
+        let expired: Vec<(String, i64, Option<String>)> = sqlx::query_as(
+            "SELECT id, attempt, lease_owner FROM jobs
+             WHERE state = 'processing' AND lease_expires_at < ? ORDER BY lease_expires_at LIMIT ?",
+        )
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (id, attempt, previous) in expired {
             let attempt = u32::try_from(attempt).unwrap_or(0);
-            if state == "processing" {
-                Self::append(&mut tx, &id, attempt, now, &Event::LeaseExpired { owner: previous }).await?;
-            }
+            Self::append(&mut tx, &id, attempt, now, &Event::LeaseExpired { owner: previous }).await?;
             if attempt >= max_attempts {
                 Self::fail_exhausted(&mut tx, &id, attempt, now).await?;
-                continue;
+            } else {
+                claimed.push(Self::claim_row(&mut tx, &id, attempt, owner, expires, now).await?);
             }
-            claimed.push(Self::claim_row(&mut tx, &id, attempt, owner, expires, now).await?);
+        }
+        while claimed.len() < limit {
+            let wanted = limit - claimed.len();
+            let queued: Vec<(String, i64)> =
+                sqlx::query_as("SELECT id, attempt FROM jobs WHERE state = 'queued' AND not_before <= ? ORDER BY created_at, id LIMIT ?")
+                    .bind(now)
+                    .bind(wanted as i64)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            let found = queued.len();
+            for (id, attempt) in queued {
+                let attempt = u32::try_from(attempt).unwrap_or(0);
+                if attempt >= max_attempts {
+                    Self::fail_exhausted(&mut tx, &id, attempt, now).await?;
+                } else {
+                    claimed.push(Self::claim_row(&mut tx, &id, attempt, owner, expires, now).await?);
+                }
+            }
+            if found < wanted {
+                break;
+            }
         }
         tx.commit().await?;
         Ok(claimed)
@@ -240,25 +274,28 @@ impl SqliteJobStore {
     /// claimable at `attempt`), with its `claimed` event.
     async fn claim_row(conn: &mut SqliteConnection, id: &str, attempt: u32, owner: &str, expires: i64, now: i64) -> Result<Job, DbError> {
         let next = attempt + 1;
-        sqlx::query(
-            "UPDATE jobs SET state = 'processing', attempt = ?, lease_owner = ?, lease_expires_at = ?, updated_at = ? WHERE id = ?",
-        )
+        let row: ClaimedRow = sqlx::query_as(&format!(
+            "UPDATE jobs SET state = 'processing', attempt = ?, lease_owner = ?, lease_expires_at = ?, updated_at = ?, event_seq = event_seq + 1
+             WHERE id = ? RETURNING {JOB_COLUMNS}, event_seq"
+        ))
         .bind(i64::from(next))
         .bind(owner)
         .bind(expires)
         .bind(now)
         .bind(id)
-        .execute(&mut *conn)
-        .await?;
-        Self::append(conn, id, next, now, &Event::Claimed { owner: owner.to_string(), lease_expires_at: expires }).await?;
-        Ok(Self::fetch_job(conn, id).await?.ok_or_else(|| StoreError::NotFound(id.to_string()))?)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        Self::insert_event(conn, id, row.event_seq, next, now, &Event::Claimed { owner: owner.to_string(), lease_expires_at: expires })
+            .await?;
+        Ok(row.job.into_job()?)
     }
 
     async fn claim_by_id(&self, owner: &str, lease: Duration, max_attempts: u32, ids: &[String]) -> Result<Vec<ClaimById>, DbError> {
         let now = now_ms();
         let expires = now + millis(lease);
         let mut answers = Vec::with_capacity(ids.len());
-        let mut tx = WriteTx::begin(&self.pool, &self.alarm).await?;
+        let mut tx = WriteTx::begin(&self.pool, &self.turn, &self.alarm).await?;
         for id in ids {
             let row: Option<(String, i64, i64, Option<i64>)> =
                 sqlx::query_as("SELECT state, attempt, not_before, lease_expires_at FROM jobs WHERE id = ?")
@@ -294,7 +331,7 @@ impl SqliteJobStore {
         if expired.is_empty() {
             return Ok(0);
         }
-        let mut tx = WriteTx::begin(&self.pool, &self.alarm).await?;
+        let mut tx = WriteTx::begin(&self.pool, &self.turn, &self.alarm).await?;
         let mut rescued = 0;
         for (id, attempt, previous) in expired {
             // Still expired under the write lock (a renewal may have come in between).
@@ -328,7 +365,7 @@ impl SqliteJobStore {
 
     async fn take_relay_lease(&self, owner: &str, ttl: Duration, cursor: Option<i64>) -> Result<Option<i64>, DbError> {
         let now = now_ms();
-        let mut tx = WriteTx::begin(&self.pool, &self.alarm).await?;
+        let mut tx = WriteTx::begin(&self.pool, &self.turn, &self.alarm).await?;
         let row: Option<(i64,)> = sqlx::query_as(
             "INSERT INTO relays (name, owner, lease_expires_at, cursor)
              VALUES ('relay', ?1, ?2, (SELECT COALESCE(MAX(id), 0) FROM job_events))
@@ -350,24 +387,25 @@ impl SqliteJobStore {
     async fn succeed_jobs(&self, items: &[(String, u32, JobResult)]) -> Result<Vec<Result<(), StoreError>>, DbError> {
         let now = now_ms();
         // One write transaction (one commit, one fsync) for the batch; each row fenced on its own.
-        let mut tx = WriteTx::begin(&self.pool, &self.alarm).await?;
+        let mut tx = WriteTx::begin(&self.pool, &self.turn, &self.alarm).await?;
         let mut out = Vec::with_capacity(items.len());
         for (id, attempt, result) in items {
-            let done = sqlx::query(
-                "UPDATE jobs SET state = 'succeeded', result = ?, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?
-                 WHERE id = ? AND attempt = ? AND state = 'processing'",
+            let seq: Option<i64> = sqlx::query_scalar(
+                "UPDATE jobs SET state = 'succeeded', result = ?, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?,
+                     event_seq = event_seq + 1
+                 WHERE id = ? AND attempt = ? AND state = 'processing' RETURNING event_seq",
             )
             .bind(json(result)?)
             .bind(now)
             .bind(id)
             .bind(i64::from(*attempt))
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
-            if done.rows_affected() == 0 {
+            let Some(seq) = seq else {
                 out.push(Err(StoreError::Fenced { id: id.clone(), attempt: *attempt }));
                 continue;
-            }
-            Self::append(&mut tx, id, *attempt, now, &Event::Succeeded { result: result.clone() }).await?;
+            };
+            Self::insert_event(&mut tx, id, seq, *attempt, now, &Event::Succeeded { result: result.clone() }).await?;
             out.push(Ok(()));
         }
         tx.commit().await?;
@@ -375,7 +413,7 @@ impl SqliteJobStore {
     }
 
     async fn prune_jobs(&self, ended_before: i64, limit: u32) -> Result<u64, DbError> {
-        let mut tx = WriteTx::begin(&self.pool, &self.alarm).await?;
+        let mut tx = WriteTx::begin(&self.pool, &self.turn, &self.alarm).await?;
         let ended = "SELECT id FROM jobs WHERE state IN ('succeeded', 'failed') AND updated_at < ? ORDER BY updated_at LIMIT ?";
         sqlx::query(&format!("DELETE FROM job_events WHERE job_id IN ({ended})"))
             .bind(ended_before)
@@ -396,7 +434,7 @@ impl SqliteJobStore {
             sqlx::query("SELECT 1 FROM jobs LIMIT 1").fetch_optional(&self.pool).await?;
             return Ok(());
         }
-        let mut tx = WriteTx::begin(&self.pool, &self.alarm).await?;
+        let mut tx = WriteTx::begin(&self.pool, &self.turn, &self.alarm).await?;
         sqlx::query("INSERT INTO health (probe, at) VALUES (?, ?) ON CONFLICT (probe) DO UPDATE SET at = excluded.at")
             .bind(who)
             .bind(now_ms())
@@ -545,6 +583,9 @@ impl JobStore for SqliteJobStore {
     }
 }
 
+#[path = "sqlite/busy.rs"]
+mod busy;
+
 #[cfg(test)]
 #[path = "sqlite/faults.rs"]
 mod faults;
@@ -632,6 +673,58 @@ mod tests {
                 store.probe("t", true).await.unwrap();
             }
         }
+    }
+
+    /// Two stores on one file are two processes' turns to write. One that writes without pause
+    /// (eight writers with long transactions, as a distributor under load) must still let the
+    /// other's writes in within a fraction of a second; with SQLite's own busy handler and no
+    /// gaps they waited for seconds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_process_that_writes_without_pause_lets_another_process_write() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        let busy = SqliteJobStore::open(&path).await.unwrap();
+        let other = SqliteJobStore::open(&path).await.unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writes = Arc::new(AtomicU64::new(0));
+        let writers: Vec<_> = (0..8)
+            .map(|_| {
+                let (busy, stop, writes) = (busy.clone(), Arc::clone(&stop), Arc::clone(&writes));
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        // A write transaction that holds the lock a few milliseconds, as a
+                        // claim of many jobs does.
+                        let mut tx = WriteTx::begin(&busy.pool, &busy.turn, &busy.alarm).await.unwrap();
+                        sqlx::query("INSERT INTO health (probe, at) VALUES ('busy', 1) ON CONFLICT (probe) DO UPDATE SET at = at + 1")
+                            .execute(&mut *tx)
+                            .await
+                            .unwrap();
+                        tokio::time::sleep(Duration::from_millis(3)).await;
+                        tx.commit().await.unwrap();
+                        writes.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        while writes.load(Ordering::Relaxed) < 50 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut slowest = Duration::ZERO;
+        for n in 0..20 {
+            let started = std::time::Instant::now();
+            other.create(new_job(&format!("j{n}"))).await.unwrap();
+            slowest = slowest.max(started.elapsed());
+        }
+        let before = writes.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let busy_kept_writing = writes.load(Ordering::Relaxed) > before;
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            w.await.unwrap();
+        }
+        assert!(busy_kept_writing, "the busy process kept writing meanwhile");
+        assert!(slowest < Duration::from_secs(1), "the other process waited {slowest:?} for one write");
     }
 }
 

@@ -125,7 +125,7 @@ async fn a_failed_commit_does_not_wedge_the_store_and_the_probe_sees_it() {
 #[tokio::test]
 async fn a_transaction_dropped_midway_is_rolled_back_and_its_connection_closed() {
     let (_dir, store) = store().await;
-    let mut tx = WriteTx::begin(&store.pool, &store.alarm).await.unwrap();
+    let mut tx = WriteTx::begin(&store.pool, &store.turn, &store.alarm).await.unwrap();
     sqlx::query("INSERT INTO health (probe, at) VALUES ('dropped', 1)").execute(&mut *tx).await.unwrap();
     drop(tx); // as when a request is cancelled, or an error is returned with `?`
     eight_jobs_go_through(&store, "after").await;
