@@ -67,7 +67,8 @@ impl SqliteJobStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            // While a connection opens (the switch to WAL); then our handler takes over.
+            // While a connection is set up (the switch to WAL does not wait: see `open`); then
+            // our handler takes over.
             .busy_timeout(busy::BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -117,9 +118,9 @@ impl SqliteJobStore {
         Self::insert_event(conn, id, seq, attempt, at, event).await
     }
 
-    /// Writes `event` as number `seq` of the job's history: a number the caller's update of the
-    /// job row just took (`event_seq = event_seq + 1 … RETURNING event_seq`), so that a
-    /// transition and the numbering of its event are one statement.
+    /// Writes `event` as number `seq` of the job's history: a number the caller's write of the
+    /// job row just set (`event_seq = event_seq + 1 … RETURNING event_seq`, or 1 when the row is
+    /// inserted), so that a transition and the numbering of its event are one statement.
     async fn insert_event(conn: &mut SqliteConnection, id: &str, seq: i64, attempt: u32, at: i64, event: &Event) -> Result<(), DbError> {
         let (kind, version, data) = encode(event)?;
         sqlx::query("INSERT INTO job_events (job_id, seq, version, kind, attempt, at, data) VALUES (?, ?, ?, ?, ?, ?, ?)")
@@ -139,6 +140,28 @@ impl SqliteJobStore {
         let row: Option<JobRow> =
             sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?")).bind(id).fetch_optional(conn).await?;
         Ok(row.map(JobRow::into_job).transpose()?)
+    }
+
+    /// Pushes out the lease of a job still held by `attempt`. A transaction of its own, so that
+    /// renewals take this process's turn to write like every other write (waiting in the busy
+    /// handler instead, they were let in only in the gaps the turn leaves for other processes).
+    async fn renew(&self, id: &str, attempt: u32, lease: Duration) -> Result<(), DbError> {
+        let now = now_ms();
+        let mut tx = WriteTx::begin(&self.pool, &self.turn, &self.alarm).await?;
+        let done =
+            sqlx::query("UPDATE jobs SET lease_expires_at = ?, updated_at = ? WHERE id = ? AND attempt = ? AND state = 'processing'")
+                .bind(now + millis(lease))
+                .bind(now)
+                .bind(id)
+                .bind(i64::from(attempt))
+                .execute(&mut *tx)
+                .await?;
+        if done.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Err(StoreError::Fenced { id: id.to_string(), attempt }.into());
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Runs one fenced transition: `set` applies only if the job is still held by `attempt`
@@ -212,22 +235,30 @@ impl SqliteJobStore {
         let mut tx = WriteTx::begin(&self.pool, &self.turn, &self.alarm).await?;
         // Jobs whose lease ran out first (they are the oldest work), then the oldest queued
         // jobs: each from its partial index, as many as the batch may take in one read. A job
-        // that used up its attempts ends here instead, and the next read fills its place.
-        let expired: Vec<(String, i64, Option<String>)> = sqlx::query_as(
-            "SELECT id, attempt, lease_owner FROM jobs
-             WHERE state = 'processing' AND lease_expires_at < ? ORDER BY lease_expires_at LIMIT ?",
-        )
-        .bind(now)
-        .bind(limit as i64)
-        .fetch_all(&mut *tx)
-        .await?;
-        for (id, attempt, previous) in expired {
-            let attempt = u32::try_from(attempt).unwrap_or(0);
-            Self::append(&mut tx, &id, attempt, now, &Event::LeaseExpired { owner: previous }).await?;
-            if attempt >= max_attempts {
-                Self::fail_exhausted(&mut tx, &id, attempt, now).await?;
-            } else {
-                claimed.push(Self::claim_row(&mut tx, &id, attempt, owner, expires, now).await?);
+        // that used up its attempts ends here instead, and the next read of the same kind
+        // fills its place.
+        while claimed.len() < limit {
+            let wanted = limit - claimed.len();
+            let expired: Vec<(String, i64, Option<String>)> = sqlx::query_as(
+                "SELECT id, attempt, lease_owner FROM jobs
+                 WHERE state = 'processing' AND lease_expires_at < ? ORDER BY lease_expires_at LIMIT ?",
+            )
+            .bind(now)
+            .bind(wanted as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+            let found = expired.len();
+            for (id, attempt, previous) in expired {
+                let attempt = u32::try_from(attempt).unwrap_or(0);
+                Self::append(&mut tx, &id, attempt, now, &Event::LeaseExpired { owner: previous }).await?;
+                if attempt >= max_attempts {
+                    Self::fail_exhausted(&mut tx, &id, attempt, now).await?;
+                } else {
+                    claimed.push(Self::claim_row(&mut tx, &id, attempt, owner, expires, now).await?);
+                }
+            }
+            if found < wanted {
+                break;
             }
         }
         while claimed.len() < limit {
@@ -520,20 +551,7 @@ impl JobStore for SqliteJobStore {
     }
 
     async fn extend_lease(&self, id: &str, attempt: u32, lease: Duration) -> Result<(), StoreError> {
-        let now = now_ms();
-        let done =
-            sqlx::query("UPDATE jobs SET lease_expires_at = ?, updated_at = ? WHERE id = ? AND attempt = ? AND state = 'processing'")
-                .bind(now + millis(lease))
-                .bind(now)
-                .bind(id)
-                .bind(i64::from(attempt))
-                .execute(&self.pool)
-                .await
-                .map_err(DbError::from)?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::Fenced { id: id.to_string(), attempt });
-        }
-        Ok(())
+        Ok(self.renew(id, attempt, lease).await?)
     }
 
     async fn record_retry(&self, id: &str, attempt: u32, worker: &str, error: &JobError) -> Result<(), StoreError> {
@@ -673,6 +691,30 @@ mod tests {
                 store.probe("t", true).await.unwrap();
             }
         }
+    }
+
+    /// Expired leases are claimed before queued jobs, also when one of them used up its
+    /// attempts and fails instead: the next expired one takes its place, not a queued job.
+    #[tokio::test]
+    async fn expired_jobs_come_before_queued_ones_past_one_out_of_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteJobStore::open(&dir.path().join("jobs.db")).await.unwrap();
+        store.create(new_job("a")).await.unwrap();
+        let first = store.claim_many("d", Duration::from_millis(1), 5, 1).await.unwrap();
+        assert_eq!(first.iter().map(|j| (j.id.as_str(), j.attempt)).collect::<Vec<_>>(), vec![("a", 1)]);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // a again (its second attempt), then b, each with a lease that runs out soon, a's first.
+        let again = store.claim_many("d", Duration::from_millis(500), 5, 1).await.unwrap();
+        assert_eq!(again.iter().map(|j| (j.id.as_str(), j.attempt)).collect::<Vec<_>>(), vec![("a", 2)]);
+        store.create(new_job("b")).await.unwrap();
+        let b = store.claim_many("d", Duration::from_millis(600), 5, 1).await.unwrap();
+        assert_eq!(b.iter().map(|j| (j.id.as_str(), j.attempt)).collect::<Vec<_>>(), vec![("b", 1)]);
+        store.create(new_job("q")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let claimed = store.claim_many("d", Duration::from_secs(30), 2, 1).await.unwrap();
+        assert_eq!(claimed.iter().map(|j| (j.id.as_str(), j.attempt)).collect::<Vec<_>>(), vec![("b", 2)]);
+        assert_eq!(store.get("a").await.unwrap().unwrap().state, JobState::Failed, "a used up its attempts");
+        assert_eq!(store.get("q").await.unwrap().unwrap().state, JobState::Queued);
     }
 
     /// Two stores on one file are two processes' turns to write. One that writes without pause

@@ -31,7 +31,8 @@ pub(crate) const LOOK_EVERY: Duration = Duration::from_millis(1);
 
 /// After this long of write transactions back to back, this process leaves the write lock free
 /// for [`SHARE_GAP`]: long enough for other processes' writers, looking every [`LOOK_EVERY`],
-/// to take it. A saturated process gives up at most 2 ms in 40 (5 %); without it, a
+/// to take it. A saturated process gives up about 2 ms in 40 (5 %; the timer may round the
+/// gap up to 3 ms); without it, a
 /// distributor that always has a claim or a batch of results waiting kept an upload process
 /// out for seconds.
 const SHARE_AFTER: Duration = Duration::from_millis(40);
@@ -68,8 +69,9 @@ impl Turn {
 
 pub(crate) struct WriteTx {
     conn: PoolConnection<Sqlite>,
-    /// This process's turn to write, held until the transaction ended (declared after `conn`,
-    /// so it is released after the connection went back to the pool or was closed).
+    /// This process's turn to write, held until the transaction ended. A connection dropped
+    /// with its transaction open is closed in the background, so for a moment the next writer
+    /// of this process may find SQLite's lock still taken and wait in the busy handler.
     turn: OwnedMutexGuard<Turn>,
     /// True from before `BEGIN` is sent until `COMMIT` or `ROLLBACK` succeeded.
     open: bool,
@@ -86,7 +88,8 @@ impl WriteTx {
     /// 2, 5, 10, … up to 100 ms; ours [`LOOK_EVERY`]). Between the connections of one process
     /// that is pure loss: a distributor's claim and its batch of results kept waking each other
     /// up milliseconds late. So the writers of one process queue on `turn` (woken the moment
-    /// the previous one ends), only other processes' writers meet the busy handler, and a
+    /// the previous one ends), the busy handler is met by other processes' writers (and after a
+    /// transaction dropped midway, see `turn`), and a
     /// process that writes without pause leaves them a gap now and then ([`SHARE_AFTER`]).
     ///
     /// SQLite opens a database it may not write (an immutable or read-only file, for a moment)

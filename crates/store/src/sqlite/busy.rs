@@ -7,7 +7,7 @@
 //! only in gaps that such a waiter never sees: uploads waited seconds. Ours looks every
 //! [`LOOK_EVERY`] for as long as the busy timeout, and the writers' turn (`write_tx.rs`)
 //! leaves gaps longer than that. Each process has at most one writer waiting here (the others
-//! queue on its turn), so the looking costs little.
+//! queue on its turn, which every write of the store takes), so the looking costs little.
 //!
 //! sqlx does not offer a busy handler of its own: it is installed through the connection's raw
 //! handle, the only unsafe code in the store.
