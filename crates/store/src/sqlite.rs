@@ -25,6 +25,13 @@ use tokio::sync::Mutex;
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 
+/// What a claim reads (bound: now, how many): jobs whose lease ran out, oldest lease first,
+/// then queued jobs that are due, oldest first; each from its partial index (see `plan` below).
+const CLAIM_EXPIRED: &str = "SELECT id, attempt, lease_owner FROM jobs
+                             WHERE state = 'processing' AND lease_expires_at < ? ORDER BY lease_expires_at LIMIT ?";
+const CLAIM_QUEUED: &str = "SELECT id, attempt, lease_owner FROM jobs
+                            WHERE state = 'queued' AND not_before <= ? ORDER BY created_at, id LIMIT ?";
+
 /// A job row as a claim's update returns it, with the number its `claimed` event takes.
 #[derive(sqlx::FromRow)]
 struct ClaimedRow {
@@ -237,49 +244,26 @@ impl SqliteJobStore {
         // jobs: each from its partial index, as many as the batch may take in one read. A job
         // that used up its attempts ends here instead, and the next read of the same kind
         // fills its place.
-        while claimed.len() < limit {
-            let wanted = limit - claimed.len();
-            let expired: Vec<(String, i64, Option<String>)> = sqlx::query_as(
-                "SELECT id, attempt, lease_owner FROM jobs
-                 WHERE state = 'processing' AND lease_expires_at < ? ORDER BY lease_expires_at LIMIT ?",
-            )
-            .bind(now)
-            .bind(wanted as i64)
-            .fetch_all(&mut *tx)
-            .await?;
-            let found = expired.len();
-            for (id, attempt, previous) in expired {
-                let attempt = u32::try_from(attempt).unwrap_or(0);
-                Self::append(&mut tx, &id, attempt, now, &Event::LeaseExpired { owner: previous }).await?;
-                if attempt >= max_attempts {
-                    Self::fail_exhausted(&mut tx, &id, attempt, now).await?;
-                } else {
-                    claimed.push(Self::claim_row(&mut tx, &id, attempt, owner, expires, now).await?);
+        for (read, expired) in [(CLAIM_EXPIRED, true), (CLAIM_QUEUED, false)] {
+            while claimed.len() < limit {
+                let wanted = limit - claimed.len();
+                let rows: Vec<(String, i64, Option<String>)> =
+                    sqlx::query_as(read).bind(now).bind(wanted as i64).fetch_all(&mut *tx).await?;
+                let found = rows.len();
+                for (id, attempt, previous) in rows {
+                    let attempt = u32::try_from(attempt).unwrap_or(0);
+                    if expired {
+                        Self::append(&mut tx, &id, attempt, now, &Event::LeaseExpired { owner: previous }).await?;
+                    }
+                    if attempt >= max_attempts {
+                        Self::fail_exhausted(&mut tx, &id, attempt, now).await?;
+                    } else {
+                        claimed.push(Self::claim_row(&mut tx, &id, attempt, owner, expires, now).await?);
+                    }
                 }
-            }
-            if found < wanted {
-                break;
-            }
-        }
-        while claimed.len() < limit {
-            let wanted = limit - claimed.len();
-            let queued: Vec<(String, i64)> =
-                sqlx::query_as("SELECT id, attempt FROM jobs WHERE state = 'queued' AND not_before <= ? ORDER BY created_at, id LIMIT ?")
-                    .bind(now)
-                    .bind(wanted as i64)
-                    .fetch_all(&mut *tx)
-                    .await?;
-            let found = queued.len();
-            for (id, attempt) in queued {
-                let attempt = u32::try_from(attempt).unwrap_or(0);
-                if attempt >= max_attempts {
-                    Self::fail_exhausted(&mut tx, &id, attempt, now).await?;
-                } else {
-                    claimed.push(Self::claim_row(&mut tx, &id, attempt, owner, expires, now).await?);
+                if found < wanted {
+                    break;
                 }
-            }
-            if found < wanted {
-                break;
             }
         }
         tx.commit().await?;
@@ -778,12 +762,9 @@ mod plan {
     async fn the_claim_reads_partial_indexes_not_the_table() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteJobStore::open(&dir.path().join("jobs.db")).await.unwrap();
-        for (sql, index) in [
-            ("SELECT id FROM jobs WHERE state = 'queued' AND not_before <= 0 ORDER BY created_at, id LIMIT 1", "jobs_queued"),
-            ("SELECT id FROM jobs WHERE state = 'processing' AND lease_expires_at < 0 ORDER BY lease_expires_at LIMIT 1", "jobs_leased"),
-        ] {
+        for (sql, index) in [(CLAIM_QUEUED, "jobs_queued"), (CLAIM_EXPIRED, "jobs_leased")] {
             let rows: Vec<(i64, i64, i64, String)> =
-                sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}")).fetch_all(&store.pool).await.unwrap();
+                sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}")).bind(0i64).bind(32i64).fetch_all(&store.pool).await.unwrap();
             let plan: Vec<String> = rows.into_iter().map(|r| r.3).collect();
             assert!(plan.iter().any(|p| p.contains(index)), "{sql}: {plan:?}");
             assert!(!plan.iter().any(|p| p.contains("TEMP B-TREE")), "no sort: {plan:?}");
