@@ -19,6 +19,8 @@ pub struct S3Server {
     /// Added before every request is answered (see [`S3Server::start_with_latency`]).
     latency: std::time::Duration,
     runtime: Option<tokio::runtime::Runtime>,
+    /// Set by [`S3Server::stop`] before the runtime goes: see there.
+    stopping: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The key pair of every server of this test process (one pair, so that one set of `AWS_*`
@@ -72,7 +74,15 @@ impl S3Server {
         let root = tempfile::Builder::new().prefix("pixmesh-s3-").tempdir().unwrap_or_else(|e| panic!("temp dir for the S3 server: {e}"));
         std::fs::create_dir_all(root.path().join(BUCKET)).unwrap_or_else(|e| panic!("bucket dir: {e}"));
         let (access_key, secret_key) = key_pair().clone();
-        let mut server = S3Server { addr: SocketAddr::from(([127, 0, 0, 1], 0)), root, access_key, secret_key, latency, runtime: None };
+        let mut server = S3Server {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            root,
+            access_key,
+            secret_key,
+            latency,
+            runtime: None,
+            stopping: Default::default(),
+        };
         server.serve();
         server
     }
@@ -97,13 +107,22 @@ impl S3Server {
         builder.set_auth(SimpleAuth::from_single(self.access_key.clone(), self.secret_key.clone()));
         let s3 = builder.build();
         let latency = self.latency;
+        let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.stopping = std::sync::Arc::clone(&stopping);
         let service = hyper::service::service_fn(move |request| {
-            let s3 = s3.clone();
+            let (s3, stopping) = (s3.clone(), std::sync::Arc::clone(&stopping));
             async move {
                 if !latency.is_zero() {
                     tokio::time::sleep(latency).await;
                 }
-                hyper::service::Service::call(&s3, request).await
+                let answer = hyper::service::Service::call(&s3, request).await.map_err(|e| format!("{e:?}"))?;
+                // An answer made while the server stops may come from a file operation that the
+                // runtime's shutdown cut short, which s3s-fs reports as NoSuchKey: not sent (the
+                // connection is cut instead, as a server that goes away cuts it).
+                if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err("the server is stopping".to_string());
+                }
+                Ok(answer)
             }
         });
         runtime.spawn(async move {
@@ -124,6 +143,7 @@ impl S3Server {
 
     /// Stops answering: the port is closed and every open connection is cut. Objects stay.
     pub fn stop(&mut self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
