@@ -31,10 +31,9 @@ pub(crate) const LOOK_EVERY: Duration = Duration::from_millis(1);
 
 /// After this long of write transactions back to back, this process leaves the write lock free
 /// for [`SHARE_GAP`]: long enough for other processes' writers, looking every [`LOOK_EVERY`],
-/// to take it. A saturated process gives up about 2 ms in 40 (5 %; the timer may round the
-/// gap up to 3 ms); without it, a
-/// distributor that always has a claim or a batch of results waiting kept an upload process
-/// out for seconds.
+/// to take it. A saturated process gives up about 2 ms in 40 (5 %; the timer may round the gap
+/// up to 3 ms); without it, a distributor that always has a claim or a batch of results
+/// waiting kept an upload process out for seconds.
 const SHARE_AFTER: Duration = Duration::from_millis(40);
 const SHARE_GAP: Duration = Duration::from_millis(2);
 
@@ -89,8 +88,8 @@ impl WriteTx {
     /// that is pure loss: a distributor's claim and its batch of results kept waking each other
     /// up milliseconds late. So the writers of one process queue on `turn` (woken the moment
     /// the previous one ends), the busy handler is met by other processes' writers (and after a
-    /// transaction dropped midway, see `turn`), and a
-    /// process that writes without pause leaves them a gap now and then ([`SHARE_AFTER`]).
+    /// transaction dropped midway, see `turn`), and a process that writes without pause leaves
+    /// them a gap now and then ([`SHARE_AFTER`]).
     ///
     /// SQLite opens a database it may not write (an immutable or read-only file, for a moment)
     /// read-only, silently, and such a connection stays read-only for good. Its `BEGIN

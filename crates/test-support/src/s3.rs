@@ -7,6 +7,8 @@ use s3s::auth::SimpleAuth;
 use s3s::service::S3ServiceBuilder;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The bucket every test server has.
 pub const BUCKET: &str = "pixmesh";
@@ -20,7 +22,7 @@ pub struct S3Server {
     latency: std::time::Duration,
     runtime: Option<tokio::runtime::Runtime>,
     /// Set by [`S3Server::stop`] before the runtime goes: see there.
-    stopping: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stopping: Arc<AtomicBool>,
 }
 
 /// The key pair of every server of this test process (one pair, so that one set of `AWS_*`
@@ -107,10 +109,10 @@ impl S3Server {
         builder.set_auth(SimpleAuth::from_single(self.access_key.clone(), self.secret_key.clone()));
         let s3 = builder.build();
         let latency = self.latency;
-        let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        self.stopping = std::sync::Arc::clone(&stopping);
+        let stopping = Arc::new(AtomicBool::new(false));
+        self.stopping = Arc::clone(&stopping);
         let service = hyper::service::service_fn(move |request| {
-            let (s3, stopping) = (s3.clone(), std::sync::Arc::clone(&stopping));
+            let (s3, stopping) = (s3.clone(), Arc::clone(&stopping));
             async move {
                 if !latency.is_zero() {
                     tokio::time::sleep(latency).await;
@@ -119,7 +121,7 @@ impl S3Server {
                 // An answer made while the server stops may come from a file operation that the
                 // runtime's shutdown cut short, which s3s-fs reports as NoSuchKey: not sent (the
                 // connection is cut instead, as a server that goes away cuts it).
-                if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                if stopping.load(Ordering::SeqCst) {
                     return Err("the server is stopping".to_string());
                 }
                 Ok(answer)
@@ -143,7 +145,7 @@ impl S3Server {
 
     /// Stops answering: the port is closed and every open connection is cut. Objects stay.
     pub fn stop(&mut self) {
-        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stopping.store(true, Ordering::SeqCst);
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
