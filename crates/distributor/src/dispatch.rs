@@ -406,9 +406,11 @@ impl Dispatcher {
         let mut tried: Vec<String> = Vec::new();
         let mut last_error = ApiError::new(ErrorCode::Unavailable, "no image worker is available");
         // A failure the table allows one more try for (`Retry::Once`: `internal`, e.g. a
-        // worker that panicked on this input). Once set, the next try is the last: if it does
-        // not succeed, or cannot be made, the job fails with this error instead of going back
-        // to the queue, so an input that crashes workers costs at most two calls in all.
+        // worker that panicked on this input). Once set, the next try is the last: if it
+        // reaches the image and does not succeed, or cannot be made, the job fails with this
+        // error instead of going back to the queue, so an input that crashes workers costs at
+        // most two calls in a claim. Only a last try that never reached the image (refused,
+        // or `unavailable`) sends the job back to the queue.
         let mut final_try: Option<ApiError> = None;
         // One deadline for the whole claim: each call gets what the earlier ones left of it.
         let started = tokio::time::Instant::now();
@@ -518,6 +520,17 @@ impl Dispatcher {
                         metrics::counter!("pixmesh_distributor_calls_abandoned_total").increment(1);
                     }
                     metrics::counter!("pixmesh_distributor_worker_failures_total", "code" => error.code.as_str()).increment(1);
+                    if final_try.is_some() && cause != Cause::Abandoned && (cause == Cause::Refused || error.code == ErrorCode::Unavailable)
+                    {
+                        // The last try never reached the pixels (no worker at that address, a
+                        // full worker, or a blob store it could not reach): it says nothing of
+                        // the input, so the job goes back to the queue instead of failing for
+                        // an outage. Each claim that ends so costs at most one crashed call.
+                        tracing::warn!(job = %job.id, attempt = job.attempt, worker = %endpoint.address, code = %error.code, reason = %error.message, "the one retry after an internal failure did not reach the image; the job goes back to the queue");
+                        let delay = Duration::from_millis(self.config.retry_delay_ms);
+                        jobs.release(&job.id, job.attempt, &job_error(&error), delay).await?;
+                        return Ok(Outcome::Released);
+                    }
                     if let Some(first) = final_try.as_ref().filter(|_| cause != Cause::Abandoned) {
                         tracing::warn!(job = %job.id, attempt = job.attempt, worker = %endpoint.address, code = %error.code, reason = %error.message, first = %first.code, "the one retry after an internal failure failed too; the job fails");
                         jobs.fail(&job.id, job.attempt, &job_error(first)).await?;

@@ -4,9 +4,14 @@
 
 use bytes::Bytes;
 use pixmesh_chassis::Shutdown;
+use pixmesh_chassis::{ApiError, ErrorCode};
 use pixmesh_distributor::{Dispatcher, DistributorConfig, WorkerSet};
 use pixmesh_imaging::{Options, OutputFormat};
+use pixmesh_proto::v1::image_worker_server::{ImageWorker, ImageWorkerServer};
+use pixmesh_proto::v1::{ProcessRequest, ProcessResponse};
 use pixmesh_store::{EventKind, JobState, NewJob, StoreConfig, Stores};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
@@ -233,6 +238,86 @@ async fn an_internal_failure_is_retried_once_on_another_worker_then_the_job_fail
             stop.trigger();
         }
     }
+}
+
+/// Scripted workers that answer from one shared list, a call at a time, whichever of them
+/// gets the call: `internal` (a worker that caught a panic on the pixels) or `unavailable`
+/// (one that could not get the input, before any pixel). Past the list, `internal`.
+#[derive(Clone)]
+struct Scripted {
+    answers: Arc<Vec<ErrorCode>>,
+    calls: Arc<AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl ImageWorker for Scripted {
+    async fn process(&self, _: tonic::Request<ProcessRequest>) -> Result<tonic::Response<ProcessResponse>, tonic::Status> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        let code = self.answers.get(n).copied().unwrap_or(ErrorCode::Internal);
+        let message = match code {
+            ErrorCode::Unavailable => "the worker could not get the blob store: connection refused",
+            _ => "the image could not be processed: an internal error occurred",
+        };
+        Err(ApiError::new(code, message).to_grpc_status())
+    }
+}
+
+async fn scripted_worker(script: &Scripted) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let service = ImageWorkerServer::new(script.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_an_internal_failure_that_never_reached_the_image_sends_the_job_back_to_the_queue() {
+    // Claim 1: an `internal` answer, then `unavailable` (the retry could not get the input, as
+    // when the blob store is down): the job goes back to the queue instead of failing for an
+    // outage. Claim 2: `internal` twice: two calls reached the image and crashed, it fails.
+    let script = Scripted {
+        answers: Arc::new(vec![ErrorCode::Internal, ErrorCode::Unavailable, ErrorCode::Internal, ErrorCode::Internal]),
+        calls: Arc::new(AtomicUsize::new(0)),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let stores = Stores::open(&StoreConfig::default().with_data_dir(dir.path())).await.unwrap();
+    let addresses = vec![scripted_worker(&script).await, scripted_worker(&script).await];
+    let config = DistributorConfig { workers: addresses.clone(), retry_delay_ms: 50, ..DistributorConfig::default() };
+    let workers = WorkerSet::with_breaker(Duration::from_millis(config.call_timeout_ms), &config.breaker);
+    workers.update(&[(addresses[0].clone(), 2), (addresses[1].clone(), 2)]);
+    submit(&stores, "flaky", jpeg_with_comment("any")).await;
+    let shutdown = Shutdown::new();
+    let dispatcher = Dispatcher::new(config, stores.clone(), workers, "test-distributor".into());
+    let running = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { dispatcher.run(shutdown).await }
+    });
+    wait_all_terminal(&stores, &["flaky".to_string()]).await;
+    shutdown.trigger();
+    running.await.unwrap();
+
+    let job = stores.jobs.get("flaky").await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.attempt, 2, "the first claim sent it back to the queue");
+    assert_eq!(job.error.unwrap().code, "internal");
+    let events = stores.jobs.events("flaky").await.unwrap();
+    assert_eq!(
+        kinds(&events),
+        vec![
+            (EventKind::Accepted, 0),
+            (EventKind::Claimed, 1),
+            (EventKind::Retried, 1),
+            (EventKind::Released, 1),
+            (EventKind::Claimed, 2),
+            (EventKind::Retried, 2),
+            (EventKind::Failed, 2),
+        ]
+    );
+    assert_eq!(script.calls.load(Ordering::SeqCst), 4, "two calls per claim");
 }
 
 /// A dispatcher on a store in `dir` with one worker at `worker`, running until the returned

@@ -260,10 +260,14 @@ impl PostgresJobStore {
             .await?)
     }
 
+    /// The claim by id's statement as it is sent (for the plan test): `$1` now, `$2` the owner,
+    /// `$3` the lease's end, `$4` the most attempts, `$5`–`$7` the event, `$8` the ids.
+    pub fn claim_by_id_statement() -> String {
+        claim_statement(CLAIM_BY_ID)
+    }
+
     async fn claim_by_id(&self, owner: &str, lease: Duration, max_attempts: u32, ids: &[String]) -> Result<Vec<ClaimById>, DbError> {
-        let next = "SELECT id FROM jobs WHERE id = ANY($8::text[]) AND state = 'queued' AND not_before <= $1
-                    ORDER BY created_at, id FOR UPDATE SKIP LOCKED";
-        let rows = self.claim_rows(next, owner, lease, max_attempts, ids).await?;
+        let rows = self.claim_rows(CLAIM_BY_ID, owner, lease, max_attempts, ids).await?;
         let now = now_ms();
         let mut answers = Vec::with_capacity(ids.len());
         let mut ended = Vec::new();
@@ -461,6 +465,17 @@ impl PostgresJobStore {
         Ok(())
     }
 }
+
+/// The pick of a claim by id: the named jobs that are queued and due, locked in order.
+///
+/// `state || ''` keeps the planner off the partial index of queued jobs, whose predicate a
+/// plain `state = 'queued'` matches: on a table it has no statistics for yet (a new database
+/// taking its first backlog) it took that index for tiny and scanned all of it for the few
+/// ids, a cost that grows with the backlog (0.9 ms at 10,000 queued jobs, against 0.05 ms by
+/// the primary key). The ids alone pick a handful of rows by the primary key; the state is a
+/// filter on those. The plan is asserted in the PostgreSQL tests.
+const CLAIM_BY_ID: &str = "SELECT id FROM jobs WHERE id = ANY($8::text[]) AND state || '' = 'queued' AND not_before <= $1
+                           ORDER BY created_at, id FOR UPDATE SKIP LOCKED";
 
 /// The claim as one statement, around `next` (the jobs to claim, locked with SKIP LOCKED):
 /// claim them, write their `claimed` events, return the rows. A picked job that is not

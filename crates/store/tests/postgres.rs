@@ -72,6 +72,49 @@ async fn the_claim_reads_only_the_queued_index_however_many_jobs_ended() {
     assert_eq!(job.id, "queued-00");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_by_id_reads_the_primary_key_even_before_the_table_has_statistics() {
+    // A new database taking its first backlog: 10,000 queued jobs, never analyzed. The pick of a
+    // claim by id once scanned the whole partial index of queued jobs here, for a few ids.
+    let db = TestDatabase::create("plan_by_id").await;
+    let store = PostgresJobStore::connect(&db.url, 2, Duration::from_secs(5)).await.unwrap();
+    sqlx::query(
+        "INSERT INTO jobs (id, state, attempt, input_digest, input_size, input_format, options, request_hash, result, created_at, updated_at)
+         SELECT 'queued-' || n, 'queued', 0, 'd', 1, 'png', '{}', 'h', NULL, n, n FROM generate_series(1, 10000) AS n",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let ids = vec!["queued-5".to_string(), "queued-77".to_string(), "queued-9000".to_string()];
+    let mut conn = store.pool().acquire().await.unwrap();
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        sqlx::query(&format!("SET plan_cache_mode = {mode}")).execute(&mut *conn).await.unwrap();
+        let rows: Vec<(String,)> = sqlx::query_as(&format!("EXPLAIN {}", PostgresJobStore::claim_by_id_statement()))
+            .bind(0i64)
+            .bind("plan")
+            .bind(1i64)
+            .bind(5i64)
+            .bind(1i64)
+            .bind("claimed")
+            .bind("{}")
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+        let plan = rows.into_iter().map(|(line,)| line).collect::<Vec<_>>().join("\n");
+        println!("claim by id, {mode}, 10,000 queued jobs, no statistics:\n{plan}");
+        assert!(plan.contains("jobs_pkey"), "{mode}: the ids are looked up by the primary key:\n{plan}");
+        assert!(!plan.contains("jobs_queued"), "{mode}: never a scan of every queued job:\n{plan}");
+        assert!(!plan.contains("Seq Scan on jobs"), "{mode}: nor of the table:\n{plan}");
+    }
+    drop(conn);
+    // And it claims what it names, nothing else.
+    let answers = store.claim_ids("plan", LONG, 5, &ids).await.unwrap();
+    let mut claimed: Vec<&str> = answers.iter().filter(|a| matches!(a, pixmesh_model::ClaimById::Claimed(_))).map(|a| a.id()).collect();
+    claimed.sort_unstable();
+    assert_eq!(claimed, vec!["queued-5", "queued-77", "queued-9000"]);
+}
+
 /// Creates `n` jobs, then claims and completes them with two claimers; returns jobs/s.
 async fn dispatch(store: &Arc<PostgresJobStore>, tag: &str, n: usize) -> f64 {
     for i in 0..n {
