@@ -520,16 +520,17 @@ impl Dispatcher {
                         metrics::counter!("pixmesh_distributor_calls_abandoned_total").increment(1);
                     }
                     metrics::counter!("pixmesh_distributor_worker_failures_total", "code" => error.code.as_str()).increment(1);
-                    if final_try.is_some() && cause != Cause::Abandoned && (cause == Cause::Refused || error.code == ErrorCode::Unavailable)
+                    if final_try.is_some() && (cause == Cause::Refused || (cause == Cause::Failed && error.code == ErrorCode::Unavailable))
                     {
                         // The last try never reached the pixels (no worker at that address, a
                         // full worker, or a blob store it could not reach): it says nothing of
-                        // the input, so the job goes back to the queue instead of failing for
-                        // an outage. Each claim that ends so costs at most one crashed call.
+                        // the input, so the job goes back to the queue (below) instead of
+                        // failing for an outage. Each claim that ends so costs at most one
+                        // crashed call.
                         tracing::warn!(job = %job.id, attempt = job.attempt, worker = %endpoint.address, code = %error.code, reason = %error.message, "the one retry after an internal failure did not reach the image; the job goes back to the queue");
-                        let delay = Duration::from_millis(self.config.retry_delay_ms);
-                        jobs.release(&job.id, job.attempt, &job_error(&error), delay).await?;
-                        return Ok(Outcome::Released);
+                        final_try = None;
+                        last_error = error;
+                        break;
                     }
                     if let Some(first) = final_try.as_ref().filter(|_| cause != Cause::Abandoned) {
                         tracing::warn!(job = %job.id, attempt = job.attempt, worker = %endpoint.address, code = %error.code, reason = %error.message, first = %first.code, "the one retry after an internal failure failed too; the job fails");
