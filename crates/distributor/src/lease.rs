@@ -131,28 +131,38 @@ mod tests {
     #[tokio::test]
     async fn a_kept_lease_outlives_its_length_and_a_taken_over_one_is_lost() {
         let (_dir, store, claimed_at, attempt) = claimed("d1").await;
+        // `kept` is polled for as long as the test's own store calls wait: a renewal in flight
+        // holds this process's write turn, and a future left unpolled in the middle of one
+        // would keep every other writer of the store waiting for good.
         let kept = keep(&store, "j", attempt, claimed_at, TERMS);
         tokio::pin!(kept);
         // Three leases long, nobody else can claim the job.
-        let until = Instant::now() + TERMS.lease * 3;
-        while Instant::now() < until {
-            tokio::select! {
-                lost = &mut kept => panic!("lost the claim: {lost:?}"),
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        let untaken = async {
+            let until = Instant::now() + TERMS.lease * 3;
+            while Instant::now() < until {
+                assert!(store.claim("d2", TERMS.lease, 5).await.unwrap().is_none(), "the renewed lease was taken");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            assert!(store.claim("d2", TERMS.lease, 5).await.unwrap().is_none(), "the renewed lease was taken");
+        };
+        tokio::select! {
+            lost = &mut kept => panic!("lost the claim: {lost:?}"),
+            () = untaken => {}
         }
         // Its lease is cut short (as if its renewals had stopped) and another claim takes the
         // job: the next renewal is fenced.
-        let thief = loop {
-            store.extend_lease("j", attempt, Duration::ZERO).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            if let Some(job) = store.claim("d2", TERMS.lease, 5).await.unwrap() {
-                break job;
+        let taken = async {
+            loop {
+                store.extend_lease("j", attempt, Duration::ZERO).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                if let Some(job) = store.claim("d2", TERMS.lease, 5).await.unwrap() {
+                    break job;
+                }
             }
         };
+        let (thief, lost) = tokio::time::timeout(TERMS.renew * 20, async { tokio::join!(taken, &mut kept) })
+            .await
+            .expect("a fenced renewal ends the claim");
         assert_eq!(thief.attempt, attempt + 1);
-        let lost = tokio::time::timeout(TERMS.renew * 10, kept).await.expect("a fenced renewal ends the claim");
         assert_eq!(lost, Lost::Fenced);
     }
 

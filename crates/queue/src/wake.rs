@@ -90,7 +90,9 @@ impl Delivery {
     }
 
     /// Runs `work`, telling the stream every third of `ack_wait` that this wake-up is still
-    /// being worked on.
+    /// being worked on. `work` is polled while a progress report is sent, too: it may hold a
+    /// store's write turn, which other writers of this process would otherwise wait for until
+    /// the broker answered.
     pub async fn hold<F: Future>(&self, work: F) -> F::Output {
         let every = Duration::from_millis(self.queue.config().ack_wait_ms) / 3;
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -99,8 +101,12 @@ impl Delivery {
             tokio::select! {
                 out = &mut work => return out,
                 _ = ticks.tick() => {
-                    if let Err(e) = self.message.ack_with(AckKind::Progress).await {
-                        tracing::debug!(error = %e, "cannot report progress on a wake-up");
+                    let progress = self.message.ack_with(AckKind::Progress);
+                    tokio::select! {
+                        out = &mut work => return out,
+                        sent = progress => if let Err(e) = sent {
+                            tracing::debug!(error = %e, "cannot report progress on a wake-up");
+                        },
                     }
                 }
             }
