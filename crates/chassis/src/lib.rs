@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod announce;
+pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod error;

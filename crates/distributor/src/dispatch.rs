@@ -580,16 +580,23 @@ impl Dispatcher {
         let mut request = tonic::Request::new(request);
         // Sent to the worker as `grpc-timeout`.
         request.set_timeout(deadline);
+        // Clock times both ways: the worker's logs and this process's next events follow them.
+        let clock = pixmesh_chassis::clock::process();
+        clock.stamp(request.metadata_mut());
         let mut client = client.clone();
         let timed_out = || CallFailure {
             error: ApiError::new(ErrorCode::Timeout, format!("worker did not answer within {} ms", deadline.as_millis())),
             cause: Cause::Failed,
         };
         match tokio::time::timeout(deadline + Duration::from_millis(100), client.process(request)).await {
-            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Ok(response)) => {
+                clock.observe_metadata(response.metadata(), "worker");
+                Ok(response.into_inner())
+            }
             // tonic ends a call whose `grpc-timeout` ran out as CANCELLED; nothing else cancels ours.
             Ok(Err(status)) if status.code() == tonic::Code::Cancelled => Err(timed_out()),
             Ok(Err(status)) => {
+                clock.observe_metadata(status.metadata(), "worker");
                 let cause = if connection_refused(&status) { Cause::Refused } else { Cause::Failed };
                 Err(CallFailure { error: ApiError::from_grpc_status(&status), cause })
             }

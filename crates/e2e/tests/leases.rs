@@ -196,3 +196,89 @@ async fn calls_to_a_frozen_worker_go_elsewhere_when_the_registry_expires_it_not_
     assert_eq!(metric(&system, &distributor, "pixmesh_distributor_worker_failures_total", "code=\"timeout\"").await, 0.0);
     system.stop().await.unwrap();
 }
+
+/// Each event of the history comes after the one before it on the hybrid logical clock.
+fn assert_causal(id: &str, events: &[JobEvent]) {
+    for pair in events.windows(2) {
+        assert!(
+            pair[1].hlc > pair[0].hlc && pair[1].at >= pair[0].at,
+            "job {id}: event {} is not after event {}: {events:?}",
+            pair[1].seq,
+            pair[0].seq
+        );
+    }
+}
+
+/// The owners of a history's claims.
+fn claimers(events: &[JobEvent]) -> Vec<String> {
+    events.iter().filter(|e| e.kind() == EventKind::Claimed).map(|e| e.data()["owner"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn histories_keep_causal_order_when_the_processes_clocks_disagree() {
+    let _alone = ALONE.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    // The system (upload, distributor, worker) runs 150 ms ahead; a second distributor 150 ms
+    // behind: 300 ms apart, within the 500 ms maximum offset.
+    let system = System::start(dir.path(), 1, &["chassis.clock_skew_ms=150"]).await.unwrap();
+    let distributor = |skew: i64| {
+        let mut sets = system.store_sets();
+        sets.push(format!("distributor.registry={}", system.registry()));
+        sets.push(format!("chassis.clock_skew_ms={skew}"));
+        async move { Role::start("distributor", None, &sets.iter().map(String::as_str).collect::<Vec<_>>(), &[]).await.unwrap() }
+    };
+    let behind = distributor(-150).await;
+    let behind_id = behind.addresses["id"].clone();
+    let store = store(&system).await;
+    let mut ids = Vec::new();
+    let started = Instant::now();
+    // Until the distributor behind has taken some of the jobs.
+    loop {
+        ids.extend(upload(&system, 8).await);
+        wait_succeeded(&system, &ids, Duration::from_secs(60)).await;
+        let mut by_behind = 0;
+        for id in &ids {
+            by_behind += usize::from(claimers(&store.events(id).await.unwrap()).contains(&behind_id));
+        }
+        if by_behind > 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the second distributor claimed none of {} jobs", ids.len());
+    }
+    for id in &ids {
+        assert_causal(id, &store.events(id).await.unwrap());
+    }
+    assert_eq!(metric(&system, &behind.addresses["admin"], "pixmesh_clock_offset_rejected_total", "").await, 0.0);
+    drop(behind);
+
+    // One more, 1,050 ms behind the rest: beyond the maximum offset. The times it reads are
+    // not adopted but counted, and its claims carry its own time.
+    let far = distributor(-900).await;
+    let far_id = far.addresses["id"].clone();
+    let started = Instant::now();
+    let claimed_by_far = loop {
+        let fresh = upload(&system, 8).await;
+        wait_succeeded(&system, &fresh, Duration::from_secs(60)).await;
+        let mut found = None;
+        for id in &fresh {
+            let events = store.events(id).await.unwrap();
+            if claimers(&events).first() == Some(&far_id) {
+                found = Some(events);
+            }
+        }
+        if let Some(events) = found {
+            break events;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the far-behind distributor claimed nothing");
+    };
+    // Its first claim follows the upload's `accepted`, 1,050 ms ahead of it.
+    let (accepted, claim) = (&claimed_by_far[0], &claimed_by_far[1]);
+    assert_eq!(
+        (accepted.kind(), claim.kind(), claim.data()["owner"].as_str()),
+        (EventKind::Accepted, EventKind::Claimed, Some(far_id.as_str()))
+    );
+    assert!(claim.hlc < accepted.hlc, "the far-behind claim adopted the time it follows: {claimed_by_far:?}");
+    assert!(metric(&system, &far.addresses["admin"], "pixmesh_clock_offset_rejected_total", "").await >= 1.0);
+    drop(far);
+    system.stop().await.unwrap();
+}

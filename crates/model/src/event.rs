@@ -11,6 +11,7 @@
 //! [`EVENT_VERSION`], and [`Event::decode`] keeps reading every older version.
 
 use crate::blob::BlobRef;
+use crate::hlc::Hlc;
 use crate::job::{JobError, JobResult, JobState};
 use crate::options::Options;
 use serde::{Deserialize, Serialize};
@@ -138,8 +139,14 @@ pub struct JobEvent {
     pub seq: u32,
     /// The claim this event belongs to (0 before the first claim).
     pub attempt: u32,
-    /// Milliseconds since the Unix epoch.
+    /// Milliseconds since the Unix epoch: the wall-clock part of `hlc`.
     pub at: i64,
+    /// When it happened, on the hybrid logical clock of the process that wrote it: never lower
+    /// than the time of the event before it (see [`crate::hlc`]), unless that one came from a
+    /// process whose clock was beyond the maximum offset. (Absent from events published before
+    /// events carried it: read as [`Hlc::MIN`].)
+    #[serde(default)]
+    pub hlc: Hlc,
     pub event: Event,
 }
 
@@ -295,7 +302,8 @@ mod tests {
     }
 
     fn at(seq: u32, attempt: u32, event: Event) -> JobEvent {
-        JobEvent { job_id: "j".into(), seq, attempt, at: i64::from(seq) * 1000, event }
+        let at = i64::from(seq) * 1000;
+        JobEvent { job_id: "j".into(), seq, attempt, at, hlc: Hlc::from_unix_ms(at), event }
     }
 
     #[test]

@@ -8,12 +8,14 @@
 
 pub mod blob;
 pub mod event;
+pub mod hlc;
 pub mod job;
 pub mod options;
 pub mod store;
 
 pub use blob::BlobRef;
 pub use event::{EVENT_VERSION, Event, EventKind, JobEvent, JobView, fold};
+pub use hlc::Hlc;
 pub use job::{Created, Job, JobError, JobResult, JobState, NewJob};
 pub use options::Options;
 pub use store::{BlobStore, BlobStream, ClaimById, JobStore, Notify, Outbox, OutboxEvent, Presign, StoreError, StoreKind};

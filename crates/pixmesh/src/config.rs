@@ -1,6 +1,7 @@
 //! The one configuration of a pixmesh deployment: a section per role, plus logs and storage.
 //! The whole file is checked by every role, so a typo fails fast wherever it is.
 
+use pixmesh_chassis::clock::ChassisConfig;
 use pixmesh_chassis::config::Validate;
 use pixmesh_chassis::telemetry::LogConfig;
 use pixmesh_distributor::DistributorConfig;
@@ -17,6 +18,7 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub log: LogConfig,
+    pub chassis: ChassisConfig,
     pub store: StoreConfig,
     pub queue: QueueConfig,
     pub gateway: GatewayConfig,
@@ -30,6 +32,7 @@ pub struct Config {
 impl Validate for Config {
     fn validate(&self) -> Result<(), String> {
         self.log.validate()?;
+        self.chassis.validate()?;
         self.store.validate()?;
         self.queue.validate()?;
         self.gateway.validate()?;

@@ -143,6 +143,7 @@ fn main() -> ExitCode {
     let role = cli.command.role();
     pixmesh_chassis::telemetry::init_logging(role, &config.log, env.get("RUST_LOG").map(String::as_str));
     pixmesh_chassis::telemetry::init_metrics(role);
+    pixmesh_chassis::clock::init(&config.chassis);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -1,4 +1,4 @@
-use crate::view::fold;
+use crate::view::{EventView, HistoryView, fold};
 use axum::Router;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
@@ -12,6 +12,7 @@ use pixmesh_store::{Job, JobState, StoreError, StoreErrorExt, Stores};
 pub fn router(stores: Stores) -> Router {
     Router::new()
         .route("/api/status/{id}", get(status))
+        .route("/api/status/{id}/history", get(history))
         .route("/api/result/{id}", get(result))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -21,7 +22,7 @@ pub fn router(stores: Stores) -> Router {
 async fn not_found(request: Request) -> ApiError {
     ApiError::new(
         ErrorCode::NotFound,
-        format!("no such endpoint: {}; use GET /api/status/{{id}} or GET /api/result/{{id}}", request.uri().path()),
+        format!("no such endpoint: {}; use GET /api/status/{{id}}, /api/status/{{id}}/history or /api/result/{{id}}", request.uri().path()),
     )
 }
 
@@ -85,6 +86,24 @@ async fn status(State(stores): State<Stores>, path: Result<Path<String>, PathRej
     readable(&stores, &id, &Reader::of(&headers)).await?;
     let events = stores.jobs.events(&id).await.map_err(store_error)?;
     let view = fold(&events).ok_or_else(|| unknown(&id))?;
+    let mut response = axum::Json(view).into_response();
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+/// Every event of the job, in order, with its HLC time.
+async fn history(
+    State(stores): State<Stores>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = job_id(path)?;
+    readable(&stores, &id, &Reader::of(&headers)).await?;
+    let events = stores.jobs.events(&id).await.map_err(store_error)?;
+    if events.is_empty() {
+        return Err(unknown(&id));
+    }
+    let view = HistoryView { id, events: events.iter().map(EventView::from).collect() };
     let mut response = axum::Json(view).into_response();
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
@@ -230,6 +249,22 @@ mod tests {
         assert!(h[header::CACHE_CONTROL].to_str().unwrap().contains("immutable"));
         let (s, _, body) = get(&app, "/api/result/j1", Some(&etag)).await;
         assert_eq!((s, body.len()), (StatusCode::NOT_MODIFIED, 0));
+
+        // The history: every event in order, each with its HLC time above the one before.
+        let (s, h, body) = get(&app, "/api/status/j1/history", None).await;
+        assert_eq!((s, h[header::CACHE_CONTROL].to_str().unwrap()), (StatusCode::OK, "no-store"));
+        let v = json(&body);
+        assert_eq!(v["id"], "j1");
+        let events = v["events"].as_array().unwrap();
+        let kinds: Vec<_> = events.iter().map(|e| (e["seq"].as_u64().unwrap(), e["kind"].as_str().unwrap())).collect();
+        assert_eq!(kinds, vec![(1, "accepted"), (2, "claimed"), (3, "succeeded")]);
+        let times: Vec<u64> = events.iter().map(|e| e["hlc"].as_str().unwrap().parse().unwrap()).collect();
+        assert!(times.windows(2).all(|w| w[1] > w[0]), "{times:?}");
+        assert_eq!(events[1]["data"]["owner"], "d");
+        assert_eq!(events[2]["data"]["width"], 8);
+        assert!(events[0]["at"].as_str().unwrap().ends_with('Z'));
+        let (s, _, body) = get(&app, "/api/status/nope/history", None).await;
+        assert_eq!((s, json(&body)["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
     }
 
     #[tokio::test]
@@ -237,7 +272,7 @@ mod tests {
         let (_dir, app, stores) = setup().await;
         new_job(&stores, "j3").await;
         let bob = [(pixmesh_chassis::headers::CLIENT, "bob")];
-        for uri in ["/api/status/j3", "/api/result/j3"] {
+        for uri in ["/api/status/j3", "/api/status/j3/history", "/api/result/j3"] {
             let (s, _, body) = get_as(&app, uri, None, &bob).await;
             assert_eq!(s, StatusCode::NOT_FOUND, "{uri}");
             assert_eq!(json(&body)["error"]["message"], "no job with id \"j3\"", "the same answer as for no job at all");

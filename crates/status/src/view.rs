@@ -52,6 +52,43 @@ impl From<JobView> for StatusView {
     }
 }
 
+/// One event of a job's history, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventView {
+    /// 1 for the first event of the job, then one more for each: the order of the history.
+    pub seq: u32,
+    /// `accepted`, `claimed`, `lease_expired`, `retried`, `released`, `succeeded` or `failed`.
+    pub kind: &'static str,
+    /// The claim it belongs to (0 before the first).
+    pub attempt: u32,
+    /// The wall-clock part of `hlc`, RFC 3339.
+    pub at: String,
+    /// Its hybrid-logical-clock time (a decimal u64): above the time of the event before it.
+    pub hlc: String,
+    /// The event's fields (`{"owner": …}` for `claimed`, the error for `failed`, …).
+    pub data: serde_json::Value,
+}
+
+impl From<&JobEvent> for EventView {
+    fn from(event: &JobEvent) -> Self {
+        EventView {
+            seq: event.seq,
+            kind: event.kind().as_str(),
+            attempt: event.attempt,
+            at: rfc3339_ms(event.at),
+            hlc: event.hlc.to_string(),
+            data: event.data(),
+        }
+    }
+}
+
+/// A job's whole history.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HistoryView {
+    pub id: String,
+    pub events: Vec<EventView>,
+}
+
 /// Folds a job's events (in order) into its status; `None` when there are none.
 pub fn fold(events: &[JobEvent]) -> Option<StatusView> {
     pixmesh_store::fold(events).map(StatusView::from)
@@ -63,7 +100,8 @@ mod tests {
     use pixmesh_store::{BlobRef, Event, JobError, JobResult, Options};
 
     fn ev(seq: u32, attempt: u32, event: Event) -> JobEvent {
-        JobEvent { job_id: "j".into(), seq, attempt, at: i64::from(seq) * 1000, event }
+        let at = i64::from(seq) * 1000;
+        JobEvent { job_id: "j".into(), seq, attempt, at, hlc: pixmesh_store::Hlc::from_unix_ms(at), event }
     }
 
     #[test]

@@ -2,13 +2,13 @@
 //! conversion to the model's types. The SQL itself differs per engine (transactions, locking,
 //! placeholders), so each backend writes its own statements.
 
-use pixmesh_model::{BlobRef, Event, EventKind, Job, JobError, JobEvent, JobState, StoreError};
+use pixmesh_model::{BlobRef, Event, EventKind, Hlc, Job, JobError, JobEvent, JobState, StoreError};
 
 /// The columns of `jobs` that make a [`Job`], in [`JobRow`]'s order.
 pub(crate) const JOB_COLUMNS: &str = "id, owner, state, attempt, lease_owner, lease_expires_at, input_digest, input_size, input_format, options, result, error, created_at, updated_at";
 
 /// The columns of `job_events` that make a [`JobEvent`].
-pub(crate) const EVENT_COLUMNS: &str = "job_id, seq, version, kind, attempt, at, data";
+pub(crate) const EVENT_COLUMNS: &str = "job_id, seq, version, kind, attempt, hlc, data";
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct JobRow {
@@ -61,7 +61,7 @@ pub(crate) struct EventRow {
     version: i64,
     kind: String,
     attempt: i64,
-    at: i64,
+    hlc: i64,
     data: String,
 }
 
@@ -69,11 +69,14 @@ impl EventRow {
     pub(crate) fn into_event(self) -> Result<JobEvent, StoreError> {
         let event = Event::decode(&self.kind, self.version, &self.data)
             .map_err(|e| StoreError::Invalid(format!("job {} event {}: {e}", self.job_id, self.seq)))?;
+        let hlc = Hlc::from_sql(self.hlc);
         Ok(JobEvent {
             job_id: self.job_id,
             seq: u32::try_from(self.seq).unwrap_or(0),
             attempt: u32::try_from(self.attempt).unwrap_or(0),
-            at: self.at,
+            // The `at` column holds the writer's wall clock; the event's time is its HLC time.
+            at: hlc.unix_ms(),
+            hlc,
             event,
         })
     }

@@ -11,9 +11,10 @@ use crate::health::Alarm;
 use crate::rows::{EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, OutboxRow, encode, gave_up, json, millis, unclaimed};
 use crate::write_tx::{Turn, WriteTx};
 use async_trait::async_trait;
+use pixmesh_chassis::clock::Clock;
 use pixmesh_chassis::time::now_ms;
 use pixmesh_model::{
-    ClaimById, Created, Event, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Outbox, OutboxEvent, StoreError,
+    ClaimById, Created, Event, Hlc, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Outbox, OutboxEvent, StoreError,
 };
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -46,6 +47,8 @@ pub struct SqliteJobStore {
     /// This process's turn to write (see [`WriteTx::begin`]).
     turn: Arc<Mutex<Turn>>,
     alarm: Alarm,
+    /// Stamps the events written here.
+    clock: Arc<Clock>,
 }
 
 impl SqliteJobStore {
@@ -106,7 +109,7 @@ impl SqliteJobStore {
                 Err(e) => return Err(StoreError::Database(format!("cannot bring the schema up to date: {e}")).into()),
             }
         }
-        Ok(SqliteJobStore { pool, turn: Turn::shared(), alarm: Alarm::default() })
+        Ok(SqliteJobStore { pool, turn: Turn::shared(), alarm: Alarm::default(), clock: pixmesh_chassis::clock::process() })
     }
 
     /// Raises `alarm` whenever a write transaction fails.
@@ -115,28 +118,57 @@ impl SqliteJobStore {
         self
     }
 
+    /// Stamps events with `clock` instead of this process's (for tests of several processes).
+    pub fn with_clock(mut self, clock: Arc<Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// Appends `event` to the job's history, numbered after its last event; the caller's
     /// transaction holds the write lock, so numbers never collide.
-    async fn append(conn: &mut SqliteConnection, id: &str, attempt: u32, at: i64, event: &Event) -> Result<(), DbError> {
+    async fn append(conn: &mut SqliteConnection, clock: &Clock, id: &str, attempt: u32, at: i64, event: &Event) -> Result<(), DbError> {
         let seq: i64 = sqlx::query_scalar("UPDATE jobs SET event_seq = event_seq + 1 WHERE id = ? RETURNING event_seq")
             .bind(id)
             .fetch_one(&mut *conn)
             .await?;
-        Self::insert_event(conn, id, seq, attempt, at, event).await
+        Self::insert_event(conn, clock, id, seq, attempt, at, event).await
     }
 
     /// Writes `event` as number `seq` of the job's history: a number the caller's write of the
     /// job row just set (`event_seq = event_seq + 1 … RETURNING event_seq`, or 1 when the row is
     /// inserted), so that a transition and the numbering of its event are one statement.
-    async fn insert_event(conn: &mut SqliteConnection, id: &str, seq: i64, attempt: u32, at: i64, event: &Event) -> Result<(), DbError> {
+    ///
+    /// Its HLC time comes after the event before it: that one's time is observed first (not
+    /// adopted when it is beyond the clock's maximum offset; see `pixmesh_chassis::clock`).
+    async fn insert_event(
+        conn: &mut SqliteConnection,
+        clock: &Clock,
+        id: &str,
+        seq: i64,
+        attempt: u32,
+        at: i64,
+        event: &Event,
+    ) -> Result<(), DbError> {
         let (kind, version, data) = encode(event)?;
-        sqlx::query("INSERT INTO job_events (job_id, seq, version, kind, attempt, at, data) VALUES (?, ?, ?, ?, ?, ?, ?)")
+        if seq > 1 {
+            let before: Option<i64> = sqlx::query_scalar("SELECT hlc FROM job_events WHERE job_id = ? AND seq = ?")
+                .bind(id)
+                .bind(seq - 1)
+                .fetch_optional(&mut *conn)
+                .await?;
+            if let Some(before) = before {
+                clock.observe(Hlc::from_sql(before), "job store");
+            }
+        }
+        let hlc = clock.now();
+        sqlx::query("INSERT INTO job_events (job_id, seq, version, kind, attempt, at, hlc, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(id)
             .bind(seq)
             .bind(version)
             .bind(kind.as_str())
             .bind(i64::from(attempt))
             .bind(at)
+            .bind(hlc.to_sql())
             .bind(data)
             .execute(conn)
             .await?;
@@ -188,7 +220,7 @@ impl SqliteJobStore {
             tx.rollback().await?;
             return Err(StoreError::Fenced { id: id.to_string(), attempt }.into());
         }
-        Self::append(&mut tx, id, attempt, now, &event).await?;
+        Self::append(&mut tx, &self.clock, id, attempt, now, &event).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -227,7 +259,7 @@ impl SqliteJobStore {
         .fetch_one(&mut *tx)
         .await?;
         let accepted = Event::Accepted { input: job.input.clone(), input_format: job.input_format.clone(), options: job.options.clone() };
-        Self::insert_event(&mut tx, &job.id, 1, 0, now, &accepted).await?;
+        Self::insert_event(&mut tx, &self.clock, &job.id, 1, 0, now, &accepted).await?;
         let created = row.into_job()?;
         tx.commit().await?;
         Ok(Created { job: created, created: true })
@@ -253,12 +285,12 @@ impl SqliteJobStore {
                 for (id, attempt, previous) in rows {
                     let attempt = u32::try_from(attempt).unwrap_or(0);
                     if expired {
-                        Self::append(&mut tx, &id, attempt, now, &Event::LeaseExpired { owner: previous }).await?;
+                        Self::append(&mut tx, &self.clock, &id, attempt, now, &Event::LeaseExpired { owner: previous }).await?;
                     }
                     if attempt >= max_attempts {
-                        Self::fail_exhausted(&mut tx, &id, attempt, now).await?;
+                        Self::fail_exhausted(&mut tx, &self.clock, &id, attempt, now).await?;
                     } else {
-                        claimed.push(Self::claim_row(&mut tx, &id, attempt, owner, expires, now).await?);
+                        claimed.push(Self::claim_row(&mut tx, &self.clock, &id, attempt, owner, expires, now).await?);
                     }
                 }
                 if found < wanted {
@@ -272,7 +304,7 @@ impl SqliteJobStore {
 
     /// Fails a job that used up its attempts, with its `failed` event (inside the caller's
     /// write transaction).
-    async fn fail_exhausted(conn: &mut SqliteConnection, id: &str, attempt: u32, now: i64) -> Result<(), DbError> {
+    async fn fail_exhausted(conn: &mut SqliteConnection, clock: &Clock, id: &str, attempt: u32, now: i64) -> Result<(), DbError> {
         let error = gave_up(attempt);
         sqlx::query(
             "UPDATE jobs SET state = 'failed', error = ?, lease_owner = NULL, lease_expires_at = NULL, updated_at = ? WHERE id = ?",
@@ -282,12 +314,20 @@ impl SqliteJobStore {
         .bind(id)
         .execute(&mut *conn)
         .await?;
-        Self::append(conn, id, attempt, now, &Event::Failed { error }).await
+        Self::append(conn, clock, id, attempt, now, &Event::Failed { error }).await
     }
 
     /// Claims one job for `owner` (inside the caller's write transaction, which found it
     /// claimable at `attempt`), with its `claimed` event.
-    async fn claim_row(conn: &mut SqliteConnection, id: &str, attempt: u32, owner: &str, expires: i64, now: i64) -> Result<Job, DbError> {
+    async fn claim_row(
+        conn: &mut SqliteConnection,
+        clock: &Clock,
+        id: &str,
+        attempt: u32,
+        owner: &str,
+        expires: i64,
+        now: i64,
+    ) -> Result<Job, DbError> {
         let next = attempt + 1;
         let row: ClaimedRow = sqlx::query_as(&format!(
             "UPDATE jobs SET state = 'processing', attempt = ?, lease_owner = ?, lease_expires_at = ?, updated_at = ?, event_seq = event_seq + 1
@@ -301,8 +341,16 @@ impl SqliteJobStore {
         .fetch_optional(&mut *conn)
         .await?
         .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-        Self::insert_event(conn, id, row.event_seq, next, now, &Event::Claimed { owner: owner.to_string(), lease_expires_at: expires })
-            .await?;
+        Self::insert_event(
+            conn,
+            clock,
+            id,
+            row.event_seq,
+            next,
+            now,
+            &Event::Claimed { owner: owner.to_string(), lease_expires_at: expires },
+        )
+        .await?;
         Ok(row.job.into_job()?)
     }
 
@@ -321,10 +369,10 @@ impl SqliteJobStore {
                 Some((state, attempt, not_before, _)) if state == "queued" && not_before <= now => {
                     let attempt = u32::try_from(attempt).unwrap_or(0);
                     if attempt >= max_attempts {
-                        Self::fail_exhausted(&mut tx, id, attempt, now).await?;
+                        Self::fail_exhausted(&mut tx, &self.clock, id, attempt, now).await?;
                         ClaimById::Ended { id: id.clone() }
                     } else {
-                        ClaimById::Claimed(Box::new(Self::claim_row(&mut tx, id, attempt, owner, expires, now).await?))
+                        ClaimById::Claimed(Box::new(Self::claim_row(&mut tx, &self.clock, id, attempt, owner, expires, now).await?))
                     }
                 }
                 other => unclaimed(id, other.map(|(state, _, not_before, lease)| (state, not_before, lease)), now),
@@ -364,9 +412,9 @@ impl SqliteJobStore {
                 continue;
             }
             let attempt = u32::try_from(attempt).unwrap_or(0);
-            Self::append(&mut tx, &id, attempt, now, &Event::LeaseExpired { owner: previous }).await?;
+            Self::append(&mut tx, &self.clock, &id, attempt, now, &Event::LeaseExpired { owner: previous }).await?;
             if attempt >= max_attempts {
-                Self::fail_exhausted(&mut tx, &id, attempt, now).await?;
+                Self::fail_exhausted(&mut tx, &self.clock, &id, attempt, now).await?;
             }
             rescued += 1;
         }
@@ -420,7 +468,7 @@ impl SqliteJobStore {
                 out.push(Err(StoreError::Fenced { id: id.clone(), attempt: *attempt }));
                 continue;
             };
-            Self::insert_event(&mut tx, id, seq, *attempt, now, &Event::Succeeded { result: result.clone() }).await?;
+            Self::insert_event(&mut tx, &self.clock, id, seq, *attempt, now, &Event::Succeeded { result: result.clone() }).await?;
             out.push(Ok(()));
         }
         tx.commit().await?;

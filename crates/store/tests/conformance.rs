@@ -5,10 +5,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
+use pixmesh_chassis::clock::{Clock, NTP64, system_time_clock};
 use pixmesh_model::{
     BlobRef, ClaimById, Event, EventKind, JobError, JobResult, JobState, JobStore, NewJob, Options, Outbox, StoreError, fold,
 };
-use pixmesh_store::{PostgresJobStore, SqliteJobStore};
+use pixmesh_store::{Hlc, PostgresJobStore, SqliteJobStore};
 use pixmesh_test_support::postgres::TestDatabase;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +34,16 @@ impl Backend {
 
     async fn open(&self) -> Store {
         self.open_with_outbox().await.0
+    }
+
+    /// A handle whose events are stamped by `clock`: another process, on another host.
+    async fn open_with_clock(&self, clock: Arc<Clock>) -> Store {
+        match self {
+            Backend::Sqlite(dir) => Arc::new(SqliteJobStore::open(&dir.path().join("jobs.db")).await.unwrap().with_clock(clock)),
+            Backend::Postgres(db) => {
+                Arc::new(PostgresJobStore::connect(&db.url, 8, Duration::from_secs(5)).await.unwrap().with_clock(clock))
+            }
+        }
     }
 
     /// A handle as the job store and as the outbox (the relay's view of the same handle).
@@ -85,6 +96,7 @@ conformance!(
     racing_claims_by_id_give_a_job_to_one_claimer,
     the_outbox_holds_every_event_in_order_and_one_relay_leads_at_a_time,
     the_sweeper_rescues_expired_leases_and_finds_jobs_left_claimable,
+    a_history_keeps_causal_order_between_processes_whose_clocks_disagree,
 );
 
 fn new_job(id: &str, key: Option<&str>, hash: &str) -> NewJob {
@@ -618,4 +630,86 @@ async fn the_sweeper_rescues_expired_leases_and_finds_jobs_left_claimable(backen
     assert_eq!(store.get("abandoned").await.unwrap().unwrap().attempt, 2);
     outbox.rescue_expired(2).await.unwrap();
     assert_eq!(store.get("abandoned").await.unwrap().unwrap().state, JobState::Failed);
+}
+
+/// Physical clocks of other hosts: 300 ms ahead (within the 500 ms maximum offset), 2 s ahead
+/// (beyond it).
+fn ahead_300ms() -> NTP64 {
+    NTP64(system_time_clock().0 + Hlc::MIN.plus_ms(300).0)
+}
+
+fn ahead_2s() -> NTP64 {
+    NTP64(system_time_clock().0 + Hlc::MIN.plus_ms(2_000).0)
+}
+
+fn clock(physical: fn() -> NTP64) -> Arc<Clock> {
+    Arc::new(Clock::with_physical(Duration::from_millis(500), physical))
+}
+
+/// Each event's HLC time is above the one before, and `at` (its wall-clock part) never runs
+/// backwards.
+fn assert_causal(events: &[pixmesh_model::JobEvent]) {
+    for pair in events.windows(2) {
+        assert!(pair[1].hlc > pair[0].hlc, "event {} ({}) is not after event {} ({})", pair[1].seq, pair[1].hlc, pair[0].seq, pair[0].hlc);
+        assert!(pair[1].at >= pair[0].at);
+    }
+}
+
+async fn a_history_keeps_causal_order_between_processes_whose_clocks_disagree(backend: Backend) {
+    // An upload on a host 300 ms ahead, a distributor on time: every step of the distributor
+    // comes after the upload's, although its wall clock says earlier.
+    let (upload_clock, distributor_clock) = (clock(ahead_300ms), clock(system_time_clock));
+    let upload = backend.open_with_clock(upload_clock.clone()).await;
+    let distributor = backend.open_with_clock(distributor_clock.clone()).await;
+    let before = Hlc(system_time_clock().0).unix_ms();
+    upload.create(new_job("j1", None, "h")).await.unwrap();
+    let job = distributor.claim("d1", LONG, 5).await.unwrap().unwrap();
+    distributor.release("j1", job.attempt, &error("unavailable"), Duration::ZERO).await.unwrap();
+    let job = distributor.claim("d1", LONG, 5).await.unwrap().unwrap();
+    distributor.succeed("j1", job.attempt, &result()).await.unwrap();
+    let events = distributor.events("j1").await.unwrap();
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    assert_causal(&events);
+    assert!(events[0].at >= before + 250, "the upload's clock is ahead of this one");
+
+    // A lease taken on the fast host runs out and the distributor on time rescues it: the
+    // rescue and the claim after it follow the lost claim.
+    upload.create(new_job("j2", None, "h2")).await.unwrap();
+    let lost = upload.claim("fast", Duration::from_millis(50), 5).await.unwrap().unwrap();
+    assert_eq!(lost.id, "j2");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rescued = wait_for_claim(&distributor, "d1").await;
+    assert_eq!((rescued.id.as_str(), rescued.attempt), ("j2", 2));
+    distributor.fail("j2", 2, &error("corrupt_image")).await.unwrap();
+    let events = distributor.events("j2").await.unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.kind()).collect::<Vec<_>>(),
+        vec![EventKind::Accepted, EventKind::Claimed, EventKind::LeaseExpired, EventKind::Claimed, EventKind::Failed]
+    );
+    assert_causal(&events);
+
+    // A host 2 s ahead is beyond the maximum offset: its times are not adopted. The next event
+    // carries the distributor's own time, below the one it follows, and the history is still
+    // in its sequence order.
+    let wrong = backend.open_with_clock(clock(ahead_2s)).await;
+    wrong.create(new_job("j3", None, "h3")).await.unwrap();
+    let job = distributor.claim("d1", LONG, 5).await.unwrap().unwrap();
+    assert_eq!(job.id, "j3");
+    let events = distributor.events("j3").await.unwrap();
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert!(events[1].hlc < events[0].hlc, "the claim did not take the far-ahead time");
+    assert!(events[0].at - events[1].at > 1_500, "{} {}", events[0].at, events[1].at);
+    assert!(distributor_clock.now().unix_ms() < events[0].at - 1_500, "the distributor's clock was not dragged ahead");
+}
+
+/// Claims until a job comes (a rescue may wait for the next sweep).
+async fn wait_for_claim(store: &Store, owner: &str) -> pixmesh_model::Job {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(job) = store.claim(owner, LONG, 5).await.unwrap() {
+            return job;
+        }
+        assert!(Instant::now() < until, "nothing to claim");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

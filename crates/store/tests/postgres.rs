@@ -98,6 +98,8 @@ async fn a_claim_by_id_reads_the_primary_key_even_before_the_table_has_statistic
             .bind("claimed")
             .bind("{}")
             .bind(&ids)
+            .bind(0i64)
+            .bind(0i64)
             .fetch_all(&mut *conn)
             .await
             .unwrap();

@@ -64,7 +64,22 @@ impl ImageWorkerService {
 
 #[tonic::async_trait]
 impl ImageWorker for ImageWorkerService {
+    /// [`ImageWorkerService::answer`], with clock times both ways (`pixmesh-hlc` metadata):
+    /// the caller's moves this process's clock, and the answer carries this one's.
     async fn process(&self, request: Request<ProcessRequest>) -> Result<Response<ProcessResponse>, Status> {
+        let clock = pixmesh_chassis::clock::process();
+        clock.observe_metadata(request.metadata(), "distributor");
+        let mut answer = self.answer(request).await;
+        match &mut answer {
+            Ok(response) => clock.stamp(response.metadata_mut()),
+            Err(status) => clock.stamp(status.metadata_mut()),
+        }
+        answer
+    }
+}
+
+impl ImageWorkerService {
+    async fn answer(&self, request: Request<ProcessRequest>) -> Result<Response<ProcessResponse>, Status> {
         let _in_flight = InFlight::enter(&self.in_flight);
         if !self.extra_delay.is_zero() {
             tokio::time::sleep(self.extra_delay).await;

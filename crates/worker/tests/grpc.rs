@@ -69,6 +69,23 @@ async fn processes_images_and_types_its_errors() {
     let bad_ops = Operations { fit: "sideways".into(), ..Operations::default() };
     check(client.process(request(pixmesh_test_support::png(8, 8), bad_ops)).await.unwrap_err(), ErrorCode::BadRequest);
 
+    // Clock times both ways: a caller's time far ahead comes back below it (not adopted, beyond
+    // the maximum offset); a close one comes back above it; answers and errors carry one.
+    let hlc_of = |metadata: &tonic::metadata::MetadataMap| {
+        let value = metadata.get(pixmesh_chassis::clock::METADATA_KEY).expect("the answer carries the worker's clock time");
+        pixmesh_store::Hlc::parse(value.to_str().unwrap()).unwrap()
+    };
+    let now = pixmesh_store::Hlc(pixmesh_chassis::clock::system_time_clock().0);
+    for (ahead_ms, adopted) in [(200, true), (60_000, false)] {
+        let sent = now.plus_ms(ahead_ms);
+        let mut call = tonic::Request::new(request(pixmesh_test_support::png(8, 8), Operations::default()));
+        call.metadata_mut().insert(pixmesh_chassis::clock::METADATA_KEY, sent.to_string().parse().unwrap());
+        let answered = hlc_of(client.process(call).await.unwrap().metadata());
+        assert_eq!(answered > sent, adopted, "{ahead_ms} ms ahead: sent {sent}, answered {answered}");
+    }
+    let status = client.process(request(b"%PDF-1.7".to_vec(), Operations::default())).await.unwrap_err();
+    assert!(hlc_of(status.metadata()) > now);
+
     let mut health = HealthClient::new(tonic::transport::Channel::from_shared(addr).unwrap().connect().await.unwrap());
     let serving = health.check(HealthCheckRequest { service: "pixmesh.v1.ImageWorker".into() }).await.unwrap().into_inner();
     assert_eq!(serving.status, ServingStatus::Serving as i32);
