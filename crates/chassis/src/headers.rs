@@ -11,5 +11,9 @@ pub const MAX_OUTPUT_PIXELS: &str = "x-pixmesh-max-output-pixels";
 /// The longest output side an upload by this key may ask for.
 pub const MAX_OUTPUT_SIDE: &str = "x-pixmesh-max-output-side";
 
+/// `true` when the request came with a valid signed URL instead of an API key: it may read the
+/// one path it was signed for (see `signed_url.rs`).
+pub const SIGNED: &str = "x-pixmesh-signed";
+
 /// Every header above: what the gateway strips from client requests.
-pub const ALL: [&str; 4] = [CLIENT, ADMIN, MAX_OUTPUT_PIXELS, MAX_OUTPUT_SIDE];
+pub const ALL: [&str; 5] = [CLIENT, ADMIN, MAX_OUTPUT_PIXELS, MAX_OUTPUT_SIDE, SIGNED];

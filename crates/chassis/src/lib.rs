@@ -22,6 +22,7 @@ pub mod multipart;
 pub mod request_limits;
 pub mod serve;
 pub mod shutdown;
+pub mod signed_url;
 pub mod telemetry;
 pub mod time;
 

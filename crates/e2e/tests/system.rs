@@ -660,3 +660,57 @@ async fn a_distributor_that_lost_its_lease_has_its_late_results_rejected() {
     drop(second);
     system.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_signed_result_url_works_without_the_api_key_for_its_path_alone_until_it_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = r#"gateway.signed_urls.keys=[{ id = "k1", secret = "0123456789abcdef0123456789abcdef" }]"#;
+    let system = System::start(dir.path(), 1, &[keys, "gateway.signed_urls.ttl_s=2"]).await.unwrap();
+    let anyone = reqwest::Client::new();
+    let (code, body) = system.upload(png(64, 48), "image/png", "width=32&format=png").await.unwrap();
+    assert_eq!(code, 202, "{body}");
+    let job = id(&body);
+    let signed = body["result_url"].as_str().unwrap().to_string();
+    assert!(signed.starts_with(&format!("/api/result/{job}?expires=")) && signed.contains("&key=k1&sig="), "{signed}");
+    let status = system.wait_terminal(&job, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(status["state"], "succeeded", "{status}");
+    let fresh = status["result_url"].as_str().unwrap().to_string();
+    assert!(fresh.contains("&sig="), "the status gives a signed URL too: {status}");
+
+    // No key, the signed URL: the image.
+    let res = anyone.get(format!("{}{signed}", system.gateway)).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "image/png");
+    assert!(!res.bytes().await.unwrap().is_empty());
+    let res = anyone.head(format!("{}{fresh}", system.gateway)).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+
+    // What else a client could try with it: another path, a changed signature, no signature
+    // but the header the gateway sets, another method. Each is refused before any service.
+    let (path, query) = signed.split_once('?').unwrap();
+    let sig = query.rsplit_once("sig=").unwrap().1;
+    let tampered = format!("{path}?{}", query.replace(sig, &"0".repeat(sig.len())));
+    for (url, why) in [
+        (format!("/api/status/{job}?{query}"), "another path"),
+        (format!("/api/result/{job}x?{query}"), "another job"),
+        (tampered, "a changed signature"),
+        (format!("{path}?{}", query.replace("key=k1", "key=k2")), "an unknown key"),
+    ] {
+        let res = anyone.get(format!("{}{url}", system.gateway)).send().await.unwrap();
+        assert_eq!(res.status(), 401, "{why}");
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "unauthorized", "{why}: {body}");
+    }
+    let res = anyone.get(format!("{}{path}", system.gateway)).header("x-pixmesh-signed", "true").send().await.unwrap();
+    assert_eq!(res.status(), 401, "a forged header is not a signature");
+    let res = anyone.post(format!("{}{signed}", system.gateway)).body("x").send().await.unwrap();
+    assert_eq!(res.status(), 401, "POST with a signed URL");
+
+    // Past its life (2 s), refused with the reason.
+    tokio::time::sleep(Duration::from_millis(3_100)).await;
+    let res = anyone.get(format!("{}{signed}", system.gateway)).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+    let body: Value = res.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("expired"), "{body}");
+    system.stop().await.unwrap();
+}

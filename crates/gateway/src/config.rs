@@ -48,6 +48,9 @@ pub struct GatewayConfig {
     /// Header-read and idle timeouts, the connection cap and request size limits of the public
     /// listener (`[gateway.connections]`). Read at start; a reload does not change them.
     pub connections: pixmesh_chassis::serve::ConnectionLimits,
+    /// Signing keys for result URLs that work without an API key (`[gateway.signed_urls]`).
+    /// The upload and status services sign with them; the gateway checks.
+    pub signed_urls: pixmesh_chassis::signed_url::SignedUrlConfig,
 }
 
 /// An upstream pool: `"http://a:1"`, `["http://a:1", "http://b:1"]`, or
@@ -268,6 +271,7 @@ impl Default for GatewayConfig {
             watch_files: true,
             drain_grace_ms: 10_000,
             connections: pixmesh_chassis::serve::ConnectionLimits::default(),
+            signed_urls: Default::default(),
         }
     }
 }
@@ -317,6 +321,7 @@ impl GatewayConfig {
     /// in at start (as `pixmesh up` does for upload and status), so only those two may be absent.
     pub fn validate(&self) -> Result<(), String> {
         check_queue("gateway", self.max_queue, self.max_queue_ms)?;
+        self.signed_urls.validate()?;
         for r in &self.routes {
             if !r.prefix.starts_with('/') {
                 return Err(format!("gateway route prefix {:?} must start with /", r.prefix));

@@ -114,8 +114,10 @@ pub struct Snapshot {
     pub keys: ApiKeys,
     pub require_api_key: bool,
     pub access_log: bool,
-    /// Per client address, for requests without a key when keys are not required.
+    /// Per client address, for requests without a key (keys not required, or a signed URL).
     pub anonymous: Option<(Quota, Arc<AnonymousLimiter>)>,
+    /// Checks signed URLs (`None`: no signing keys, no signed URLs).
+    pub signer: Option<Arc<pixmesh_chassis::signed_url::Signer>>,
     /// Metrics for requests that match no route.
     pub unrouted: RouteMetrics,
     pub metrics: GatewayMetrics,
@@ -172,7 +174,9 @@ impl Snapshot {
             }));
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
-        let anonymous = match (config.require_api_key, quota(&config.rate, config.burst)?) {
+        // Requests without a key: when keys are optional, and those with a signed URL.
+        let keyless = !config.require_api_key || !config.signed_urls.keys.is_empty();
+        let anonymous = match (!keyless, quota(&config.rate, config.burst)?) {
             (false, Some(q)) => Some(
                 previous
                     .and_then(|p| p.anonymous.clone())
@@ -196,6 +200,7 @@ impl Snapshot {
             require_api_key: config.require_api_key,
             access_log: config.access_log,
             anonymous,
+            signer: pixmesh_chassis::signed_url::Signer::new(&config.signed_urls).map(Arc::new),
             unrouted: RouteMetrics::new("none"),
             metrics: GatewayMetrics::new(),
             summary,

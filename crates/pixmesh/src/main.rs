@@ -297,7 +297,8 @@ async fn run(
             Ok(pixmesh_gateway::serve(prepared, http, admin, shutdown).await?)
         }
         Command::Upload => {
-            let c = config.upload;
+            let mut c = config.upload;
+            c.signed_urls = config.gateway.signed_urls.clone();
             let mut stores = open_stores(&store).await?;
             if let Some(queue) = connect_queue(&config.queue, "upload").await? {
                 stores = stores.with_notify(std::sync::Arc::new(queue));
@@ -306,7 +307,8 @@ async fn run(
             Ok(pixmesh_upload::run(c, stores, http, admin, shutdown).await?)
         }
         Command::Status => {
-            let c = config.status;
+            let mut c = config.status;
+            c.signed_urls = config.gateway.signed_urls.clone();
             let stores = open_stores(&store).await?;
             let (http, admin) = (bind("status", c.listen).await?, bind("status admin", c.admin_listen).await?);
             Ok(pixmesh_status::run(c, stores, http, admin, shutdown).await?)

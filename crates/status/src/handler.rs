@@ -1,22 +1,38 @@
 use crate::view::{EventView, HistoryView, fold};
 use axum::Router;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::{FromRef, Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
+use pixmesh_chassis::signed_url::Signer;
 use pixmesh_chassis::{ApiError, ErrorCode};
 use pixmesh_store::{Job, JobState, StoreError, StoreErrorExt, Stores};
+use std::sync::Arc;
+
+/// What the handlers share.
+#[derive(Clone)]
+struct App {
+    stores: Stores,
+    /// Signs `result_url` (`None`: plain paths, which need the API key).
+    signer: Option<Arc<Signer>>,
+}
+
+impl FromRef<App> for Stores {
+    fn from_ref(app: &App) -> Stores {
+        app.stores.clone()
+    }
+}
 
 /// The status API, without a listener.
-pub fn router(stores: Stores) -> Router {
+pub fn router(stores: Stores, signer: Option<Arc<Signer>>) -> Router {
     Router::new()
         .route("/api/status/{id}", get(status))
         .route("/api/status/{id}/history", get(history))
         .route("/api/result/{id}", get(result))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(stores)
+        .with_state(App { stores, signer })
 }
 
 async fn not_found(request: Request) -> ApiError {
@@ -50,10 +66,12 @@ fn job_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError>
         .map_err(|_| ApiError::new(ErrorCode::NotFound, "no job with such an id (the id in the path is not valid UTF-8)"))
 }
 
-/// Who asks, as the gateway says: the key's name, and whether it is an admin key.
+/// Who asks, as the gateway says: the key's name, whether it is an admin key, and whether the
+/// request came with a valid signed URL (for this path) instead of a key.
 struct Reader {
     client: String,
     admin: bool,
+    signed: bool,
 }
 
 impl Reader {
@@ -62,13 +80,14 @@ impl Reader {
         Reader {
             client: get(pixmesh_chassis::headers::CLIENT).unwrap_or("").to_string(),
             admin: get(pixmesh_chassis::headers::ADMIN) == Some("true"),
+            signed: get(pixmesh_chassis::headers::SIGNED) == Some("true"),
         }
     }
 
     /// Jobs belong to the key that created them; another key is told there is no such job
     /// (not "forbidden": that would confirm the id exists).
     fn may_read(&self, job: &Job) -> bool {
-        self.admin || job.owner == self.client
+        self.admin || self.signed || job.owner == self.client
     }
 }
 
@@ -81,11 +100,18 @@ async fn readable(stores: &Stores, id: &str, reader: &Reader) -> Result<Job, Api
     Ok(job)
 }
 
-async fn status(State(stores): State<Stores>, path: Result<Path<String>, PathRejection>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn status(State(app): State<App>, path: Result<Path<String>, PathRejection>, headers: HeaderMap) -> Result<Response, ApiError> {
     let id = job_id(path)?;
-    readable(&stores, &id, &Reader::of(&headers)).await?;
-    let events = stores.jobs.events(&id).await.map_err(store_error)?;
-    let view = fold(&events).ok_or_else(|| unknown(&id))?;
+    readable(&app.stores, &id, &Reader::of(&headers)).await?;
+    let events = app.stores.jobs.events(&id).await.map_err(store_error)?;
+    let mut view = fold(&events).ok_or_else(|| unknown(&id))?;
+    if view.result.is_some() {
+        let path = format!("/api/result/{id}");
+        view.result_url = Some(match &app.signer {
+            Some(signer) => signer.sign(&path, pixmesh_chassis::signed_url::now_s()),
+            None => path,
+        });
+    }
     let mut response = axum::Json(view).into_response();
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
@@ -177,7 +203,7 @@ mod tests {
     async fn setup() -> (tempfile::TempDir, Router, Stores) {
         let dir = tempfile::tempdir().unwrap();
         let stores = Stores::open(&pixmesh_store::StoreConfig::default().with_data_dir(dir.path())).await.unwrap();
-        (dir, router(stores.clone()), stores)
+        (dir, router(stores.clone(), None), stores)
     }
 
     async fn new_job(stores: &Stores, id: &str) {
@@ -241,6 +267,7 @@ mod tests {
         let v = json(&body);
         assert_eq!((s, v["state"].as_str(), v["attempts"].as_u64()), (StatusCode::OK, Some("succeeded"), Some(1)));
         assert_eq!(v["result"], serde_json::json!({"width": 8, "height": 4, "format": "webp", "bytes": out.size}));
+        assert_eq!(v["result_url"], "/api/result/j1", "no signing keys: the plain path");
         let (s, h, body) = get(&app, "/api/result/j1", None).await;
         assert_eq!(s, StatusCode::OK);
         assert_eq!(h[header::CONTENT_TYPE], "image/webp");
@@ -288,6 +315,34 @@ mod tests {
         assert_eq!((s, json(&body)["state"].as_str()), (StatusCode::OK, Some("queued")));
         let (s, _, _) = get_as(&app, "/api/result/j3", None, &ops).await;
         assert_eq!(s, StatusCode::CONFLICT, "the admin reads it: not ready yet");
+    }
+
+    #[tokio::test]
+    async fn with_signing_keys_result_urls_are_signed_and_a_signed_request_reads_its_job() {
+        let (_dir, _, stores) = setup().await;
+        let key = pixmesh_chassis::signed_url::SigningKey { id: "k1".into(), secret: "0123456789abcdef0123456789abcdef".into() };
+        let config = pixmesh_chassis::signed_url::SignedUrlConfig { keys: vec![key], ttl_s: 60 };
+        let signer = Signer::new(&config).map(Arc::new);
+        let app = router(stores.clone(), signer.clone());
+        new_job(&stores, "j4").await;
+        let (_, _, body) = get(&app, "/api/status/j4", None).await;
+        assert!(json(&body).get("result_url").is_none(), "no result yet, no URL");
+        let job = stores.jobs.claim("d", Duration::from_secs(10), 3).await.unwrap().unwrap();
+        let out = stores.blobs.put(Bytes::from_static(b"RIFFxxxxWEBP")).await.unwrap();
+        let result = JobResult { blob: out, format: "webp".into(), content_type: "image/webp".into(), width: 8, height: 4 };
+        stores.jobs.succeed("j4", job.attempt, &result).await.unwrap();
+        let (_, _, body) = get(&app, "/api/status/j4", None).await;
+        let url = json(&body)["result_url"].as_str().unwrap().to_string();
+        let (path, query) = url.split_once('?').unwrap();
+        assert_eq!(path, "/api/result/j4");
+        let now = pixmesh_chassis::signed_url::now_s();
+        assert_eq!(signer.unwrap().verify(path, Some(query), now), Some(Ok(())));
+        // The gateway checked a signature: no client, yet the job reads. Without it, another
+        // key is told there is no such job.
+        let (s, _, body) = get_as(&app, "/api/result/j4", None, &[(pixmesh_chassis::headers::SIGNED, "true")]).await;
+        assert_eq!((s, body), (StatusCode::OK, Bytes::from_static(b"RIFFxxxxWEBP")));
+        let (s, _, _) = get_as(&app, "/api/result/j4", None, &[(pixmesh_chassis::headers::CLIENT, "bob")]).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
     }
 
     #[tokio::test]

@@ -1,4 +1,5 @@
-//! The status service: `GET /api/status/{id}` and `GET /api/result/{id}`.
+//! The status service: `GET /api/status/{id}`, `GET /api/status/{id}/history` and
+//! `GET /api/result/{id}`.
 //!
 //! The status view is folded from the job's events ([`view::fold`]), not read from the job row:
 //! the event log is the history, the view is a projection of it.
@@ -22,6 +23,10 @@ pub struct StatusConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub drain_grace_ms: u64,
+    /// The deployment's URL signing keys, from `[gateway.signed_urls]` (not a `[status]` key):
+    /// a succeeded job's `result_url` is signed with them.
+    #[serde(skip)]
+    pub signed_urls: pixmesh_chassis::signed_url::SignedUrlConfig,
 }
 
 impl Default for StatusConfig {
@@ -30,6 +35,7 @@ impl Default for StatusConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             drain_grace_ms: 10_000,
+            signed_urls: Default::default(),
         }
     }
 }
@@ -45,9 +51,10 @@ impl StatusConfig {
 pub async fn run(config: StatusConfig, stores: Stores, http: TcpListener, admin: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
     let grace = Duration::from_millis(config.drain_grace_ms);
     let probe_stop = shutdown.clone();
+    let signer = pixmesh_chassis::signed_url::Signer::new(&config.signed_urls).map(std::sync::Arc::new);
     pixmesh_chassis::serve::http_role("status", http, admin, shutdown, grace, ConnectionLimits::default(), |readiness| async move {
         stores.watch_health("status", Access::ReadOnly, readiness, probe_stop).await;
-        Ok(router(stores))
+        Ok(router(stores, signer))
     })
     .await
 }

@@ -17,6 +17,10 @@ pub struct StatusView {
     pub error: Option<ErrorView>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<ResultView>,
+    /// Where to download the result, once there is one: a signed URL that works without the
+    /// API key for `gateway.signed_urls.ttl_s` when signing keys are configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result_url: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -48,6 +52,7 @@ impl From<JobView> for StatusView {
                 format: r.format,
                 bytes: r.blob.size,
             }),
+            result_url: None,
         }
     }
 }

@@ -7,6 +7,7 @@ use axum::routing::post;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use pixmesh_chassis::signed_url::Signer;
 use pixmesh_chassis::{ApiError, ErrorCode, multipart};
 use pixmesh_imaging::{Crop, Fit, Flip, Gravity, Options, OutputFormat};
 use pixmesh_store::{NewJob, StoreError, StoreErrorExt, Stores};
@@ -22,6 +23,8 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 #[derive(Clone)]
 struct AppState {
     stores: Stores,
+    /// Signs `result_url` (`None`: the plain path, which needs the API key).
+    signer: Option<Arc<Signer>>,
     config: Arc<UploadConfig>,
     permits: Arc<Semaphore>,
 }
@@ -35,7 +38,7 @@ pub fn router(config: UploadConfig, stores: Stores) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(AppState { stores, config: Arc::new(config), permits })
+        .with_state(AppState { stores, signer: Signer::new(&config.signed_urls).map(Arc::new), config: Arc::new(config), permits })
 }
 
 async fn not_found(request: Request) -> ApiError {
@@ -216,7 +219,12 @@ async fn upload(
         tracing::info!(job = %id, format = probe.format.as_str(), width = probe.width, height = probe.height, "job accepted");
     }
     let status_url = format!("/api/status/{id}");
-    let body = serde_json::json!({ "id": id, "status_url": status_url, "result_url": format!("/api/result/{id}") });
+    let result_path = format!("/api/result/{id}");
+    let result_url = match &state.signer {
+        Some(signer) => signer.sign(&result_path, pixmesh_chassis::signed_url::now_s()),
+        None => result_path,
+    };
+    let body = serde_json::json!({ "id": id, "status_url": status_url, "result_url": result_url });
     let mut response = (StatusCode::ACCEPTED, axum::Json(body)).into_response();
     if let Ok(v) = status_url.parse() {
         response.headers_mut().insert(header::LOCATION, v);

@@ -29,6 +29,10 @@ pub struct UploadConfig {
     /// Pixel and side limits checked from the image header.
     pub limits: Limits,
     pub drain_grace_ms: u64,
+    /// The deployment's URL signing keys, from `[gateway.signed_urls]` (not an `[upload]` key):
+    /// `result_url` is signed with them.
+    #[serde(skip)]
+    pub signed_urls: pixmesh_chassis::signed_url::SignedUrlConfig,
 }
 
 impl Default for UploadConfig {
@@ -40,6 +44,7 @@ impl Default for UploadConfig {
             max_concurrent: 64,
             limits: Limits::default(),
             drain_grace_ms: 10_000,
+            signed_urls: Default::default(),
         }
     }
 }

@@ -5,6 +5,11 @@
 //! log; its name is passed upstream in `x-pixmesh-client`, and `x-pixmesh-admin: true` for an
 //! admin key (client-sent values of every `x-pixmesh-*` header the services trust are removed
 //! first, so they cannot be forged); the key itself is not passed on.
+//!
+//! A request without a key may instead carry a signed URL (`?expires=…&key=…&sig=…`, see
+//! `pixmesh_chassis::signed_url`), for `GET` and `HEAD`: when its signature holds it goes on
+//! with `x-pixmesh-signed: true` and no client (the status service lets it read the one job of
+//! the signed path); when it does not, or it expired, 401 with the reason.
 
 use super::{Pinned, ResponseFuture, ready};
 use crate::keys::Client;
@@ -20,7 +25,21 @@ pub const HEADER: HeaderName = HeaderName::from_static("x-api-key");
 pub const CLIENT_HEADER: HeaderName = HeaderName::from_static(pixmesh_chassis::headers::CLIENT);
 pub const ADMIN_HEADER: HeaderName = HeaderName::from_static(pixmesh_chassis::headers::ADMIN);
 
+pub const SIGNED_HEADER: HeaderName = HeaderName::from_static(pixmesh_chassis::headers::SIGNED);
+
 super::interceptor!(ApiKeyLayer, ApiKey);
+
+/// A request without a key that carries a URL signature (`sig=`): whether it holds, or why not.
+/// `None` for any other request.
+fn signed_url(pinned: &Pinned, request: &Request<Body>) -> Option<Result<(), String>> {
+    let signer = pinned.snapshot.signer.as_ref()?;
+    let uri = request.uri();
+    let verdict = signer.verify(uri.path(), uri.query(), pixmesh_chassis::signed_url::now_s())?;
+    if request.method() != http::Method::GET && request.method() != http::Method::HEAD {
+        return Some(Err(format!("a signed URL is for GET and HEAD only, not {}; send an X-API-KEY", request.method())));
+    }
+    Some(verdict.map_err(|refusal| refusal.to_string()))
+}
 
 impl<S> Service<Request<Body>> for ApiKey<S>
 where
@@ -50,6 +69,21 @@ where
             return ready(ApiError::new(ErrorCode::BadRequest, "several X-API-KEY headers; send exactly one").into_response());
         }
         let presented = request.headers_mut().remove(HEADER);
+        if presented.is_none()
+            && let Some(signed) = signed_url(&pinned, &request)
+        {
+            return match signed {
+                Ok(()) => {
+                    pinned.snapshot.metrics.auth_ok.increment(1);
+                    request.headers_mut().insert(SIGNED_HEADER, HeaderValue::from_static("true"));
+                    Box::pin(self.inner.call(request))
+                }
+                Err(message) => {
+                    pinned.snapshot.metrics.auth_refused.increment(1);
+                    ready(ApiError::new(ErrorCode::Unauthorized, message).into_response())
+                }
+            };
+        }
         let presented = presented.as_ref();
         let client: Option<Arc<Client>> = presented.and_then(|v| pinned.snapshot.keys.check(v.as_bytes())).cloned();
         let refusal = match (&client, presented) {
@@ -153,5 +187,45 @@ mod tests {
         req.extensions_mut().insert(admin);
         let res = svc.clone().oneshot(req).await.unwrap();
         assert_eq!((res.headers()["client"].to_str().unwrap(), res.headers()["admin"].to_str().unwrap()), ("ops", "true"));
+    }
+
+    #[tokio::test]
+    async fn a_signed_url_stands_in_for_a_key_on_get_and_head_only() {
+        let inner = service_fn(|req: Request<Body>| {
+            let signed = req.headers().get(SIGNED_HEADER).cloned().unwrap_or(HeaderValue::from_static("-"));
+            let client = req.headers().get(CLIENT_HEADER).cloned().unwrap_or(HeaderValue::from_static("-"));
+            async move {
+                Ok::<_, Infallible>(Response::builder().header("signed", signed).header("client", client).body(Body::empty()).unwrap())
+            }
+        });
+        let key = pixmesh_chassis::signed_url::SigningKey { id: "k1".into(), secret: "0123456789abcdef0123456789abcdef".into() };
+        let config = GatewayConfig {
+            routes: vec![],
+            signed_urls: pixmesh_chassis::signed_url::SignedUrlConfig { keys: vec![key], ttl_s: 60 },
+            ..GatewayConfig::default()
+        };
+        let keys = ApiKeys::load(&config, &[("alice".into(), "k-alice".into())], None).unwrap();
+        let pinned = Pinned { snapshot: Arc::new(Snapshot::build(&config, keys, None).unwrap_or_else(|e| panic!("{e}"))), route: None };
+        let url = pinned.snapshot.signer.as_ref().unwrap().sign("/api/result/j", pixmesh_chassis::signed_url::now_s());
+        let svc = ApiKeyLayer::layer().layer(inner);
+        let send = |method: &str, uri: &str| {
+            let mut req = Request::builder().method(method).uri(uri).header(SIGNED_HEADER, "true").body(Body::empty()).unwrap();
+            req.extensions_mut().insert(pinned.clone());
+            svc.clone().oneshot(req)
+        };
+        for method in ["GET", "HEAD"] {
+            let res = send(method, &url).await.unwrap();
+            assert_eq!(res.status(), 200, "{method}");
+            assert_eq!((res.headers()["signed"].to_str().unwrap(), res.headers()["client"].to_str().unwrap()), ("true", "-"));
+        }
+        for (method, uri, why) in [
+            ("POST", url.clone(), "POST"),
+            ("DELETE", url.clone(), "DELETE"),
+            ("GET", url.replace("/j?", "/k?"), "another path"),
+            ("GET", "/api/result/j".to_string(), "no signature, only the forged header"),
+        ] {
+            let res = send(method, &uri).await.unwrap();
+            assert_eq!(res.status(), 401, "{why}");
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! Per-key rate limit (GCRA, through governor): a key over its rate gets 429 with
-//! `Retry-After`. Without a key (when keys are optional) the limit applies per client address.
+//! `Retry-After`. Without a key (when keys are optional, or for a signed URL) the limit applies
+//! per client address.
 //! The limiter state lives in the key (see `keys.rs`), so it survives reloads.
 
 use super::{Pinned, ResponseFuture, ready};
