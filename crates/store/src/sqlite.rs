@@ -39,7 +39,20 @@ struct ClaimedRow {
     #[sqlx(flatten)]
     job: JobRow,
     event_seq: i64,
+    /// The HLC time of the event before the one this claim numbers ([`BEFORE`]).
+    before: Option<i64>,
 }
+
+/// The place of a job's next event: its number, and the HLC time of the event before it
+/// (`None` for the first).
+struct Next {
+    seq: i64,
+    before: Option<i64>,
+}
+
+/// In the `RETURNING` of a statement that numbers a job's next event (`event_seq = event_seq +
+/// 1`): the HLC time of the job's last event so far, read in the same statement.
+const BEFORE: &str = "(SELECT e.hlc FROM job_events e WHERE e.job_id = jobs.id AND e.seq = jobs.event_seq - 1)";
 
 #[derive(Debug, Clone)]
 pub struct SqliteJobStore {
@@ -127,39 +140,35 @@ impl SqliteJobStore {
     /// Appends `event` to the job's history, numbered after its last event; the caller's
     /// transaction holds the write lock, so numbers never collide.
     async fn append(conn: &mut SqliteConnection, clock: &Clock, id: &str, attempt: u32, at: i64, event: &Event) -> Result<(), DbError> {
-        let seq: i64 = sqlx::query_scalar("UPDATE jobs SET event_seq = event_seq + 1 WHERE id = ? RETURNING event_seq")
-            .bind(id)
-            .fetch_one(&mut *conn)
-            .await?;
-        Self::insert_event(conn, clock, id, seq, attempt, at, event).await
+        let (seq, before): (i64, Option<i64>) =
+            sqlx::query_as(&format!("UPDATE jobs SET event_seq = event_seq + 1 WHERE id = ? RETURNING event_seq, {BEFORE}"))
+                .bind(id)
+                .fetch_one(&mut *conn)
+                .await?;
+        Self::insert_event(conn, clock, id, Next { seq, before }, attempt, at, event).await
     }
 
     /// Writes `event` as number `seq` of the job's history: a number the caller's write of the
     /// job row just set (`event_seq = event_seq + 1 … RETURNING event_seq`, or 1 when the row is
     /// inserted), so that a transition and the numbering of its event are one statement.
     ///
-    /// Its HLC time comes after the event before it: that one's time is observed first (not
-    /// adopted when it is beyond the clock's maximum offset; see `pixmesh_chassis::clock`).
+    /// Its HLC time comes after `next.before`, the time of the event before it (read by that
+    /// same statement, [`BEFORE`]): that one is observed first (not adopted when it is beyond
+    /// the clock's maximum offset; see `pixmesh_chassis::clock`).
     async fn insert_event(
         conn: &mut SqliteConnection,
         clock: &Clock,
         id: &str,
-        seq: i64,
+        next: Next,
         attempt: u32,
         at: i64,
         event: &Event,
     ) -> Result<(), DbError> {
         let (kind, version, data) = encode(event)?;
-        if seq > 1 {
-            let before: Option<i64> = sqlx::query_scalar("SELECT hlc FROM job_events WHERE job_id = ? AND seq = ?")
-                .bind(id)
-                .bind(seq - 1)
-                .fetch_optional(&mut *conn)
-                .await?;
-            if let Some(before) = before {
-                clock.observe(Hlc::from_sql(before), "job store");
-            }
+        if let Some(before) = next.before {
+            clock.observe(Hlc::from_sql(before), "job store");
         }
+        let seq = next.seq;
         let hlc = clock.now();
         sqlx::query("INSERT INTO job_events (job_id, seq, version, kind, attempt, at, hlc, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(id)
@@ -259,7 +268,7 @@ impl SqliteJobStore {
         .fetch_one(&mut *tx)
         .await?;
         let accepted = Event::Accepted { input: job.input.clone(), input_format: job.input_format.clone(), options: job.options.clone() };
-        Self::insert_event(&mut tx, &self.clock, &job.id, 1, 0, now, &accepted).await?;
+        Self::insert_event(&mut tx, &self.clock, &job.id, Next { seq: 1, before: None }, 0, now, &accepted).await?;
         let created = row.into_job()?;
         tx.commit().await?;
         Ok(Created { job: created, created: true })
@@ -331,7 +340,7 @@ impl SqliteJobStore {
         let next = attempt + 1;
         let row: ClaimedRow = sqlx::query_as(&format!(
             "UPDATE jobs SET state = 'processing', attempt = ?, lease_owner = ?, lease_expires_at = ?, updated_at = ?, event_seq = event_seq + 1
-             WHERE id = ? RETURNING {JOB_COLUMNS}, event_seq"
+             WHERE id = ? RETURNING {JOB_COLUMNS}, event_seq, {BEFORE} AS before"
         ))
         .bind(i64::from(next))
         .bind(owner)
@@ -345,7 +354,7 @@ impl SqliteJobStore {
             conn,
             clock,
             id,
-            row.event_seq,
+            Next { seq: row.event_seq, before: row.before },
             next,
             now,
             &Event::Claimed { owner: owner.to_string(), lease_expires_at: expires },
@@ -453,22 +462,23 @@ impl SqliteJobStore {
         let mut tx = WriteTx::begin(&self.pool, &self.turn, &self.alarm).await?;
         let mut out = Vec::with_capacity(items.len());
         for (id, attempt, result) in items {
-            let seq: Option<i64> = sqlx::query_scalar(
+            let numbered: Option<(i64, Option<i64>)> = sqlx::query_as(&format!(
                 "UPDATE jobs SET state = 'succeeded', result = ?, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?,
                      event_seq = event_seq + 1
-                 WHERE id = ? AND attempt = ? AND state = 'processing' RETURNING event_seq",
-            )
+                 WHERE id = ? AND attempt = ? AND state = 'processing' RETURNING event_seq, {BEFORE}"
+            ))
             .bind(json(result)?)
             .bind(now)
             .bind(id)
             .bind(i64::from(*attempt))
             .fetch_optional(&mut *tx)
             .await?;
-            let Some(seq) = seq else {
+            let Some((seq, before)) = numbered else {
                 out.push(Err(StoreError::Fenced { id: id.clone(), attempt: *attempt }));
                 continue;
             };
-            Self::insert_event(&mut tx, &self.clock, id, seq, *attempt, now, &Event::Succeeded { result: result.clone() }).await?;
+            let succeeded = Event::Succeeded { result: result.clone() };
+            Self::insert_event(&mut tx, &self.clock, id, Next { seq, before }, *attempt, now, &succeeded).await?;
             out.push(Ok(()));
         }
         tx.commit().await?;
