@@ -714,6 +714,23 @@ mod tests {
         assert_eq!(store.events("old").await.unwrap().last().map(|e| (e.seq, e.kind())), Some((4, EventKind::Claimed)));
         store.create(new_job("new")).await.unwrap();
         assert_eq!(store.get("new").await.unwrap().unwrap().owner, "alice");
+        // Events written before they had HLC times read with the time of their `at`, and the
+        // claim after them is stamped after them.
+        let events = store.events("old").await.unwrap();
+        assert_eq!(events.iter().take(3).map(|e| e.at).collect::<Vec<_>>(), vec![0, 2, 3]);
+        assert_eq!(events[1].hlc, crate::Hlc::from_unix_ms(2));
+        assert!(events[3].hlc > events[2].hlc);
+        // A pixmesh from before, still running during an upgrade, writes no HLC time: its
+        // event gets the time of its `at`.
+        sqlx::query(
+            "INSERT INTO job_events (job_id, seq, version, kind, attempt, at, data) VALUES ('other', 2, 1, 'claimed', 1, 1796353500123, ?)",
+        )
+        .bind(r#"{"owner": "old-pixmesh", "lease_expires_at": 9}"#)
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        let late = store.events("other").await.unwrap().pop().unwrap();
+        assert_eq!((late.seq, late.hlc, late.at), (2, crate::Hlc::from_unix_ms(1_796_353_500_123), 1_796_353_500_123));
         drop(store);
         // Opening again applies nothing twice.
         let again = SqliteJobStore::open(&path).await.unwrap();

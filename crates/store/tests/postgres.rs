@@ -215,3 +215,24 @@ async fn a_database_restart_fails_requests_fast_and_the_store_recovers_by_itself
     assert_eq!(job.id, "before");
     drop(cluster);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_written_by_a_pixmesh_from_before_hlc_times_gets_the_servers_clock() {
+    let db = TestDatabase::create("hlc_default").await;
+    let store = PostgresJobStore::connect(&db.url, 4, Duration::from_secs(5)).await.unwrap();
+    store.create(new_job("j")).await.unwrap();
+    // What an older pixmesh, still running during an upgrade, sends: no `hlc` column.
+    let before = pixmesh_store::Hlc(pixmesh_chassis::clock::system_time_clock().0).unix_ms();
+    sqlx::query(
+        "WITH n AS (UPDATE jobs SET event_seq = event_seq + 1 WHERE id = 'j' RETURNING event_seq)
+         INSERT INTO job_events (job_id, seq, version, kind, attempt, at, data)
+         SELECT 'j', event_seq, 1, 'lease_expired', 0, 0, '{\"owner\": null}' FROM n",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let events = store.events("j").await.unwrap();
+    assert_eq!(events.len(), 2);
+    // The server runs on this machine's clock: within a few seconds of ours.
+    assert!((events[1].at - before).abs() < 5_000, "{} vs {before}", events[1].at);
+}
