@@ -158,6 +158,16 @@ impl Signer {
     }
 }
 
+/// Where a job's result is downloaded: its path signed now when there are signing keys, else
+/// the plain path (which needs the API key). What upload and status answer as `result_url`.
+pub fn result_url(signer: Option<&Signer>, job_id: &str) -> String {
+    let path = format!("/api/result/{job_id}");
+    match signer {
+        Some(signer) => signer.sign(&path, now_s()),
+        None => path,
+    }
+}
+
 fn message(path: &str, expires: u64) -> Vec<u8> {
     format!("{path}\n{expires}").into_bytes()
 }
@@ -227,6 +237,8 @@ mod tests {
         let (path, query) = split(&fresh);
         assert_eq!(old.verify(path, query, 10), Some(Err(Refusal::UnknownKey)));
         assert!(Signer::new(&SignedUrlConfig::default()).is_none());
+        assert_eq!(result_url(None, "j"), "/api/result/j");
+        assert!(result_url(Some(&both), "j").starts_with("/api/result/j?expires="));
     }
 
     #[test]

@@ -106,11 +106,7 @@ async fn status(State(app): State<App>, path: Result<Path<String>, PathRejection
     let events = app.stores.jobs.events(&id).await.map_err(store_error)?;
     let mut view = fold(&events).ok_or_else(|| unknown(&id))?;
     if view.result.is_some() {
-        let path = format!("/api/result/{id}");
-        view.result_url = Some(match &app.signer {
-            Some(signer) => signer.sign(&path, pixmesh_chassis::signed_url::now_s()),
-            None => path,
-        });
+        view.result_url = Some(pixmesh_chassis::signed_url::result_url(app.signer.as_deref(), &id));
     }
     let mut response = axum::Json(view).into_response();
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

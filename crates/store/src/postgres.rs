@@ -116,11 +116,6 @@ impl PostgresJobStore {
         self
     }
 
-    /// A new time of this store's clock and its maximum offset, both as SQL binds them.
-    fn stamp(&self) -> (i64, i64) {
-        stamp(&self.clock)
-    }
-
     /// The pool, for tests that look at plans and hold transactions open.
     pub fn pool(&self) -> &PgPool {
         &self.pool
@@ -181,7 +176,7 @@ impl PostgresJobStore {
             Some(Bind::Text(v)) => query.bind(v),
             None => query,
         };
-        let (own, max) = self.stamp();
+        let (own, max) = stamp(&self.clock);
         query = query.bind(own).bind(max);
         let done = query.execute(&self.pool).await?;
         if done.rows_affected() == 0 {
@@ -286,7 +281,7 @@ impl PostgresJobStore {
         let now = now_ms();
         let expires = now + millis(lease);
         let (kind, version, data) = encode(&Event::Claimed { owner: owner.to_string(), lease_expires_at: expires })?;
-        let (own, max) = self.stamp();
+        let (own, max) = stamp(&self.clock);
         let rows: Vec<ClaimRow> = sqlx::query_as(&claim_statement(next))
             .bind(now)
             .bind(owner)
@@ -454,7 +449,7 @@ impl PostgresJobStore {
         }
         // One statement for the batch; each row is fenced on its own (its attempt, still
         // processing), and the ids that changed say which were.
-        let (own, max) = self.stamp();
+        let (own, max) = stamp(&self.clock);
         let changed: Vec<(String, i64)> = sqlx::query_as(&format!(
             "WITH input AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[]) AS t (id, attempt, result, data)),
              changed AS (

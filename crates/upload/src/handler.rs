@@ -219,11 +219,7 @@ async fn upload(
         tracing::info!(job = %id, format = probe.format.as_str(), width = probe.width, height = probe.height, "job accepted");
     }
     let status_url = format!("/api/status/{id}");
-    let result_path = format!("/api/result/{id}");
-    let result_url = match &state.signer {
-        Some(signer) => signer.sign(&result_path, pixmesh_chassis::signed_url::now_s()),
-        None => result_path,
-    };
+    let result_url = pixmesh_chassis::signed_url::result_url(state.signer.as_deref(), &id);
     let body = serde_json::json!({ "id": id, "status_url": status_url, "result_url": result_url });
     let mut response = (StatusCode::ACCEPTED, axum::Json(body)).into_response();
     if let Ok(v) = status_url.parse() {
