@@ -43,6 +43,8 @@ pub enum MultipartError {
     NoImagePart,
     #[error("the multipart body has more than one image part ({first} and {second}); send exactly one image, in a field named `file`")]
     SeveralImageParts { first: String, second: String },
+    #[error("the multipart body has {count} parts named `{name}`; send one")]
+    SeveralFields { name: String, count: usize },
 }
 
 fn malformed(why: &'static str) -> MultipartError {
@@ -545,9 +547,66 @@ pub fn image_part(body: &[u8], boundary: &str) -> Result<Range<usize>, Multipart
     range.ok_or(MultipartError::NoImagePart)
 }
 
+/// Where the field part named `name` (ASCII case-insensitive) is in a whole multipart body:
+/// `None` when there is none, an error when there are several or the body is malformed. Image
+/// parts are never fields, whatever their name (see [the rule](self)).
+pub fn field_part(body: &[u8], boundary: &str, name: &str) -> Result<Option<Range<usize>>, MultipartError> {
+    let mut parser = Parser::new(boundary);
+    let mut found: Vec<Range<usize>> = Vec::new();
+    let mut inside = false;
+    let offset = |at: u64| usize::try_from(at).unwrap_or(usize::MAX);
+    parser.feed(body, &mut |event| match event {
+        Event::Part(part) => {
+            inside = part.kind() == PartKind::Field && part.name.eq_ignore_ascii_case(name);
+            if inside {
+                found.push(usize::MAX..usize::MAX);
+            }
+        }
+        Event::Data { at, bytes } if inside => {
+            if let Some(range) = found.last_mut() {
+                let end = offset(at).saturating_add(bytes.len());
+                if range.start == usize::MAX {
+                    range.start = offset(at);
+                }
+                range.end = end;
+            }
+        }
+        Event::PartEnd { at } if inside => {
+            inside = false;
+            if let Some(range) = found.last_mut() {
+                if range.start == usize::MAX {
+                    range.start = offset(at);
+                }
+                range.end = offset(at);
+            }
+        }
+        Event::Data { .. } | Event::PartEnd { .. } => {}
+    })?;
+    parser.finish()?;
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        count => Err(MultipartError::SeveralFields { name: name.to_string(), count }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_field_part_is_found_by_name_once_and_never_in_an_image_part() {
+        let body = b"--b\r\nContent-Disposition: form-data; name=\"Outputs\"\r\n\r\n[1,2]\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"outputs\"\r\n\r\nIMG\r\n--b--\r\n";
+        let range = field_part(body, "b", "outputs").unwrap().unwrap();
+        assert_eq!(&body[range], b"[1,2]");
+        assert_eq!(field_part(body, "b", "note").unwrap(), None);
+        let empty = b"--b\r\nContent-Disposition: form-data; name=\"outputs\"\r\n\r\n\r\n--b--\r\n";
+        assert_eq!(field_part(empty, "b", "outputs").unwrap().map(|r| r.len()), Some(0));
+        let twice = b"--b\r\nContent-Disposition: form-data; name=\"outputs\"\r\n\r\n[]\r\n--b\r\nContent-Disposition: form-data; name=\"outputs\"\r\n\r\n[]\r\n--b--\r\n";
+        assert!(matches!(field_part(twice, "b", "outputs"), Err(MultipartError::SeveralFields { count: 2, .. })));
+        let cut = b"--b\r\nContent-Disposition: form-data; name=\"outputs\"\r\n\r\n[]";
+        assert!(field_part(cut, "b", "outputs").is_err());
+    }
 
     fn disposition(v: &str) -> Result<(String, Option<String>, PartKind), MultipartError> {
         parse_disposition(v).map(|d| (d.name.clone(), d.filename.clone(), d.kind()))

@@ -161,7 +161,15 @@ impl Signer {
 /// Where a job's result is downloaded: its path signed now when there are signing keys, else
 /// the plain path (which needs the API key). What upload and status answer as `result_url`.
 pub fn result_url(signer: Option<&Signer>, job_id: &str) -> String {
-    let path = format!("/api/result/{job_id}");
+    sign_path(signer, format!("/api/result/{job_id}"))
+}
+
+/// Where output `output` of a job with named outputs is downloaded, as [`result_url`].
+pub fn output_url(signer: Option<&Signer>, job_id: &str, output: &str) -> String {
+    sign_path(signer, format!("/api/result/{job_id}/{output}"))
+}
+
+fn sign_path(signer: Option<&Signer>, path: String) -> String {
     match signer {
         Some(signer) => signer.sign(&path, now_s()),
         None => path,

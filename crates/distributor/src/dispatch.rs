@@ -3,13 +3,16 @@ use crate::budget::{RetryBudget, remaining};
 use crate::lease::{self, Lost};
 use crate::workers::{WorkerEndpoint, WorkerSet};
 use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use pixmesh_chassis::error::Retry;
 use pixmesh_chassis::{ApiError, ErrorCode, Shutdown};
 use pixmesh_proto::v1::ProcessRequest;
 use pixmesh_queue::Queue;
 use pixmesh_queue::wake::{Delivery, Wakeups};
 use pixmesh_store::ClaimById;
-use pixmesh_store::{Job, JobError, JobResult, StoreError, Stores};
+use pixmesh_store::{Job, JobError, JobResult, Options, Output, Step, StoreError, StoreKind, Stores, output_key};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -384,33 +387,204 @@ impl Dispatcher {
     }
 
     async fn try_workers(&self, job: &Job) -> Result<Outcome, StoreError> {
+        if job.is_saga() {
+            return self.run_saga(job).await;
+        }
         let jobs = &self.stores.jobs;
-        // With presigned URLs (S3) the bytes go between the worker and the blob store; else
-        // they travel in the call, read here once for all its tries.
-        let presign = self.stores.blobs.presign();
-        let input = match presign {
-            Some(_) => Bytes::new(),
-            None => match self.stores.blobs.get(&job.input.digest).await? {
-                Some(input) => input,
-                None => {
-                    let error = JobError {
-                        code: ErrorCode::Internal.as_str().into(),
-                        message: "the uploaded image is missing from the blob store".into(),
-                    };
-                    jobs.fail(&job.id, job.attempt, &error).await?;
-                    return Ok(Outcome::Failed);
+        let Some(input) = self.input(job).await? else {
+            jobs.fail(&job.id, job.attempt, &missing_input()).await?;
+            return Ok(Outcome::Failed);
+        };
+        match self.make(job, &job.options, None, &input).await? {
+            Made::Done(result) => {
+                jobs.succeed(&job.id, job.attempt, &result).await?;
+                tracing::info!(job = %job.id, attempt = job.attempt, width = result.width, height = result.height, "job succeeded");
+                Ok(Outcome::Succeeded)
+            }
+            Made::Failed(error) => {
+                jobs.fail(&job.id, job.attempt, &job_error(&error)).await?;
+                tracing::info!(job = %job.id, attempt = job.attempt, code = %error.code, reason = %error.message, "job failed");
+                Ok(Outcome::Failed)
+            }
+            Made::NotNow(error) => {
+                let delay = Duration::from_millis(self.config.retry_delay_ms);
+                jobs.release(&job.id, job.attempt, &job_error(&error), delay).await?;
+                Ok(Outcome::Released)
+            }
+        }
+    }
+
+    /// The input's bytes for the calls of this claim: read here once for all its tries, or
+    /// (with presigned URLs, S3) none, the bytes going between the worker and the blob store.
+    /// `None` when the uploaded image is missing.
+    async fn input(&self, job: &Job) -> Result<Option<Bytes>, StoreError> {
+        if self.stores.blobs.presign().is_some() {
+            return Ok(Some(Bytes::new()));
+        }
+        self.stores.blobs.get(&job.input.digest).await
+    }
+
+    /// Runs a saga: a job with several named outputs, each a step. The steps still missing run
+    /// side by side, each with its own worker tries, and each is recorded as it ends well
+    /// (`output_succeeded`), so a later claim makes only what is still missing. Then:
+    /// - every output made: the pivot, one transaction that marks them all succeeded
+    ///   (after deleting what earlier attempts left unrecorded);
+    /// - an output failed for good: the saga turns back ([`Dispatcher::compensate`]);
+    /// - else (no worker could make one now): back to the queue, what was made kept.
+    ///
+    /// A claim of a saga that was turned back (by a step, or by the store when it used up its
+    /// attempts) only compensates.
+    async fn run_saga(&self, job: &Job) -> Result<Outcome, StoreError> {
+        let jobs = &self.stores.jobs;
+        if let Some(error) = &job.compensate {
+            return self.compensate(job, error).await;
+        }
+        let Some(input) = self.input(job).await? else {
+            let error = missing_input();
+            jobs.compensate(&job.id, job.attempt, None, &error).await?;
+            return self.compensate(job, &error).await;
+        };
+        let mut steps: FuturesUnordered<_> = job
+            .outputs
+            .iter()
+            .filter(|output| !job.steps.contains_key(&output.name))
+            .map(|output| self.step(job, output, &input))
+            .collect();
+        // Every step is waited for, even after one failed for good: a step cut off in the
+        // middle of storing its output could write it after the compensation deleted it.
+        let mut failed: Option<(String, ApiError)> = None;
+        let mut not_now: Option<ApiError> = None;
+        let mut store_error: Option<StoreError> = None;
+        while let Some((name, made)) = steps.next().await {
+            match made {
+                Ok(Made::Done(_)) => {}
+                Ok(Made::Failed(error)) => {
+                    failed.get_or_insert((name, error));
+                }
+                Ok(Made::NotNow(error)) => {
+                    not_now.get_or_insert(error);
+                }
+                Err(e) => {
+                    store_error.get_or_insert(e);
+                }
+            }
+        }
+        drop(steps);
+        if let Some((output, error)) = failed {
+            tracing::info!(job = %job.id, attempt = job.attempt, output, code = %error.code, reason = %error.message, "a saga step failed for good; deleting the outputs made");
+            let error = job_error(&error);
+            jobs.compensate(&job.id, job.attempt, Some(&output), &error).await?;
+            return self.compensate(job, &error).await;
+        }
+        if let Some(e) = store_error {
+            return Err(e);
+        }
+        if let Some(error) = not_now {
+            let delay = Duration::from_millis(self.config.retry_delay_ms);
+            jobs.release(&job.id, job.attempt, &job_error(&error), delay).await?;
+            return Ok(Outcome::Released);
+        }
+        // The pivot, with the steps as recorded (some by earlier claims).
+        let now = jobs.get(&job.id).await?.ok_or_else(|| StoreError::NotFound(job.id.clone()))?;
+        if now.attempt != job.attempt || now.state.is_terminal() {
+            return Err(StoreError::Fenced { id: job.id.clone(), attempt: job.attempt });
+        }
+        if let Some(missing) = job.outputs.iter().find(|o| !now.steps.contains_key(&o.name)) {
+            return Err(StoreError::Invalid(format!("saga {}: output {} has no recorded step after it was made", job.id, missing.name)));
+        }
+        self.delete_unrecorded(job, &now.steps).await?;
+        jobs.succeed_outputs(&job.id, job.attempt, &now.steps).await?;
+        tracing::info!(job = %job.id, attempt = job.attempt, outputs = job.outputs.len(), "saga succeeded: every output made");
+        Ok(Outcome::Succeeded)
+    }
+
+    /// One step of a saga: makes `output` at its key for this attempt and records it. A
+    /// record fenced off (the claim was lost) deletes what this step wrote: nobody else will.
+    async fn step(&self, job: &Job, output: &Output, input: &Bytes) -> (String, Result<Made, StoreError>) {
+        let key = output_key(&job.id, &output.name, job.attempt);
+        let made = match self.make(job, &output.options, Some((&output.name, &key)), input).await {
+            Ok(Made::Done(result)) => match self.stores.jobs.record_output(&job.id, job.attempt, &output.name, &result).await {
+                Ok(()) => Ok(Made::Done(result)),
+                Err(e) => {
+                    if matches!(e, StoreError::Fenced { .. })
+                        && let Err(deleted) = self.stores.blobs.delete(&key).await
+                    {
+                        tracing::warn!(job = %job.id, key, error = %deleted, "the output of a fenced step was not deleted");
+                    }
+                    Err(e)
                 }
             },
+            other => other,
         };
+        (output.name.clone(), made)
+    }
+
+    /// Turns a saga back: deletes every output it wrote (each recorded one with its
+    /// `output_deleted` event; keys of earlier attempts that crashed before recording theirs
+    /// too), then fails the job with `error`, the reason it turned back. Each deletion is
+    /// idempotent: a compensation cut short is done again, whole, by the next claim (the job
+    /// stays turned back). A blob store that fails sends the job back to the queue for that.
+    async fn compensate(&self, job: &Job, error: &JobError) -> Result<Outcome, StoreError> {
+        let jobs = &self.stores.jobs;
+        let now = jobs.get(&job.id).await?.ok_or_else(|| StoreError::NotFound(job.id.clone()))?;
+        let deleted = async {
+            for output in &job.outputs {
+                let recorded = now.steps.get(&output.name);
+                for attempt in 1..=job.attempt {
+                    let key = output_key(&job.id, &output.name, attempt);
+                    self.stores.blobs.delete(&key).await?;
+                    if recorded.is_some_and(|step| step.attempt == attempt) {
+                        jobs.record_deleted(&job.id, job.attempt, &output.name, &key).await?;
+                    }
+                }
+            }
+            Ok::<_, StoreError>(())
+        };
+        match deleted.await {
+            Ok(()) => {}
+            Err(e @ StoreError::Fenced { .. }) => return Err(e),
+            Err(e) if e.failed_store() == Some(StoreKind::Blobs) => {
+                tracing::warn!(job = %job.id, attempt = job.attempt, error = %e, "a compensation could not delete an output; the job goes back to the queue to finish it");
+                let delay = Duration::from_millis(self.config.retry_delay_ms);
+                let why = JobError { code: ErrorCode::Unavailable.as_str().into(), message: format!("compensation interrupted: {e}") };
+                jobs.release(&job.id, job.attempt, &why, delay).await?;
+                return Ok(Outcome::Released);
+            }
+            Err(e) => return Err(e),
+        }
+        jobs.fail(&job.id, job.attempt, error).await?;
+        tracing::info!(job = %job.id, attempt = job.attempt, code = %error.code, reason = %error.message, "saga compensated and failed");
+        Ok(Outcome::Failed)
+    }
+
+    /// Before the pivot: deletes the keys of each output that other attempts may have written
+    /// without recording them (a claim that crashed between the write and the record).
+    async fn delete_unrecorded(&self, job: &Job, steps: &BTreeMap<String, Step>) -> Result<(), StoreError> {
+        for (name, step) in steps {
+            for attempt in (1..=job.attempt).filter(|a| *a != step.attempt) {
+                self.stores.blobs.delete(&output_key(&job.id, name, attempt)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls workers for one output of this claim (`options`), retrying elsewhere within the
+    /// claim's tries and the retry budget, and stores what the worker made: at its content
+    /// address, or (a saga's step: `step` is its output's name and key) at that key.
+    async fn make(&self, job: &Job, options: &Options, step: Option<(&str, &str)>, input: &Bytes) -> Result<Made, StoreError> {
+        let jobs = &self.stores.jobs;
+        let presign = self.stores.blobs.presign();
+        let output = step.map(|(name, _)| name).unwrap_or("");
+        let key = step.map(|(_, key)| key);
         let mut calls = 0u32;
         let mut tried: Vec<String> = Vec::new();
         let mut last_error = ApiError::new(ErrorCode::Unavailable, "no image worker is available");
         // A failure the table allows one more try for (`Retry::Once`: `internal`, e.g. a
         // worker that panicked on this input). Once set, the next try is the last: if it
-        // reaches the image and does not succeed, or cannot be made, the job fails with this
-        // error instead of going back to the queue, so an input that crashes workers costs at
-        // most two calls in a claim. Only a last try that never reached the image (refused,
-        // or `unavailable`) sends the job back to the queue.
+        // reaches the image and does not succeed, or cannot be made, the output fails with
+        // this error instead of going back to the queue, so an input that crashes workers
+        // costs at most two calls in a claim. Only a last try that never reached the image
+        // (refused, or `unavailable`) sends the job back to the queue.
         let mut final_try: Option<ApiError> = None;
         // One deadline for the whole claim: each call gets what the earlier ones left of it.
         let started = tokio::time::Instant::now();
@@ -429,7 +603,7 @@ impl Dispatcher {
                 if tries == 0 {
                     self.budget.deposit();
                 } else if !self.budget.withdraw() {
-                    tracing::info!(job = %job.id, "retry budget spent; the job goes back to the queue");
+                    tracing::info!(job = %job.id, output, "retry budget spent; the job goes back to the queue");
                     break;
                 }
                 tries += 1;
@@ -441,7 +615,10 @@ impl Dispatcher {
             let client = endpoint.client();
             calls += 1;
             // One staging object per call: a late answer of an abandoned call cannot touch it.
-            let call = format!("{}-{}-{calls}", job.id, job.attempt);
+            let call = match step {
+                Some((name, _)) => format!("{}-{}-{name}-{calls}", job.id, job.attempt),
+                None => format!("{}-{}-{calls}", job.id, job.attempt),
+            };
             let payload = match presign {
                 Some(presign) => Payload::urls(presign, job, &call, timeout).await?,
                 None => Payload::Inline(input.clone()),
@@ -449,7 +626,7 @@ impl Dispatcher {
             let answer = tokio::select! {
                 // An answer that came wins over the worker's departure noticed in the same poll.
                 biased;
-                answer = self.call(&client, job, payload, timeout) => answer,
+                answer = self.call(&client, job, options, payload, timeout) => answer,
                 _ = endpoint.gone() => Err(CallFailure::abandoned(&endpoint)),
             };
             // Taken when the worker's part is over: an answer frees its slot before the output is
@@ -460,7 +637,7 @@ impl Dispatcher {
                     if let Some(slot) = slot.take() {
                         slot.finish(false);
                     }
-                    adopt(presign, &call, response).await?
+                    adopt(presign, &call, response, key).await?
                 }
                 (answer, presign) => {
                     if let (Err(_), Some(presign)) = (&answer, presign) {
@@ -477,29 +654,26 @@ impl Dispatcher {
                     if let Some(slot) = slot.take() {
                         slot.finish(false);
                     }
-                    let blob = match staged {
-                        Some(blob) => blob,
-                        None => self.stores.blobs.put(response.image).await?,
+                    let blob = match (staged, key) {
+                        (Some(blob), _) => blob,
+                        (None, Some(key)) => self.stores.blobs.put_at(key, response.image).await?,
+                        (None, None) => self.stores.blobs.put(response.image).await?,
                     };
-                    let result = JobResult {
+                    tracing::debug!(job = %job.id, attempt = job.attempt, output, worker = %endpoint.address, "output made");
+                    return Ok(Made::Done(JobResult {
                         blob,
                         format: response.format,
                         content_type: response.content_type,
                         width: response.width,
                         height: response.height,
-                    };
-                    jobs.succeed(&job.id, job.attempt, &result).await?;
-                    tracing::info!(job = %job.id, attempt = job.attempt, worker = %endpoint.address, width = result.width, height = result.height, "job succeeded");
-                    return Ok(Outcome::Succeeded);
+                    }));
                 }
                 Err(CallFailure { error, cause: Cause::Failed }) if error.code.retry() == Retry::Never => {
                     // The image's fault, not the worker's.
                     if let Some(slot) = slot.take() {
                         slot.finish(false);
                     }
-                    jobs.fail(&job.id, job.attempt, &job_error(&error)).await?;
-                    tracing::info!(job = %job.id, attempt = job.attempt, code = %error.code, reason = %error.message, "job failed");
-                    return Ok(Outcome::Failed);
+                    return Ok(Made::Failed(error));
                 }
                 Err(CallFailure { error, cause }) => {
                     // (No slot left: the worker answered, and what it staged was refused.)
@@ -527,17 +701,16 @@ impl Dispatcher {
                         // the input, so the job goes back to the queue (below) instead of
                         // failing for an outage. Each claim that ends so costs at most one
                         // crashed call.
-                        tracing::warn!(job = %job.id, attempt = job.attempt, worker = %endpoint.address, code = %error.code, reason = %error.message, "the one retry after an internal failure did not reach the image; the job goes back to the queue");
+                        tracing::warn!(job = %job.id, attempt = job.attempt, output, worker = %endpoint.address, code = %error.code, reason = %error.message, "the one retry after an internal failure did not reach the image; the job goes back to the queue");
                         final_try = None;
                         last_error = error;
                         break;
                     }
                     if let Some(first) = final_try.as_ref().filter(|_| cause != Cause::Abandoned) {
-                        tracing::warn!(job = %job.id, attempt = job.attempt, worker = %endpoint.address, code = %error.code, reason = %error.message, first = %first.code, "the one retry after an internal failure failed too; the job fails");
-                        jobs.fail(&job.id, job.attempt, &job_error(first)).await?;
-                        return Ok(Outcome::Failed);
+                        tracing::warn!(job = %job.id, attempt = job.attempt, output, worker = %endpoint.address, code = %error.code, reason = %error.message, first = %first.code, "the one retry after an internal failure failed too; the job fails");
+                        return Ok(Made::Failed(first.clone()));
                     }
-                    tracing::warn!(job = %job.id, attempt = job.attempt, worker = %endpoint.address, code = %error.code, reason = %error.message, "worker call failed; trying another worker");
+                    tracing::warn!(job = %job.id, attempt = job.attempt, output, worker = %endpoint.address, code = %error.code, reason = %error.message, "worker call failed; trying another worker");
                     jobs.record_retry(&job.id, job.attempt, &endpoint.address, &job_error(&error)).await?;
                     tried.push(endpoint.address.clone());
                     if error.code.retry() == Retry::Once {
@@ -548,26 +721,24 @@ impl Dispatcher {
             }
         }
         if let Some(error) = final_try {
-            tracing::warn!(job = %job.id, attempt = job.attempt, code = %error.code, reason = %error.message, "no retry could be made after an internal failure; the job fails");
-            jobs.fail(&job.id, job.attempt, &job_error(&error)).await?;
-            return Ok(Outcome::Failed);
+            tracing::warn!(job = %job.id, attempt = job.attempt, output, code = %error.code, reason = %error.message, "no retry could be made after an internal failure; the job fails");
+            return Ok(Made::Failed(error));
         }
-        let delay = Duration::from_millis(self.config.retry_delay_ms);
-        jobs.release(&job.id, job.attempt, &job_error(&last_error), delay).await?;
-        Ok(Outcome::Released)
+        Ok(Made::NotNow(last_error))
     }
 
     async fn call(
         &self,
         client: &pixmesh_proto::v1::image_worker_client::ImageWorkerClient<tonic::transport::Channel>,
         job: &Job,
+        options: &Options,
         payload: Payload,
         deadline: Duration,
     ) -> Result<pixmesh_proto::v1::ProcessResponse, CallFailure> {
         let mut request = ProcessRequest {
             job_id: job.id.clone(),
             attempt: job.attempt,
-            ops: Some(pixmesh_worker::wire::to_wire(&job.options)),
+            ops: Some(pixmesh_worker::wire::to_wire(options)),
             ..Default::default()
         };
         match payload {
@@ -624,20 +795,25 @@ impl Payload {
 /// Added to a call's deadline for the life of its presigned URLs.
 const URL_MARGIN: Duration = Duration::from_secs(5);
 
-/// Puts the output a worker staged at its content address. A worker that names no valid digest,
-/// or staged something else than it said, has failed this call (`internal`: one more try
-/// elsewhere); a blob store that fails is the store's error.
+/// Puts the output a worker staged at its content address (or, for a saga's step, at the key
+/// `key`). A worker that names no valid digest, or staged something else than it said, has
+/// failed this call (`internal`: one more try elsewhere); a blob store that fails is the
+/// store's error.
 async fn adopt(
     presign: &dyn pixmesh_store::Presign,
     call: &str,
     response: pixmesh_proto::v1::ProcessResponse,
+    key: Option<&str>,
 ) -> Result<Result<(pixmesh_proto::v1::ProcessResponse, Option<pixmesh_store::BlobRef>), CallFailure>, StoreError> {
     let bad = |message: String| Ok(Err(CallFailure { error: ApiError::new(ErrorCode::Internal, message), cause: Cause::Failed }));
     if !pixmesh_store::BlobRef::is_digest(&response.digest) {
         let _ = presign.discard(call).await;
         return bad(format!("the worker named no valid digest for its output ({:?})", response.digest));
     }
-    let blob = pixmesh_store::BlobRef { digest: response.digest.clone(), size: response.size };
+    let blob = pixmesh_store::BlobRef {
+        key: key.map(str::to_string),
+        ..pixmesh_store::BlobRef::at_digest(response.digest.clone(), response.size)
+    };
     match presign.adopt(call, &blob).await {
         Ok(()) => Ok(Ok((response, Some(blob)))),
         Err(StoreError::Invalid(message)) => bad(message),
@@ -689,6 +865,21 @@ fn connection_refused(status: &tonic::Status) -> bool {
         source = e.source();
     }
     false
+}
+
+/// What the worker calls for one output of a claim came to.
+enum Made {
+    /// The output, stored.
+    Done(JobResult),
+    /// Failed for good: the image's fault, or the one retry after `internal` failed too.
+    Failed(ApiError),
+    /// No worker could make it in this claim: the job goes back to the queue.
+    NotNow(ApiError),
+}
+
+/// The error of a job whose uploaded image is gone from the blob store.
+fn missing_input() -> JobError {
+    JobError { code: ErrorCode::Internal.as_str().into(), message: "the uploaded image is missing from the blob store".into() }
 }
 
 enum Outcome {

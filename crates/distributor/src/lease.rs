@@ -116,9 +116,10 @@ mod tests {
         let job = NewJob {
             owner: String::new(),
             id: "j".into(),
-            input: BlobRef { digest: "a".repeat(64), size: 1 },
+            input: BlobRef::at_digest("a".repeat(64), 1),
             input_format: "png".into(),
             options: Default::default(),
+            outputs: Vec::new(),
             idempotency_key: None,
             request_hash: "h".into(),
         };

@@ -9,7 +9,7 @@ use pixmesh_distributor::{Dispatcher, DistributorConfig, WorkerSet};
 use pixmesh_imaging::{Options, OutputFormat};
 use pixmesh_proto::v1::image_worker_server::{ImageWorker, ImageWorkerServer};
 use pixmesh_proto::v1::{ProcessRequest, ProcessResponse};
-use pixmesh_store::{EventKind, JobState, NewJob, StoreConfig, Stores};
+use pixmesh_store::{EventKind, JobState, NewJob, Output, StoreConfig, Stores};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -45,6 +45,7 @@ async fn submit(stores: &Stores, id: &str, image: Vec<u8>) {
         input,
         input_format: "jpeg".into(),
         options,
+        outputs: Vec::new(),
         idempotency_key: None,
         request_hash: id.into(),
     };
@@ -534,4 +535,148 @@ async fn calls_to_a_worker_that_left_the_set_are_sent_elsewhere_at_once_unless_i
     shutdown.trigger();
     live_stop.trigger();
     draining_stop.trigger();
+}
+
+/// A job with named outputs, made from `input`.
+async fn submit_saga(stores: &Stores, id: &str, input: Vec<u8>, outputs: &[(&str, Options)]) {
+    let input = stores.blobs.put(Bytes::from(input)).await.unwrap();
+    let outputs = outputs.iter().map(|(name, options)| Output { name: name.to_string(), options: options.clone() }).collect();
+    let job = NewJob {
+        id: id.into(),
+        owner: String::new(),
+        input,
+        input_format: "jpeg".into(),
+        options: Options::default(),
+        outputs,
+        idempotency_key: None,
+        request_hash: id.into(),
+    };
+    stores.jobs.create(job).await.unwrap();
+}
+
+/// Every file in a blob directory (its temporary folder aside).
+fn blob_files(root: &std::path::Path) -> Vec<String> {
+    fn walk(dir: &std::path::Path, root: &std::path::Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                if path != root.join("tmp") {
+                    walk(&path, root, out);
+                }
+            } else {
+                out.push(path.strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out.sort();
+    out
+}
+
+fn width(w: u32, format: OutputFormat) -> Options {
+    Options { width: Some(w), format, ..Options::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_makes_every_output_at_its_own_key_and_succeeds_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (worker, worker_stop) = worker().await;
+    let (stores, _workers, shutdown) = dispatcher(dir.path(), &worker, DistributorConfig::default()).await;
+    let outputs =
+        [("thumb", width(16, OutputFormat::Png)), ("medium", width(48, OutputFormat::Jpeg)), ("small-webp", width(24, OutputFormat::Webp))];
+    submit_saga(&stores, "saga", pixmesh_test_support::jpeg(200, 100), &outputs).await;
+    wait_all_terminal(&stores, &["saga".to_string()]).await;
+    let job = stores.jobs.get("saga").await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    assert_eq!(job.result, None, "a saga's results are its outputs");
+    for (name, options) in &outputs {
+        let step = &job.steps[*name];
+        assert_eq!(step.result.blob.key.as_deref(), Some(pixmesh_store::output_key("saga", name, 1).as_str()));
+        assert_eq!((step.result.width, step.result.format.as_str()), (options.width.unwrap(), options.format.as_str()));
+        let bytes = stores.blobs.get(step.result.blob.name()).await.unwrap().unwrap();
+        assert_eq!(bytes.len() as u64, step.result.blob.size);
+    }
+    use EventKind::*;
+    let kinds: Vec<_> = stores.jobs.events("saga").await.unwrap().iter().map(|e| e.kind()).collect();
+    assert_eq!(kinds, vec![Accepted, Claimed, OutputSucceeded, OutputSucceeded, OutputSucceeded, Succeeded]);
+    // The input, and one file per output: nothing else.
+    assert_eq!(blob_files(&dir.path().join("blobs")).len(), 4, "{:?}", blob_files(&dir.path().join("blobs")));
+    shutdown.trigger();
+    worker_stop.trigger();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_whose_step_fails_for_good_deletes_what_it_made_and_fails_with_that_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (worker, worker_stop) = worker().await;
+    let (stores, _workers, shutdown) = dispatcher(dir.path(), &worker, DistributorConfig::default()).await;
+    let blobs = dir.path().join("blobs");
+    let before = blob_files(&blobs);
+    // `bad` asks for what no worker makes (the upload service would refuse it; a store
+    // written by another version might not).
+    let bad = Options { rotate: 45, ..Options::default() };
+    let outputs = [("a", width(16, OutputFormat::Png)), ("bad", bad), ("c", width(24, OutputFormat::Jpeg))];
+    submit_saga(&stores, "doomed", pixmesh_test_support::jpeg(200, 100), &outputs).await;
+    wait_all_terminal(&stores, &["doomed".to_string()]).await;
+    let job = stores.jobs.get("doomed").await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    let error = job.error.unwrap();
+    assert_eq!(error.code, "bad_request");
+    assert!(error.message.contains("rotate"), "{}", error.message);
+    assert!(job.steps.is_empty(), "every output made was deleted: {:?}", job.steps);
+    let events = stores.jobs.events("doomed").await.unwrap();
+    let deleted: Vec<String> =
+        events.iter().filter(|e| e.kind() == EventKind::OutputDeleted).map(|e| e.data()["output"].as_str().unwrap().to_string()).collect();
+    assert_eq!(deleted.len(), 2, "a and c were made, then deleted: {deleted:?}");
+    let turned = events.iter().find(|e| e.kind() == EventKind::Compensating).expect("a compensating event");
+    assert_eq!(turned.data()["output"], "bad");
+    assert_eq!(events.last().unwrap().kind(), EventKind::Failed);
+    // Only the input is left (plus what was there before).
+    assert_eq!(blob_files(&blobs).len(), before.len() + 1, "{:?}", blob_files(&blobs));
+    shutdown.trigger();
+    worker_stop.trigger();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_resumed_after_a_crash_makes_only_what_is_missing_and_leaves_no_orphan() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores = Stores::open(&StoreConfig::default().with_data_dir(dir.path())).await.unwrap();
+    let outputs = [("a", width(16, OutputFormat::Png)), ("b", width(20, OutputFormat::Png)), ("c", width(24, OutputFormat::Png))];
+    submit_saga(&stores, "crashed", pixmesh_test_support::jpeg(120, 80), &outputs).await;
+    // A first claim that died: it recorded `c`, wrote `a` without recording it, never got to `b`.
+    let first = stores.jobs.claim("dead-distributor", Duration::from_millis(100), 5).await.unwrap().unwrap();
+    let c =
+        stores.blobs.put_at(&pixmesh_store::output_key("crashed", "c", 1), Bytes::from(pixmesh_test_support::png(24, 16))).await.unwrap();
+    let result = pixmesh_store::JobResult { blob: c, format: "png".into(), content_type: "image/png".into(), width: 24, height: 16 };
+    stores.jobs.record_output("crashed", first.attempt, "c", &result).await.unwrap();
+    stores.blobs.put_at(&pixmesh_store::output_key("crashed", "a", 1), Bytes::from_static(b"half a job")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+
+    let (worker, worker_stop) = worker().await;
+    let (stores, workers, shutdown) = dispatcher(dir.path(), &worker, DistributorConfig::default()).await;
+    wait_all_terminal(&stores, &["crashed".to_string()]).await;
+    let job = stores.jobs.get("crashed").await.unwrap().unwrap();
+    assert_eq!((job.state, job.attempt), (JobState::Succeeded, 2), "{:?}", job.error);
+    let attempts: Vec<(&str, u32)> = job.steps.iter().map(|(name, step)| (name.as_str(), step.attempt)).collect();
+    assert_eq!(attempts, vec![("a", 2), ("b", 2), ("c", 1)], "c was kept, a and b made by the second claim");
+    assert_eq!(workers.endpoint(&worker).unwrap().in_flight(), 0);
+    let made: Vec<String> = stores
+        .jobs
+        .events("crashed")
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind() == EventKind::OutputSucceeded)
+        .map(|e| format!("{}@{}", e.data()["output"].as_str().unwrap(), e.attempt))
+        .collect();
+    assert_eq!(made.len(), 3, "{made:?}");
+    assert_eq!(made[0], "c@1", "{made:?}");
+    assert!(made.contains(&"a@2".to_string()) && made.contains(&"b@2".to_string()), "{made:?}");
+    // The input and three outputs; the unrecorded `a` of the first claim is gone.
+    let files = blob_files(&dir.path().join("blobs"));
+    assert_eq!(files.len(), 4, "{files:?}");
+    assert_eq!(stores.blobs.get(&pixmesh_store::output_key("crashed", "a", 1)).await.unwrap(), None);
+    shutdown.trigger();
+    worker_stop.trigger();
 }

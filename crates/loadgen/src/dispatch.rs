@@ -42,6 +42,7 @@ fn job(id: String, input: &BlobRef) -> NewJob {
         input: input.clone(),
         input_format: "png".into(),
         options: Options { width: Some(8), ..Options::default() },
+        outputs: Vec::new(),
         idempotency_key: None,
         request_hash: "bench".into(),
     }

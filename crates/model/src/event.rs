@@ -12,9 +12,10 @@
 
 use crate::blob::BlobRef;
 use crate::hlc::Hlc;
-use crate::job::{JobError, JobResult, JobState};
+use crate::job::{JobError, JobResult, JobState, Output};
 use crate::options::Options;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// The version of the event encoding this build writes. Version 1 is the shape the event log
 /// has had since its first release (fields flat in `data`), so every stored history reads.
@@ -25,7 +26,14 @@ pub const EVENT_VERSION: u16 = 1;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
     /// The upload service recorded the job.
-    Accepted { input: BlobRef, input_format: String, options: Options },
+    Accepted {
+        input: BlobRef,
+        input_format: String,
+        options: Options,
+        /// The named outputs of a saga (absent for one unnamed output).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        outputs: Vec<Output>,
+    },
     /// A distributor claimed the job under a lease; the event's `attempt` is the new fencing
     /// token.
     Claimed { owner: String, lease_expires_at: i64 },
@@ -43,14 +51,34 @@ pub enum Event {
         error: JobError,
         not_before: i64,
     },
+    /// The job's end: its one result, or (a saga's pivot) every named output at once.
     Succeeded {
         #[serde(flatten)]
-        result: JobResult,
+        result: Option<JobResult>,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        outputs: BTreeMap<String, JobResult>,
     },
     Failed {
         #[serde(flatten)]
         error: JobError,
     },
+    /// One step of a saga wrote its output (at the key in `blob`); it is kept across claims
+    /// until the pivot or a compensation.
+    OutputSucceeded {
+        output: String,
+        #[serde(flatten)]
+        result: JobResult,
+    },
+    /// The saga turned back: `output` failed for good (or, without `output`, the job used up
+    /// its attempts). The outputs written are deleted, then the job fails with this error.
+    Compensating {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<String>,
+        #[serde(flatten)]
+        error: JobError,
+    },
+    /// A compensation deleted an output that a step had written.
+    OutputDeleted { output: String, key: String },
 }
 
 /// The name of an event, without its data.
@@ -64,10 +92,13 @@ pub enum EventKind {
     Released,
     Succeeded,
     Failed,
+    OutputSucceeded,
+    Compensating,
+    OutputDeleted,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 7] = [
+    pub const ALL: [EventKind; 10] = [
         EventKind::Accepted,
         EventKind::Claimed,
         EventKind::LeaseExpired,
@@ -75,6 +106,9 @@ impl EventKind {
         EventKind::Released,
         EventKind::Succeeded,
         EventKind::Failed,
+        EventKind::OutputSucceeded,
+        EventKind::Compensating,
+        EventKind::OutputDeleted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -86,6 +120,9 @@ impl EventKind {
             EventKind::Released => "released",
             EventKind::Succeeded => "succeeded",
             EventKind::Failed => "failed",
+            EventKind::OutputSucceeded => "output_succeeded",
+            EventKind::Compensating => "compensating",
+            EventKind::OutputDeleted => "output_deleted",
         }
     }
 
@@ -104,6 +141,9 @@ impl Event {
             Event::Released { .. } => EventKind::Released,
             Event::Succeeded { .. } => EventKind::Succeeded,
             Event::Failed { .. } => EventKind::Failed,
+            Event::OutputSucceeded { .. } => EventKind::OutputSucceeded,
+            Event::Compensating { .. } => EventKind::Compensating,
+            Event::OutputDeleted { .. } => EventKind::OutputDeleted,
         }
     }
 
@@ -179,6 +219,14 @@ pub struct JobView {
     pub result: Option<JobResult>,
     /// Set once the job failed.
     pub error: Option<JobError>,
+    /// The names of the outputs a saga asked for (empty for one unnamed output).
+    pub requested: Vec<String>,
+    /// A saga's outputs written and not deleted: its results once it has succeeded.
+    pub outputs: BTreeMap<String, JobResult>,
+    /// Why a saga is turning back (deleting what it wrote before it fails).
+    pub compensating: Option<JobError>,
+    /// The output whose failure turned the saga back (none when it used up its attempts).
+    pub failed_output: Option<String>,
     /// The last `seq` folded in.
     pub seq: u32,
 }
@@ -195,6 +243,10 @@ pub fn fold(events: &[JobEvent]) -> Option<JobView> {
         updated_at: first.at,
         result: None,
         error: None,
+        requested: Vec::new(),
+        outputs: BTreeMap::new(),
+        compensating: None,
+        failed_output: None,
         seq: 0,
     };
     for event in events {
@@ -209,12 +261,32 @@ pub fn apply(view: &mut JobView, event: &JobEvent) {
     view.attempts = view.attempts.max(event.attempt);
     view.seq = event.seq;
     match &event.event {
-        Event::Accepted { .. } | Event::LeaseExpired { .. } | Event::Released { .. } => view.state = JobState::Queued,
+        Event::Accepted { outputs, .. } => {
+            view.state = JobState::Queued;
+            view.requested = outputs.iter().map(|o| o.name.clone()).collect();
+        }
+        Event::LeaseExpired { .. } | Event::Released { .. } => view.state = JobState::Queued,
         Event::Claimed { .. } | Event::Retried { .. } => view.state = JobState::Processing,
-        Event::Succeeded { result } => {
+        Event::OutputSucceeded { output, result } => {
+            view.outputs.insert(output.clone(), result.clone());
+        }
+        Event::Compensating { error, output } => {
+            // The first reason is the one the saga fails with (the store keeps the first too).
+            if view.compensating.is_none() {
+                view.compensating = Some(error.clone());
+                view.failed_output = output.clone();
+            }
+        }
+        Event::OutputDeleted { output, .. } => {
+            view.outputs.remove(output);
+        }
+        Event::Succeeded { result, outputs } => {
             view.state = JobState::Succeeded;
             view.error = None;
-            view.result = Some(result.clone());
+            view.result = result.clone();
+            if !outputs.is_empty() {
+                view.outputs = outputs.clone();
+            }
         }
         Event::Failed { error } => {
             view.state = JobState::Failed;
@@ -234,7 +306,7 @@ mod tests {
 
     fn result() -> JobResult {
         JobResult {
-            blob: BlobRef { digest: "b".repeat(64), size: 1234 },
+            blob: BlobRef::at_digest("b".repeat(64), 1234),
             format: "webp".into(),
             content_type: "image/webp".into(),
             width: 800,
@@ -245,18 +317,39 @@ mod tests {
     fn every_event() -> Vec<Event> {
         vec![
             Event::Accepted {
-                input: BlobRef { digest: "a".repeat(64), size: 10 },
+                input: BlobRef::at_digest("a".repeat(64), 10),
                 input_format: "jpeg".into(),
                 options: Options { width: Some(100), ..Options::default() },
+                outputs: vec![],
+            },
+            Event::Accepted {
+                input: BlobRef::at_digest("a".repeat(64), 10),
+                input_format: "jpeg".into(),
+                options: Options::default(),
+                outputs: vec![Output { name: "thumb".into(), options: Options { width: Some(100), ..Options::default() } }],
             },
             Event::Claimed { owner: "d1".into(), lease_expires_at: 5 },
             Event::LeaseExpired { owner: Some("d1".into()) },
             Event::LeaseExpired { owner: None },
             Event::Retried { worker: "w1".into(), error: error("unavailable") },
             Event::Released { error: error("unavailable"), not_before: 9 },
-            Event::Succeeded { result: result() },
+            Event::Succeeded { result: Some(result()), outputs: BTreeMap::new() },
+            Event::Succeeded {
+                result: None,
+                outputs: BTreeMap::from([("thumb".into(), keyed("thumb")), ("large".into(), keyed("large"))]),
+            },
             Event::Failed { error: error("corrupt_image") },
+            Event::OutputSucceeded { output: "thumb".into(), result: keyed("thumb") },
+            Event::Compensating { output: Some("large".into()), error: error("bad_request") },
+            Event::Compensating { output: None, error: error("unavailable") },
+            Event::OutputDeleted { output: "thumb".into(), key: "j/thumb/1".into() },
         ]
+    }
+
+    fn keyed(output: &str) -> JobResult {
+        let mut r = result();
+        r.blob.key = Some(crate::blob::output_key("j", output, 1));
+        r
     }
 
     #[test]
@@ -307,6 +400,58 @@ mod tests {
     }
 
     #[test]
+    fn a_single_result_and_a_saga_pivot_read_back_as_what_they_are() {
+        // The stored form of a single result is unchanged: its fields, flat.
+        let (_, data) = Event::Succeeded { result: Some(result()), outputs: BTreeMap::new() }.encode().unwrap();
+        assert!(!data.contains("outputs"), "{data}");
+        assert_eq!(Event::decode("succeeded", 1, &data).unwrap(), Event::Succeeded { result: Some(result()), outputs: BTreeMap::new() });
+        let pivot = Event::Succeeded { result: None, outputs: BTreeMap::from([("thumb".into(), keyed("thumb"))]) };
+        let (_, data) = pivot.encode().unwrap();
+        assert!(!data.contains("\"format\":\"webp\",\"outputs"), "no flat result: {data}");
+        assert_eq!(Event::decode("succeeded", 1, &data).unwrap(), pivot);
+    }
+
+    #[test]
+    fn folds_a_saga_that_writes_outputs_and_one_that_compensates() {
+        let accepted = at(
+            1,
+            0,
+            Event::Accepted {
+                input: BlobRef::at_digest("a".repeat(64), 10),
+                input_format: "jpeg".into(),
+                options: Options::default(),
+                outputs: ["thumb", "large"].map(|n| Output { name: n.into(), options: Options::default() }).to_vec(),
+            },
+        );
+        let claimed = at(2, 1, Event::Claimed { owner: "d".into(), lease_expires_at: 0 });
+        let thumb = at(3, 1, Event::OutputSucceeded { output: "thumb".into(), result: keyed("thumb") });
+        let v = fold(&[accepted.clone(), claimed.clone(), thumb.clone()]).unwrap();
+        assert_eq!(v.requested, vec!["thumb".to_string(), "large".to_string()]);
+        assert_eq!((v.state, v.outputs.len(), v.result.clone()), (JobState::Processing, 1, None));
+        let both = BTreeMap::from([("thumb".into(), keyed("thumb")), ("large".into(), keyed("large"))]);
+        let done = fold(&[
+            accepted.clone(),
+            claimed.clone(),
+            thumb.clone(),
+            at(4, 1, Event::OutputSucceeded { output: "large".into(), result: keyed("large") }),
+            at(5, 1, Event::Succeeded { result: None, outputs: both.clone() }),
+        ])
+        .unwrap();
+        assert_eq!((done.state, done.outputs), (JobState::Succeeded, both));
+        let undone = fold(&[
+            accepted,
+            claimed,
+            thumb,
+            at(4, 1, Event::Compensating { output: Some("large".into()), error: error("bad_request") }),
+            at(5, 1, Event::OutputDeleted { output: "thumb".into(), key: "j/thumb/1".into() }),
+            at(6, 1, Event::Failed { error: error("bad_request") }),
+        ])
+        .unwrap();
+        assert_eq!((undone.state, undone.outputs.len()), (JobState::Failed, 0));
+        assert_eq!(undone.compensating, Some(error("bad_request")));
+    }
+
+    #[test]
     fn folds_histories() {
         assert_eq!(fold(&[]), None);
         let accepted = at(1, 0, every_event().remove(0));
@@ -319,7 +464,7 @@ mod tests {
             at(3, 1, Event::Retried { worker: "w".into(), error: error("unavailable") }),
             at(4, 1, Event::Released { error: error("unavailable"), not_before: 0 }),
             at(5, 2, Event::Claimed { owner: "d".into(), lease_expires_at: 0 }),
-            at(6, 2, Event::Succeeded { result: result() }),
+            at(6, 2, Event::Succeeded { result: Some(result()), outputs: BTreeMap::new() }),
         ];
         let v = fold(&history).unwrap();
         assert_eq!((v.state, v.attempts, v.updated_at, v.seq), (JobState::Succeeded, 2, 6000, 6));

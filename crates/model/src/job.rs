@@ -3,6 +3,7 @@
 use crate::blob::BlobRef;
 use crate::options::Options;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -49,6 +50,9 @@ pub struct NewJob {
     /// Format sniffed from the bytes (`jpeg`, `png`, …).
     pub input_format: String,
     pub options: Options,
+    /// Named outputs, each a step of the job's saga; empty for a job with one unnamed output
+    /// (made from `options`).
+    pub outputs: Vec<Output>,
     /// Client-chosen key; a second create with the same key returns the first job.
     pub idempotency_key: Option<String>,
     /// Fingerprint of the request, to tell a retry from a different request under the same key.
@@ -83,6 +87,14 @@ pub struct Job {
     pub input: BlobRef,
     pub input_format: String,
     pub options: Options,
+    /// The named outputs asked for (empty: one unnamed output, from `options`).
+    pub outputs: Vec<Output>,
+    /// The outputs written so far (a saga's steps that succeeded), by name; they are the
+    /// job's results once it has succeeded.
+    pub steps: BTreeMap<String, Step>,
+    /// Set when the saga turned back: its written outputs are being deleted, after which the
+    /// job fails with this error.
+    pub compensate: Option<JobError>,
     pub lease_owner: Option<String>,
     pub lease_expires_at: Option<i64>,
     pub result: Option<JobResult>,
@@ -97,4 +109,36 @@ pub struct Job {
 pub struct Created {
     pub job: Job,
     pub created: bool,
+}
+
+/// The most outputs one job may ask for unless configured otherwise.
+pub const DEFAULT_MAX_OUTPUTS: usize = 16;
+
+/// One named output of a job that asks for several.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Output {
+    /// `[a-z0-9_-]{1,32}` (see [`Output::valid_name`]).
+    pub name: String,
+    pub options: Options,
+}
+
+impl Output {
+    /// Whether `name` may name an output: 1 to 32 of `a-z`, `0-9`, `_` and `-`.
+    pub fn valid_name(name: &str) -> bool {
+        (1..=32).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    }
+}
+
+/// A step of a saga that succeeded: the attempt (claim) that wrote it, and its result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    pub attempt: u32,
+    pub result: JobResult,
+}
+
+impl Job {
+    /// Whether the job is a saga (several named outputs) rather than one unnamed output.
+    pub fn is_saga(&self) -> bool {
+        !self.outputs.is_empty()
+    }
 }

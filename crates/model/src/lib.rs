@@ -13,9 +13,9 @@ pub mod job;
 pub mod options;
 pub mod store;
 
-pub use blob::BlobRef;
+pub use blob::{BlobRef, is_output_key, output_key};
 pub use event::{EVENT_VERSION, Event, EventKind, JobEvent, JobView, fold};
 pub use hlc::Hlc;
-pub use job::{Created, Job, JobError, JobResult, JobState, NewJob};
+pub use job::{Created, DEFAULT_MAX_OUTPUTS, Job, JobError, JobResult, JobState, NewJob, Output, Step};
 pub use options::Options;
 pub use store::{BlobStore, BlobStream, ClaimById, JobStore, Notify, Outbox, OutboxEvent, Presign, StoreError, StoreKind};

@@ -2,9 +2,10 @@
 
 use crate::blob::BlobRef;
 use crate::event::JobEvent;
-use crate::job::{Created, Job, JobError, JobResult, JobState, NewJob};
+use crate::job::{Created, Job, JobError, JobResult, JobState, NewJob, Step};
 use async_trait::async_trait;
 use bytes::Bytes;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Which store an error comes from: clients and operators are told which one to look at.
@@ -119,8 +120,9 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// Claims up to `limit` of the oldest claimable jobs (queued and due, or processing with an
     /// expired lease) for `owner` under a lease of `lease`, oldest first, in one transaction. A
-    /// job that already had `max_attempts` claims is failed instead of claimed. Fewer (or none)
-    /// when fewer are claimable.
+    /// job that already had `max_attempts` claims is failed instead of claimed; a saga is
+    /// turned back ([`JobStore::compensate`]) and claimed once more to delete what it wrote,
+    /// however many claims it had. Fewer (or none) when fewer are claimable.
     async fn claim_many(&self, owner: &str, lease: Duration, max_attempts: u32, limit: u32) -> Result<Vec<Job>, StoreError>;
 
     /// Claims the named jobs that are queued and due (a wake-up from the broker names them),
@@ -159,6 +161,24 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// Commits a permanent failure.
     async fn fail(&self, id: &str, attempt: u32, error: &JobError) -> Result<(), StoreError>;
+
+    /// A saga's step wrote `output` (at the key its result's blob names): the job keeps it
+    /// across claims, so a later claim does not make it again, until the pivot or a
+    /// compensation.
+    async fn record_output(&self, id: &str, attempt: u32, output: &str, result: &JobResult) -> Result<(), StoreError>;
+
+    /// Turns a saga back because `output` failed for good (`None`: the job used up its
+    /// attempts): from now on every claim of the job deletes the outputs written
+    /// ([`JobStore::record_deleted`] for each), then fails it with `error`. The first reason
+    /// given is kept.
+    async fn compensate(&self, id: &str, attempt: u32, output: Option<&str>, error: &JobError) -> Result<(), StoreError>;
+
+    /// A compensation deleted the blob of `output` (at `key`): it is no longer the job's.
+    async fn record_deleted(&self, id: &str, attempt: u32, output: &str, key: &str) -> Result<(), StoreError>;
+
+    /// The pivot of a saga: every output succeeded, and the job with them, in one transaction.
+    /// `outputs` are the job's steps as the caller read and recorded them.
+    async fn succeed_outputs(&self, id: &str, attempt: u32, outputs: &BTreeMap<String, Step>) -> Result<(), StoreError>;
 
     /// Number of jobs per state (for metrics and tests).
     async fn counts(&self) -> Result<Vec<(JobState, u64)>, StoreError>;
@@ -242,17 +262,22 @@ pub trait Notify: Send + Sync + 'static {
 pub trait BlobStore: Send + Sync + 'static {
     /// Stores `bytes` durably and returns their address. Storing the same bytes twice is a no-op.
     async fn put(&self, bytes: Bytes) -> Result<BlobRef, StoreError>;
-    /// The bytes of a blob, or `None` if there is no such blob.
-    async fn get(&self, digest: &str) -> Result<Option<Bytes>, StoreError>;
-    /// Deletes a blob; deleting a missing blob is not an error.
-    async fn delete(&self, digest: &str) -> Result<(), StoreError>;
+    /// Stores `bytes` durably at `key`, an [`crate::output_key`] (a saga step's output, not
+    /// content-addressed), replacing what an earlier write of the same key left, whole or not
+    /// at all. Its [`BlobRef`] names the key.
+    async fn put_at(&self, key: &str, bytes: Bytes) -> Result<BlobRef, StoreError>;
+    /// The bytes of a blob (by [`BlobRef::name`]: a digest or an output key), or `None` if
+    /// there is no such blob.
+    async fn get(&self, name: &str) -> Result<Option<Bytes>, StoreError>;
+    /// Deletes a blob (by name); deleting a missing blob is not an error.
+    async fn delete(&self, name: &str) -> Result<(), StoreError>;
     /// The health probe: proves that blobs can be written (`write`), or read.
     async fn probe(&self, write: bool) -> Result<(), StoreError>;
     /// A blob as a stream of chunks, for bodies that should not be held whole in memory (a
     /// download): its size, then its bytes. `None` if there is no such blob.
-    async fn stream(&self, digest: &str) -> Result<Option<BlobStream>, StoreError> {
+    async fn stream(&self, name: &str) -> Result<Option<BlobStream>, StoreError> {
         Ok(self
-            .get(digest)
+            .get(name)
             .await?
             .map(|bytes| BlobStream { size: bytes.len() as u64, chunks: Box::pin(futures_util::stream::once(async move { Ok(bytes) })) }))
     }
@@ -279,8 +304,10 @@ pub trait Presign: Send + Sync + 'static {
     /// A URL that PUTs the staging object of `call` (a name unique to one worker call) for `ttl`.
     async fn staging_url(&self, call: &str, ttl: Duration) -> Result<String, StoreError>;
     /// Checks that the staged object of `call` has `blob.size` bytes, puts it at the address of
-    /// `blob` unless a blob is there already (which then has these bytes), and deletes the
-    /// staging object. A staged object that is missing or of another size is [`StoreError::Invalid`].
+    /// `blob` ([`BlobRef::name`]: its digest, or its output key) unless a blob of that size is
+    /// there already (at a digest it then has these bytes; an output key names one attempt's
+    /// one output), and deletes the staging object. A staged object that is missing or of
+    /// another size is [`StoreError::Invalid`].
     async fn adopt(&self, call: &str, blob: &BlobRef) -> Result<(), StoreError>;
     /// Deletes the staging object of `call`, if there is one (a call whose answer is dropped).
     async fn discard(&self, call: &str) -> Result<(), StoreError>;

@@ -285,7 +285,9 @@ impl Relay {
 /// The wake-up an event calls for: after these, the job is claimable at the event's attempt.
 pub fn wake_for(row: &OutboxEvent) -> Option<Wake> {
     match row.event.event {
-        Event::Accepted { .. } | Event::Released { .. } | Event::LeaseExpired { .. } => {
+        // (A saga turned back by the store, not by its claimer, is queued for the claim that
+        // compensates.)
+        Event::Accepted { .. } | Event::Released { .. } | Event::LeaseExpired { .. } | Event::Compensating { output: None, .. } => {
             Some(Wake { job: row.event.job_id.clone(), attempt: row.event.attempt })
         }
         _ => None,

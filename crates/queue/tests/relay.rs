@@ -25,9 +25,10 @@ fn new_job(id: &str) -> NewJob {
     NewJob {
         id: id.into(),
         owner: "alice".into(),
-        input: BlobRef { digest: "a".repeat(64), size: 10 },
+        input: BlobRef::at_digest("a".repeat(64), 10),
         input_format: "jpeg".into(),
         options: Options { width: Some(100), ..Options::default() },
+        outputs: Vec::new(),
         idempotency_key: None,
         request_hash: "h".into(),
     }

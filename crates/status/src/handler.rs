@@ -30,6 +30,7 @@ pub fn router(stores: Stores, signer: Option<Arc<Signer>>) -> Router {
         .route("/api/status/{id}", get(status))
         .route("/api/status/{id}/history", get(history))
         .route("/api/result/{id}", get(result))
+        .route("/api/result/{id}/{output}", get(output_result))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(App { stores, signer })
@@ -38,7 +39,10 @@ pub fn router(stores: Stores, signer: Option<Arc<Signer>>) -> Router {
 async fn not_found(request: Request) -> ApiError {
     ApiError::new(
         ErrorCode::NotFound,
-        format!("no such endpoint: {}; use GET /api/status/{{id}}, /api/status/{{id}}/history or /api/result/{{id}}", request.uri().path()),
+        format!(
+            "no such endpoint: {}; use GET /api/status/{{id}}, /api/status/{{id}}/history, /api/result/{{id}} or /api/result/{{id}}/{{output}}",
+            request.uri().path()
+        ),
     )
 }
 
@@ -108,6 +112,9 @@ async fn status(State(app): State<App>, path: Result<Path<String>, PathRejection
     if view.result.is_some() {
         view.result_url = Some(pixmesh_chassis::signed_url::result_url(app.signer.as_deref(), &id));
     }
+    for output in view.outputs.iter_mut().filter(|o| o.state == "succeeded") {
+        output.result_url = Some(pixmesh_chassis::signed_url::output_url(app.signer.as_deref(), &id, &output.name));
+    }
     let mut response = axum::Json(view).into_response();
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
@@ -133,23 +140,66 @@ async fn history(
 
 async fn result(State(stores): State<Stores>, path: Result<Path<String>, PathRejection>, headers: HeaderMap) -> Result<Response, ApiError> {
     let id = job_id(path)?;
-    let job = readable(&stores, &id, &Reader::of(&headers)).await?;
-    match job.state {
-        JobState::Queued | JobState::Processing => {
-            return Err(ApiError::new(
-                ErrorCode::NotReady,
-                format!("job {id} is {}; poll /api/status/{id} until it has succeeded", job.state.as_str()),
-            )
-            .with_retry_after(1));
-        }
-        JobState::Failed => {
-            let error = job.error.unwrap_or_else(|| pixmesh_store::JobError { code: "internal".into(), message: "unknown failure".into() });
-            let code = ErrorCode::parse(&error.code).unwrap_or(ErrorCode::Internal);
-            return Err(ApiError::new(code, format!("job {id} failed, so it has no result: {}", error.message)));
-        }
-        JobState::Succeeded => {}
+    let job = succeeded(&stores, &id, &headers).await?;
+    if job.is_saga() {
+        let names: Vec<&str> = job.outputs.iter().map(|o| o.name.as_str()).collect();
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!(
+                "job {id} has named outputs ({}), so it has no single result; download each at /api/result/{id}/{{output}}",
+                names.join(", ")
+            ),
+        ));
     }
     let result = job.result.ok_or_else(|| ApiError::new(ErrorCode::Internal, "the job succeeded but has no result recorded"))?;
+    download(&stores, &result, &headers).await
+}
+
+/// One named output of a job that has several.
+async fn output_result(
+    State(stores): State<Stores>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (id, output) =
+        path.map(|Path(p)| p).map_err(|_| ApiError::new(ErrorCode::NotFound, "no job with such an id (the path is not valid UTF-8)"))?;
+    let job = succeeded(&stores, &id, &headers).await?;
+    let Some(step) = job.steps.get(&output).filter(|_| job.is_saga()) else {
+        let shown: String = output.chars().take(ECHO_ID_CHARS).collect();
+        let names: Vec<&str> = job.outputs.iter().map(|o| o.name.as_str()).collect();
+        let message = if names.is_empty() {
+            format!("job {id} has one unnamed output and no output {shown:?}; download it at /api/result/{id}")
+        } else {
+            format!("job {id} has no output {shown:?}; its outputs are {}", names.join(", "))
+        };
+        return Err(ApiError::new(ErrorCode::NotFound, message));
+    };
+    download(&stores, &step.result, &headers).await
+}
+
+/// The job, if this reader may see it and it has succeeded: otherwise the error that says
+/// when it will have a result (queued, processing) or why it never will (failed).
+async fn succeeded(stores: &Stores, id: &str, headers: &HeaderMap) -> Result<Job, ApiError> {
+    let job = readable(stores, id, &Reader::of(headers)).await?;
+    match job.state {
+        JobState::Queued | JobState::Processing => Err(ApiError::new(
+            ErrorCode::NotReady,
+            format!("job {id} is {}; poll /api/status/{id} until it has succeeded", job.state.as_str()),
+        )
+        .with_retry_after(1)),
+        JobState::Failed => {
+            let error =
+                job.error.clone().unwrap_or_else(|| pixmesh_store::JobError { code: "internal".into(), message: "unknown failure".into() });
+            let code = ErrorCode::parse(&error.code).unwrap_or(ErrorCode::Internal);
+            Err(ApiError::new(code, format!("job {id} failed, so it has no result: {}", error.message)))
+        }
+        JobState::Succeeded => Ok(job),
+    }
+}
+
+/// A result's bytes, streamed, with its ETag (`If-None-Match` answered 304) and a long cache
+/// life: a result never changes once the job succeeded.
+async fn download(stores: &Stores, result: &pixmesh_store::JobResult, headers: &HeaderMap) -> Result<Response, ApiError> {
     let etag = format!("\"{}\"", result.blob.digest);
     let cache = HeaderValue::from_static("public, max-age=31536000, immutable");
     let matches = headers
@@ -167,7 +217,7 @@ async fn result(State(stores): State<Stores>, path: Result<Path<String>, PathRej
     // Streamed as it is read: a download holds a chunk at a time, not the whole image.
     let blob = stores
         .blobs
-        .stream(&result.blob.digest)
+        .stream(result.blob.name())
         .await
         .map_err(store_error)?
         .ok_or_else(|| ApiError::new(ErrorCode::Internal, "the result image is missing from the blob store"))?;
@@ -210,6 +260,7 @@ mod tests {
             input,
             input_format: "png".into(),
             options: Options::default(),
+            outputs: Vec::new(),
             idempotency_key: None,
             request_hash: "h".into(),
         };
@@ -288,6 +339,78 @@ mod tests {
         assert!(events[0]["at"].as_str().unwrap().ends_with('Z'));
         let (s, _, body) = get(&app, "/api/status/nope/history", None).await;
         assert_eq!((s, json(&body)["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+    }
+
+    #[tokio::test]
+    async fn a_job_with_named_outputs_lists_them_and_serves_each_at_its_own_path() {
+        let (_dir, app, stores) = setup().await;
+        let input = stores.blobs.put(Bytes::from_static(b"input")).await.unwrap();
+        let outputs = ["thumb", "large"].map(|n| pixmesh_store::Output { name: n.into(), options: Options::default() }).to_vec();
+        let job = NewJob {
+            id: "s1".into(),
+            owner: "alice".into(),
+            input,
+            input_format: "png".into(),
+            options: Options::default(),
+            outputs,
+            idempotency_key: None,
+            request_hash: "h".into(),
+        };
+        stores.jobs.create(job).await.unwrap();
+        let claimed = stores.jobs.claim("d", Duration::from_secs(10), 3).await.unwrap().unwrap();
+        for (name, bytes) in [("thumb", b"thumb bytes".as_slice()), ("large", b"large bytes!".as_slice())] {
+            let blob = stores.blobs.put_at(&pixmesh_store::output_key("s1", name, 1), Bytes::copy_from_slice(bytes)).await.unwrap();
+            let result = JobResult { blob, format: "png".into(), content_type: "image/png".into(), width: 4, height: 2 };
+            stores.jobs.record_output("s1", claimed.attempt, name, &result).await.unwrap();
+            if name == "thumb" {
+                let (_, _, body) = get(&app, "/api/status/s1", None).await;
+                let v = json(&body);
+                assert_eq!(v["outputs"][0]["state"], "made", "{v}");
+                assert_eq!(v["outputs"][1]["state"], "pending", "{v}");
+                assert!(v["outputs"][0].get("result_url").is_none(), "not downloadable before the pivot: {v}");
+                let (s, _, _) = get(&app, "/api/result/s1/thumb", None).await;
+                assert_eq!(s, StatusCode::CONFLICT, "not ready until every output is");
+            }
+        }
+        let steps = stores.jobs.get("s1").await.unwrap().unwrap().steps;
+        stores.jobs.succeed_outputs("s1", claimed.attempt, &steps).await.unwrap();
+        let (s, _, body) = get(&app, "/api/status/s1", None).await;
+        let v = json(&body);
+        assert_eq!((s, v["state"].as_str()), (StatusCode::OK, Some("succeeded")));
+        assert_eq!(v["outputs"][1]["name"], "large");
+        assert_eq!(v["outputs"][1]["state"], "succeeded");
+        assert_eq!(v["outputs"][1]["result"]["bytes"], 12);
+        assert_eq!(v["outputs"][1]["result_url"], "/api/result/s1/large");
+        assert!(v.get("result_url").is_none(), "{v}");
+        let (s, h, body) = get(&app, "/api/result/s1/large", None).await;
+        assert_eq!(
+            (s, h[header::CONTENT_TYPE].to_str().unwrap(), body.as_ref()),
+            (StatusCode::OK, "image/png", b"large bytes!".as_slice())
+        );
+        let etag = h[header::ETAG].to_str().unwrap().to_string();
+        let (s, _, _) = get(&app, "/api/result/s1/large", Some(&etag)).await;
+        assert_eq!(s, StatusCode::NOT_MODIFIED);
+        for (uri, says) in [
+            ("/api/result/s1", "has named outputs (thumb, large)"),
+            ("/api/result/s1/medium", "has no output \"medium\"; its outputs are thumb, large"),
+        ] {
+            let (s, _, body) = get(&app, uri, None).await;
+            assert_eq!(s, StatusCode::NOT_FOUND, "{uri}");
+            assert!(json(&body)["error"]["message"].as_str().unwrap().contains(says), "{uri}: {}", json(&body));
+        }
+        // Another key: no such job, on every path.
+        let bob = [(pixmesh_chassis::headers::CLIENT, "bob")];
+        let (s, _, _) = get_as(&app, "/api/result/s1/large", None, &bob).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        // A job with one unnamed output has no named ones.
+        new_job(&stores, "plain").await;
+        let job = stores.jobs.claim("d", Duration::from_secs(10), 3).await.unwrap().unwrap();
+        let out = stores.blobs.put(Bytes::from_static(b"x")).await.unwrap();
+        let result = JobResult { blob: out, format: "png".into(), content_type: "image/png".into(), width: 1, height: 1 };
+        stores.jobs.succeed("plain", job.attempt, &result).await.unwrap();
+        let (s, _, body) = get(&app, "/api/result/plain/thumb", None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert!(json(&body)["error"]["message"].as_str().unwrap().contains("one unnamed output"), "{}", json(&body));
     }
 
     #[tokio::test]

@@ -1,11 +1,14 @@
 //! The local blob backend. Blobs are content-addressed: the SHA-256 of the bytes is the name, so
-//! writes are idempotent and a blob never changes once written.
+//! writes are idempotent and a blob never changes once written. The one exception is the
+//! outputs of a saga's steps, under `outputs/<job>/<output>/<attempt>`: each key is written by
+//! its one attempt and deleted when the saga compensates (content addresses would let that
+//! deletion take bytes from another job that made the same output).
 
 use crate::health::Alarm;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use pixmesh_model::{BlobRef, BlobStore, BlobStream, StoreError, StoreKind};
+use pixmesh_model::{BlobRef, BlobStore, BlobStream, StoreError, StoreKind, is_output_key};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -44,16 +47,33 @@ impl LocalBlobStore {
         result
     }
 
-    fn path_of(&self, digest: &str) -> Result<PathBuf, StoreError> {
-        if !BlobRef::is_digest(digest) {
-            return Err(StoreError::Invalid(format!("not a blob digest: {digest:?}")));
+    /// Where blob `name` is: a digest at `root/ab/cd/abcd…`, an output key `job/output/attempt`
+    /// under `root/outputs/` (never anywhere else: a name is checked before it becomes a path).
+    fn path_of(&self, name: &str) -> Result<PathBuf, StoreError> {
+        if BlobRef::is_digest(name) {
+            return Ok(self.root.join(&name[0..2]).join(&name[2..4]).join(name));
         }
-        Ok(self.root.join(&digest[0..2]).join(&digest[2..4]).join(digest))
+        if is_output_key(name) {
+            return Ok(name.split('/').fold(self.root.join(OUTPUTS), |path, part| path.join(part)));
+        }
+        Err(StoreError::Invalid(format!("not a blob digest or output key: {name:?}")))
     }
 }
 
-fn write_atomically(root: &Path, target: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    if target.exists() {
+/// The folder of saga outputs (`outputs/<job>/<output>/<attempt>`).
+const OUTPUTS: &str = "outputs";
+
+/// How a write treats a file already at its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Existing {
+    /// Content-addressed: what is there holds these bytes.
+    Keep,
+    /// An output key: the new bytes replace it (atomically, by the rename).
+    Replace,
+}
+
+fn write_atomically(root: &Path, target: &Path, bytes: &[u8], existing: Existing) -> Result<(), StoreError> {
+    if existing == Existing::Keep && target.exists() {
         return Ok(());
     }
     let dir = target.parent().ok_or_else(|| StoreError::Invalid("blob path has no parent".into()))?;
@@ -112,7 +132,7 @@ impl BlobStore for LocalBlobStore {
         let written = tokio::task::spawn_blocking(move || {
             let blob = BlobRef::of(&bytes);
             let target = this.path_of(&blob.digest)?;
-            write_atomically(&root, &target, &bytes)?;
+            write_atomically(&root, &target, &bytes, Existing::Keep)?;
             Ok(blob)
         })
         .await
@@ -120,8 +140,24 @@ impl BlobStore for LocalBlobStore {
         self.watch(written)
     }
 
-    async fn get(&self, digest: &str) -> Result<Option<Bytes>, StoreError> {
-        let path = self.path_of(digest)?;
+    async fn put_at(&self, key: &str, bytes: Bytes) -> Result<BlobRef, StoreError> {
+        if !is_output_key(key) {
+            return Err(StoreError::Invalid(format!("not an output key: {key:?}")));
+        }
+        let root = self.root.clone();
+        let target = self.path_of(key)?;
+        let key = key.to_string();
+        let written = tokio::task::spawn_blocking(move || {
+            write_atomically(&root, &target, &bytes, Existing::Replace)?;
+            Ok(BlobRef { key: Some(key), ..BlobRef::of(&bytes) })
+        })
+        .await
+        .map_err(|e| StoreError::Invalid(format!("blob writer task failed: {e}")))?;
+        self.watch(written)
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<Bytes>, StoreError> {
+        let path = self.path_of(name)?;
         match tokio::fs::read(&path).await {
             Ok(bytes) => Ok(Some(Bytes::from(bytes))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -129,8 +165,8 @@ impl BlobStore for LocalBlobStore {
         }
     }
 
-    async fn stream(&self, digest: &str) -> Result<Option<BlobStream>, StoreError> {
-        let path = self.path_of(digest)?;
+    async fn stream(&self, name: &str) -> Result<Option<BlobStream>, StoreError> {
+        let path = self.path_of(name)?;
         let file = match tokio::fs::File::open(&path).await {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -145,13 +181,26 @@ impl BlobStore for LocalBlobStore {
         Ok(Some(BlobStream { size, chunks: Box::pin(chunks) }))
     }
 
-    async fn delete(&self, digest: &str) -> Result<(), StoreError> {
-        let path = self.path_of(digest)?;
+    async fn delete(&self, name: &str) -> Result<(), StoreError> {
+        let path = self.path_of(name)?;
         match tokio::fs::remove_file(&path).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => self.watch(Err(StoreError::io(StoreKind::Blobs, &path, e))),
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return self.watch(Err(StoreError::io(StoreKind::Blobs, &path, e))),
         }
+        // An output's folders go with their last file (`remove_dir` leaves one that is not
+        // empty): deleted jobs leave no empty folders behind.
+        if is_output_key(name) {
+            let outputs = self.root.join(OUTPUTS);
+            let mut dir = path.parent();
+            while let Some(d) = dir.filter(|d| *d != outputs.as_path()) {
+                if tokio::fs::remove_dir(d).await.is_err() {
+                    break;
+                }
+                dir = d.parent();
+            }
+        }
+        Ok(())
     }
 
     async fn probe(&self, write: bool) -> Result<(), StoreError> {
@@ -188,6 +237,31 @@ mod tests {
         store.delete(&a.digest).await.unwrap();
         // No temporary files are left behind.
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn output_keys_are_written_replaced_read_and_deleted_without_leaving_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalBlobStore::open(dir.path()).unwrap();
+        let key = pixmesh_model::output_key("job-1", "thumb", 2);
+        let first = store.put_at(&key, Bytes::from_static(b"first")).await.unwrap();
+        assert_eq!((first.name(), first.size), (key.as_str(), 5));
+        let second = store.put_at(&key, Bytes::from_static(b"second!")).await.unwrap();
+        assert_eq!(store.get(&key).await.unwrap().unwrap(), Bytes::from_static(b"second!"), "a write of the key replaces it");
+        assert_eq!(second.digest, BlobRef::of(b"second!").digest);
+        let other = pixmesh_model::output_key("job-1", "large", 2);
+        store.put_at(&other, Bytes::from_static(b"large")).await.unwrap();
+        // The same bytes at a digest and at a key are two blobs: deleting one keeps the other.
+        let addressed = store.put(Bytes::from_static(b"large")).await.unwrap();
+        store.delete(&other).await.unwrap();
+        assert_eq!(store.get(&addressed.digest).await.unwrap().unwrap(), Bytes::from_static(b"large"));
+        assert_eq!(store.get(&other).await.unwrap(), None);
+        store.delete(&key).await.unwrap();
+        store.delete(&key).await.unwrap();
+        assert_eq!(std::fs::read_dir(dir.path().join(OUTPUTS)).unwrap().count(), 0, "no folder of job-1 is left");
+        for bad in ["job-1/thumb", "../x/thumb/1", "job-1/Thumb/1", &addressed.digest] {
+            assert!(matches!(store.put_at(bad, Bytes::from_static(b"x")).await, Err(StoreError::Invalid(_))), "{bad}");
+        }
     }
 
     #[tokio::test]

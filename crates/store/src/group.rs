@@ -6,7 +6,8 @@
 
 use crate::{StoreError, Stores};
 use async_trait::async_trait;
-use pixmesh_model::{ClaimById, Created, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob};
+use pixmesh_model::{ClaimById, Created, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Step};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -116,6 +117,22 @@ impl JobStore for GroupCommit {
 
     async fn fail(&self, id: &str, attempt: u32, error: &JobError) -> Result<(), StoreError> {
         self.inner.fail(id, attempt, error).await
+    }
+
+    async fn record_output(&self, id: &str, attempt: u32, output: &str, result: &JobResult) -> Result<(), StoreError> {
+        self.inner.record_output(id, attempt, output, result).await
+    }
+
+    async fn compensate(&self, id: &str, attempt: u32, output: Option<&str>, error: &JobError) -> Result<(), StoreError> {
+        self.inner.compensate(id, attempt, output, error).await
+    }
+
+    async fn record_deleted(&self, id: &str, attempt: u32, output: &str, key: &str) -> Result<(), StoreError> {
+        self.inner.record_deleted(id, attempt, output, key).await
+    }
+
+    async fn succeed_outputs(&self, id: &str, attempt: u32, outputs: &BTreeMap<String, Step>) -> Result<(), StoreError> {
+        self.inner.succeed_outputs(id, attempt, outputs).await
     }
 
     async fn counts(&self) -> Result<Vec<(JobState, u64)>, StoreError> {

@@ -25,8 +25,9 @@ pub use group::GroupCommit;
 pub use health::Access;
 pub use pixmesh_model::options::Options;
 pub use pixmesh_model::{
-    BlobRef, BlobStore, BlobStream, ClaimById, Created, Event, EventKind, Hlc, Job, JobError, JobEvent, JobResult, JobState, JobStore,
-    JobView, NewJob, Notify, Outbox, OutboxEvent, Presign, StoreError, StoreKind, fold,
+    BlobRef, BlobStore, BlobStream, ClaimById, Created, DEFAULT_MAX_OUTPUTS, Event, EventKind, Hlc, Job, JobError, JobEvent, JobResult,
+    JobState, JobStore, JobView, NewJob, Notify, Outbox, OutboxEvent, Output, Presign, Step, StoreError, StoreKind, fold, is_output_key,
+    output_key,
 };
 pub use postgres::PostgresJobStore;
 pub use s3::{S3BlobStore, S3Credentials, S3Limits};

@@ -17,16 +17,19 @@
 
 use crate::error::DbError;
 use crate::health::Alarm;
-use crate::rows::{EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, OutboxRow, encode, gave_up, json, millis, unclaimed};
+use crate::rows::{
+    EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, OutboxRow, encode, gave_up, json, millis, saga_gave_up, step_patch, unclaimed,
+};
 use async_trait::async_trait;
 use pixmesh_chassis::clock::Clock;
 use pixmesh_chassis::time::now_ms;
 use pixmesh_model::{
-    ClaimById, Created, Event, Hlc, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Outbox, OutboxEvent, StoreError,
+    ClaimById, Created, Event, Hlc, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Outbox, OutboxEvent, Step, StoreError,
 };
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool};
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::LazyLock;
@@ -187,15 +190,20 @@ impl PostgresJobStore {
 
     async fn create_job(&self, job: NewJob) -> Result<Created, DbError> {
         let now = now_ms();
-        let accepted = Event::Accepted { input: job.input.clone(), input_format: job.input_format.clone(), options: job.options.clone() };
+        let accepted = Event::Accepted {
+            input: job.input.clone(),
+            input_format: job.input_format.clone(),
+            options: job.options.clone(),
+            outputs: job.outputs.clone(),
+        };
         let (kind, version, data) = encode(&accepted)?;
         // A second create with the same idempotency key inserts nothing (it waits for the first
         // to commit, then sees its row) and reads the first job instead.
         let created: Option<JobRow> = sqlx::query_as(&format!(
             "WITH c AS (
                 INSERT INTO jobs (id, owner, state, attempt, input_digest, input_size, input_format, options, idempotency_key,
-                                  request_hash, event_seq, created_at, updated_at, hlc)
-                VALUES ($1, $2, 'queued', 0, $3, $4, $5, $6, $7, $8, 1, $9, $9, $13)
+                                  request_hash, event_seq, created_at, updated_at, hlc, outputs)
+                VALUES ($1, $2, 'queued', 0, $3, $4, $5, $6, $7, $8, 1, $9, $9, $13, $14)
                 ON CONFLICT (idempotency_key) DO NOTHING
                 RETURNING *),
              e AS (INSERT INTO job_events (job_id, seq, version, kind, attempt, at, hlc, data)
@@ -216,6 +224,7 @@ impl PostgresJobStore {
         .bind(kind.as_str())
         .bind(data)
         .bind(self.clock.now().to_sql())
+        .bind(json(&job.outputs)?)
         .fetch_optional(&self.pool)
         .await?;
         if let Some(row) = created {
@@ -311,18 +320,28 @@ impl PostgresJobStore {
     }
 
     async fn claim_by_id(&self, owner: &str, lease: Duration, max_attempts: u32, ids: &[String]) -> Result<Vec<ClaimById>, DbError> {
-        let rows = self.claim_rows(CLAIM_BY_ID, owner, lease, max_attempts, ids).await?;
+        let mut rows = self.claim_rows(CLAIM_BY_ID, owner, lease, max_attempts, ids).await?;
         let now = now_ms();
         let mut answers = Vec::with_capacity(ids.len());
         let mut ended = Vec::new();
-        for row in rows {
-            let job = row.job.into_job()?;
-            if row.claimed {
-                answers.push(ClaimById::Claimed(Box::new(job)));
-            } else {
-                self.give_up(&job.id, max_attempts).await?;
-                ended.push(job.id);
+        // Sagas out of attempts, turned back now: claimed at once (by the same statement), to
+        // compensate.
+        let mut turned = Vec::new();
+        while !rows.is_empty() {
+            for row in rows {
+                let job = row.job.into_job()?;
+                if row.claimed {
+                    answers.push(ClaimById::Claimed(Box::new(job)));
+                } else if self.give_up(&job.id, max_attempts).await? {
+                    ended.push(job.id);
+                } else {
+                    turned.push(job.id);
+                }
             }
+            rows = match turned.is_empty() {
+                true => Vec::new(),
+                false => self.claim_rows(CLAIM_BY_ID, owner, lease, max_attempts, std::mem::take(&mut turned)).await?,
+            };
         }
         let rest: Vec<&String> = ids.iter().filter(|id| !answers.iter().any(|a| a.id() == id.as_str())).collect();
         if !rest.is_empty() {
@@ -359,8 +378,9 @@ impl PostgresJobStore {
         Ok(row.map(|(c,)| c))
     }
 
-    /// Fails a queued job that used up its attempts (if it still is one).
-    async fn give_up(&self, id: &str, max_attempts: u32) -> Result<(), DbError> {
+    /// Fails a queued job that used up its attempts (if it still is one); false when it is a
+    /// saga, turned back instead and claimable again.
+    async fn give_up(&self, id: &str, max_attempts: u32) -> Result<bool, DbError> {
         let mut tx = self.pool.begin().await?;
         let row: Option<(i64,)> =
             sqlx::query_as("SELECT attempt FROM jobs WHERE id = $1 AND state = 'queued' AND attempt >= $2 FOR UPDATE")
@@ -368,26 +388,52 @@ impl PostgresJobStore {
                 .bind(i64::from(max_attempts))
                 .fetch_optional(&mut *tx)
                 .await?;
+        let mut ended = true;
         if let Some((attempt,)) = row {
             let attempt = u32::try_from(attempt).unwrap_or(0);
-            Self::fail_exhausted(&mut tx, &self.clock, id, attempt).await?;
+            ended = Self::fail_exhausted(&mut tx, &self.clock, id, attempt).await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(ended)
     }
 
-    async fn fail_exhausted(conn: &mut PgConnection, clock: &Clock, id: &str, attempt: u32) -> Result<(), DbError> {
+    /// Fails a job that used up its attempts (the caller holds its row lock) and answers true.
+    /// A saga is not failed here: it may have written outputs, which only a claim can delete.
+    /// It is turned back instead (its `compensating` event, the first time) and left queued,
+    /// claimable whatever its attempts, and the answer is false.
+    async fn fail_exhausted(conn: &mut PgConnection, clock: &Clock, id: &str, attempt: u32) -> Result<bool, DbError> {
         let now = now_ms();
         let error = gave_up(attempt);
-        sqlx::query(
-            "UPDATE jobs SET state = 'failed', error = $1, lease_owner = NULL, lease_expires_at = NULL, updated_at = $2 WHERE id = $3",
+        let failed = sqlx::query(
+            "UPDATE jobs SET state = 'failed', error = $1, lease_owner = NULL, lease_expires_at = NULL, updated_at = $2
+             WHERE id = $3 AND outputs = '[]'",
         )
         .bind(json(&error)?)
         .bind(now)
         .bind(id)
         .execute(&mut *conn)
         .await?;
-        Self::append(conn, clock, id, attempt, now, &Event::Failed { error }).await
+        if failed.rows_affected() == 1 {
+            Self::append(conn, clock, id, attempt, now, &Event::Failed { error }).await?;
+            return Ok(true);
+        }
+        let error = saga_gave_up(attempt);
+        let turned = sqlx::query("UPDATE jobs SET compensate = $1 WHERE id = $2 AND compensate IS NULL")
+            .bind(json(&error)?)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query(
+            "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, not_before = 0, updated_at = $1 WHERE id = $2",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+        if turned.rows_affected() == 1 {
+            Self::append(conn, clock, id, attempt, now, &Event::Compensating { output: None, error }).await?;
+        }
+        Ok(false)
     }
 
     /// Gives jobs whose lease ran out back to the queue (or fails those that used up their
@@ -416,6 +462,7 @@ impl PostgresJobStore {
             self.clock.observe(Hlc::from_sql(*before), "job store");
             let attempt = u32::try_from(*attempt).unwrap_or(0);
             Self::append(&mut tx, &self.clock, id, attempt, now, &Event::LeaseExpired { owner: previous.clone() }).await?;
+            // Failed, or (a saga) turned back and left queued for the claim that compensates.
             if attempt >= max_attempts {
                 Self::fail_exhausted(&mut tx, &self.clock, id, attempt).await?;
             } else {
@@ -440,7 +487,7 @@ impl PostgresJobStore {
         let (mut ids, mut attempts, mut results, mut datas) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut version = 0;
         for (id, attempt, result) in items {
-            let (_, v, data) = encode(&Event::Succeeded { result: result.clone() })?;
+            let (_, v, data) = encode(&Event::Succeeded { result: Some(result.clone()), outputs: BTreeMap::new() })?;
             version = v;
             ids.push(id.clone());
             attempts.push(i64::from(*attempt));
@@ -530,7 +577,8 @@ const CLAIM_BY_ID: &str = "SELECT id, hlc FROM jobs WHERE id = ANY($8::text[]) A
 /// The claim as one statement, around `next` (the ids and HLC times of the jobs to claim,
 /// locked with SKIP LOCKED): claim them, write their `claimed` events, return the rows. A
 /// picked job that is not claimed has used up its attempts; it comes back with `claimed`
-/// false. Binds: $1 now, $2 owner, $3 lease expiry, $4 max attempts, $5–$7 the event, $8
+/// false. (A saga that is turned back is claimed whatever its attempts: the claim deletes
+/// what it wrote.) Binds: $1 now, $2 owner, $3 lease expiry, $4 max attempts, $5–$7 the event, $8
 /// whatever `next` needs, $9 and $10 this process's HLC time and maximum offset.
 fn claim_statement(next: &str) -> String {
     format!(
@@ -538,7 +586,7 @@ fn claim_statement(next: &str) -> String {
          c AS (
             UPDATE jobs SET state = 'processing', attempt = jobs.attempt + 1, lease_owner = $2, lease_expires_at = $3,
                             updated_at = $1, event_seq = jobs.event_seq + 1, hlc = {}
-            FROM next WHERE jobs.id = next.id AND jobs.attempt < $4
+            FROM next WHERE jobs.id = next.id AND (jobs.attempt < $4 OR jobs.compensate IS NOT NULL)
             RETURNING jobs.*, next.hlc AS prev_hlc),
          e AS (INSERT INTO job_events (job_id, seq, version, kind, attempt, at, hlc, data)
                SELECT id, event_seq, $5, $6, attempt, $1, hlc, $7 FROM c)
@@ -672,7 +720,8 @@ impl JobStore for PostgresJobStore {
 
     async fn succeed(&self, id: &str, attempt: u32, result: &JobResult) -> Result<(), StoreError> {
         let set = "state = 'succeeded', result = $7, lease_owner = NULL, lease_expires_at = NULL";
-        let done = self.fenced(id, attempt, set, Some(Bind::Text(json(result)?)), Event::Succeeded { result: result.clone() }).await;
+        let event = Event::Succeeded { result: Some(result.clone()), outputs: BTreeMap::new() };
+        let done = self.fenced(id, attempt, set, Some(Bind::Text(json(result)?)), event).await;
         self.watch(done)
     }
 
@@ -688,6 +737,35 @@ impl JobStore for PostgresJobStore {
         let set = "state = 'failed', error = $7, lease_owner = NULL, lease_expires_at = NULL";
         let result = self.fenced(id, attempt, set, Some(Bind::Text(json(error)?)), Event::Failed { error: error.clone() }).await;
         self.watch(result)
+    }
+
+    async fn record_output(&self, id: &str, attempt: u32, output: &str, result: &JobResult) -> Result<(), StoreError> {
+        let set = "steps = (steps::jsonb || $7::jsonb)::text";
+        let event = Event::OutputSucceeded { output: output.to_string(), result: result.clone() };
+        let done = self.fenced(id, attempt, set, Some(Bind::Text(step_patch(output, attempt, result)?)), event).await;
+        self.watch(done)
+    }
+
+    async fn compensate(&self, id: &str, attempt: u32, output: Option<&str>, error: &JobError) -> Result<(), StoreError> {
+        let set = "compensate = COALESCE(compensate, $7)";
+        let event = Event::Compensating { output: output.map(str::to_string), error: error.clone() };
+        let done = self.fenced(id, attempt, set, Some(Bind::Text(json(error)?)), event).await;
+        self.watch(done)
+    }
+
+    async fn record_deleted(&self, id: &str, attempt: u32, output: &str, key: &str) -> Result<(), StoreError> {
+        let set = "steps = (steps::jsonb - $7::text)::text";
+        let event = Event::OutputDeleted { output: output.to_string(), key: key.to_string() };
+        let done = self.fenced(id, attempt, set, Some(Bind::Text(output.to_string())), event).await;
+        self.watch(done)
+    }
+
+    async fn succeed_outputs(&self, id: &str, attempt: u32, outputs: &BTreeMap<String, Step>) -> Result<(), StoreError> {
+        let set = "state = 'succeeded', steps = $7, lease_owner = NULL, lease_expires_at = NULL";
+        let results = outputs.iter().map(|(name, step)| (name.clone(), step.result.clone())).collect();
+        let event = Event::Succeeded { result: None, outputs: results };
+        let done = self.fenced(id, attempt, set, Some(Bind::Text(json(outputs)?)), event).await;
+        self.watch(done)
     }
 
     async fn counts(&self) -> Result<Vec<(JobState, u64)>, StoreError> {

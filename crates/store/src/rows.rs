@@ -5,7 +5,7 @@
 use pixmesh_model::{BlobRef, Event, EventKind, Hlc, Job, JobError, JobEvent, JobState, StoreError};
 
 /// The columns of `jobs` that make a [`Job`], in [`JobRow`]'s order.
-pub(crate) const JOB_COLUMNS: &str = "id, owner, state, attempt, lease_owner, lease_expires_at, input_digest, input_size, input_format, options, result, error, created_at, updated_at";
+pub(crate) const JOB_COLUMNS: &str = "id, owner, state, attempt, lease_owner, lease_expires_at, input_digest, input_size, input_format, options, outputs, steps, compensate, result, error, created_at, updated_at";
 
 /// The columns of `job_events` that make a [`JobEvent`].
 pub(crate) const EVENT_COLUMNS: &str = "job_id, seq, version, kind, attempt, hlc, data";
@@ -22,6 +22,9 @@ pub(crate) struct JobRow {
     input_size: i64,
     input_format: String,
     options: String,
+    outputs: String,
+    steps: String,
+    compensate: Option<String>,
     result: Option<String>,
     error: Option<String>,
     created_at: i64,
@@ -36,14 +39,20 @@ impl JobRow {
         let options = serde_json::from_str(&self.options).map_err(|e| parse("options", e))?;
         let result = self.result.as_deref().map(serde_json::from_str).transpose().map_err(|e| parse("result", e))?;
         let error = self.error.as_deref().map(serde_json::from_str).transpose().map_err(|e| parse("error", e))?;
+        let outputs = serde_json::from_str(&self.outputs).map_err(|e| parse("outputs", e))?;
+        let steps = serde_json::from_str(&self.steps).map_err(|e| parse("steps", e))?;
+        let compensate = self.compensate.as_deref().map(serde_json::from_str).transpose().map_err(|e| parse("compensate", e))?;
         Ok(Job {
             id,
             owner: self.owner,
             state,
             attempt: u32::try_from(self.attempt).unwrap_or(0),
-            input: BlobRef { digest: self.input_digest, size: u64::try_from(self.input_size).unwrap_or(0) },
+            input: BlobRef::at_digest(self.input_digest, u64::try_from(self.input_size).unwrap_or(0)),
             input_format: self.input_format,
             options,
+            outputs,
+            steps,
+            compensate,
             lease_owner: self.lease_owner,
             lease_expires_at: self.lease_expires_at,
             result,
@@ -133,6 +142,21 @@ pub(crate) fn millis(d: std::time::Duration) -> i64 {
 /// The error a job fails with when it was claimed `attempts` times without finishing.
 pub(crate) fn gave_up(attempts: u32) -> JobError {
     JobError { code: "unavailable".into(), message: format!("gave up after {attempts} attempts; no worker could process the image") }
+}
+
+/// The error a saga fails with when it used up its attempts: it is claimed once more to
+/// delete what it wrote (see [`pixmesh_model::JobStore::compensate`]), then fails with this.
+pub(crate) fn saga_gave_up(attempts: u32) -> JobError {
+    JobError {
+        code: "unavailable".into(),
+        message: format!("gave up after {attempts} attempts; not every output could be made, so none is kept"),
+    }
+}
+
+/// The patch that adds output `name` (written by `attempt`) to a job's `steps`.
+pub(crate) fn step_patch(name: &str, attempt: u32, result: &pixmesh_model::JobResult) -> Result<String, StoreError> {
+    let step = pixmesh_model::Step { attempt, result: result.clone() };
+    json(&serde_json::json!({ name: step }))
 }
 
 /// Counts per state from `(state, count)` rows, skipping states this build does not know.

@@ -7,6 +7,9 @@
 //! - `staging/<call>`: one object per worker call, PUT by the worker through a presigned URL,
 //!   then copied to its content address unless a blob is there already, and deleted
 //!   ([`Presign::adopt`]).
+//! - `outputs/<job>/<output>/<attempt>`: the outputs of a saga's steps, one key per attempt of
+//!   each output (plain PUTs: a key is only ever written by its one attempt), deleted by a
+//!   compensation and by the pivot's clean-up of other attempts' keys.
 //! - `probe/<uuid>`: the write probe's objects, deleted at once.
 //!
 //! Every request has a timeout and is retried (backoff, a bounded total time): an outage
@@ -22,7 +25,7 @@ use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path;
 use object_store::signer::Signer;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
-use pixmesh_model::{BlobRef, BlobStore, BlobStream, Presign, StoreError, StoreKind};
+use pixmesh_model::{BlobRef, BlobStore, BlobStream, Presign, StoreError, StoreKind, is_output_key};
 use std::time::Duration;
 
 /// How requests to S3 are bounded (`store.blobs_timeout_ms`, `store.blobs_retry_ms`).
@@ -137,11 +140,16 @@ impl S3BlobStore {
         self.prefix.child(area).child(name)
     }
 
-    fn blob_key(&self, digest: &str) -> Result<Path, StoreError> {
-        if !BlobRef::is_digest(digest) {
-            return Err(StoreError::Invalid(format!("not a blob digest: {digest:?}")));
+    /// The key of blob `name`: a digest under `blobs/`, an output key `job/output/attempt`
+    /// under `outputs/`.
+    fn blob_key(&self, name: &str) -> Result<Path, StoreError> {
+        if BlobRef::is_digest(name) {
+            return Ok(self.key("blobs", name));
         }
-        Ok(self.key("blobs", digest))
+        if is_output_key(name) {
+            return Ok(name.split('/').fold(self.prefix.child("outputs"), |path, part| path.child(part)));
+        }
+        Err(StoreError::Invalid(format!("not a blob digest or output key: {name:?}")))
     }
 
     fn staging_key(&self, call: &str) -> Result<Path, StoreError> {
@@ -218,8 +226,19 @@ impl BlobStore for S3BlobStore {
         }
     }
 
-    async fn get(&self, digest: &str) -> Result<Option<Bytes>, StoreError> {
-        let key = self.blob_key(digest)?;
+    async fn put_at(&self, name: &str, bytes: Bytes) -> Result<BlobRef, StoreError> {
+        if !is_output_key(name) {
+            return Err(StoreError::Invalid(format!("not an output key: {name:?}")));
+        }
+        let key = self.blob_key(name)?;
+        let blob = BlobRef { key: Some(name.to_string()), ..BlobRef::of(&bytes) };
+        // A plain PUT: an S3 PUT replaces the object whole or not at all.
+        self.store.put(&key, PutPayload::from_bytes(bytes)).await.map_err(|e| self.failed(&key, e))?;
+        Ok(blob)
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<Bytes>, StoreError> {
+        let key = self.blob_key(name)?;
         let result = match self.store.get(&key).await {
             Ok(result) => result,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
@@ -228,8 +247,8 @@ impl BlobStore for S3BlobStore {
         result.bytes().await.map(Some).map_err(|e| self.failed(&key, e))
     }
 
-    async fn stream(&self, digest: &str) -> Result<Option<BlobStream>, StoreError> {
-        let key = self.blob_key(digest)?;
+    async fn stream(&self, name: &str) -> Result<Option<BlobStream>, StoreError> {
+        let key = self.blob_key(name)?;
         let result = match self.store.get(&key).await {
             Ok(result) => result,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
@@ -241,8 +260,8 @@ impl BlobStore for S3BlobStore {
         Ok(Some(BlobStream { size, chunks: Box::pin(chunks) }))
     }
 
-    async fn delete(&self, digest: &str) -> Result<(), StoreError> {
-        let key = self.blob_key(digest)?;
+    async fn delete(&self, name: &str) -> Result<(), StoreError> {
+        let key = self.blob_key(name)?;
         match self.store.delete(&key).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.failed(&key, e)),
@@ -283,7 +302,7 @@ impl Presign for S3BlobStore {
 
     async fn adopt(&self, call: &str, blob: &BlobRef) -> Result<(), StoreError> {
         let staged = self.staging_key(call)?;
-        let target = self.blob_key(&blob.digest)?;
+        let target = self.blob_key(blob.name())?;
         let meta = match self.store.head(&staged).await {
             Ok(meta) => meta,
             Err(object_store::Error::NotFound { .. }) => {

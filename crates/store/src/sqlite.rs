@@ -8,17 +8,20 @@
 
 use crate::error::DbError;
 use crate::health::Alarm;
-use crate::rows::{EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, OutboxRow, encode, gave_up, json, millis, unclaimed};
+use crate::rows::{
+    EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, OutboxRow, encode, gave_up, json, millis, saga_gave_up, step_patch, unclaimed,
+};
 use crate::write_tx::{Turn, WriteTx};
 use async_trait::async_trait;
 use pixmesh_chassis::clock::Clock;
 use pixmesh_chassis::time::now_ms;
 use pixmesh_model::{
-    ClaimById, Created, Event, Hlc, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Outbox, OutboxEvent, StoreError,
+    ClaimById, Created, Event, Hlc, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Outbox, OutboxEvent, Step, StoreError,
 };
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{SqliteConnection, SqlitePool};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -252,8 +255,8 @@ impl SqliteJobStore {
         }
         // The job with its `accepted` event, number 1 of its history.
         let row: JobRow = sqlx::query_as(&format!(
-            "INSERT INTO jobs (id, owner, state, attempt, input_digest, input_size, input_format, options, idempotency_key, request_hash, created_at, updated_at, event_seq)
-             VALUES (?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?, 1) RETURNING {JOB_COLUMNS}"
+            "INSERT INTO jobs (id, owner, state, attempt, input_digest, input_size, input_format, options, outputs, idempotency_key, request_hash, created_at, updated_at, event_seq)
+             VALUES (?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1) RETURNING {JOB_COLUMNS}"
         ))
         .bind(&job.id)
         .bind(&job.owner)
@@ -261,13 +264,19 @@ impl SqliteJobStore {
         .bind(i64::try_from(job.input.size).unwrap_or(i64::MAX))
         .bind(&job.input_format)
         .bind(json(&job.options)?)
+        .bind(json(&job.outputs)?)
         .bind(&job.idempotency_key)
         .bind(&job.request_hash)
         .bind(now)
         .bind(now)
         .fetch_one(&mut *tx)
         .await?;
-        let accepted = Event::Accepted { input: job.input.clone(), input_format: job.input_format.clone(), options: job.options.clone() };
+        let accepted = Event::Accepted {
+            input: job.input.clone(),
+            input_format: job.input_format.clone(),
+            options: job.options.clone(),
+            outputs: job.outputs.clone(),
+        };
         Self::insert_event(&mut tx, &self.clock, &job.id, Next { seq: 1, before: None }, 0, now, &accepted).await?;
         let created = row.into_job()?;
         tx.commit().await?;
@@ -296,9 +305,7 @@ impl SqliteJobStore {
                     if expired {
                         Self::append(&mut tx, &self.clock, &id, attempt, now, &Event::LeaseExpired { owner: previous }).await?;
                     }
-                    if attempt >= max_attempts {
-                        Self::fail_exhausted(&mut tx, &self.clock, &id, attempt, now).await?;
-                    } else {
+                    if attempt < max_attempts || !Self::fail_exhausted(&mut tx, &self.clock, &id, attempt, now).await? {
                         claimed.push(Self::claim_row(&mut tx, &self.clock, &id, attempt, owner, expires, now).await?);
                     }
                 }
@@ -312,18 +319,41 @@ impl SqliteJobStore {
     }
 
     /// Fails a job that used up its attempts, with its `failed` event (inside the caller's
-    /// write transaction).
-    async fn fail_exhausted(conn: &mut SqliteConnection, clock: &Clock, id: &str, attempt: u32, now: i64) -> Result<(), DbError> {
+    /// write transaction), and answers true. A saga is not failed here: it may have written
+    /// outputs, which only a claim can delete. It is turned back instead (its `compensating`
+    /// event, the first time) and left queued, and the answer is false: claim it.
+    async fn fail_exhausted(conn: &mut SqliteConnection, clock: &Clock, id: &str, attempt: u32, now: i64) -> Result<bool, DbError> {
         let error = gave_up(attempt);
-        sqlx::query(
-            "UPDATE jobs SET state = 'failed', error = ?, lease_owner = NULL, lease_expires_at = NULL, updated_at = ? WHERE id = ?",
+        let failed = sqlx::query(
+            "UPDATE jobs SET state = 'failed', error = ?, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?
+             WHERE id = ? AND outputs = '[]'",
         )
         .bind(json(&error)?)
         .bind(now)
         .bind(id)
         .execute(&mut *conn)
         .await?;
-        Self::append(conn, clock, id, attempt, now, &Event::Failed { error }).await
+        if failed.rows_affected() == 1 {
+            Self::append(conn, clock, id, attempt, now, &Event::Failed { error }).await?;
+            return Ok(true);
+        }
+        let error = saga_gave_up(attempt);
+        let turned = sqlx::query("UPDATE jobs SET compensate = ? WHERE id = ? AND compensate IS NULL")
+            .bind(json(&error)?)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query(
+            "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, not_before = 0, updated_at = ? WHERE id = ?",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+        if turned.rows_affected() == 1 {
+            Self::append(conn, clock, id, attempt, now, &Event::Compensating { output: None, error }).await?;
+        }
+        Ok(false)
     }
 
     /// Claims one job for `owner` (inside the caller's write transaction, which found it
@@ -377,8 +407,7 @@ impl SqliteJobStore {
             let answer = match row {
                 Some((state, attempt, not_before, _)) if state == "queued" && not_before <= now => {
                     let attempt = u32::try_from(attempt).unwrap_or(0);
-                    if attempt >= max_attempts {
-                        Self::fail_exhausted(&mut tx, &self.clock, id, attempt, now).await?;
+                    if attempt >= max_attempts && Self::fail_exhausted(&mut tx, &self.clock, id, attempt, now).await? {
                         ClaimById::Ended { id: id.clone() }
                     } else {
                         ClaimById::Claimed(Box::new(Self::claim_row(&mut tx, &self.clock, id, attempt, owner, expires, now).await?))
@@ -423,6 +452,7 @@ impl SqliteJobStore {
             let attempt = u32::try_from(attempt).unwrap_or(0);
             Self::append(&mut tx, &self.clock, &id, attempt, now, &Event::LeaseExpired { owner: previous }).await?;
             if attempt >= max_attempts {
+                // Failed, or (a saga) turned back and left queued for the claim that compensates.
                 Self::fail_exhausted(&mut tx, &self.clock, &id, attempt, now).await?;
             }
             rescued += 1;
@@ -477,7 +507,7 @@ impl SqliteJobStore {
                 out.push(Err(StoreError::Fenced { id: id.clone(), attempt: *attempt }));
                 continue;
             };
-            let succeeded = Event::Succeeded { result: result.clone() };
+            let succeeded = Event::Succeeded { result: Some(result.clone()), outputs: BTreeMap::new() };
             Self::insert_event(&mut tx, &self.clock, id, Next { seq, before }, *attempt, now, &succeeded).await?;
             out.push(Ok(()));
         }
@@ -610,7 +640,8 @@ impl JobStore for SqliteJobStore {
 
     async fn succeed(&self, id: &str, attempt: u32, result: &JobResult) -> Result<(), StoreError> {
         let set = "state = 'succeeded', result = ?, lease_owner = NULL, lease_expires_at = NULL";
-        Ok(self.fenced(id, attempt, set, Some(Bind::Text(json(result)?)), Event::Succeeded { result: result.clone() }).await?)
+        let event = Event::Succeeded { result: Some(result.clone()), outputs: BTreeMap::new() };
+        Ok(self.fenced(id, attempt, set, Some(Bind::Text(json(result)?)), event).await?)
     }
 
     async fn succeed_many(&self, items: &[(String, u32, JobResult)]) -> Vec<Result<(), StoreError>> {
@@ -626,6 +657,34 @@ impl JobStore for SqliteJobStore {
     async fn fail(&self, id: &str, attempt: u32, error: &JobError) -> Result<(), StoreError> {
         let set = "state = 'failed', error = ?, lease_owner = NULL, lease_expires_at = NULL";
         Ok(self.fenced(id, attempt, set, Some(Bind::Text(json(error)?)), Event::Failed { error: error.clone() }).await?)
+    }
+
+    async fn record_output(&self, id: &str, attempt: u32, output: &str, result: &JobResult) -> Result<(), StoreError> {
+        // A JSON merge patch (RFC 7396): adds or replaces this one output.
+        let set = "steps = json_patch(steps, ?)";
+        let event = Event::OutputSucceeded { output: output.to_string(), result: result.clone() };
+        Ok(self.fenced(id, attempt, set, Some(Bind::Text(step_patch(output, attempt, result)?)), event).await?)
+    }
+
+    async fn compensate(&self, id: &str, attempt: u32, output: Option<&str>, error: &JobError) -> Result<(), StoreError> {
+        let set = "compensate = COALESCE(compensate, ?)";
+        let event = Event::Compensating { output: output.map(str::to_string), error: error.clone() };
+        Ok(self.fenced(id, attempt, set, Some(Bind::Text(json(error)?)), event).await?)
+    }
+
+    async fn record_deleted(&self, id: &str, attempt: u32, output: &str, key: &str) -> Result<(), StoreError> {
+        // A merge patch with null deletes the member.
+        let set = "steps = json_patch(steps, ?)";
+        let patch = json(&serde_json::json!({ output: null }))?;
+        let event = Event::OutputDeleted { output: output.to_string(), key: key.to_string() };
+        Ok(self.fenced(id, attempt, set, Some(Bind::Text(patch)), event).await?)
+    }
+
+    async fn succeed_outputs(&self, id: &str, attempt: u32, outputs: &BTreeMap<String, Step>) -> Result<(), StoreError> {
+        let set = "state = 'succeeded', steps = ?, lease_owner = NULL, lease_expires_at = NULL";
+        let results = outputs.iter().map(|(name, step)| (name.clone(), step.result.clone())).collect();
+        let event = Event::Succeeded { result: None, outputs: results };
+        Ok(self.fenced(id, attempt, set, Some(Bind::Text(json(outputs)?)), event).await?)
     }
 
     async fn counts(&self) -> Result<Vec<(JobState, u64)>, StoreError> {
@@ -660,9 +719,10 @@ mod tests {
         NewJob {
             id: id.into(),
             owner: "alice".into(),
-            input: BlobRef { digest: "a".repeat(64), size: 10 },
+            input: BlobRef::at_digest("a".repeat(64), 10),
             input_format: "jpeg".into(),
             options: Options { width: Some(100), ..Options::default() },
+            outputs: Vec::new(),
             idempotency_key: None,
             request_hash: "h".into(),
         }

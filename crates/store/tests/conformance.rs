@@ -7,7 +7,8 @@
 
 use pixmesh_chassis::clock::{Clock, NTP64, system_time_clock};
 use pixmesh_model::{
-    BlobRef, ClaimById, Event, EventKind, JobError, JobResult, JobState, JobStore, NewJob, Options, Outbox, StoreError, fold,
+    BlobRef, ClaimById, Event, EventKind, JobError, JobResult, JobState, JobStore, NewJob, Options, Outbox, Output, StoreError, fold,
+    output_key,
 };
 use pixmesh_store::{Hlc, PostgresJobStore, SqliteJobStore};
 use pixmesh_test_support::postgres::TestDatabase;
@@ -97,15 +98,19 @@ conformance!(
     the_outbox_holds_every_event_in_order_and_one_relay_leads_at_a_time,
     the_sweeper_rescues_expired_leases_and_finds_jobs_left_claimable,
     a_history_keeps_causal_order_between_processes_whose_clocks_disagree,
+    a_saga_keeps_its_steps_across_claims_and_pivots_once,
+    a_saga_turned_back_deletes_then_fails_with_its_first_reason,
+    a_saga_that_used_up_its_attempts_is_turned_back_and_claimed_to_compensate,
 );
 
 fn new_job(id: &str, key: Option<&str>, hash: &str) -> NewJob {
     NewJob {
         id: id.into(),
         owner: "alice".into(),
-        input: BlobRef { digest: "a".repeat(64), size: 10 },
+        input: BlobRef::at_digest("a".repeat(64), 10),
         input_format: "jpeg".into(),
         options: Options { width: Some(100), ..Options::default() },
+        outputs: Vec::new(),
         idempotency_key: key.map(str::to_string),
         request_hash: hash.into(),
     }
@@ -113,7 +118,7 @@ fn new_job(id: &str, key: Option<&str>, hash: &str) -> NewJob {
 
 fn result() -> JobResult {
     JobResult {
-        blob: BlobRef { digest: "b".repeat(64), size: 5 },
+        blob: BlobRef::at_digest("b".repeat(64), 5),
         format: "webp".into(),
         content_type: "image/webp".into(),
         width: 100,
@@ -152,7 +157,7 @@ async fn a_job_goes_from_accepted_to_succeeded_with_its_history(backend: Backend
         matches!(&events[0].event, Event::Accepted { input_format, options, .. } if input_format == "jpeg" && options.width == Some(100))
     );
     assert!(matches!(&events[1].event, Event::Claimed { owner, .. } if owner == "d1"));
-    assert_eq!(events[2].event, Event::Succeeded { result: result() });
+    assert_eq!(events[2].event, Event::Succeeded { result: Some(result()), outputs: Default::default() });
     let view = fold(&events).unwrap();
     assert_eq!((view.state, view.attempts, view.result), (JobState::Succeeded, 1, Some(result())));
 }
@@ -712,4 +717,123 @@ async fn wait_for_claim(store: &Store, owner: &str) -> pixmesh_model::Job {
         assert!(Instant::now() < until, "nothing to claim");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+fn saga(id: &str, names: &[&str]) -> NewJob {
+    let outputs =
+        names.iter().map(|n| Output { name: n.to_string(), options: Options { width: Some(10), ..Options::default() } }).collect();
+    NewJob { outputs, ..new_job(id, None, id) }
+}
+
+fn made(job: &str, output: &str, attempt: u32) -> JobResult {
+    let mut r = result();
+    r.blob.key = Some(output_key(job, output, attempt));
+    r
+}
+
+async fn a_saga_keeps_its_steps_across_claims_and_pivots_once(backend: Backend) {
+    let store = backend.open().await;
+    let created = store.create(saga("s", &["thumb", "large"])).await.unwrap();
+    assert!(created.job.is_saga() && created.job.steps.is_empty());
+    assert_eq!(created.job.outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), vec!["thumb", "large"]);
+    let job = store.claim("d", LONG, 5).await.unwrap().unwrap();
+    store.record_output("s", job.attempt, "thumb", &made("s", "thumb", 1)).await.unwrap();
+    store.release("s", 1, &error("unavailable"), Duration::ZERO).await.unwrap();
+    // The next claim sees the step the first one made.
+    let job = store.claim("d", LONG, 5).await.unwrap().unwrap();
+    assert_eq!(job.attempt, 2);
+    assert_eq!(job.steps.get("thumb").map(|s| (s.attempt, s.result.clone())), Some((1, made("s", "thumb", 1))));
+    assert!(!job.steps.contains_key("large"));
+    assert!(matches!(store.record_output("s", 1, "large", &made("s", "large", 1)).await, Err(StoreError::Fenced { .. })), "stale attempt");
+    store.record_output("s", 2, "large", &made("s", "large", 2)).await.unwrap();
+    let steps = store.get("s").await.unwrap().unwrap().steps;
+    assert_eq!(steps.len(), 2);
+    store.succeed_outputs("s", 2, &steps).await.unwrap();
+    assert!(matches!(store.succeed_outputs("s", 2, &steps).await, Err(StoreError::Fenced { .. })), "the pivot happens once");
+    let done = store.get("s").await.unwrap().unwrap();
+    assert_eq!((done.state, done.steps, done.result, done.lease_owner), (JobState::Succeeded, steps, None, None));
+    use EventKind::*;
+    assert_eq!(kinds(&store, "s").await, vec![Accepted, Claimed, OutputSucceeded, Released, Claimed, OutputSucceeded, Succeeded]);
+    let view = fold(&store.events("s").await.unwrap()).unwrap();
+    assert_eq!(view.requested, vec!["thumb".to_string(), "large".to_string()]);
+    assert_eq!(view.outputs.get("large"), Some(&made("s", "large", 2)));
+    assert_eq!((view.state, view.result), (JobState::Succeeded, None));
+}
+
+async fn a_saga_turned_back_deletes_then_fails_with_its_first_reason(backend: Backend) {
+    let store = backend.open().await;
+    store.create(saga("s", &["a", "b", "c"])).await.unwrap();
+    store.claim("d", LONG, 5).await.unwrap().unwrap();
+    store.record_output("s", 1, "a", &made("s", "a", 1)).await.unwrap();
+    store.record_output("s", 1, "c", &made("s", "c", 1)).await.unwrap();
+    store.compensate("s", 1, Some("b"), &error("bad_request")).await.unwrap();
+    store.compensate("s", 1, None, &error("unavailable")).await.unwrap();
+    let job = store.get("s").await.unwrap().unwrap();
+    assert_eq!(job.compensate, Some(error("bad_request")), "the first reason is kept");
+    assert_eq!(job.state, JobState::Processing, "turning back is not the end");
+    store.record_deleted("s", 1, "a", &output_key("s", "a", 1)).await.unwrap();
+    // Deleting again (a compensation done twice) is harmless.
+    store.record_deleted("s", 1, "a", &output_key("s", "a", 1)).await.unwrap();
+    store.record_deleted("s", 1, "c", &output_key("s", "c", 1)).await.unwrap();
+    assert!(store.get("s").await.unwrap().unwrap().steps.is_empty());
+    store.fail("s", 1, &error("bad_request")).await.unwrap();
+    let job = store.get("s").await.unwrap().unwrap();
+    assert_eq!((job.state, job.error), (JobState::Failed, Some(error("bad_request"))));
+    use EventKind::*;
+    assert_eq!(
+        kinds(&store, "s").await,
+        vec![
+            Accepted,
+            Claimed,
+            OutputSucceeded,
+            OutputSucceeded,
+            Compensating,
+            Compensating,
+            OutputDeleted,
+            OutputDeleted,
+            OutputDeleted,
+            Failed
+        ]
+    );
+    let view = fold(&store.events("s").await.unwrap()).unwrap();
+    assert_eq!((view.state, view.outputs.len(), view.failed_output.as_deref()), (JobState::Failed, 0, Some("b")));
+}
+
+async fn a_saga_that_used_up_its_attempts_is_turned_back_and_claimed_to_compensate(backend: Backend) {
+    let (store, outbox) = backend.open_with_outbox().await;
+    // Polling: the claim after the last attempt turns it back and claims it at once.
+    store.create(saga("polled", &["a", "b"])).await.unwrap();
+    store.claim("d", LONG, 1).await.unwrap().unwrap();
+    store.record_output("polled", 1, "a", &made("polled", "a", 1)).await.unwrap();
+    store.release("polled", 1, &error("unavailable"), Duration::ZERO).await.unwrap();
+    let job = store.claim("d", LONG, 1).await.unwrap().expect("claimed to compensate");
+    assert_eq!(job.attempt, 2);
+    assert!(job.compensate.as_ref().is_some_and(|e| e.code == "unavailable" && e.message.contains("gave up after 1 attempts")), "{job:?}");
+    assert_eq!(job.steps.len(), 1, "what it made is still there to delete");
+    use EventKind::*;
+    assert_eq!(kinds(&store, "polled").await, vec![Accepted, Claimed, OutputSucceeded, Released, Compensating, Claimed]);
+    // A turned-back saga is claimed again whatever its attempts, and turned back once.
+    store.release("polled", 2, &error("unavailable"), Duration::ZERO).await.unwrap();
+    let again = store.claim("d", LONG, 1).await.unwrap().expect("claimed again to compensate");
+    assert_eq!(again.attempt, 3);
+    assert_eq!(kinds(&store, "polled").await.iter().filter(|k| **k == Compensating).count(), 1);
+
+    // By id: the same.
+    store.create(saga("woken", &["a"])).await.unwrap();
+    let ids = vec!["woken".to_string()];
+    store.claim_ids("d", LONG, 1, &ids).await.unwrap();
+    store.release("woken", 1, &error("unavailable"), Duration::ZERO).await.unwrap();
+    let answers = store.claim_ids("d", LONG, 1, &ids).await.unwrap();
+    assert!(matches!(&answers[0], ClaimById::Claimed(job) if job.attempt == 2 && job.compensate.is_some()), "{answers:?}");
+
+    // A lease that ran out on the last attempt: the sweep turns it back and queues it.
+    store.create(saga("expired", &["a"])).await.unwrap();
+    store.claim_ids("crashed", Duration::from_millis(50), 1, &["expired".to_string()]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    outbox.rescue_expired(1).await.unwrap();
+    let job = store.get("expired").await.unwrap().unwrap();
+    assert_eq!((job.state, job.compensate.is_some()), (JobState::Queued, true));
+    assert_eq!(kinds(&store, "expired").await, vec![Accepted, Claimed, LeaseExpired, Compensating]);
+    let answers = store.claim_ids("d", LONG, 1, &["expired".to_string()]).await.unwrap();
+    assert!(matches!(&answers[0], ClaimById::Claimed(job) if job.attempt == 2), "{answers:?}");
 }

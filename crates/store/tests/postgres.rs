@@ -15,22 +15,17 @@ fn new_job(id: &str) -> NewJob {
     NewJob {
         id: id.into(),
         owner: String::new(),
-        input: BlobRef { digest: "a".repeat(64), size: 10 },
+        input: BlobRef::at_digest("a".repeat(64), 10),
         input_format: "jpeg".into(),
         options: Options::default(),
+        outputs: Vec::new(),
         idempotency_key: None,
         request_hash: "h".into(),
     }
 }
 
 fn result() -> JobResult {
-    JobResult {
-        blob: BlobRef { digest: "b".repeat(64), size: 5 },
-        format: "png".into(),
-        content_type: "image/png".into(),
-        width: 1,
-        height: 1,
-    }
+    JobResult { blob: BlobRef::at_digest("b".repeat(64), 5), format: "png".into(), content_type: "image/png".into(), width: 1, height: 1 }
 }
 
 const LONG: Duration = Duration::from_secs(30);

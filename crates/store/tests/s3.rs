@@ -122,7 +122,7 @@ async fn presigned_urls_open_one_object_with_one_method_for_a_while() {
     // A worker that says another size than it put, or put nothing: refused, nothing adopted.
     let lying = presign.staging_url("job3-1-1", Duration::from_secs(30)).await.unwrap();
     assert_eq!(http.put(&lying).body("short").send().await.unwrap().status(), 200);
-    let claimed = BlobRef { digest: "a".repeat(64), size: 999 };
+    let claimed = BlobRef::at_digest("a".repeat(64), 999);
     assert!(matches!(presign.adopt("job3-1-1", &claimed).await, Err(StoreError::Invalid(_))));
     assert!(store.get(&claimed.digest).await.unwrap().is_none());
     staging_empties(&server, "t/urls").await;
@@ -141,6 +141,37 @@ async fn presigned_urls_open_one_object_with_one_method_for_a_while() {
     let brief = presign.get_url(&input.digest, Duration::from_secs(1)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(http.get(&brief).send().await.unwrap().status(), 403, "an expired URL is refused");
+}
+
+#[tokio::test]
+async fn saga_outputs_live_at_their_keys_apart_from_the_content_addresses() {
+    let server = S3Server::start();
+    let store = open(&server, "t/out").await;
+    let presign = store.presign().expect("S3 presigns");
+    let http = reqwest::Client::new();
+    let key = pixmesh_store::output_key("job-9", "thumb", 1);
+    let written = store.put_at(&key, Bytes::from_static(b"thumb bytes")).await.unwrap();
+    assert_eq!((written.name(), written.digest.as_str()), (key.as_str(), BlobRef::of(b"thumb bytes").digest.as_str()));
+    assert_eq!(store.get(&key).await.unwrap().unwrap(), "thumb bytes");
+    // A worker's staged output, adopted at a key: at that key, not at its digest.
+    let output = Bytes::from_static(b"large output");
+    let put = presign.staging_url("job-9-1-large-1", Duration::from_secs(30)).await.unwrap();
+    assert_eq!(http.put(&put).body(output.clone()).send().await.unwrap().status(), 200);
+    let large = pixmesh_store::output_key("job-9", "large", 1);
+    let blob = BlobRef { key: Some(large.clone()), ..BlobRef::of(&output) };
+    presign.adopt("job-9-1-large-1", &blob).await.unwrap();
+    assert_eq!(store.get(&large).await.unwrap().unwrap(), output);
+    assert!(store.get(&blob.digest).await.unwrap().is_none(), "nothing at the content address");
+    let mut stream = store.stream(&large).await.unwrap().unwrap();
+    assert_eq!((stream.size, stream.chunks.next().await.unwrap().unwrap()), (12, output));
+    assert!(server.keys("t/out", "blobs").is_empty());
+    store.delete(&key).await.unwrap();
+    store.delete(&key).await.unwrap();
+    store.delete(&large).await.unwrap();
+    assert_eq!(store.get(&large).await.unwrap(), None);
+    for bad in ["job-9/thumb", "../x/y/1", &"a".repeat(64)] {
+        assert!(matches!(store.put_at(bad, Bytes::from_static(b"x")).await, Err(StoreError::Invalid(_))), "{bad}");
+    }
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use pixmesh_chassis::signed_url::Signer;
 use pixmesh_chassis::{ApiError, ErrorCode, multipart};
 use pixmesh_imaging::{Crop, Fit, Flip, Gravity, Options, OutputFormat};
-use pixmesh_store::{NewJob, StoreError, StoreErrorExt, Stores};
+use pixmesh_store::{NewJob, Output, StoreError, StoreErrorExt, Stores};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use tokio::sync::Semaphore;
@@ -103,14 +103,118 @@ pub fn parse_options(params: &[(String, String)]) -> Result<Options, ApiError> {
     Ok(options)
 }
 
+/// The query parameter (and the form field) that names an upload's outputs.
+pub const OUTPUTS: &str = "outputs";
+
+/// Parses the named outputs of an upload from the query's `outputs`:
+/// `thumb:width=200,format=webp;large:width=1600` — outputs separated by `;`, each a name, a
+/// colon, then its options as `key=value` pairs separated by commas (a name alone takes the
+/// upload's options as they are). Each output starts from `base` (the upload's other
+/// parameters) with its own pairs on top; names are `[a-z0-9_-]{1,32}`, each once, at most
+/// `max` of them.
+pub fn parse_outputs(spec: &str, base: &[(String, String)], max: usize) -> Result<Vec<Output>, ApiError> {
+    let bad = |m: String| ApiError::new(ErrorCode::BadRequest, m);
+    let mut list = Vec::new();
+    for (i, part) in spec.split(';').enumerate() {
+        let (name, pairs) = part.split_once(':').unwrap_or((part, ""));
+        if name.is_empty() {
+            return Err(bad(format!(
+                "output {} of `outputs` has no name; write outputs as name:key=value,key=value;name2:… (e.g. thumb:width=200,format=webp;large:width=1600)",
+                i + 1
+            )));
+        }
+        let mut options = Vec::new();
+        for pair in pairs.split(',').filter(|p| !p.is_empty()) {
+            let Some((key, value)) = pair.split_once('=') else {
+                return Err(bad(format!("output `{}`: `{pair}` is not key=value", clip(name))));
+            };
+            options.push((key.to_string(), value.to_string()));
+        }
+        list.push((name.to_string(), options));
+    }
+    build_outputs(list, base, max)
+}
+
+/// Parses the named outputs of an upload from a form's `outputs` part, a JSON array:
+/// `[{"name": "thumb", "width": 200, "format": "webp"}, {"name": "large", "width": 1600}]`,
+/// each object a name and the same options as the query takes (strings, numbers or booleans),
+/// under the same rules as [`parse_outputs`].
+pub fn parse_outputs_json(json: &[u8], base: &[(String, String)], max: usize) -> Result<Vec<Output>, ApiError> {
+    let bad = |m: String| ApiError::new(ErrorCode::BadRequest, m);
+    let example = r#"[{"name":"thumb","width":200,"format":"webp"},{"name":"large","width":1600}]"#;
+    let value: serde_json::Value =
+        serde_json::from_slice(json).map_err(|e| bad(format!("the `outputs` part is not JSON ({e}); send an array like {example}")))?;
+    let serde_json::Value::Array(items) = value else {
+        return Err(bad(format!("the `outputs` part must be a JSON array like {example}")));
+    };
+    let mut list = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let serde_json::Value::Object(fields) = item else {
+            return Err(bad(format!("output {} of the `outputs` part is not an object like {{\"name\":\"thumb\",\"width\":200}}", i + 1)));
+        };
+        let mut name = None;
+        let mut options = Vec::new();
+        for (key, value) in fields {
+            let text = match value {
+                serde_json::Value::String(s) => s,
+                serde_json::Value::Number(n) => n.to_string(),
+                serde_json::Value::Bool(b) => b.to_string(),
+                other => return Err(bad(format!("output {}: `{}` must be a string, number or boolean, got {other}", i + 1, clip(&key)))),
+            };
+            if key == "name" {
+                name = Some(text);
+            } else {
+                options.push((key, text));
+            }
+        }
+        let name = name.ok_or_else(|| bad(format!("output {} of the `outputs` part has no \"name\"", i + 1)))?;
+        list.push((name, options));
+    }
+    build_outputs(list, base, max)
+}
+
+/// Outputs from their names and own parameters, each on top of `base`, checked.
+fn build_outputs(list: Vec<(String, Vec<(String, String)>)>, base: &[(String, String)], max: usize) -> Result<Vec<Output>, ApiError> {
+    let bad = |m: String| ApiError::new(ErrorCode::BadRequest, m);
+    if list.is_empty() {
+        return Err(bad("`outputs` names no output; name at least one, or leave it out for one unnamed output".into()));
+    }
+    if list.len() > max {
+        return Err(bad(format!("`outputs` names {} outputs; at most {max} are allowed", list.len())));
+    }
+    let mut outputs: Vec<Output> = Vec::with_capacity(list.len());
+    for (name, own) in list {
+        if !Output::valid_name(&name) {
+            return Err(bad(format!("output name `{}` is not valid: use 1 to 32 of a-z, 0-9, _ and -", clip(&name))));
+        }
+        if outputs.iter().any(|o| o.name == name) {
+            return Err(bad(format!("output `{name}` is named twice; give each output a name of its own")));
+        }
+        let in_output = |m: String| bad(format!("output `{name}`: {m}"));
+        // Its own pairs alone first: a key given twice in one output is refused, not merged.
+        parse_options(&own).map_err(|e| in_output(e.message))?;
+        let mut merged: Vec<(String, String)> = base.iter().filter(|(k, _)| !own.iter().any(|(o, _)| o == k)).cloned().collect();
+        merged.extend(own);
+        let options = parse_options(&merged).map_err(|e| in_output(e.message))?;
+        outputs.push(Output { name, options });
+    }
+    Ok(outputs)
+}
+
+/// At most 64 characters of a client's text, for an error message.
+fn clip(text: &str) -> String {
+    text.chars().take(64).collect()
+}
+
 fn too_large(limit: usize) -> ApiError {
     ApiError::new(ErrorCode::PayloadTooLarge, format!("the upload is larger than the limit of {limit} bytes; send a smaller image"))
 }
 
 /// The image bytes of an upload: the raw body, or the one image part of a `multipart/form-data`
 /// body, found by the rule and parser the gateway's guard uses too
-/// (`pixmesh_chassis::multipart`), so the part the guard sized is the part stored here.
-async fn read_image(request: Request, limit: usize) -> Result<Bytes, ApiError> {
+/// (`pixmesh_chassis::multipart`), so the part the guard sized is the part stored here; and a
+/// form's `outputs` part, if it has one.
+async fn read_image(request: Request, limit: usize) -> Result<(Bytes, Option<Bytes>), ApiError> {
     // Not lowercased: a multipart boundary is case-sensitive.
     let content_type = request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
@@ -135,14 +239,17 @@ async fn read_image(request: Request, limit: usize) -> Result<Bytes, ApiError> {
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large(limit)),
         Err(e) => return Err(ApiError::new(ErrorCode::BadRequest, format!("could not read the request body: {e}"))),
     };
-    let bytes = match boundary {
-        Some(boundary) => body.slice(multipart::image_part(&body, &boundary).map_err(bad_form)?),
-        None => body,
+    let (bytes, outputs) = match boundary {
+        Some(boundary) => {
+            let outputs = multipart::field_part(&body, &boundary, OUTPUTS).map_err(bad_form)?.map(|range| body.slice(range));
+            (body.slice(multipart::image_part(&body, &boundary).map_err(bad_form)?), outputs)
+        }
+        None => (body, None),
     };
     if bytes.is_empty() {
         return Err(ApiError::new(ErrorCode::BadRequest, "the image is empty; send the image bytes"));
     }
-    Ok(bytes)
+    Ok((bytes, outputs))
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -188,19 +295,48 @@ async fn upload(
     request: Request,
 ) -> Result<Response, ApiError> {
     let Query(params) = query.map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("bad query string: {}", e.body_text())))?;
-    let options = parse_options(&params)?;
+    // The options of the upload; with named outputs, what each output starts from.
+    let (spec, base): (Vec<_>, Vec<_>) = params.into_iter().partition(|(k, _)| k == OUTPUTS);
+    let options = parse_options(&base)?;
+    let mut outputs = match spec.as_slice() {
+        [] => Vec::new(),
+        [(_, spec)] => parse_outputs(spec, &base, state.config.max_outputs)?,
+        _ => {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "query parameter `outputs` is given more than once; name every output in one",
+            ));
+        }
+    };
     let idempotency = idempotency_key(request.headers())?;
     let owner = request.headers().get(CLIENT_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let limits = output_limits(&state.config, request.headers());
     let _permit = state.permits.acquire().await.map_err(|_| ApiError::new(ErrorCode::Unavailable, "shutting down"))?;
-    let bytes = read_image(request, state.config.max_body_bytes).await?;
+    let (bytes, form_outputs) = read_image(request, state.config.max_body_bytes).await?;
+    if let Some(json) = form_outputs {
+        if !outputs.is_empty() {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "outputs are named both in the query and in the form's `outputs` part; name them in one place",
+            ));
+        }
+        outputs = parse_outputs_json(&json, &base, state.config.max_outputs)?;
+    }
     let imaging_error =
         |e: pixmesh_imaging::ImagingError| ApiError::new(ErrorCode::parse(e.code()).unwrap_or(ErrorCode::Internal), e.to_string());
     let probe = pixmesh_imaging::probe(&bytes, &state.config.limits).map_err(imaging_error)?;
     // A small upload must not demand a huge output: refused here, before a job exists.
-    pixmesh_imaging::check_output(probe.width, probe.height, &options, &limits).map_err(imaging_error)?;
+    if outputs.is_empty() {
+        pixmesh_imaging::check_output(probe.width, probe.height, &options, &limits).map_err(imaging_error)?;
+    }
+    for output in &outputs {
+        pixmesh_imaging::check_output(probe.width, probe.height, &output.options, &limits).map_err(|e| {
+            let e = imaging_error(e);
+            ApiError { message: format!("output `{}`: {}", output.name, e.message), ..e }
+        })?;
+    }
     let input = state.stores.blobs.put(bytes).await.map_err(store_error)?;
-    let options_json = serde_json::to_string(&options).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+    let options_json = serde_json::to_string(&(&options, &outputs)).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
     let request_hash = hex::encode(Sha256::digest(format!("{}\n{}", input.digest, options_json)));
     let job = NewJob {
         id: uuid::Uuid::now_v7().to_string(),
@@ -208,19 +344,32 @@ async fn upload(
         input,
         input_format: probe.format.as_str().to_string(),
         options,
+        outputs,
         idempotency_key: idempotency,
         request_hash,
     };
     let created = state.stores.jobs.create(job).await.map_err(store_error)?;
-    let id = created.job.id;
+    let id = created.job.id.clone();
     metrics::counter!("pixmesh_upload_jobs_total", "replayed" => if created.created { "false" } else { "true" }).increment(1);
     if created.created {
         state.stores.job_created(&id);
         tracing::info!(job = %id, format = probe.format.as_str(), width = probe.width, height = probe.height, "job accepted");
     }
     let status_url = format!("/api/status/{id}");
-    let result_url = pixmesh_chassis::signed_url::result_url(state.signer.as_deref(), &id);
-    let body = serde_json::json!({ "id": id, "status_url": status_url, "result_url": result_url });
+    let signer = state.signer.as_deref();
+    let body = if created.job.is_saga() {
+        // One download per named output.
+        let urls: serde_json::Map<String, serde_json::Value> = created
+            .job
+            .outputs
+            .iter()
+            .map(|o| (o.name.clone(), pixmesh_chassis::signed_url::output_url(signer, &id, &o.name).into()))
+            .collect();
+        serde_json::json!({ "id": id, "status_url": status_url, "result_urls": urls })
+    } else {
+        let result_url = pixmesh_chassis::signed_url::result_url(signer, &id);
+        serde_json::json!({ "id": id, "status_url": status_url, "result_url": result_url })
+    };
     let mut response = (StatusCode::ACCEPTED, axum::Json(body)).into_response();
     if let Ok(v) = status_url.parse() {
         response.headers_mut().insert(header::LOCATION, v);
@@ -546,5 +695,118 @@ mod tests {
         let (s3, _, third) = send(&app, req(9)).await;
         assert_eq!(s3, StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(third["error"]["code"], "idempotency_conflict");
+    }
+
+    fn pairs(query: &str) -> Vec<(String, String)> {
+        query.split('&').filter(|p| !p.is_empty()).map(|p| p.split_once('=').unwrap()).map(|(k, v)| (k.into(), v.into())).collect()
+    }
+
+    #[test]
+    fn named_outputs_take_the_uploads_options_with_their_own_on_top() {
+        let outputs = parse_outputs("thumb:width=200,format=webp;large:width=1600;plain", &pairs("format=png&quality=70"), 16).unwrap();
+        let shown: Vec<(&str, Option<u32>, OutputFormat, Option<u8>)> =
+            outputs.iter().map(|o| (o.name.as_str(), o.options.width, o.options.format, o.options.quality)).collect();
+        assert_eq!(
+            shown,
+            vec![
+                ("thumb", Some(200), OutputFormat::Webp, Some(70)),
+                ("large", Some(1600), OutputFormat::Png, Some(70)),
+                ("plain", None, OutputFormat::Png, Some(70)),
+            ]
+        );
+        let json = br#"[{"name":"thumb","width":200,"format":"webp"},{"name":"large","width":"1600","grayscale":true}]"#;
+        let from_json = parse_outputs_json(json, &pairs("quality=70"), 16).unwrap();
+        assert_eq!(from_json[0].options, outputs[0].options);
+        assert_eq!((from_json[1].options.width, from_json[1].options.grayscale), (Some(1600), true));
+    }
+
+    #[test]
+    fn bad_output_lists_are_refused_with_what_is_wrong() {
+        let refused = |spec: &str, max: usize, says: &str| {
+            let e = parse_outputs(spec, &[], max).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{spec}");
+            assert!(e.message.contains(says), "{spec}: {}", e.message);
+        };
+        refused("", 16, "has no name");
+        refused("thumb:width=1;", 16, "output 2 of `outputs` has no name");
+        refused(":width=1", 16, "has no name");
+        refused("Thumb:width=1", 16, "not valid");
+        refused("a/b:width=1", 16, "not valid");
+        refused(&"x".repeat(33), 16, "not valid");
+        refused("a:width=1;a:width=2", 16, "named twice");
+        refused("a;b;c", 2, "at most 2");
+        refused("a:width", 16, "`width` is not key=value");
+        refused("a:width=1,width=2", 16, "output `a`: query parameter `width` is given more than once");
+        refused("a:colour=red", 16, "output `a`: unknown query parameter `colour`");
+        refused("a:width=0", 16, "output `a`: invalid options: width must be between");
+        let json = |body: &str, says: &str| {
+            let e = parse_outputs_json(body.as_bytes(), &[], 16).unwrap_err();
+            assert!(e.message.contains(says), "{body}: {}", e.message);
+        };
+        json("{", "not JSON");
+        json(r#"{"thumb":{}}"#, "must be a JSON array");
+        json(r#"[1]"#, "is not an object");
+        json(r#"[{"width":1}]"#, "has no \"name\"");
+        json(r#"[{"name":"a","width":[1]}]"#, "must be a string, number or boolean");
+        json("[]", "names no output");
+    }
+
+    #[tokio::test]
+    async fn an_upload_with_named_outputs_records_a_saga_and_answers_a_url_per_output() {
+        let (_dir, app, stores) = app(UploadConfig::default()).await;
+        let (status, _, body) =
+            send(&app, post("/api/upload?format=png&outputs=thumb:width=8;big:width=30,format=webp", "image/png", png(40, 20))).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        let id = body["id"].as_str().unwrap();
+        assert_eq!(body["result_urls"]["thumb"], format!("/api/result/{id}/thumb"));
+        assert_eq!(body["result_urls"]["big"], format!("/api/result/{id}/big"));
+        assert!(body.get("result_url").is_none(), "{body}");
+        let job = stores.jobs.get(id).await.unwrap().unwrap();
+        assert!(job.is_saga());
+        assert_eq!(
+            job.outputs.iter().map(|o| (o.name.as_str(), o.options.width, o.options.format)).collect::<Vec<_>>(),
+            vec![("thumb", Some(8), OutputFormat::Png), ("big", Some(30), OutputFormat::Webp)]
+        );
+
+        // The same in a form: the image part and an `outputs` part of JSON.
+        let outputs = br#"[{"name":"thumb","width":8},{"name":"big","width":30,"format":"webp"}]"#;
+        let image = png(40, 20);
+        let body = form(
+            "B",
+            &[
+                ("Content-Disposition: form-data; name=\"outputs\"", outputs),
+                ("Content-Disposition: form-data; name=\"file\"; filename=\"a.png\"", &image),
+            ],
+        );
+        let (status, _, answer) = send(&app, post("/api/upload?format=png", "multipart/form-data; boundary=B", body.clone())).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+        let job2 = stores.jobs.get(answer["id"].as_str().unwrap()).await.unwrap().unwrap();
+        assert_eq!(job2.outputs, job.outputs);
+        // Named in both places, twice in the form, or not JSON: refused, and no job is made.
+        let both = send(&app, post("/api/upload?outputs=a", "multipart/form-data; boundary=B", body)).await;
+        assert_eq!((both.0, both.2["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")), "{}", both.2);
+        let twice = form(
+            "B",
+            &[
+                ("Content-Disposition: form-data; name=\"outputs\"", outputs),
+                ("Content-Disposition: form-data; name=\"OUTPUTS\"", outputs),
+                ("Content-Disposition: form-data; name=\"file\"", &image),
+            ],
+        );
+        let (status, _, answer) = send(&app, post("/api/upload", "multipart/form-data; boundary=B", twice)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        assert!(answer["error"]["message"].as_str().unwrap().contains("2 parts named `outputs`"), "{answer}");
+        let (status, _, _) = send(&app, post("/api/upload?outputs=a&outputs=b", "image/png", png(4, 4))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let counts: u64 = stores.jobs.counts().await.unwrap().iter().map(|(_, n)| n).sum();
+        assert_eq!(counts, 2);
+        // Every output is held to the output limits, and the one over them is named.
+        let config =
+            UploadConfig { limits: pixmesh_imaging::Limits { max_output_side: 1000, ..Default::default() }, ..UploadConfig::default() };
+        let (_dir2, small, _) = super::tests::app(config).await;
+        let (status, _, answer) =
+            send(&small, post("/api/upload?enlarge=true&outputs=ok:width=100;huge:width=5000", "image/png", png(40, 20))).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+        assert!(answer["error"]["message"].as_str().unwrap().starts_with("output `huge`: "), "{answer}");
     }
 }

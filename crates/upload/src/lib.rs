@@ -29,6 +29,8 @@ pub struct UploadConfig {
     /// Pixel and side limits checked from the image header.
     pub limits: Limits,
     pub drain_grace_ms: u64,
+    /// The most named outputs one upload may ask for (`outputs=`).
+    pub max_outputs: usize,
     /// The deployment's URL signing keys, from `[gateway.signed_urls]` (not an `[upload]` key):
     /// `result_url` is signed with them.
     #[serde(skip)]
@@ -44,6 +46,7 @@ impl Default for UploadConfig {
             max_concurrent: 64,
             limits: Limits::default(),
             drain_grace_ms: 10_000,
+            max_outputs: pixmesh_store::DEFAULT_MAX_OUTPUTS,
             signed_urls: Default::default(),
         }
     }
@@ -53,6 +56,9 @@ impl UploadConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.max_body_bytes == 0 || self.max_concurrent == 0 {
             return Err("upload.max_body_bytes and upload.max_concurrent must be above 0".into());
+        }
+        if !(1..=256).contains(&self.max_outputs) {
+            return Err(format!("upload.max_outputs must be 1 to 256, got {}", self.max_outputs));
         }
         Ok(())
     }

@@ -86,7 +86,7 @@ async fn calls_with_urls_wait_on_s3_without_holding_the_cpu_slots() {
     for (n, call) in calls.into_iter().enumerate() {
         let out = call.await.unwrap().unwrap().into_inner();
         assert!(out.image.is_empty(), "the output went to S3, not into the answer");
-        let staged = BlobRef { digest: out.digest.clone(), size: out.size };
+        let staged = BlobRef::at_digest(out.digest.clone(), out.size);
         presign.adopt(&format!("call-{}", n + 1), &staged).await.unwrap();
         let bytes = store.get(&out.digest).await.unwrap().unwrap();
         assert_eq!(BlobRef::of(&bytes), staged);

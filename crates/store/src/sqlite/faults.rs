@@ -16,9 +16,10 @@ fn job(id: &str, size: usize) -> NewJob {
     NewJob {
         id: id.into(),
         owner: String::new(),
-        input: BlobRef { digest: "a".repeat(64), size: 10 },
+        input: BlobRef::at_digest("a".repeat(64), 10),
         input_format: "jpeg".into(),
         options: Options::default(),
+        outputs: Vec::new(),
         idempotency_key: None,
         request_hash: "h".repeat(size),
     }
@@ -48,13 +49,7 @@ async fn eight_jobs_go_through(store: &SqliteJobStore, tag: &str) {
 }
 
 fn result() -> JobResult {
-    JobResult {
-        blob: BlobRef { digest: "b".repeat(64), size: 5 },
-        format: "webp".into(),
-        content_type: "image/webp".into(),
-        width: 1,
-        height: 1,
-    }
+    JobResult { blob: BlobRef::at_digest("b".repeat(64), 5), format: "webp".into(), content_type: "image/webp".into(), width: 1, height: 1 }
 }
 
 #[tokio::test]
