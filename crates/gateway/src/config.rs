@@ -40,6 +40,10 @@ pub struct GatewayConfig {
     pub max_queue: u32,
     /// Default per-route queue time: a request that waited this long for a slot gets the 503.
     pub max_queue_ms: u64,
+    /// Default per-route limit on event streams (`Accept: text/event-stream`) open at once.
+    /// They do not take `max_in_flight` slots (a stream is held for minutes), nor connection
+    /// slots of the upstream instance: this is their bound. Past it a new stream gets a 503.
+    pub max_streams: u32,
     /// One log line per request (target `pixmesh_gateway::access`).
     pub access_log: bool,
     /// Reload when the config file or the keys file changes (checked every second).
@@ -160,6 +164,9 @@ pub struct RouteConfig {
     /// The longest wait for a slot (the gateway's `max_queue_ms`).
     #[serde(default)]
     pub max_queue_ms: Option<u64>,
+    /// Event streams open at once (the gateway's `max_streams`).
+    #[serde(default)]
+    pub max_streams: Option<u32>,
     /// Image uploads: the body must be an image of an allowed format within these limits,
     /// checked from its header bytes before anything is forwarded.
     #[serde(default)]
@@ -238,6 +245,7 @@ fn route(prefix: &str, upstream: &str, methods: &[&str]) -> RouteConfig {
         max_in_flight: None,
         max_queue: None,
         max_queue_ms: None,
+        max_streams: None,
         image: None,
     }
 }
@@ -252,6 +260,7 @@ impl Default for GatewayConfig {
                 RouteConfig { image: Some(ImageLimitsConfig::default()), ..route("/api/upload", "upload", &["POST"]) },
                 route("/api/status", "status", &["GET", "HEAD"]),
                 route("/api/result", "status", &["GET", "HEAD"]),
+                route("/api/events", "status", &["GET", "HEAD"]),
             ],
             require_api_key: true,
             api_keys: Vec::new(),
@@ -267,6 +276,7 @@ impl Default for GatewayConfig {
             max_in_flight: 256,
             max_queue: 128,
             max_queue_ms: 100,
+            max_streams: 10_000,
             access_log: true,
             watch_files: true,
             drain_grace_ms: 10_000,

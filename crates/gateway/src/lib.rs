@@ -57,8 +57,9 @@ pub async fn serve(prepared: Prepared, http: TcpListener, admin: TcpListener, sh
     let limits = config.connections;
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     tokio::spawn(reload::watch(source, config, stamps, Arc::clone(&shared), shutdown.clone()));
+    let streams_stop = shutdown.clone();
     pixmesh_chassis::serve::http_role("gateway", http, admin, shutdown, grace, limits, |_| async move {
-        Ok(stack::app(shared, upstream::Clients::new()))
+        Ok(stack::app(shared, upstream::Clients::new(), streams_stop))
     })
     .await
 }

@@ -108,17 +108,24 @@ async fn forward_inner(clients: &Clients, peer: SocketAddr, request: Request) ->
     let path_and_query = PathAndQuery::try_from(path_and_query)
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("cannot forward this path: {e}")))?;
     let deadline = tokio::time::Instant::now() + route.timeout;
+    let stream = parts.extensions.get::<crate::layers::admission::EventStream>().is_some();
     while tried.len() < attempts {
         let Some(i) = route.pool.pick(&tried) else { break };
         tried.push(i);
         let uri = route.pool.instances[i].uri(&path_and_query)?;
-        let slot = match route.pool.instances[i].try_slot() {
-            Some(slot) => slot,
-            None => {
-                route.pool.metrics.slot_waits.increment(1);
-                match tokio::time::timeout_at(deadline, route.pool.instances[i].slot()).await {
-                    Ok(Some(slot)) => slot,
-                    _ => return Err(saturated(&route.pool, route.timeout.as_millis())),
+        // An event stream holds no connection slot: it would hold it for as long as its client
+        // listens; the route's `max_streams` bounds streams instead.
+        let slot = if stream {
+            None
+        } else {
+            match route.pool.instances[i].try_slot() {
+                Some(slot) => Some(slot),
+                None => {
+                    route.pool.metrics.slot_waits.increment(1);
+                    match tokio::time::timeout_at(deadline, route.pool.instances[i].slot()).await {
+                        Ok(Some(slot)) => Some(slot),
+                        _ => return Err(saturated(&route.pool, route.timeout.as_millis())),
+                    }
                 }
             }
         };

@@ -143,12 +143,18 @@ impl Snapshot {
                 .cloned()
                 .ok_or_else(|| format!("route {} names upstream {:?}, which has no URL", r.prefix, r.upstream))?;
             let max_in_flight = r.max_in_flight.unwrap_or(config.max_in_flight);
+            let max_streams = r.max_streams.unwrap_or(config.max_streams);
             // Requests admitted or waiting under the previous generation still count; a new
-            // `max_in_flight` starts afresh (the old requests finish under their old limit).
+            // `max_in_flight` or `max_streams` starts afresh (the old requests finish under
+            // their old limit).
             let admission = previous
-                .and_then(|p| p.routes.iter().find(|o| o.prefix == r.prefix && o.admission.max_in_flight() == max_in_flight))
+                .and_then(|p| {
+                    p.routes.iter().find(|o| {
+                        o.prefix == r.prefix && o.admission.max_in_flight() == max_in_flight && o.admission.max_streams() == max_streams
+                    })
+                })
                 .map(|o| Arc::clone(&o.admission))
-                .unwrap_or_else(|| Arc::new(Admission::new(max_in_flight)));
+                .unwrap_or_else(|| Arc::new(Admission::new(max_in_flight, max_streams)));
             let image = r.image.as_ref().map(|i| ImageLimits {
                 max_pixels: i.max_pixels,
                 max_side: i.max_side,
@@ -236,6 +242,7 @@ mod tests {
             max_in_flight: Some(3),
             max_queue: Some(1),
             max_queue_ms: None,
+            max_streams: None,
             image: None,
         });
         c

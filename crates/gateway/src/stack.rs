@@ -9,9 +9,10 @@ use crate::proxy;
 use crate::snapshot::Shared;
 use crate::upstream::Clients;
 use axum::Router;
+use pixmesh_chassis::Shutdown;
 use tower::ServiceBuilder;
 
-pub fn app(shared: Shared, clients: Clients) -> Router {
+pub fn app(shared: Shared, clients: Clients, shutdown: Shutdown) -> Router {
     let interceptors = ServiceBuilder::new()
         // The configuration generation and route this request is served by, whatever reloads.
         .layer(PinLayer::layer(shared))
@@ -32,6 +33,7 @@ pub fn app(shared: Shared, clients: Clients) -> Router {
         // Last: only requests that will really be forwarded take a slot (or wait in the route's
         // bounded queue); past it a fast 503. After the guard, so a slow client sending its
         // image header holds no slot; the guard reads at most `probe_bytes` before it.
-        .layer(AdmissionLayer::layer());
+        // Event streams are admitted apart and end when the gateway shuts down.
+        .layer(AdmissionLayer::layer(shutdown));
     Router::new().fallback(proxy::forward).with_state(clients).layer(interceptors)
 }

@@ -68,6 +68,17 @@ async fn upstream() -> (String, Arc<Seen>) {
                 Body::from_stream(chunks)
             }),
         )
+        .route(
+            "/events/live",
+            get(|| async {
+                // An event stream that never ends: a tick every 50 ms.
+                let ticks = futures_util::stream::unfold(0u64, |i| async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Some((Ok::<_, std::io::Error>(bytes::Bytes::from(format!("id: {i}\ndata: tick\n\n"))), i + 1))
+                });
+                ([(http::header::CONTENT_TYPE, "text/event-stream")], Body::from_stream(ticks))
+            }),
+        )
         .fallback(any(record))
         .with_state(Arc::clone(&seen));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -88,6 +99,7 @@ fn route(prefix: &str, upstream: &str) -> RouteConfig {
         max_in_flight: None,
         max_queue: None,
         max_queue_ms: None,
+        max_streams: None,
         image: None,
     }
 }
@@ -550,6 +562,48 @@ async fn without_a_queue_admission_sheds_load_past_its_limit() {
     assert_eq!(b.json::<Value>().await.unwrap()["error"]["code"], "unavailable");
     // The slot is free again once the first answer is done.
     assert_eq!(get().await.unwrap().status(), 200);
+    shutdown.trigger();
+}
+
+#[tokio::test]
+async fn event_streams_pass_unbuffered_with_places_of_their_own_that_do_not_starve_requests() {
+    let (up, _) = upstream().await;
+    let mut c = config(&up);
+    c.upstreams.insert("events".into(), UpstreamConfig::Url(up.clone()));
+    c.routes.push(RouteConfig { max_in_flight: Some(1), max_queue: Some(0), max_streams: Some(2), ..route("/events", "events") });
+    let (gw, shutdown) = start(Source::fixed(c, vec![])).await;
+    let client = reqwest::Client::new();
+    let open =
+        || client.get(format!("http://{gw}/events/live")).header("x-api-key", "k-trusted").header("accept", "text/event-stream").send();
+    // Two streams open; each gets its first tick while the stream goes on (nothing waits for
+    // a body that never ends).
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let mut response = open().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let first = tokio::time::timeout(Duration::from_secs(2), response.chunk()).await.expect("a tick within 2 s").unwrap().unwrap();
+        assert!(String::from_utf8_lossy(&first).contains("data: tick"), "{first:?}");
+        streams.push(response);
+    }
+    // The route's one request slot is not taken by them: a plain request still goes through.
+    let plain = client.get(format!("http://{gw}/events/x")).header("x-api-key", "k-trusted").send().await.unwrap();
+    assert_eq!(plain.status(), 200);
+    // A third stream is past the route's max_streams: refused at once.
+    let third = open().await.unwrap();
+    assert_eq!(third.status(), 503);
+    assert_eq!(third.headers()["retry-after"], "5");
+    assert!(third.json::<Value>().await.unwrap()["error"]["message"].as_str().unwrap().contains("event streams open"));
+    // A client that goes away frees its place.
+    streams.pop();
+    let started = Instant::now();
+    loop {
+        let again = open().await.unwrap();
+        if again.status() == 200 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "the place of a closed stream never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     shutdown.trigger();
 }
 

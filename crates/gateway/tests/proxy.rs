@@ -51,6 +51,7 @@ async fn gateway(upstream_url: &str) -> (String, Shutdown) {
         max_in_flight: None,
         max_queue: None,
         max_queue_ms: None,
+        max_streams: None,
         image: None,
     });
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();

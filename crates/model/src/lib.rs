@@ -12,6 +12,7 @@ pub mod hlc;
 pub mod job;
 pub mod options;
 pub mod store;
+pub mod tail;
 
 pub use blob::{BlobRef, is_output_key, output_key};
 pub use event::{EVENT_VERSION, Event, EventKind, JobEvent, JobView, fold};

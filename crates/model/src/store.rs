@@ -237,6 +237,14 @@ pub trait Outbox: Send + Sync + 'static {
     /// Up to `limit` events with an id above `after`, in id order.
     async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<OutboxEvent>, StoreError>;
 
+    /// As [`Outbox::events_after`], only the events of jobs that `owner` (an API key's name)
+    /// uploaded.
+    async fn owner_events_after(&self, owner: &str, after: i64, limit: u32) -> Result<Vec<OutboxEvent>, StoreError>;
+
+    /// The id of the newest event (0 when there is none): where a reader that wants only what
+    /// comes next starts.
+    async fn newest_event_id(&self) -> Result<i64, StoreError>;
+
     /// Takes or renews the relay lease for `owner` for `ttl`, and (when `owner` already held
     /// it) saves `cursor`: every event up to it has been published. Answers the saved cursor
     /// when `owner` holds the lease, `None` when another relay does. The first relay ever

@@ -21,18 +21,11 @@
 //! its messages, for instance.
 
 use crate::{Queue, QueueError, Wake};
+use pixmesh_model::tail::{EventCursor, GAP_TIMEOUT};
 use pixmesh_model::{Event, Outbox, OutboxEvent};
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// How long an id the relay skipped over may stay missing before it is taken for a transaction
-/// that rolled back. Far beyond any transaction pixmesh runs (they are one statement, or a few).
-pub const GAP_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The widest span of missing ids that the relay waits for.
-const MAX_GAP_SPAN: i64 = 4096;
 
 /// Events read per round.
 const BATCH: u32 = 512;
@@ -57,78 +50,12 @@ pub async fn run(queue: Queue, outbox: Arc<dyn Outbox>, settings: RelaySettings,
     }
 }
 
-/// The publishing side of a relay that holds the lease.
-struct Leading {
-    /// Every event up to this id is published (or its id was never used).
-    cursor: i64,
-    /// The highest id published.
-    high: i64,
-    /// Ids above `cursor` that are published.
-    done: BTreeSet<i64>,
-    /// Ids above `cursor` and below `high` not seen yet, with when they were first missed.
-    gaps: BTreeMap<i64, Instant>,
-    /// Spans of ids not waited for (first → last).
-    skips: BTreeMap<i64, i64>,
-}
-
-impl Leading {
-    fn new(cursor: i64) -> Leading {
-        Leading { cursor, high: cursor, done: BTreeSet::new(), gaps: BTreeMap::new(), skips: BTreeMap::new() }
-    }
-
-    /// Records that `id` was published.
-    fn published(&mut self, id: i64) {
-        if id <= self.cursor {
-            return;
-        }
-        self.gaps.remove(&id);
-        if id > self.high {
-            // A span wider than any number of transactions in flight is not waited for: its ids
-            // were pruned, or skipped by the sequence (PostgreSQL after a crash).
-            if id - self.high <= MAX_GAP_SPAN {
-                let now = Instant::now();
-                for missing in (self.high + 1)..id {
-                    if !self.done.contains(&missing) {
-                        self.gaps.insert(missing, now);
-                    }
-                }
-            } else {
-                tracing::info!(from = self.high + 1, to = id - 1, "event ids skipped; not waiting for them");
-                self.skips.insert(self.high + 1, id - 1);
-            }
-            self.high = id;
-        }
-        self.done.insert(id);
-    }
-
-    /// Moves the cursor over published ids, and over gaps older than `timeout`.
-    fn advance(&mut self, timeout: Duration) {
-        loop {
-            let next = self.cursor + 1;
-            if self.done.remove(&next) {
-                self.cursor = next;
-            } else if let Some(last) = self.skips.remove(&next) {
-                self.cursor = last;
-            } else if let Some(seen) = self.gaps.get(&next).copied() {
-                if seen.elapsed() < timeout {
-                    break;
-                }
-                self.gaps.remove(&next);
-                tracing::warn!(id = next, "event id never appeared; taking it for a transaction that rolled back");
-                self.cursor = next;
-            } else {
-                break;
-            }
-        }
-    }
-}
-
 struct Relay {
     queue: Queue,
     outbox: Arc<dyn Outbox>,
     settings: RelaySettings,
     owner: String,
-    leading: Option<Leading>,
+    leading: Option<EventCursor>,
 }
 
 impl Relay {
@@ -185,12 +112,12 @@ impl Relay {
 
     /// Takes or renews the lease, saving the cursor; publishing stops when the lease is not ours.
     async fn renew(&mut self, ttl: Duration) {
-        let cursor = self.leading.as_ref().map(|l| l.cursor);
+        let cursor = self.leading.as_ref().map(EventCursor::cursor);
         match self.outbox.relay_lease(&self.owner, ttl, cursor).await {
             Ok(Some(saved)) => {
                 if self.leading.is_none() {
                     tracing::info!(owner = %self.owner, cursor = saved, "relay: this process publishes the outbox now");
-                    self.leading = Some(Leading::new(saved));
+                    self.leading = Some(EventCursor::new(saved));
                 }
             }
             Ok(None) => {
@@ -210,16 +137,7 @@ impl Relay {
     /// Publishes the events not published yet; returns how many.
     async fn pump(&mut self) -> Result<usize, QueueError> {
         let Some(leading) = self.leading.as_mut() else { return Ok(0) };
-        let mut rows = self.outbox.events_after(leading.high, BATCH).await.map_err(|e| QueueError::Nats(format!("outbox: {e}")))?;
-        if let Some(&first_gap) = leading.gaps.keys().next() {
-            // Gaps may have filled: read the ids between the cursor and the highest again.
-            let span = u32::try_from(leading.high - first_gap + 1).unwrap_or(u32::MAX).min(4 * BATCH);
-            let again = self.outbox.events_after(first_gap - 1, span).await.map_err(|e| QueueError::Nats(format!("outbox: {e}")))?;
-            let filled: Vec<OutboxEvent> = again.into_iter().filter(|e| leading.gaps.contains_key(&e.id)).collect();
-            if !filled.is_empty() {
-                rows.splice(0..0, filled);
-            }
-        }
+        let rows = leading.unread(self.outbox.as_ref(), BATCH).await.map_err(|e| QueueError::Nats(format!("outbox: {e}")))?;
         let count = rows.len();
         if count == 0 {
             leading.advance(GAP_TIMEOUT);
@@ -305,44 +223,5 @@ impl Queue {
             .payload(payload.into())
             .message_id(format!("{}:{}", event.job_id, event.seq));
         self.jetstream().send_publish(self.names().events_subject(&event.job_id), publish).await.map_err(QueueError::nats)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_cursor_moves_over_published_ids_and_waits_at_gaps() {
-        let mut l = Leading::new(10);
-        l.published(11);
-        l.published(13);
-        l.advance(GAP_TIMEOUT);
-        assert_eq!(l.cursor, 11, "12 is missing");
-        assert!(l.gaps.contains_key(&12));
-        l.published(12);
-        l.advance(GAP_TIMEOUT);
-        assert_eq!(l.cursor, 13);
-        assert!(l.gaps.is_empty() && l.done.is_empty());
-        // A gap that never fills is passed once it is old enough.
-        l.published(15);
-        l.advance(GAP_TIMEOUT);
-        assert_eq!(l.cursor, 13);
-        l.advance(Duration::ZERO);
-        assert_eq!(l.cursor, 15);
-        // Ids at or below the cursor change nothing.
-        l.published(14);
-        assert_eq!((l.cursor, l.high), (15, 15));
-        assert!(l.done.is_empty());
-        // A span too wide for transactions in flight (pruned ids) is not waited for, even
-        // behind a gap that is.
-        l.published(17);
-        l.published(17 + MAX_GAP_SPAN + 10);
-        l.advance(GAP_TIMEOUT);
-        assert_eq!(l.cursor, 15, "16 is waited for");
-        l.published(16);
-        l.advance(GAP_TIMEOUT);
-        assert_eq!(l.cursor, 17 + MAX_GAP_SPAN + 10);
-        assert!(l.gaps.is_empty() && l.skips.is_empty() && l.done.is_empty());
     }
 }

@@ -1,3 +1,4 @@
+use crate::live::Hub;
 use crate::view::{EventView, HistoryView, fold};
 use axum::Router;
 use axum::extract::rejection::PathRejection;
@@ -9,13 +10,34 @@ use pixmesh_chassis::signed_url::Signer;
 use pixmesh_chassis::{ApiError, ErrorCode};
 use pixmesh_store::{Job, JobState, StoreError, StoreErrorExt, Stores};
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
 
 /// What the handlers share.
 #[derive(Clone)]
-struct App {
-    stores: Stores,
+pub(crate) struct App {
+    pub(crate) stores: Stores,
     /// Signs `result_url` (`None`: plain paths, which need the API key).
     signer: Option<Arc<Signer>>,
+    /// Live events for the SSE streams.
+    pub(crate) hub: Arc<Hub>,
+    /// Places for SSE streams (`status.max_streams`).
+    pub(crate) streams: Arc<Semaphore>,
+    /// The quiet time after which a stream sends a keep-alive comment.
+    pub(crate) keep_alive: Duration,
+    pub(crate) shutdown: pixmesh_chassis::Shutdown,
+}
+
+/// What the SSE streams need: the hub that the outbox tail feeds ([`Hub::tail`], run beside
+/// the router), how many streams may be open at once, and their keep-alive interval.
+#[derive(Clone)]
+pub struct Live {
+    pub hub: Arc<Hub>,
+    pub max_streams: usize,
+    pub keep_alive: Duration,
+    /// Ends every stream when it triggers: a client reconnects (with `Last-Event-ID`) to a
+    /// process that is not going away, and the drain does not wait for streams that never end.
+    pub shutdown: pixmesh_chassis::Shutdown,
 }
 
 impl FromRef<App> for Stores {
@@ -25,22 +47,26 @@ impl FromRef<App> for Stores {
 }
 
 /// The status API, without a listener.
-pub fn router(stores: Stores, signer: Option<Arc<Signer>>) -> Router {
+pub fn router(stores: Stores, signer: Option<Arc<Signer>>, live: Live) -> Router {
+    let streams = Arc::new(Semaphore::new(live.max_streams));
+    let app = App { stores, signer, hub: live.hub, streams, keep_alive: live.keep_alive, shutdown: live.shutdown };
     Router::new()
         .route("/api/status/{id}", get(status))
         .route("/api/status/{id}/history", get(history))
+        .route("/api/status/{id}/events", get(crate::stream::job_events))
+        .route("/api/events", get(crate::stream::owner_events))
         .route("/api/result/{id}", get(result))
         .route("/api/result/{id}/{output}", get(output_result))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(App { stores, signer })
+        .with_state(app)
 }
 
 async fn not_found(request: Request) -> ApiError {
     ApiError::new(
         ErrorCode::NotFound,
         format!(
-            "no such endpoint: {}; use GET /api/status/{{id}}, /api/status/{{id}}/history, /api/result/{{id}} or /api/result/{{id}}/{{output}}",
+            "no such endpoint: {}; use GET /api/status/{{id}}, /api/status/{{id}}/history, /api/status/{{id}}/events, /api/events, /api/result/{{id}} or /api/result/{{id}}/{{output}}",
             request.uri().path()
         ),
     )
@@ -65,21 +91,21 @@ fn unknown(id: &str) -> ApiError {
 }
 
 /// The job id from the path; a path that does not decode gets the JSON error, not axum's text.
-fn job_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+pub(crate) fn job_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     path.map(|Path(id)| id)
         .map_err(|_| ApiError::new(ErrorCode::NotFound, "no job with such an id (the id in the path is not valid UTF-8)"))
 }
 
 /// Who asks, as the gateway says: the key's name, whether it is an admin key, and whether the
 /// request came with a valid signed URL (for this path) instead of a key.
-struct Reader {
-    client: String,
+pub(crate) struct Reader {
+    pub(crate) client: String,
     admin: bool,
     signed: bool,
 }
 
 impl Reader {
-    fn of(headers: &HeaderMap) -> Reader {
+    pub(crate) fn of(headers: &HeaderMap) -> Reader {
         let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         Reader {
             client: get(pixmesh_chassis::headers::CLIENT).unwrap_or("").to_string(),
@@ -96,7 +122,7 @@ impl Reader {
 }
 
 /// The job, if it exists and this reader may see it.
-async fn readable(stores: &Stores, id: &str, reader: &Reader) -> Result<Job, ApiError> {
+pub(crate) async fn readable(stores: &Stores, id: &str, reader: &Reader) -> Result<Job, ApiError> {
     let job = stores.jobs.get(id).await.map_err(store_error)?.ok_or_else(|| unknown(id))?;
     if !reader.may_read(&job) {
         return Err(unknown(id));
@@ -243,13 +269,19 @@ mod tests {
     use http_body_util::BodyExt;
     use pixmesh_imaging::Options;
     use pixmesh_store::{JobError, JobResult, NewJob};
-    use std::time::Duration;
     use tower::ServiceExt;
+
+    /// The live events of `stores`, its outbox tailed for as long as the test runs.
+    fn live(stores: &Stores) -> Live {
+        let hub = Arc::new(Hub::default());
+        tokio::spawn(Arc::clone(&hub).tail(Arc::clone(&stores.outbox), Arc::clone(&stores.jobs)));
+        Live { hub, max_streams: 4, keep_alive: Duration::from_millis(200), shutdown: pixmesh_chassis::Shutdown::new() }
+    }
 
     async fn setup() -> (tempfile::TempDir, Router, Stores) {
         let dir = tempfile::tempdir().unwrap();
         let stores = Stores::open(&pixmesh_store::StoreConfig::default().with_data_dir(dir.path())).await.unwrap();
-        (dir, router(stores.clone(), None), stores)
+        (dir, router(stores.clone(), None, live(&stores)), stores)
     }
 
     async fn new_job(stores: &Stores, id: &str) {
@@ -413,6 +445,130 @@ mod tests {
         assert!(json(&body)["error"]["message"].as_str().unwrap().contains("one unnamed output"), "{}", json(&body));
     }
 
+    /// One SSE frame: its id, event name and data.
+    #[derive(Debug, PartialEq)]
+    struct Frame {
+        id: String,
+        event: String,
+        data: serde_json::Value,
+    }
+
+    /// Reads SSE frames from `body` until it ends or `n` frames came (comments skipped).
+    async fn frames(body: &mut Body, n: usize) -> (Vec<Frame>, bool) {
+        let mut text = String::new();
+        let mut out = Vec::new();
+        loop {
+            while let Some(end) = text.find("\n\n") {
+                let block: String = text.drain(..end + 2).collect();
+                let field = |name: &str| block.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim_start().to_string());
+                if let Some(data) = field("data:") {
+                    out.push(Frame {
+                        id: field("id:").unwrap_or_default(),
+                        event: field("event:").unwrap_or_default(),
+                        data: serde_json::from_str(&data).unwrap(),
+                    });
+                }
+                if out.len() == n {
+                    return (out, false);
+                }
+            }
+            match tokio::time::timeout(Duration::from_secs(10), body.frame()).await.expect("the stream went quiet") {
+                Some(Ok(frame)) => text.push_str(std::str::from_utf8(&frame.into_data().unwrap_or_default()).unwrap()),
+                Some(Err(_)) | None => return (out, true),
+            }
+        }
+    }
+
+    async fn open(app: &Router, uri: &str, who: &str, last: Option<&str>) -> (StatusCode, Body) {
+        let mut req = http::Request::get(uri).header(pixmesh_chassis::headers::CLIENT, who).header(header::ACCEPT, "text/event-stream");
+        if let Some(last) = last {
+            req = req.header("last-event-id", last);
+        }
+        let res = app.clone().oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+        (res.status(), res.into_body())
+    }
+
+    #[tokio::test]
+    async fn a_jobs_event_stream_replays_then_follows_it_to_its_end() {
+        let (_dir, app, stores) = setup().await;
+        new_job(&stores, "j1").await;
+        let (s, mut body) = open(&app, "/api/status/j1/events", "alice", None).await;
+        assert_eq!(s, StatusCode::OK);
+        let (got, ended) = frames(&mut body, 1).await;
+        assert_eq!((got[0].id.as_str(), got[0].event.as_str(), ended), ("1", "accepted", false));
+        assert_eq!(got[0].data["seq"], 1);
+        // Live: the claim and the result, then the stream ends by itself.
+        let job = stores.jobs.claim("d", Duration::from_secs(10), 3).await.unwrap().unwrap();
+        let out = stores.blobs.put(Bytes::from_static(b"x")).await.unwrap();
+        let result = JobResult { blob: out, format: "png".into(), content_type: "image/png".into(), width: 1, height: 1 };
+        stores.jobs.succeed("j1", job.attempt, &result).await.unwrap();
+        let (got, ended) = frames(&mut body, 10).await;
+        let seen: Vec<(&str, &str)> = got.iter().map(|f| (f.id.as_str(), f.event.as_str())).collect();
+        assert_eq!(seen, vec![("2", "claimed"), ("3", "succeeded")]);
+        assert!(ended, "the stream ends after the terminal event");
+        // Reconnecting after 1: 2 and 3 again, nothing before; after 3: nothing, at once.
+        let (_, mut again) = open(&app, "/api/status/j1/events", "alice", Some("1")).await;
+        let (got, ended) = frames(&mut again, 10).await;
+        assert_eq!(got.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), vec!["2", "3"]);
+        assert!(ended);
+        let (_, mut done) = open(&app, "/api/status/j1/events", "alice", Some("3")).await;
+        let (got, ended) = frames(&mut done, 10).await;
+        assert!(got.is_empty() && ended);
+        // Another key: no such job; a Last-Event-ID that is not an id: 400.
+        let (s, _) = open(&app, "/api/status/j1/events", "bob", None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let (s, _) = open(&app, "/api/status/j1/events", "alice", Some("x")).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn the_owners_stream_carries_only_that_keys_jobs_and_streams_are_limited() {
+        let (_dir, app, stores) = setup().await;
+        let (s, mut mine) = open(&app, "/api/events", "alice", None).await;
+        assert_eq!(s, StatusCode::OK);
+        new_job(&stores, "a1").await;
+        let input = stores.blobs.put(Bytes::from_static(b"input")).await.unwrap();
+        let theirs = NewJob {
+            id: "b1".into(),
+            owner: "bob".into(),
+            input,
+            input_format: "png".into(),
+            options: Options::default(),
+            outputs: Vec::new(),
+            idempotency_key: None,
+            request_hash: "h".into(),
+        };
+        stores.jobs.create(theirs).await.unwrap();
+        new_job(&stores, "a2").await;
+        let (got, _) = frames(&mut mine, 2).await;
+        assert!(got.iter().all(|f| f.event == "accepted"), "{got:?}");
+        let first: i64 = got[0].id.parse().unwrap();
+        let second: i64 = got[1].id.parse().unwrap();
+        assert!(second > first + 1, "bob's event (between them) is not in alice's stream");
+        // Reconnecting after the first: the second is replayed, and what comes next follows.
+        let (_, mut again) = open(&app, "/api/events", "alice", Some(&first.to_string())).await;
+        let (got, _) = frames(&mut again, 1).await;
+        assert_eq!(got[0].id, second.to_string());
+        // Four streams are open (the limit in these tests): a fifth is refused, not queued.
+        let (_, _third) = open(&app, "/api/status/a1/events", "alice", None).await;
+        let (_, _fourth) = open(&app, "/api/status/a2/events", "alice", None).await;
+        let (s, _) = open(&app, "/api/status/a1/events", "alice", None).await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+        drop(mine);
+        // A place comes back once a stream's client is gone.
+        let started = std::time::Instant::now();
+        loop {
+            let (s, _) = open(&app, "/api/status/a1/events", "alice", None).await;
+            if s == StatusCode::OK {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(5), "the place of a closed stream never came back");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (s, _) = open(&app, "/api/events", "", None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+
     #[tokio::test]
     async fn another_key_cannot_see_a_job_but_an_admin_key_can() {
         let (_dir, app, stores) = setup().await;
@@ -442,7 +598,7 @@ mod tests {
         let key = pixmesh_chassis::signed_url::SigningKey { id: "k1".into(), secret: "0123456789abcdef0123456789abcdef".into() };
         let config = pixmesh_chassis::signed_url::SignedUrlConfig { keys: vec![key], ttl_s: 60 };
         let signer = Signer::new(&config).map(Arc::new);
-        let app = router(stores.clone(), signer.clone());
+        let app = router(stores.clone(), signer.clone(), live(&stores));
         new_job(&stores, "j4").await;
         let (_, _, body) = get(&app, "/api/status/j4", None).await;
         assert!(json(&body).get("result_url").is_none(), "no result yet, no URL");

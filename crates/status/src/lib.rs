@@ -1,19 +1,24 @@
-//! The status service: `GET /api/status/{id}`, `GET /api/status/{id}/history` and
-//! `GET /api/result/{id}`.
+//! The status service: `GET /api/status/{id}`, `GET /api/status/{id}/history`,
+//! `GET /api/status/{id}/events` and `GET /api/events` (SSE), `GET /api/result/{id}` and
+//! `GET /api/result/{id}/{output}`.
 //!
 //! The status view is folded from the job's events ([`view::fold`]), not read from the job row:
-//! the event log is the history, the view is a projection of it.
+//! the event log is the history, the view is a projection of it. The SSE streams follow the
+//! same events as they are written ([`live`]).
 
 mod handler;
+pub mod live;
+mod stream;
 pub mod view;
 
-pub use handler::router;
+pub use handler::{Live, router};
 
 use pixmesh_chassis::Shutdown;
 use pixmesh_chassis::serve::ConnectionLimits;
 use pixmesh_store::{Access, Stores};
 use serde::Deserialize;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
@@ -23,6 +28,10 @@ pub struct StatusConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub drain_grace_ms: u64,
+    /// SSE streams open at once; past it a new one gets 503 with `Retry-After`.
+    pub max_streams: usize,
+    /// A stream with nothing to send for this long sends a keep-alive comment.
+    pub keep_alive_ms: u64,
     /// The deployment's URL signing keys, from `[gateway.signed_urls]` (not a `[status]` key):
     /// a succeeded job's `result_url` is signed with them.
     #[serde(skip)]
@@ -35,6 +44,8 @@ impl Default for StatusConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             drain_grace_ms: 10_000,
+            max_streams: 10_000,
+            keep_alive_ms: 15_000,
             signed_urls: Default::default(),
         }
     }
@@ -42,6 +53,9 @@ impl Default for StatusConfig {
 
 impl StatusConfig {
     pub fn validate(&self) -> Result<(), String> {
+        if self.max_streams == 0 || self.keep_alive_ms == 0 {
+            return Err("status.max_streams and status.keep_alive_ms must be above 0".into());
+        }
         Ok(())
     }
 }
@@ -52,9 +66,20 @@ pub async fn run(config: StatusConfig, stores: Stores, http: TcpListener, admin:
     let grace = Duration::from_millis(config.drain_grace_ms);
     let probe_stop = shutdown.clone();
     let signer = pixmesh_chassis::signed_url::Signer::new(&config.signed_urls).map(std::sync::Arc::new);
+    let hub = Arc::new(live::Hub::default());
+    let tail_stop = shutdown.clone();
+    let tail = Arc::clone(&hub).tail(Arc::clone(&stores.outbox), Arc::clone(&stores.jobs));
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tail => {}
+            _ = tail_stop.wait() => {}
+        }
+    });
+    let keep_alive = Duration::from_millis(config.keep_alive_ms);
+    let live = Live { hub, max_streams: config.max_streams, keep_alive, shutdown: shutdown.clone() };
     pixmesh_chassis::serve::http_role("status", http, admin, shutdown, grace, ConnectionLimits::default(), |readiness| async move {
         stores.watch_health("status", Access::ReadOnly, readiness, probe_stop).await;
-        Ok(router(stores, signer))
+        Ok(router(stores, signer, live))
     })
     .await
 }

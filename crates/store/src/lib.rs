@@ -24,6 +24,7 @@ pub use error::StoreErrorExt;
 pub use group::GroupCommit;
 pub use health::Access;
 pub use pixmesh_model::options::Options;
+pub use pixmesh_model::tail;
 pub use pixmesh_model::{
     BlobRef, BlobStore, BlobStream, ClaimById, Created, DEFAULT_MAX_OUTPUTS, Event, EventKind, Hlc, Job, JobError, JobEvent, JobResult,
     JobState, JobStore, JobView, NewJob, Notify, Outbox, OutboxEvent, Output, Presign, Step, StoreError, StoreKind, fold, is_output_key,

@@ -625,6 +625,26 @@ impl Outbox for PostgresJobStore {
         self.watch(rows)?.into_iter().map(OutboxRow::into_outbox).collect()
     }
 
+    async fn owner_events_after(&self, owner: &str, after: i64, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
+        let columns = EVENT_COLUMNS.split(", ").map(|c| format!("e.{c}")).collect::<Vec<_>>().join(", ");
+        let rows: Result<Vec<OutboxRow>, DbError> = sqlx::query_as(&format!(
+            "SELECT e.id, {columns} FROM job_events e JOIN jobs j ON j.id = e.job_id WHERE e.id > $1 AND j.owner = $2 ORDER BY e.id LIMIT $3"
+        ))
+        .bind(after)
+        .bind(owner)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(DbError::from);
+        self.watch(rows)?.into_iter().map(OutboxRow::into_outbox).collect()
+    }
+
+    async fn newest_event_id(&self) -> Result<i64, StoreError> {
+        let row: Result<(i64,), DbError> =
+            sqlx::query_as("SELECT COALESCE(MAX(id), 0)::bigint FROM job_events").fetch_one(&self.pool).await.map_err(DbError::from);
+        Ok(self.watch(row)?.0)
+    }
+
     async fn relay_lease(&self, owner: &str, ttl: Duration, cursor: Option<i64>) -> Result<Option<i64>, StoreError> {
         let result = self.take_relay_lease(owner, ttl, cursor).await;
         self.watch(result)

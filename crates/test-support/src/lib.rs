@@ -8,6 +8,7 @@
 pub mod nats;
 pub mod postgres;
 pub mod s3;
+pub mod sse;
 
 use anyhow::{Context, anyhow, bail};
 use serde_json::Value;

@@ -13,6 +13,12 @@
 //! is the two together, per route, with state that outlives a reload (the slots and the waiters
 //! of a route whose `max_in_flight` did not change carry over, see `snapshot.rs`).
 //!
+//! Event streams (`GET` with `Accept: text/event-stream`) are admitted apart: a stream holds
+//! its place for as long as the client listens, so streams take places of their own
+//! (`max_streams` per route, no queue) and never one of the `max_in_flight` slots: a thousand
+//! clients following their jobs cannot starve uploads or status reads. They are marked
+//! ([`EventStream`]) so the router does not hold an upstream connection slot for them either.
+//!
 //! A refused request's body is not read: for a request that has one, the rest is drained for a
 //! short while in the background and the connection closed (as the upload guard does), so the
 //! client reads the 503 rather than a reset. A refused request without a body keeps its
@@ -22,11 +28,12 @@ use super::{Pinned, ResponseFuture, ready};
 use crate::snapshot::Route;
 use axum::body::Body;
 use axum::response::IntoResponse;
+use futures_util::StreamExt;
 use http::{HeaderValue, Request, Response, header};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use metrics::{Counter, Gauge};
-use pixmesh_chassis::{ApiError, ErrorCode};
+use pixmesh_chassis::{ApiError, ErrorCode, Shutdown};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
@@ -34,12 +41,29 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::Service;
 
-/// One route's slots and waiters. Shared by the generations that keep its `max_in_flight`.
+/// One route's slots and waiters, and its places for event streams. Shared by the
+/// generations that keep its `max_in_flight` and `max_streams`.
 #[derive(Debug)]
 pub struct Admission {
     slots: Arc<Semaphore>,
     waiting: AtomicU32,
     max_in_flight: u32,
+    streams: Arc<Semaphore>,
+    max_streams: u32,
+}
+
+/// Marks a request admitted as an event stream (see the module doc).
+#[derive(Debug, Clone, Copy)]
+pub struct EventStream;
+
+/// Whether `request` asks for an event stream: a `GET` that accepts `text/event-stream`.
+pub fn is_event_stream<B>(request: &Request<B>) -> bool {
+    request.method() == http::Method::GET
+        && request
+            .headers()
+            .get_all(header::ACCEPT)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().to_ascii_lowercase().starts_with("text/event-stream"))))
 }
 
 /// Why a request was not admitted.
@@ -49,6 +73,8 @@ pub enum Refusal {
     QueueFull,
     /// Waited `max_queue_ms` without getting a slot.
     QueueTimeout,
+    /// An event stream, with every place for streams taken.
+    StreamsFull,
 }
 
 impl Refusal {
@@ -56,6 +82,7 @@ impl Refusal {
         match self {
             Refusal::QueueFull => "queue_full",
             Refusal::QueueTimeout => "queue_timeout",
+            Refusal::StreamsFull => "streams_full",
         }
     }
 }
@@ -65,6 +92,7 @@ impl Refusal {
 pub struct AdmissionMetrics {
     pub queue_full: Counter,
     pub queue_timeout: Counter,
+    pub streams_full: Counter,
     pub queued: Gauge,
 }
 
@@ -74,6 +102,7 @@ impl AdmissionMetrics {
         AdmissionMetrics {
             queue_full: refused("queue_full"),
             queue_timeout: refused("queue_timeout"),
+            streams_full: refused("streams_full"),
             queued: metrics::gauge!("pixmesh_gateway_admission_queued", "route" => route.to_string()),
         }
     }
@@ -82,6 +111,7 @@ impl AdmissionMetrics {
         match why {
             Refusal::QueueFull => self.queue_full.increment(1),
             Refusal::QueueTimeout => self.queue_timeout.increment(1),
+            Refusal::StreamsFull => self.streams_full.increment(1),
         }
     }
 }
@@ -101,12 +131,27 @@ impl Drop for Waiter<'_> {
 }
 
 impl Admission {
-    pub fn new(max_in_flight: u32) -> Admission {
-        Admission { slots: Arc::new(Semaphore::new(max_in_flight as usize)), waiting: AtomicU32::new(0), max_in_flight }
+    pub fn new(max_in_flight: u32, max_streams: u32) -> Admission {
+        Admission {
+            slots: Arc::new(Semaphore::new(max_in_flight as usize)),
+            waiting: AtomicU32::new(0),
+            max_in_flight,
+            streams: Arc::new(Semaphore::new(max_streams as usize)),
+            max_streams,
+        }
     }
 
     pub fn max_in_flight(&self) -> u32 {
         self.max_in_flight
+    }
+
+    pub fn max_streams(&self) -> u32 {
+        self.max_streams
+    }
+
+    /// A place for an event stream now, if one is free (streams do not queue).
+    pub fn try_stream(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.streams).try_acquire_owned().ok()
     }
 
     /// Slots free now.
@@ -146,7 +191,51 @@ impl Admission {
     }
 }
 
-super::interceptor!(AdmissionLayer, AdmissionControl);
+/// Admission; `shutdown` ends the event streams it admitted (see [`AdmissionLayer::layer`]).
+#[derive(Debug, Clone)]
+pub struct AdmissionLayer {
+    shutdown: Shutdown,
+}
+
+impl AdmissionLayer {
+    /// When `shutdown` triggers, every event stream admitted here ends (cleanly, as if the
+    /// upstream had ended it): its client reconnects to a gateway that is not going away, and
+    /// the drain does not wait the whole grace period for bodies that never end.
+    pub fn layer(shutdown: Shutdown) -> Self {
+        AdmissionLayer { shutdown }
+    }
+}
+
+impl<S> tower::Layer<S> for AdmissionLayer {
+    type Service = AdmissionControl<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AdmissionControl { inner, shutdown: self.shutdown.clone() }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AdmissionControl<S> {
+    inner: S,
+    shutdown: Shutdown,
+}
+
+/// The response of an event stream: its body until the gateway shuts down, its place held
+/// until then.
+async fn streaming<F, E>(
+    place: OwnedSemaphorePermit,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    future: F,
+) -> Result<Response<Body>, E>
+where
+    F: std::future::Future<Output = Result<Response<Body>, E>>,
+{
+    let (parts, body) = future.await?.into_parts();
+    let chunks = body.into_data_stream().take_until(stop).map(move |chunk| {
+        let _held = &place;
+        chunk
+    });
+    Ok(Response::from_parts(parts, Body::from_stream(chunks)))
+}
 
 /// The 503 for a request that was not admitted. Its body is left unread: lingered over and the
 /// connection closed when there is one.
@@ -159,7 +248,7 @@ fn refuse(route: &Route, why: Refusal, body: Body) -> Response<Body> {
             route.admission.max_in_flight(),
             route.max_queue
         ),
-        Refusal::QueueTimeout => format!(
+        Refusal::QueueTimeout | Refusal::StreamsFull => format!(
             "{} had no free slot within {} ms ({} requests in flight, its limit); retry in a second",
             route.prefix,
             route.max_queue_wait.as_millis(),
@@ -202,8 +291,21 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         let Some(route) = Pinned::of(&request).and_then(|p| p.route.clone()) else { return Box::pin(self.inner.call(request)) };
+        if is_event_stream(&request) {
+            let Some(place) = route.admission.try_stream() else {
+                route.admission_metrics.refused(Refusal::StreamsFull);
+                let message = format!(
+                    "{} has {} event streams open, its limit; retry later, or poll the status",
+                    route.prefix,
+                    route.admission.max_streams()
+                );
+                return ready(ApiError::new(ErrorCode::Unavailable, message).with_retry_after(5).into_response());
+            };
+            request.extensions_mut().insert(EventStream);
+            return Box::pin(streaming(place, self.shutdown.wait_owned(), self.inner.call(request)));
+        }
         // The fast path: a free slot, no queue.
         if let Some(permit) = route.admission.try_admit() {
             return Box::pin(holding(permit, self.inner.call(request)));
@@ -237,7 +339,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn admits_up_to_the_limit_then_queues_then_refuses() {
-        let a = Arc::new(Admission::new(2));
+        let a = Arc::new(Admission::new(2, 1));
         let first = a.try_admit().unwrap();
         let _second = a.try_admit().unwrap();
         assert!(a.try_admit().is_none());
@@ -263,7 +365,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_waiter_times_out_and_a_dropped_one_leaves_the_queue() {
-        let a = Admission::new(1);
+        let a = Admission::new(1, 1);
         let _held = a.try_admit().unwrap();
         let started = tokio::time::Instant::now();
         assert_eq!(a.admit(4, Duration::from_millis(300), &gauge()).await.err(), Some(Refusal::QueueTimeout));
