@@ -261,6 +261,7 @@ impl Default for GatewayConfig {
                 route("/api/status", "status", &["GET", "HEAD"]),
                 route("/api/result", "status", &["GET", "HEAD"]),
                 route("/api/events", "status", &["GET", "HEAD"]),
+                route("/api/jobs", "status", &["GET", "HEAD"]),
             ],
             require_api_key: true,
             api_keys: Vec::new(),

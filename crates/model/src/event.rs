@@ -206,8 +206,9 @@ impl JobEvent {
     }
 }
 
-/// A job's state as its history tells it.
-#[derive(Debug, Clone, PartialEq)]
+/// A job's state as its history tells it. Stored as JSON by the status service's projection
+/// (`job_views`), so new fields need `#[serde(default)]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobView {
     pub id: String,
     pub state: JobState,

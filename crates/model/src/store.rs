@@ -1,7 +1,7 @@
 //! The store traits every backend implements, and their one error type.
 
 use crate::blob::BlobRef;
-use crate::event::JobEvent;
+use crate::event::{JobEvent, JobView};
 use crate::job::{Created, Job, JobError, JobResult, JobState, NewJob, Step};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -117,6 +117,11 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// The job's events in order.
     async fn events(&self, id: &str) -> Result<Vec<JobEvent>, StoreError>;
+
+    /// The job's events after the one numbered `seq`, in order.
+    async fn events_since(&self, id: &str, seq: u32) -> Result<Vec<JobEvent>, StoreError> {
+        Ok(self.events(id).await?.into_iter().filter(|e| e.seq > seq).collect())
+    }
 
     /// Claims up to `limit` of the oldest claimable jobs (queued and due, or processing with an
     /// expired lease) for `owner` under a lease of `lease`, oldest first, in one transaction. A
@@ -258,6 +263,50 @@ pub trait Outbox: Send + Sync + 'static {
     /// Queued jobs that have been claimable for longer than `for_longer_than` without being
     /// claimed, oldest first, with their attempt: the sweeper wakes distributors for them again.
     async fn stale_claimable(&self, for_longer_than: Duration, limit: u32) -> Result<Vec<(String, u32)>, StoreError>;
+}
+
+/// A job's view as the projection holds it, with the key that owns the job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredView {
+    pub owner: String,
+    pub view: JobView,
+}
+
+/// Where a listing of views goes on from: the `created_at` and id of the last one listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewsAfter {
+    pub created_at: i64,
+    pub id: String,
+}
+
+/// The status read model: every job's view, folded from its events by a projector that follows
+/// the outbox (and rebuildable from the events at any time), so reads and listings do not fold
+/// whole histories. A view is only ever replaced by a later one (a higher `seq`).
+#[async_trait]
+pub trait Views: Send + Sync + 'static {
+    /// The stored view of job `id`.
+    async fn view(&self, id: &str) -> Result<Option<StoredView>, StoreError>;
+    /// The stored views of the jobs `ids` (those there are).
+    async fn views_of(&self, ids: &[String]) -> Result<Vec<StoredView>, StoreError>;
+    /// Writes `views` in one transaction, each only over an older one (or none), and saves
+    /// `cursor` as the projector's place in the outbox when given (never moving it back).
+    async fn put_views(&self, views: &[StoredView], cursor: Option<i64>) -> Result<(), StoreError>;
+    /// Up to `limit` views of `owner`'s jobs, newest first (by creation, then id), in `state`
+    /// when given, after `after` when given.
+    async fn list_views(
+        &self,
+        owner: &str,
+        state: Option<JobState>,
+        after: Option<&ViewsAfter>,
+        limit: u32,
+    ) -> Result<Vec<StoredView>, StoreError>;
+    /// The projector's saved place in the outbox (`None` before it ever ran).
+    async fn projector_cursor(&self) -> Result<Option<i64>, StoreError>;
+    /// Up to `limit` jobs (id and owner) with an id above `after`, in id order: what a rebuild
+    /// walks.
+    async fn jobs_after(&self, after: &str, limit: u32) -> Result<Vec<(String, String)>, StoreError>;
+    /// Deletes every view (a rebuild starts from nothing).
+    async fn clear_views(&self) -> Result<u64, StoreError>;
 }
 
 /// Told at once of a job just created, so a distributor can be woken before the outbox relay

@@ -78,6 +78,16 @@ enum Command {
     Registry,
     /// Make thumbnails of local files (no server), like vipsthumbnail.
     Thumbnail(thumbnail::ThumbnailArgs),
+    /// Maintenance of a deployment's stores (run beside it, on the same settings).
+    #[command(subcommand)]
+    Admin(Admin),
+}
+
+#[derive(Subcommand, Debug)]
+enum Admin {
+    /// Make the status read model (`job_views`) again from the job events: every view
+    /// deleted, then every job's history folded and written. Safe while the system runs.
+    RebuildViews,
 }
 
 impl Command {
@@ -91,6 +101,7 @@ impl Command {
             Command::Worker => "worker",
             Command::Registry => "registry",
             Command::Thumbnail(_) => "thumbnail",
+            Command::Admin(_) => "admin",
         }
     }
 }
@@ -336,5 +347,14 @@ async fn run(
             Ok(pixmesh_registry::run(c, grpc, admin, shutdown).await?)
         }
         Command::Thumbnail(_) => Ok(()),
+        Command::Admin(Admin::RebuildViews) => {
+            // The database alone: a rebuild needs no blob store (nor its credentials).
+            let db = pixmesh_store::Stores::open_database(&store).await?;
+            let started = std::time::Instant::now();
+            let views =
+                pixmesh_status::projection::rebuild(db.jobs.as_ref(), db.views.as_ref()).await.context("rebuilding the status views")?;
+            println!("{}", serde_json::json!({ "pixmesh": "views_rebuilt", "views": views, "ms": started.elapsed().as_millis() as u64 }));
+            Ok(())
+        }
     }
 }

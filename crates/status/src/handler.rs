@@ -1,5 +1,5 @@
 use crate::live::Hub;
-use crate::view::{EventView, HistoryView, fold};
+use crate::view::{EventView, HistoryView};
 use axum::Router;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRef, Path, Request, State};
@@ -55,6 +55,7 @@ pub fn router(stores: Stores, signer: Option<Arc<Signer>>, live: Live) -> Router
         .route("/api/status/{id}/history", get(history))
         .route("/api/status/{id}/events", get(crate::stream::job_events))
         .route("/api/events", get(crate::stream::owner_events))
+        .route("/api/jobs", get(list))
         .route("/api/result/{id}", get(result))
         .route("/api/result/{id}/{output}", get(output_result))
         .fallback(not_found)
@@ -66,7 +67,7 @@ async fn not_found(request: Request) -> ApiError {
     ApiError::new(
         ErrorCode::NotFound,
         format!(
-            "no such endpoint: {}; use GET /api/status/{{id}}, /api/status/{{id}}/history, /api/status/{{id}}/events, /api/events, /api/result/{{id}} or /api/result/{{id}}/{{output}}",
+            "no such endpoint: {}; use GET /api/status/{{id}}, /api/status/{{id}}/history, /api/status/{{id}}/events, /api/events, /api/jobs, /api/result/{{id}} or /api/result/{{id}}/{{output}}",
             request.uri().path()
         ),
     )
@@ -116,34 +117,114 @@ impl Reader {
 
     /// Jobs belong to the key that created them; another key is told there is no such job
     /// (not "forbidden": that would confirm the id exists).
-    fn may_read(&self, job: &Job) -> bool {
-        self.admin || self.signed || job.owner == self.client
+    fn may_read(&self, owner: &str) -> bool {
+        self.admin || self.signed || owner == self.client
     }
 }
 
 /// The job, if it exists and this reader may see it.
 pub(crate) async fn readable(stores: &Stores, id: &str, reader: &Reader) -> Result<Job, ApiError> {
     let job = stores.jobs.get(id).await.map_err(store_error)?.ok_or_else(|| unknown(id))?;
-    if !reader.may_read(&job) {
+    if !reader.may_read(&job.owner) {
         return Err(unknown(id));
     }
     Ok(job)
 }
 
+/// A job's status: its view from the projection, with the events the projector has not
+/// applied yet (usually none) applied here; folded from the whole history only for a job the
+/// projection has not reached.
 async fn status(State(app): State<App>, path: Result<Path<String>, PathRejection>, headers: HeaderMap) -> Result<Response, ApiError> {
     let id = job_id(path)?;
-    readable(&app.stores, &id, &Reader::of(&headers)).await?;
-    let events = app.stores.jobs.events(&id).await.map_err(store_error)?;
-    let mut view = fold(&events).ok_or_else(|| unknown(&id))?;
-    if view.result.is_some() {
-        view.result_url = Some(pixmesh_chassis::signed_url::result_url(app.signer.as_deref(), &id));
-    }
-    for output in view.outputs.iter_mut().filter(|o| o.state == "succeeded") {
-        output.result_url = Some(pixmesh_chassis::signed_url::output_url(app.signer.as_deref(), &id, &output.name));
-    }
-    let mut response = axum::Json(view).into_response();
+    let reader = Reader::of(&headers);
+    let jobs = &app.stores.jobs;
+    let view = match app.stores.views.view(&id).await.map_err(store_error)? {
+        Some(stored) if reader.may_read(&stored.owner) => {
+            let newer = jobs.events_since(&id, stored.view.seq).await.map_err(store_error)?;
+            crate::projection::current(stored.view, &newer)
+        }
+        Some(_) => return Err(unknown(&id)),
+        None => {
+            readable(&app.stores, &id, &reader).await?;
+            pixmesh_store::fold(&jobs.events(&id).await.map_err(store_error)?).ok_or_else(|| unknown(&id))?
+        }
+    };
+    let mut response = axum::Json(render(&app, view)).into_response();
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
+}
+
+/// A view as the API shows it, with its download URLs (signed when there are signing keys).
+fn render(app: &App, view: pixmesh_store::JobView) -> crate::view::StatusView {
+    let mut view = crate::view::StatusView::from(view);
+    if view.result.is_some() {
+        view.result_url = Some(pixmesh_chassis::signed_url::result_url(app.signer.as_deref(), &view.id));
+    }
+    for output in view.outputs.iter_mut().filter(|o| o.state == "succeeded") {
+        output.result_url = Some(pixmesh_chassis::signed_url::output_url(app.signer.as_deref(), &view.id, &output.name));
+    }
+    view
+}
+
+/// The query of a listing.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+/// Jobs listed at most per page.
+const MAX_LIMIT: u32 = 100;
+
+/// `GET /api/jobs?state=&limit=&cursor=`: the caller's own jobs, newest first, a page at a
+/// time; `next_cursor` (absent on the last page) gives the next. Read from the projection,
+/// which follows the events within milliseconds.
+async fn list(
+    State(app): State<App>,
+    query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let bad = |m: String| ApiError::new(ErrorCode::BadRequest, m);
+    let axum::extract::Query(q) = query.map_err(|e| bad(format!("bad query: {}; use state, limit and cursor", e.body_text())))?;
+    let reader = Reader::of(&headers);
+    if reader.client.is_empty() {
+        return Err(ApiError::new(ErrorCode::Unauthorized, "listing your jobs needs your API key (X-API-KEY)"));
+    }
+    let state = match q.state.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(pixmesh_store::JobState::parse(s).ok_or_else(|| {
+            bad(format!("state must be queued, processing, succeeded or failed, got {:?}", s.chars().take(32).collect::<String>()))
+        })?),
+    };
+    let limit = match q.limit.as_deref() {
+        None => 20,
+        Some(l) => {
+            l.parse::<u32>().ok().filter(|n| (1..=MAX_LIMIT).contains(n)).ok_or_else(|| bad(format!("limit must be 1 to {MAX_LIMIT}")))?
+        }
+    };
+    let after = q
+        .cursor
+        .as_deref()
+        .map(parse_cursor)
+        .transpose()
+        .map_err(|_| bad("cursor is not one this API gave (use next_cursor as it came)".into()))?;
+    let mut views = app.stores.views.list_views(&reader.client, state, after.as_ref(), limit + 1).await.map_err(store_error)?;
+    let more = views.len() > limit as usize;
+    views.truncate(limit as usize);
+    let next_cursor = views.last().filter(|_| more).map(|v| hex::encode(format!("{}:{}", v.view.created_at, v.view.id)));
+    let jobs: Vec<crate::view::StatusView> = views.into_iter().map(|v| render(&app, v.view)).collect();
+    let mut response = axum::Json(serde_json::json!({ "jobs": jobs, "next_cursor": next_cursor })).into_response();
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+/// A `next_cursor` back to the place it names.
+fn parse_cursor(cursor: &str) -> Result<pixmesh_store::ViewsAfter, ()> {
+    let text = String::from_utf8(hex::decode(cursor).map_err(drop)?).map_err(drop)?;
+    let (at, id) = text.split_once(':').ok_or(())?;
+    Ok(pixmesh_store::ViewsAfter { created_at: at.parse().map_err(drop)?, id: id.to_string() })
 }
 
 /// Every event of the job, in order, with its HLC time.
@@ -275,6 +356,7 @@ mod tests {
     fn live(stores: &Stores) -> Live {
         let hub = Arc::new(Hub::default());
         tokio::spawn(Arc::clone(&hub).tail(Arc::clone(&stores.outbox), Arc::clone(&stores.jobs)));
+        tokio::spawn(crate::projection::run(stores.clone()));
         Live { hub, max_streams: 4, keep_alive: Duration::from_millis(200), shutdown: pixmesh_chassis::Shutdown::new() }
     }
 
@@ -567,6 +649,62 @@ mod tests {
         }
         let (s, _) = open(&app, "/api/events", "", None).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn jobs_are_listed_newest_first_from_the_projection_which_rebuilds_to_the_same() {
+        let (_dir, app, stores) = setup().await;
+        for i in 0..5 {
+            new_job(&stores, &format!("j{i}")).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let job = stores.jobs.claim("d", Duration::from_secs(10), 3).await.unwrap().unwrap();
+        let out = stores.blobs.put(Bytes::from_static(b"x")).await.unwrap();
+        let result = JobResult { blob: out, format: "png".into(), content_type: "image/png".into(), width: 1, height: 1 };
+        stores.jobs.succeed(&job.id, job.attempt, &result).await.unwrap();
+        // The projector follows within moments.
+        let page = |uri: &str| {
+            let app = app.clone();
+            let uri = uri.to_string();
+            async move {
+                let (s, _, body) = get(&app, &uri, None).await;
+                assert_eq!(s, StatusCode::OK, "{uri}: {}", String::from_utf8_lossy(&body));
+                let v = json(&body);
+                let ids: Vec<String> = v["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_string()).collect();
+                (ids, v["next_cursor"].as_str().map(str::to_string), v)
+            }
+        };
+        let started = std::time::Instant::now();
+        while page("/api/jobs?state=succeeded").await.0.len() != 1 {
+            assert!(started.elapsed() < Duration::from_secs(5), "the projection did not catch up");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (first, next, _) = page("/api/jobs?limit=2").await;
+        assert_eq!(first, vec!["j4", "j3"]);
+        let (second, next, _) = page(&format!("/api/jobs?limit=2&cursor={}", next.unwrap())).await;
+        assert_eq!(second, vec!["j2", "j1"]);
+        let (third, next, _) = page(&format!("/api/jobs?limit=2&cursor={}", next.unwrap())).await;
+        assert_eq!((third, next), (vec!["j0".to_string()], None));
+        let (done, _, v) = page("/api/jobs?state=succeeded").await;
+        assert_eq!(done, vec!["j0"]);
+        assert_eq!(v["jobs"][0]["result_url"], "/api/result/j0", "listed as the status shows it");
+        // Another key lists none of them.
+        let (s, _, body) = get_as(&app, "/api/jobs", None, &[(pixmesh_chassis::headers::CLIENT, "bob")]).await;
+        assert_eq!((s, json(&body)["jobs"].as_array().unwrap().len()), (StatusCode::OK, 0));
+        for bad in ["/api/jobs?limit=0", "/api/jobs?limit=101", "/api/jobs?state=lost", "/api/jobs?cursor=zz", "/api/jobs?sort=asc"] {
+            let (s, _, body) = get(&app, bad, None).await;
+            assert_eq!((s, json(&body)["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")), "{bad}");
+        }
+        // Dropped and rebuilt from the events: the same views.
+        let before = stores.views.list_views("alice", None, None, 100).await.unwrap();
+        assert_eq!(before.len(), 5);
+        stores.views.clear_views().await.unwrap();
+        assert!(stores.views.list_views("alice", None, None, 100).await.unwrap().is_empty());
+        assert_eq!(crate::projection::rebuild(stores.jobs.as_ref(), stores.views.as_ref()).await.unwrap(), 5);
+        assert_eq!(stores.views.list_views("alice", None, None, 100).await.unwrap(), before);
+        // The status reads the projection and applies what it has not reached.
+        let (_, _, body) = get(&app, "/api/status/j0", None).await;
+        assert_eq!(json(&body)["state"], "succeeded");
     }
 
     #[tokio::test]

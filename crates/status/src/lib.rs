@@ -2,12 +2,14 @@
 //! `GET /api/status/{id}/events` and `GET /api/events` (SSE), `GET /api/result/{id}` and
 //! `GET /api/result/{id}/{output}`.
 //!
-//! The status view is folded from the job's events ([`view::fold`]), not read from the job row:
-//! the event log is the history, the view is a projection of it. The SSE streams follow the
-//! same events as they are written ([`live`]).
+//! The status view is a projection of the job's events ([`projection`]: kept in `job_views`
+//! by a projector that follows the outbox, rebuildable from the events), not read from the job
+//! row: the event log is the history. `GET /api/jobs` lists a key's jobs from it. The SSE
+//! streams follow the same events as they are written ([`live`]).
 
 mod handler;
 pub mod live;
+pub mod projection;
 mod stream;
 pub mod view;
 
@@ -69,9 +71,10 @@ pub async fn run(config: StatusConfig, stores: Stores, http: TcpListener, admin:
     let hub = Arc::new(live::Hub::default());
     let tail_stop = shutdown.clone();
     let tail = Arc::clone(&hub).tail(Arc::clone(&stores.outbox), Arc::clone(&stores.jobs));
+    let projector = projection::run(stores.clone());
     tokio::spawn(async move {
         tokio::select! {
-            _ = tail => {}
+            _ = async { tokio::join!(tail, projector) } => {}
             _ = tail_stop.wait() => {}
         }
     });

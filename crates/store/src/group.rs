@@ -78,6 +78,10 @@ impl JobStore for GroupCommit {
         self.inner.events(id).await
     }
 
+    async fn events_since(&self, id: &str, seq: u32) -> Result<Vec<JobEvent>, StoreError> {
+        self.inner.events_since(id, seq).await
+    }
+
     async fn claim_ids(&self, owner: &str, lease: Duration, max_attempts: u32, ids: &[String]) -> Result<Vec<ClaimById>, StoreError> {
         self.inner.claim_ids(owner, lease, max_attempts, ids).await
     }

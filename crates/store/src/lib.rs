@@ -27,8 +27,8 @@ pub use pixmesh_model::options::Options;
 pub use pixmesh_model::tail;
 pub use pixmesh_model::{
     BlobRef, BlobStore, BlobStream, ClaimById, Created, DEFAULT_MAX_OUTPUTS, Event, EventKind, Hlc, Job, JobError, JobEvent, JobResult,
-    JobState, JobStore, JobView, NewJob, Notify, Outbox, OutboxEvent, Output, Presign, Step, StoreError, StoreKind, fold, is_output_key,
-    output_key,
+    JobState, JobStore, JobView, NewJob, Notify, Outbox, OutboxEvent, Output, Presign, Step, StoreError, StoreKind, StoredView, Views,
+    ViewsAfter, apply, fold, is_output_key, output_key,
 };
 pub use postgres::PostgresJobStore;
 pub use s3::{S3BlobStore, S3Credentials, S3Limits};
@@ -120,6 +120,14 @@ impl StoreConfig {
     }
 }
 
+/// The job store's handles: the same database as job store, outbox and read model.
+#[derive(Clone)]
+pub struct Database {
+    pub jobs: Arc<dyn JobStore>,
+    pub outbox: Arc<dyn Outbox>,
+    pub views: Arc<dyn Views>,
+}
+
 /// Both stores, opened from configuration.
 #[derive(Clone)]
 pub struct Stores {
@@ -127,6 +135,8 @@ pub struct Stores {
     pub blobs: Arc<dyn BlobStore>,
     /// The job store's event rows as the outbox (the relay's view of the same database).
     pub outbox: Arc<dyn Outbox>,
+    /// The status read model in the same database (`job_views`).
+    pub views: Arc<dyn Views>,
     /// Told of each job created here (the broker's early wake-up), when there is a broker.
     notify: Option<Arc<dyn Notify>>,
     /// Raised by both stores when a read or write fails; wakes [`Stores::watch_health`].
@@ -143,25 +153,7 @@ impl Stores {
         let blobs = config.blobs_url().map_err(OpenError)?;
         let alarm = health::Alarm::default();
         let timeout = Duration::from_millis(config.connect_timeout_ms);
-        let (jobs, outbox): (Arc<dyn JobStore>, Arc<dyn Outbox>) = match &database {
-            DatabaseUrl::Sqlite(path) => {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(|e| OpenError(format!("store.database: cannot create {}: {e}", dir.display())))?;
-                }
-                let store = SqliteJobStore::open(path).await.map_err(|e| OpenError(format!("store.database ({database}): {e}")))?;
-                let store = Arc::new(store.with_alarm(alarm.clone()));
-                (store.clone(), store)
-            }
-            DatabaseUrl::Postgres(url) => {
-                let store = PostgresJobStore::connect(url, config.max_connections, timeout).await.map_err(|e| {
-                    OpenError(format!(
-                        "store.database ({database}): {e}; check that PostgreSQL runs there and accepts this user, or fix the URL"
-                    ))
-                })?;
-                let store = Arc::new(store.with_alarm(alarm.clone()));
-                (store.clone(), store)
-            }
-        };
+        let Database { jobs, outbox, views } = Self::open_database_with(config, &database, &alarm).await?;
         let blobs: Arc<dyn BlobStore> = match &blobs {
             BlobsUrl::File(dir) => {
                 Arc::new(LocalBlobStore::open(dir).map_err(|e| OpenError(format!("store.blobs ({blobs}): {e}")))?.with_alarm(alarm.clone()))
@@ -178,7 +170,39 @@ impl Stores {
                 Arc::new(store.with_alarm(alarm.clone()))
             }
         };
-        Ok(Stores { jobs, blobs, outbox, notify: None, alarm, retention: config.retention() })
+        Ok(Stores { jobs, blobs, outbox, views, notify: None, alarm, retention: config.retention() })
+    }
+
+    /// Opens the job store alone (no blob store): for tools that need only the database, such
+    /// as `pixmesh admin rebuild-views`.
+    pub async fn open_database(config: &StoreConfig) -> Result<Database, OpenError> {
+        config.validate().map_err(OpenError)?;
+        let database = config.database_url().map_err(OpenError)?;
+        Self::open_database_with(config, &database, &health::Alarm::default()).await
+    }
+
+    async fn open_database_with(config: &StoreConfig, database: &DatabaseUrl, alarm: &health::Alarm) -> Result<Database, OpenError> {
+        let timeout = Duration::from_millis(config.connect_timeout_ms);
+        let (jobs, outbox, views): (Arc<dyn JobStore>, Arc<dyn Outbox>, Arc<dyn Views>) = match database {
+            DatabaseUrl::Sqlite(path) => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| OpenError(format!("store.database: cannot create {}: {e}", dir.display())))?;
+                }
+                let store = SqliteJobStore::open(path).await.map_err(|e| OpenError(format!("store.database ({database}): {e}")))?;
+                let store = Arc::new(store.with_alarm(alarm.clone()));
+                (store.clone(), store.clone(), store)
+            }
+            DatabaseUrl::Postgres(url) => {
+                let store = PostgresJobStore::connect(url, config.max_connections, timeout).await.map_err(|e| {
+                    OpenError(format!(
+                        "store.database ({database}): {e}; check that PostgreSQL runs there and accepts this user, or fix the URL"
+                    ))
+                })?;
+                let store = Arc::new(store.with_alarm(alarm.clone()));
+                (store.clone(), store.clone(), store)
+            }
+        };
+        Ok(Database { jobs, outbox, views })
     }
 }
 

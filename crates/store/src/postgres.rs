@@ -18,13 +18,15 @@
 use crate::error::DbError;
 use crate::health::Alarm;
 use crate::rows::{
-    EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, OutboxRow, encode, gave_up, json, millis, saga_gave_up, step_patch, unclaimed,
+    EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, OutboxRow, ViewRow, encode, gave_up, json, millis, saga_gave_up, step_patch, unclaimed,
+    views_filter,
 };
 use async_trait::async_trait;
 use pixmesh_chassis::clock::Clock;
 use pixmesh_chassis::time::now_ms;
 use pixmesh_model::{
     ClaimById, Created, Event, Hlc, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Outbox, OutboxEvent, Step, StoreError,
+    StoredView, Views, ViewsAfter,
 };
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -535,11 +537,12 @@ impl PostgresJobStore {
     }
 
     async fn prune_jobs(&self, ended_before: i64, limit: u32) -> Result<u64, DbError> {
-        // Events go with their job (ON DELETE CASCADE).
+        // Events go with their job (ON DELETE CASCADE); views in the same statement.
         let done = sqlx::query(
             "WITH old AS (
                 SELECT id FROM jobs WHERE state IN ('succeeded', 'failed') AND updated_at < $1
-                ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+                ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED),
+             views AS (DELETE FROM job_views USING old WHERE job_views.id = old.id)
              DELETE FROM jobs USING old WHERE jobs.id = old.id",
         )
         .bind(ended_before)
@@ -671,6 +674,106 @@ impl Outbox for PostgresJobStore {
 }
 
 #[async_trait]
+impl Views for PostgresJobStore {
+    async fn view(&self, id: &str) -> Result<Option<StoredView>, StoreError> {
+        let row: Result<Option<ViewRow>, DbError> = sqlx::query_as("SELECT owner, view FROM job_views WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(DbError::from);
+        self.watch(row)?.map(ViewRow::into_view).transpose()
+    }
+
+    async fn views_of(&self, ids: &[String]) -> Result<Vec<StoredView>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Result<Vec<ViewRow>, DbError> = sqlx::query_as("SELECT owner, view FROM job_views WHERE id = ANY($1::text[])")
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(DbError::from);
+        self.watch(rows)?.into_iter().map(ViewRow::into_view).collect()
+    }
+
+    async fn put_views(&self, views: &[StoredView], cursor: Option<i64>) -> Result<(), StoreError> {
+        let (mut ids, mut owners, mut states, mut created, mut seqs, mut jsons) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for v in views {
+            ids.push(v.view.id.clone());
+            owners.push(v.owner.clone());
+            states.push(v.view.state.as_str().to_string());
+            created.push(v.view.created_at);
+            seqs.push(i64::from(v.view.seq));
+            jsons.push(json(&v.view)?);
+        }
+        // One statement: the views (each only over an older one) and the cursor (never back).
+        let done = sqlx::query(
+            "WITH v AS (
+                INSERT INTO job_views (id, owner, state, created_at, seq, view)
+                SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[])
+                ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, state = excluded.state, created_at = excluded.created_at,
+                    seq = excluded.seq, view = excluded.view
+                WHERE excluded.seq > job_views.seq)
+             INSERT INTO projections (name, cursor) SELECT 'status', $7::bigint WHERE $7::bigint IS NOT NULL
+             ON CONFLICT (name) DO UPDATE SET cursor = GREATEST(projections.cursor, excluded.cursor)",
+        )
+        .bind(&ids)
+        .bind(&owners)
+        .bind(&states)
+        .bind(&created)
+        .bind(&seqs)
+        .bind(&jsons)
+        .bind(cursor)
+        .execute(&self.pool)
+        .await
+        .map_err(DbError::from);
+        self.watch(done).map(drop)
+    }
+
+    async fn list_views(
+        &self,
+        owner: &str,
+        state: Option<JobState>,
+        after: Option<&ViewsAfter>,
+        limit: u32,
+    ) -> Result<Vec<StoredView>, StoreError> {
+        let filter = views_filter(state.is_some(), after.is_some(), true, 2);
+        let n = 2 + usize::from(state.is_some()) + 3 * usize::from(after.is_some());
+        let sql = format!("SELECT owner, view FROM job_views WHERE owner = $1{filter} ORDER BY created_at DESC, id DESC LIMIT ${n}");
+        let mut query = sqlx::query_as::<_, ViewRow>(&sql).bind(owner);
+        if let Some(state) = state {
+            query = query.bind(state.as_str());
+        }
+        if let Some(after) = after {
+            query = query.bind(after.created_at).bind(after.created_at).bind(&after.id);
+        }
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await.map_err(DbError::from);
+        self.watch(rows)?.into_iter().map(ViewRow::into_view).collect()
+    }
+
+    async fn projector_cursor(&self) -> Result<Option<i64>, StoreError> {
+        let row: Result<Option<(i64,)>, DbError> =
+            sqlx::query_as("SELECT cursor FROM projections WHERE name = 'status'").fetch_optional(&self.pool).await.map_err(DbError::from);
+        Ok(self.watch(row)?.map(|(c,)| c))
+    }
+
+    async fn jobs_after(&self, after: &str, limit: u32) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = sqlx::query_as("SELECT id, owner FROM jobs WHERE id > $1 ORDER BY id LIMIT $2")
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(DbError::from);
+        self.watch(rows)
+    }
+
+    async fn clear_views(&self) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM job_views").execute(&self.pool).await.map_err(DbError::from);
+        Ok(self.watch(done)?.rows_affected())
+    }
+}
+
+#[async_trait]
 impl JobStore for PostgresJobStore {
     async fn create(&self, job: NewJob) -> Result<Created, StoreError> {
         let result = self.create_job(job).await;
@@ -690,6 +793,17 @@ impl JobStore for PostgresJobStore {
         let rows: Result<Vec<EventRow>, DbError> =
             sqlx::query_as(&format!("SELECT {EVENT_COLUMNS} FROM job_events WHERE job_id = $1 ORDER BY seq"))
                 .bind(id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(DbError::from);
+        self.watch(rows)?.into_iter().map(EventRow::into_event).collect()
+    }
+
+    async fn events_since(&self, id: &str, seq: u32) -> Result<Vec<JobEvent>, StoreError> {
+        let rows: Result<Vec<EventRow>, DbError> =
+            sqlx::query_as(&format!("SELECT {EVENT_COLUMNS} FROM job_events WHERE job_id = $1 AND seq > $2 ORDER BY seq"))
+                .bind(id)
+                .bind(i64::from(seq))
                 .fetch_all(&self.pool)
                 .await
                 .map_err(DbError::from);

@@ -163,3 +163,35 @@ pub(crate) fn step_patch(name: &str, attempt: u32, result: &pixmesh_model::JobRe
 pub(crate) fn counts(rows: Vec<(String, i64)>) -> Vec<(JobState, u64)> {
     rows.into_iter().filter_map(|(state, n)| Some((JobState::parse(&state)?, u64::try_from(n).unwrap_or(0)))).collect()
 }
+
+/// A row of `job_views`: its owner and the view's JSON.
+#[derive(sqlx::FromRow)]
+pub(crate) struct ViewRow {
+    owner: String,
+    view: String,
+}
+
+impl ViewRow {
+    pub(crate) fn into_view(self) -> Result<pixmesh_model::StoredView, StoreError> {
+        let view = serde_json::from_str(&self.view).map_err(|e| StoreError::Invalid(format!("job_views: view: {e}")))?;
+        Ok(pixmesh_model::StoredView { owner: self.owner, view })
+    }
+}
+
+/// The listing's filter after `owner` (bound first): `state`, then the place to go on from,
+/// with `$n`-style placeholders from `next` when `numbered` (PostgreSQL), else `?`.
+pub(crate) fn views_filter(state: bool, after: bool, numbered: bool, mut next: usize) -> String {
+    let mut p = || {
+        next += 1;
+        if numbered { format!("${}", next - 1) } else { "?".to_string() }
+    };
+    let mut sql = String::new();
+    if state {
+        sql.push_str(&format!(" AND state = {}", p()));
+    }
+    if after {
+        let (a, b, c) = (p(), p(), p());
+        sql.push_str(&format!(" AND (created_at < {a} OR (created_at = {b} AND id < {c}))"));
+    }
+    sql
+}

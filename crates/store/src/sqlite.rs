@@ -9,7 +9,8 @@
 use crate::error::DbError;
 use crate::health::Alarm;
 use crate::rows::{
-    EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, OutboxRow, encode, gave_up, json, millis, saga_gave_up, step_patch, unclaimed,
+    EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, OutboxRow, ViewRow, encode, gave_up, json, millis, saga_gave_up, step_patch, unclaimed,
+    views_filter,
 };
 use crate::write_tx::{Turn, WriteTx};
 use async_trait::async_trait;
@@ -17,6 +18,7 @@ use pixmesh_chassis::clock::Clock;
 use pixmesh_chassis::time::now_ms;
 use pixmesh_model::{
     ClaimById, Created, Event, Hlc, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Outbox, OutboxEvent, Step, StoreError,
+    StoredView, Views, ViewsAfter,
 };
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -518,11 +520,9 @@ impl SqliteJobStore {
     async fn prune_jobs(&self, ended_before: i64, limit: u32) -> Result<u64, DbError> {
         let mut tx = WriteTx::begin(&self.pool, &self.turn, &self.alarm).await?;
         let ended = "SELECT id FROM jobs WHERE state IN ('succeeded', 'failed') AND updated_at < ? ORDER BY updated_at LIMIT ?";
-        sqlx::query(&format!("DELETE FROM job_events WHERE job_id IN ({ended})"))
-            .bind(ended_before)
-            .bind(i64::from(limit))
-            .execute(&mut *tx)
-            .await?;
+        for table in ["job_events WHERE job_id", "job_views WHERE id"] {
+            sqlx::query(&format!("DELETE FROM {table} IN ({ended})")).bind(ended_before).bind(i64::from(limit)).execute(&mut *tx).await?;
+        }
         let done = sqlx::query(&format!("DELETE FROM jobs WHERE id IN ({ended})"))
             .bind(ended_before)
             .bind(i64::from(limit))
@@ -615,6 +615,108 @@ impl Outbox for SqliteJobStore {
 }
 
 #[async_trait]
+impl Views for SqliteJobStore {
+    async fn view(&self, id: &str) -> Result<Option<StoredView>, StoreError> {
+        let row: Option<ViewRow> = sqlx::query_as("SELECT owner, view FROM job_views WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(DbError::from)?;
+        row.map(ViewRow::into_view).transpose()
+    }
+
+    async fn views_of(&self, ids: &[String]) -> Result<Vec<StoredView>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // `json_each` takes the ids as one parameter, however many.
+        let rows: Vec<ViewRow> = sqlx::query_as("SELECT owner, view FROM job_views WHERE id IN (SELECT value FROM json_each(?))")
+            .bind(json(&ids)?)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(DbError::from)?;
+        rows.into_iter().map(ViewRow::into_view).collect()
+    }
+
+    async fn put_views(&self, views: &[StoredView], cursor: Option<i64>) -> Result<(), StoreError> {
+        let mut tx = WriteTx::begin(&self.pool, &self.turn, &self.alarm).await.map_err(DbError::from)?;
+        for v in views {
+            sqlx::query(
+                "INSERT INTO job_views (id, owner, state, created_at, seq, view) VALUES (?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, state = excluded.state, created_at = excluded.created_at,
+                     seq = excluded.seq, view = excluded.view
+                 WHERE excluded.seq > job_views.seq",
+            )
+            .bind(&v.view.id)
+            .bind(&v.owner)
+            .bind(v.view.state.as_str())
+            .bind(v.view.created_at)
+            .bind(i64::from(v.view.seq))
+            .bind(json(&v.view)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(DbError::from)?;
+        }
+        if let Some(cursor) = cursor {
+            sqlx::query(
+                "INSERT INTO projections (name, cursor) VALUES ('status', ?)
+                 ON CONFLICT (name) DO UPDATE SET cursor = MAX(projections.cursor, excluded.cursor)",
+            )
+            .bind(cursor)
+            .execute(&mut *tx)
+            .await
+            .map_err(DbError::from)?;
+        }
+        tx.commit().await.map_err(DbError::from)?;
+        Ok(())
+    }
+
+    async fn list_views(
+        &self,
+        owner: &str,
+        state: Option<JobState>,
+        after: Option<&ViewsAfter>,
+        limit: u32,
+    ) -> Result<Vec<StoredView>, StoreError> {
+        let filter = views_filter(state.is_some(), after.is_some(), false, 2);
+        let sql = format!("SELECT owner, view FROM job_views WHERE owner = ?{filter} ORDER BY created_at DESC, id DESC LIMIT ?");
+        let mut query = sqlx::query_as::<_, ViewRow>(&sql).bind(owner);
+        if let Some(state) = state {
+            query = query.bind(state.as_str());
+        }
+        if let Some(after) = after {
+            query = query.bind(after.created_at).bind(after.created_at).bind(&after.id);
+        }
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await.map_err(DbError::from)?;
+        rows.into_iter().map(ViewRow::into_view).collect()
+    }
+
+    async fn projector_cursor(&self) -> Result<Option<i64>, StoreError> {
+        let row: Option<(i64,)> = sqlx::query_as("SELECT cursor FROM projections WHERE name = 'status'")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(DbError::from)?;
+        Ok(row.map(|(c,)| c))
+    }
+
+    async fn jobs_after(&self, after: &str, limit: u32) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(sqlx::query_as("SELECT id, owner FROM jobs WHERE id > ? ORDER BY id LIMIT ?")
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(DbError::from)?)
+    }
+
+    async fn clear_views(&self) -> Result<u64, StoreError> {
+        let mut tx = WriteTx::begin(&self.pool, &self.turn, &self.alarm).await.map_err(DbError::from)?;
+        let done = sqlx::query("DELETE FROM job_views").execute(&mut *tx).await.map_err(DbError::from)?;
+        tx.commit().await.map_err(DbError::from)?;
+        Ok(done.rows_affected())
+    }
+}
+
+#[async_trait]
 impl JobStore for SqliteJobStore {
     async fn claim_ids(&self, owner: &str, lease: Duration, max_attempts: u32, ids: &[String]) -> Result<Vec<ClaimById>, StoreError> {
         Ok(self.claim_by_id(owner, lease, max_attempts, ids).await?)
@@ -635,6 +737,17 @@ impl JobStore for SqliteJobStore {
             .fetch_all(&self.pool)
             .await
             .map_err(DbError::from)?;
+        rows.into_iter().map(EventRow::into_event).collect()
+    }
+
+    async fn events_since(&self, id: &str, seq: u32) -> Result<Vec<JobEvent>, StoreError> {
+        let rows: Vec<EventRow> =
+            sqlx::query_as(&format!("SELECT {EVENT_COLUMNS} FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq"))
+                .bind(id)
+                .bind(i64::from(seq))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(DbError::from)?;
         rows.into_iter().map(EventRow::into_event).collect()
     }
 

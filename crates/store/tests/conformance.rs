@@ -7,8 +7,8 @@
 
 use pixmesh_chassis::clock::{Clock, NTP64, system_time_clock};
 use pixmesh_model::{
-    BlobRef, ClaimById, Event, EventKind, JobError, JobResult, JobState, JobStore, NewJob, Options, Outbox, Output, StoreError, fold,
-    output_key,
+    BlobRef, ClaimById, Event, EventKind, JobError, JobResult, JobState, JobStore, NewJob, Options, Outbox, Output, StoreError, StoredView,
+    Views, ViewsAfter, fold, output_key,
 };
 use pixmesh_store::{Hlc, PostgresJobStore, SqliteJobStore};
 use pixmesh_test_support::postgres::TestDatabase;
@@ -101,6 +101,7 @@ conformance!(
     a_saga_keeps_its_steps_across_claims_and_pivots_once,
     a_saga_turned_back_deletes_then_fails_with_its_first_reason,
     a_saga_that_used_up_its_attempts_is_turned_back_and_claimed_to_compensate,
+    views_are_replaced_only_by_later_ones_and_list_newest_first_a_page_at_a_time,
 );
 
 fn new_job(id: &str, key: Option<&str>, hash: &str) -> NewJob {
@@ -836,4 +837,53 @@ async fn a_saga_that_used_up_its_attempts_is_turned_back_and_claimed_to_compensa
     assert_eq!(kinds(&store, "expired").await, vec![Accepted, Claimed, LeaseExpired, Compensating]);
     let answers = store.claim_ids("d", LONG, 1, &["expired".to_string()]).await.unwrap();
     assert!(matches!(&answers[0], ClaimById::Claimed(job) if job.attempt == 2), "{answers:?}");
+}
+
+async fn views_are_replaced_only_by_later_ones_and_list_newest_first_a_page_at_a_time(backend: Backend) {
+    let store = backend.open().await;
+    let views: Arc<dyn Views> = match &backend {
+        Backend::Sqlite(dir) => Arc::new(SqliteJobStore::open(&dir.path().join("jobs.db")).await.unwrap()),
+        Backend::Postgres(db) => Arc::new(PostgresJobStore::connect(&db.url, 4, Duration::from_secs(5)).await.unwrap()),
+    };
+    let mut all = Vec::new();
+    for i in 0..5 {
+        let id = format!("v{i}");
+        store.create(new_job(&id, None, &id)).await.unwrap();
+        let mut view = fold(&store.events(&id).await.unwrap()).unwrap();
+        // Distinct creation times, oldest first; two share one (the id breaks the tie).
+        view.created_at = 1_000 + [0, 1, 2, 2, 3][i];
+        all.push(StoredView { owner: if i == 4 { "bob".into() } else { "alice".into() }, view });
+    }
+    assert_eq!(views.projector_cursor().await.unwrap(), None);
+    views.put_views(&all, Some(42)).await.unwrap();
+    views.put_views(&[], Some(7)).await.unwrap();
+    assert_eq!(views.projector_cursor().await.unwrap(), Some(42), "the cursor never moves back");
+    // An older view does not replace a newer one; a newer one does.
+    let mut newer = all[0].clone();
+    newer.view.seq = 2;
+    newer.view.state = JobState::Processing;
+    views.put_views(std::slice::from_ref(&newer), None).await.unwrap();
+    views.put_views(std::slice::from_ref(&all[0]), None).await.unwrap();
+    assert_eq!(views.view("v0").await.unwrap(), Some(newer.clone()));
+    assert_eq!(views.views_of(&["v0".into(), "v9".into(), "v1".into()]).await.unwrap().len(), 2);
+    // alice's, newest first; a page at a time; by state.
+    let ids = |v: Vec<StoredView>| v.into_iter().map(|v| v.view.id).collect::<Vec<_>>();
+    assert_eq!(ids(views.list_views("alice", None, None, 10).await.unwrap()), vec!["v3", "v2", "v1", "v0"]);
+    let page = views.list_views("alice", None, None, 2).await.unwrap();
+    let last = page.last().unwrap().view.clone();
+    let after = ViewsAfter { created_at: last.created_at, id: last.id };
+    assert_eq!(ids(page), vec!["v3", "v2"]);
+    assert_eq!(ids(views.list_views("alice", None, Some(&after), 2).await.unwrap()), vec!["v1", "v0"]);
+    assert_eq!(ids(views.list_views("alice", Some(JobState::Processing), None, 10).await.unwrap()), vec!["v0"]);
+    assert_eq!(ids(views.list_views("bob", None, None, 10).await.unwrap()), vec!["v4"]);
+    assert!(views.list_views("carol", None, None, 10).await.unwrap().is_empty());
+    // What a rebuild walks, and a rebuild's start.
+    let jobs = views.jobs_after("v1", 10).await.unwrap();
+    assert_eq!(jobs.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), vec!["v2", "v3", "v4"]);
+    assert!(jobs.iter().all(|(_, owner)| owner == "alice"), "the owner of the job row");
+    assert_eq!(views.clear_views().await.unwrap(), 5);
+    assert_eq!(views.view("v0").await.unwrap(), None);
+    // Events after a seq.
+    assert_eq!(store.events_since("v0", 0).await.unwrap().len(), 1);
+    assert!(store.events_since("v0", 1).await.unwrap().is_empty());
 }
