@@ -15,5 +15,9 @@ pub const MAX_OUTPUT_SIDE: &str = "x-pixmesh-max-output-side";
 /// one path it was signed for (see `signed_url.rs`).
 pub const SIGNED: &str = "x-pixmesh-signed";
 
+/// The only presets this key may upload with (comma-separated names), when it is limited to
+/// presets; absent: any options.
+pub const PRESETS: &str = "x-pixmesh-presets";
+
 /// Every header above: what the gateway strips from client requests.
-pub const ALL: [&str; 5] = [CLIENT, ADMIN, MAX_OUTPUT_PIXELS, MAX_OUTPUT_SIDE, SIGNED];
+pub const ALL: [&str; 6] = [CLIENT, ADMIN, MAX_OUTPUT_PIXELS, MAX_OUTPUT_SIDE, SIGNED, PRESETS];

@@ -231,6 +231,10 @@ pub struct ApiKeyConfig {
     /// An admin key reads every client's jobs (status and results), not only its own.
     #[serde(default)]
     pub admin: bool,
+    /// The only presets (`upload.presets`, by name) this key may upload with: each output is
+    /// then `preset=NAME` and nothing else. Absent: any options.
+    #[serde(default)]
+    pub presets: Option<Vec<String>>,
 }
 
 fn route(prefix: &str, upstream: &str, methods: &[&str]) -> RouteConfig {
@@ -407,6 +411,12 @@ impl ApiKeyConfig {
         }
         if self.burst == Some(0) {
             return Err(format!("gateway api key {}: burst must be at least 1", self.name));
+        }
+        let named = |p: &String| {
+            (1..=32).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        };
+        if let Some(bad) = self.presets.iter().flatten().find(|p| !named(p)) {
+            return Err(format!("gateway api key {}: preset name {bad:?} is not one (1 to 32 of a-z, 0-9, _ and -)", self.name));
         }
         Ok(())
     }

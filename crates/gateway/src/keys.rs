@@ -18,6 +18,8 @@ pub struct KeyLimits {
     /// Output limits for this key's uploads (what it may ask the pipeline to produce).
     pub max_output_pixels: Option<u64>,
     pub max_output_side: Option<u32>,
+    /// The only presets this key may upload with (`None`: any options).
+    pub presets: Option<Vec<String>>,
 }
 
 /// Who is calling: what the API-key layer hands to the layers after it.
@@ -122,6 +124,7 @@ impl ApiKeys {
                 max_body_bytes: k.max_body_bytes,
                 max_output_pixels: k.max_output_pixels,
                 max_output_side: k.max_output_side,
+                presets: k.presets,
             };
             keys.keys.push(Key { hash, client: Arc::new(Client { name: k.name, admin: k.admin, limits, limiter, quota }) });
         }

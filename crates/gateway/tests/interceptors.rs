@@ -608,6 +608,31 @@ async fn event_streams_pass_unbuffered_with_places_of_their_own_that_do_not_star
 }
 
 #[tokio::test]
+async fn a_key_held_to_presets_says_so_to_the_upload_service_and_a_client_cannot_say_it() {
+    let (up, _) = upstream().await;
+    let mut c = config(&up);
+    c.api_keys.push(ApiKeyConfig { presets: Some(vec!["thumb".into(), "large".into()]), ..key("held", "k-held") });
+    let (gw, shutdown) = start(Source::fixed(c, vec![])).await;
+    let image = pixmesh_test_support::png(16, 16);
+    let client = reqwest::Client::new();
+    let send = |key: &'static str, forged: bool| {
+        let mut request = client.post(format!("http://{gw}/api/upload")).header("x-api-key", key).header("content-type", "image/png");
+        if forged {
+            request = request.header("x-pixmesh-presets", "anything");
+        }
+        request.body(image.clone()).send()
+    };
+    let held: Value = send("k-held", true).await.unwrap().json().await.unwrap();
+    assert_eq!(held["headers"]["x-pixmesh-presets"], "thumb,large");
+    let free: Value = send("k-trusted", true).await.unwrap().json().await.unwrap();
+    assert!(free["headers"].get("x-pixmesh-presets").is_none(), "a client-sent value is removed: {free}");
+    shutdown.trigger();
+    // A preset name that cannot be one is refused with the configuration.
+    let bad = ApiKeyConfig { presets: Some(vec!["Thumb".into()]), ..key("bad", "k-bad") };
+    assert!(bad.validate().unwrap_err().contains("preset name"));
+}
+
+#[tokio::test]
 async fn a_dead_instance_is_ejected_and_idempotent_requests_retried() {
     let (up, seen) = upstream().await;
     let dead = {

@@ -106,13 +106,73 @@ pub fn parse_options(params: &[(String, String)]) -> Result<Options, ApiError> {
 /// The query parameter (and the form field) that names an upload's outputs.
 pub const OUTPUTS: &str = "outputs";
 
+/// The parameter that names a preset (`upload.presets`).
+pub const PRESET: &str = "preset";
+
+/// A preset's options as query pairs: `width=200&format=webp`.
+pub fn preset_pairs(options: &str) -> Result<Vec<(String, String)>, ApiError> {
+    let bad = |m: String| ApiError::new(ErrorCode::BadRequest, m);
+    let mut pairs = Vec::new();
+    for pair in options.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or_else(|| bad(format!("`{pair}` is not key=value")))?;
+        if k == PRESET || k == OUTPUTS {
+            return Err(bad(format!("a preset cannot name `{k}`")));
+        }
+        pairs.push((k.to_string(), v.to_string()));
+    }
+    Ok(pairs)
+}
+
+/// The presets an upload may use, and whether its key is limited to them.
+pub struct Presets<'a> {
+    pub all: &'a std::collections::BTreeMap<String, String>,
+    /// `Some`: the key may only upload with these presets, and nothing else.
+    pub only: Option<Vec<String>>,
+}
+
+impl Presets<'_> {
+    /// `pairs` with a `preset=NAME` among them replaced by that preset's options, the other
+    /// pairs given beside it overriding them. A key limited to presets must give exactly
+    /// `preset=NAME` with a name it may use (403 otherwise).
+    pub fn expand(&self, pairs: &[(String, String)]) -> Result<Vec<(String, String)>, ApiError> {
+        let named: Vec<&String> = pairs.iter().filter(|(k, _)| k == PRESET).map(|(_, v)| v).collect();
+        if let Some(only) = &self.only {
+            let allowed = named.len() == 1 && pairs.len() == 1 && only.contains(named[0]);
+            if !allowed {
+                let list = if only.is_empty() { "none".to_string() } else { only.join(", ") };
+                return Err(ApiError::new(
+                    ErrorCode::Forbidden,
+                    format!("this API key may only upload with presets ({list}): send preset=NAME alone, or outputs=name:preset=NAME;…"),
+                ));
+            }
+        }
+        let Some(name) = named.first() else { return Ok(pairs.to_vec()) };
+        if named.len() > 1 {
+            return Err(ApiError::new(ErrorCode::BadRequest, "`preset` is given more than once; give one"));
+        }
+        let options = self.all.get(name.as_str()).ok_or_else(|| {
+            let known: Vec<&str> = self.all.keys().map(String::as_str).collect();
+            let known = if known.is_empty() { "none are configured".to_string() } else { format!("known: {}", known.join(", ")) };
+            ApiError::new(ErrorCode::BadRequest, format!("no preset named `{}`; {known}", clip(name)))
+        })?;
+        let mut merged = preset_pairs(options)?;
+        for (k, v) in pairs.iter().filter(|(k, _)| k != PRESET) {
+            match merged.iter_mut().find(|(m, _)| m == k) {
+                Some(slot) => slot.1 = v.clone(),
+                None => merged.push((k.clone(), v.clone())),
+            }
+        }
+        Ok(merged)
+    }
+}
+
 /// Parses the named outputs of an upload from the query's `outputs`:
 /// `thumb:width=200,format=webp;large:width=1600` — outputs separated by `;`, each a name, a
 /// colon, then its options as `key=value` pairs separated by commas (a name alone takes the
 /// upload's options as they are). Each output starts from `base` (the upload's other
 /// parameters) with its own pairs on top; names are `[a-z0-9_-]{1,32}`, each once, at most
 /// `max` of them.
-pub fn parse_outputs(spec: &str, base: &[(String, String)], max: usize) -> Result<Vec<Output>, ApiError> {
+pub fn parse_outputs(spec: &str, base: &[(String, String)], max: usize, presets: &Presets<'_>) -> Result<Vec<Output>, ApiError> {
     let bad = |m: String| ApiError::new(ErrorCode::BadRequest, m);
     let mut list = Vec::new();
     for (i, part) in spec.split(';').enumerate() {
@@ -132,14 +192,14 @@ pub fn parse_outputs(spec: &str, base: &[(String, String)], max: usize) -> Resul
         }
         list.push((name.to_string(), options));
     }
-    build_outputs(list, base, max)
+    build_outputs(list, base, max, presets)
 }
 
 /// Parses the named outputs of an upload from a form's `outputs` part, a JSON array:
 /// `[{"name": "thumb", "width": 200, "format": "webp"}, {"name": "large", "width": 1600}]`,
 /// each object a name and the same options as the query takes (strings, numbers or booleans),
 /// under the same rules as [`parse_outputs`].
-pub fn parse_outputs_json(json: &[u8], base: &[(String, String)], max: usize) -> Result<Vec<Output>, ApiError> {
+pub fn parse_outputs_json(json: &[u8], base: &[(String, String)], max: usize, presets: &Presets<'_>) -> Result<Vec<Output>, ApiError> {
     let bad = |m: String| ApiError::new(ErrorCode::BadRequest, m);
     let example = r#"[{"name":"thumb","width":200,"format":"webp"},{"name":"large","width":1600}]"#;
     let value: serde_json::Value =
@@ -170,11 +230,16 @@ pub fn parse_outputs_json(json: &[u8], base: &[(String, String)], max: usize) ->
         let name = name.ok_or_else(|| bad(format!("output {} of the `outputs` part has no \"name\"", i + 1)))?;
         list.push((name, options));
     }
-    build_outputs(list, base, max)
+    build_outputs(list, base, max, presets)
 }
 
 /// Outputs from their names and own parameters, each on top of `base`, checked.
-fn build_outputs(list: Vec<(String, Vec<(String, String)>)>, base: &[(String, String)], max: usize) -> Result<Vec<Output>, ApiError> {
+fn build_outputs(
+    list: Vec<(String, Vec<(String, String)>)>,
+    base: &[(String, String)],
+    max: usize,
+    presets: &Presets<'_>,
+) -> Result<Vec<Output>, ApiError> {
     let bad = |m: String| ApiError::new(ErrorCode::BadRequest, m);
     if list.is_empty() {
         return Err(bad("`outputs` names no output; name at least one, or leave it out for one unnamed output".into()));
@@ -190,12 +255,13 @@ fn build_outputs(list: Vec<(String, Vec<(String, String)>)>, base: &[(String, St
         if outputs.iter().any(|o| o.name == name) {
             return Err(bad(format!("output `{name}` is named twice; give each output a name of its own")));
         }
-        let in_output = |m: String| bad(format!("output `{name}`: {m}"));
+        let in_output = |e: ApiError| ApiError { message: format!("output `{name}`: {}", e.message), ..e };
         // Its own pairs alone first: a key given twice in one output is refused, not merged.
-        parse_options(&own).map_err(|e| in_output(e.message))?;
+        let own = presets.expand(&own).map_err(in_output)?;
+        parse_options(&own).map_err(in_output)?;
         let mut merged: Vec<(String, String)> = base.iter().filter(|(k, _)| !own.iter().any(|(o, _)| o == k)).cloned().collect();
         merged.extend(own);
-        let options = parse_options(&merged).map_err(|e| in_output(e.message))?;
+        let options = parse_options(&merged).map_err(in_output)?;
         outputs.push(Output { name, options });
     }
     Ok(outputs)
@@ -297,10 +363,19 @@ async fn upload(
     let Query(params) = query.map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("bad query string: {}", e.body_text())))?;
     // The options of the upload; with named outputs, what each output starts from.
     let (spec, base): (Vec<_>, Vec<_>) = params.into_iter().partition(|(k, _)| k == OUTPUTS);
+    let only = request.headers().get(pixmesh_chassis::headers::PRESETS).and_then(|v| v.to_str().ok());
+    let presets = Presets {
+        all: &state.config.presets,
+        only: only.map(|list| list.split(',').filter(|n| !n.is_empty()).map(str::to_string).collect()),
+    };
+    // A key limited to presets names them per output; with outputs, the upload's own options
+    // must be empty.
+    let bare = presets.only.is_some() && base.is_empty();
+    let base = if bare { base } else { presets.expand(&base)? };
     let options = parse_options(&base)?;
     let mut outputs = match spec.as_slice() {
         [] => Vec::new(),
-        [(_, spec)] => parse_outputs(spec, &base, state.config.max_outputs)?,
+        [(_, spec)] => parse_outputs(spec, &base, state.config.max_outputs, &presets)?,
         _ => {
             return Err(ApiError::new(
                 ErrorCode::BadRequest,
@@ -320,7 +395,11 @@ async fn upload(
                 "outputs are named both in the query and in the form's `outputs` part; name them in one place",
             ));
         }
-        outputs = parse_outputs_json(&json, &base, state.config.max_outputs)?;
+        outputs = parse_outputs_json(&json, &base, state.config.max_outputs, &presets)?;
+    }
+    if bare && outputs.is_empty() {
+        // Limited to presets, and none named: refused with the list.
+        presets.expand(&[])?;
     }
     let imaging_error =
         |e: pixmesh_imaging::ImagingError| ApiError::new(ErrorCode::parse(e.code()).unwrap_or(ErrorCode::Internal), e.to_string());
@@ -697,13 +776,80 @@ mod tests {
         assert_eq!(third["error"]["code"], "idempotency_conflict");
     }
 
+    static NO_PRESETS: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+    /// No presets configured, none required.
+    static ANY: Presets<'static> = Presets { all: &NO_PRESETS, only: None };
+
+    #[tokio::test]
+    async fn presets_name_option_sets_and_a_key_may_be_held_to_them() {
+        let mut config = UploadConfig::default();
+        config.presets.insert("thumb".into(), "width=20&format=webp".into());
+        config.presets.insert("large".into(), "width=40&quality=90".into());
+        config.validate().unwrap();
+        let (_dir, app, stores) = app(config).await;
+        let upload = |query: &str, only: Option<&str>| {
+            let mut req = http::Request::post(format!("/api/upload?{query}")).header("content-type", "image/png");
+            if let Some(only) = only {
+                req = req.header(pixmesh_chassis::headers::PRESETS, only);
+            }
+            let app = app.clone();
+            let req = req.body(Body::from(png(64, 32))).unwrap();
+            async move { send(&app, req).await }
+        };
+        let options = |body: &serde_json::Value| {
+            let stores = stores.clone();
+            let id = body["id"].as_str().unwrap().to_string();
+            async move { stores.jobs.get(&id).await.unwrap().unwrap() }
+        };
+        let (s, _, body) = upload("preset=thumb", None).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+        let job = options(&body).await;
+        assert_eq!((job.options.width, job.options.format), (Some(20), OutputFormat::Webp));
+        let (_, _, body) = upload("preset=thumb&width=30", None).await;
+        assert_eq!(options(&body).await.options.width, Some(30), "a parameter beside the preset overrides it");
+        let (s, _, body) = upload("outputs=a:preset=thumb;b:preset=large,format=png", None).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+        let job = options(&body).await;
+        let shown: Vec<_> = job.outputs.iter().map(|o| (o.name.as_str(), o.options.width, o.options.format, o.options.quality)).collect();
+        assert_eq!(shown, vec![("a", Some(20), OutputFormat::Webp, None), ("b", Some(40), OutputFormat::Png, Some(90))]);
+        let (s, _, body) = upload("preset=huge", None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert!(body["error"]["message"].as_str().unwrap().contains("known: large, thumb"), "{body}");
+        // A key held to `thumb`: exactly preset=thumb, per output too; anything else is 403.
+        let (s, _, body) = upload("preset=thumb", Some("thumb")).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+        let (s, _, _) = upload("outputs=x:preset=thumb;y:preset=thumb", Some("thumb")).await;
+        assert_eq!(s, StatusCode::ACCEPTED);
+        for refused in [
+            "preset=thumb&width=5",
+            "width=5",
+            "",
+            "preset=large",
+            "outputs=x:preset=large",
+            "outputs=x:width=3",
+            "outputs=x:preset=thumb,width=3",
+        ] {
+            let (s, _, body) = upload(refused, Some("thumb")).await;
+            assert_eq!((s, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden")), "{refused:?}: {body}");
+            assert!(body["error"]["message"].as_str().unwrap().contains("(thumb)"), "{body}");
+        }
+        // A preset that is not valid options is refused at start.
+        let mut bad = UploadConfig::default();
+        bad.presets.insert("x".into(), "width=0".into());
+        assert!(bad.validate().unwrap_err().contains("upload.presets.x"));
+        bad.presets.clear();
+        bad.presets.insert("Big".into(), "width=10".into());
+        assert!(bad.validate().is_err());
+    }
+
     fn pairs(query: &str) -> Vec<(String, String)> {
         query.split('&').filter(|p| !p.is_empty()).map(|p| p.split_once('=').unwrap()).map(|(k, v)| (k.into(), v.into())).collect()
     }
 
     #[test]
     fn named_outputs_take_the_uploads_options_with_their_own_on_top() {
-        let outputs = parse_outputs("thumb:width=200,format=webp;large:width=1600;plain", &pairs("format=png&quality=70"), 16).unwrap();
+        let outputs =
+            parse_outputs("thumb:width=200,format=webp;large:width=1600;plain", &pairs("format=png&quality=70"), 16, &ANY).unwrap();
         let shown: Vec<(&str, Option<u32>, OutputFormat, Option<u8>)> =
             outputs.iter().map(|o| (o.name.as_str(), o.options.width, o.options.format, o.options.quality)).collect();
         assert_eq!(
@@ -715,7 +861,7 @@ mod tests {
             ]
         );
         let json = br#"[{"name":"thumb","width":200,"format":"webp"},{"name":"large","width":"1600","grayscale":true}]"#;
-        let from_json = parse_outputs_json(json, &pairs("quality=70"), 16).unwrap();
+        let from_json = parse_outputs_json(json, &pairs("quality=70"), 16, &ANY).unwrap();
         assert_eq!(from_json[0].options, outputs[0].options);
         assert_eq!((from_json[1].options.width, from_json[1].options.grayscale), (Some(1600), true));
     }
@@ -723,7 +869,7 @@ mod tests {
     #[test]
     fn bad_output_lists_are_refused_with_what_is_wrong() {
         let refused = |spec: &str, max: usize, says: &str| {
-            let e = parse_outputs(spec, &[], max).unwrap_err();
+            let e = parse_outputs(spec, &[], max, &ANY).unwrap_err();
             assert_eq!(e.code, ErrorCode::BadRequest, "{spec}");
             assert!(e.message.contains(says), "{spec}: {}", e.message);
         };
@@ -740,7 +886,7 @@ mod tests {
         refused("a:colour=red", 16, "output `a`: unknown query parameter `colour`");
         refused("a:width=0", 16, "output `a`: invalid options: width must be between");
         let json = |body: &str, says: &str| {
-            let e = parse_outputs_json(body.as_bytes(), &[], 16).unwrap_err();
+            let e = parse_outputs_json(body.as_bytes(), &[], 16, &ANY).unwrap_err();
             assert!(e.message.contains(says), "{body}: {}", e.message);
         };
         json("{", "not JSON");

@@ -31,6 +31,10 @@ pub struct UploadConfig {
     pub drain_grace_ms: u64,
     /// The most named outputs one upload may ask for (`outputs=`).
     pub max_outputs: usize,
+    /// Named option sets: `thumb = "width=200&format=webp"` is what `preset=thumb` asks for
+    /// (options given beside it override it). A key may be limited to some of them
+    /// (`presets` in its gateway entry).
+    pub presets: std::collections::BTreeMap<String, String>,
     /// The deployment's URL signing keys, from `[gateway.signed_urls]` (not an `[upload]` key):
     /// `result_url` is signed with them.
     #[serde(skip)]
@@ -47,6 +51,7 @@ impl Default for UploadConfig {
             limits: Limits::default(),
             drain_grace_ms: 10_000,
             max_outputs: pixmesh_store::DEFAULT_MAX_OUTPUTS,
+            presets: Default::default(),
             signed_urls: Default::default(),
         }
     }
@@ -59,6 +64,14 @@ impl UploadConfig {
         }
         if !(1..=256).contains(&self.max_outputs) {
             return Err(format!("upload.max_outputs must be 1 to 256, got {}", self.max_outputs));
+        }
+        for (name, options) in &self.presets {
+            if !pixmesh_store::Output::valid_name(name) {
+                return Err(format!("upload.presets: {name:?} is not a preset name (1 to 32 of a-z, 0-9, _ and -)"));
+            }
+            handler::preset_pairs(options)
+                .and_then(|pairs| handler::parse_options(&pairs))
+                .map_err(|e| format!("upload.presets.{name}: {}", e.message))?;
         }
         Ok(())
     }
