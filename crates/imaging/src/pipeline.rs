@@ -98,6 +98,8 @@ pub fn process(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Outpu
             Format::Jpeg | Format::Png | Format::Webp => format,
             Format::Gif | Format::Bmp | Format::Tiff => Format::Png,
         },
+        OutputFormat::Auto if img.color().has_alpha() => Format::Png,
+        OutputFormat::Auto => Format::Jpeg,
     };
     let keep_alpha = img.color().has_alpha() && output_format != Format::Jpeg;
     // Checked before any output buffer exists (the upload service checked it too, from the header).
@@ -704,6 +706,15 @@ mod tests {
         }
         check(&flipped);
         assert!(matches!(process(b"<svg/>", &Options::default(), &Limits::default()), Err(ImagingError::UnsupportedFormat(_))));
+    }
+
+    #[test]
+    fn format_auto_is_jpeg_for_an_opaque_image_and_png_for_one_with_alpha() {
+        let auto = Options { format: OutputFormat::Auto, ..Options::default() };
+        let opaque = encode_test(&DynamicImage::ImageRgb8(gradient(16, 8)), image::ImageFormat::Png);
+        assert_eq!(process(&opaque, &auto, &Limits::default()).unwrap().format, Format::Jpeg);
+        let alpha = encode_test(&DynamicImage::ImageRgba8(DynamicImage::ImageRgb8(gradient(16, 8)).into_rgba8()), image::ImageFormat::Png);
+        assert_eq!(process(&alpha, &auto, &Limits::default()).unwrap().format, Format::Png);
     }
 
     #[test]

@@ -176,6 +176,9 @@ pub enum OutputFormat {
     /// The input's format when pixmesh can encode it (JPEG, PNG, WebP), PNG otherwise.
     #[default]
     Same,
+    /// JPEG, or PNG for an image with an alpha channel: what `format=auto` leaves when the
+    /// uploader does not accept WebP (when it does, the upload service asks for WebP instead).
+    Auto,
 }
 
 impl FromStr for OutputFormat {
@@ -186,7 +189,8 @@ impl FromStr for OutputFormat {
             "png" => Ok(OutputFormat::Png),
             "webp" => Ok(OutputFormat::Webp),
             "same" => Ok(OutputFormat::Same),
-            other => Err(BadOptions(format!("format `{other}` is not one of jpeg, png, webp, same"))),
+            "auto" => Ok(OutputFormat::Auto),
+            other => Err(BadOptions(format!("format `{other}` is not one of jpeg, png, webp, same, auto"))),
         }
     }
 }
@@ -198,6 +202,7 @@ impl OutputFormat {
             OutputFormat::Png => "png",
             OutputFormat::Webp => "webp",
             OutputFormat::Same => "same",
+            OutputFormat::Auto => "auto",
         }
     }
 }
@@ -242,6 +247,10 @@ pub struct Options {
     /// Unsharp-mask sigma in output pixels (0.3–10); `None` for none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sharpen: Option<f32>,
+    /// The format was chosen from the uploader's `Accept` (`format=auto`): its results are
+    /// served with `Vary: Accept`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub negotiated: bool,
 }
 
 /// Largest output side pixmesh will produce.

@@ -80,6 +80,7 @@ pub fn run(args: ThumbnailArgs) -> anyhow::Result<usize> {
         grayscale: args.grayscale,
         blur: args.blur,
         sharpen: args.sharpen,
+        negotiated: false,
     };
     options.validate()?;
     std::fs::create_dir_all(&args.output)?;

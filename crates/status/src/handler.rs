@@ -259,7 +259,7 @@ async fn result(State(stores): State<Stores>, path: Result<Path<String>, PathRej
         ));
     }
     let result = job.result.ok_or_else(|| ApiError::new(ErrorCode::Internal, "the job succeeded but has no result recorded"))?;
-    download(&stores, &result, &headers).await
+    download(&stores, &result, &headers, job.options.negotiated).await
 }
 
 /// One named output of a job that has several.
@@ -281,7 +281,8 @@ async fn output_result(
         };
         return Err(ApiError::new(ErrorCode::NotFound, message));
     };
-    download(&stores, &step.result, &headers).await
+    let negotiated = job.outputs.iter().any(|o| o.name == output && o.options.negotiated);
+    download(&stores, &step.result, &headers, negotiated).await
 }
 
 /// The job, if this reader may see it and it has succeeded: otherwise the error that says
@@ -305,8 +306,14 @@ async fn succeeded(stores: &Stores, id: &str, headers: &HeaderMap) -> Result<Job
 }
 
 /// A result's bytes, streamed, with its ETag (`If-None-Match` answered 304) and a long cache
-/// life: a result never changes once the job succeeded.
-async fn download(stores: &Stores, result: &pixmesh_store::JobResult, headers: &HeaderMap) -> Result<Response, ApiError> {
+/// life: a result never changes once the job succeeded. `negotiated`: its format was chosen
+/// from the uploader's `Accept` (`format=auto`), said with `Vary: Accept`.
+async fn download(stores: &Stores, result: &pixmesh_store::JobResult, headers: &HeaderMap, negotiated: bool) -> Result<Response, ApiError> {
+    let vary = |response: &mut Response| {
+        if negotiated {
+            response.headers_mut().insert(header::VARY, HeaderValue::from_static("Accept"));
+        }
+    };
     let etag = format!("\"{}\"", result.blob.digest);
     let cache = HeaderValue::from_static("public, max-age=31536000, immutable");
     let matches = headers
@@ -319,6 +326,7 @@ async fn download(stores: &Stores, result: &pixmesh_store::JobResult, headers: &
         if let Ok(v) = HeaderValue::from_str(&etag) {
             response.headers_mut().insert(header::ETAG, v);
         }
+        vary(&mut response);
         return Ok(response);
     }
     // Streamed as it is read: a download holds a chunk at a time, not the whole image.
@@ -339,6 +347,7 @@ async fn download(stores: &Stores, result: &pixmesh_store::JobResult, headers: &
         h.insert(header::ETAG, v);
     }
     h.insert(header::CACHE_CONTROL, cache);
+    vary(&mut response);
     Ok(response)
 }
 
@@ -705,6 +714,33 @@ mod tests {
         // The status reads the projection and applies what it has not reached.
         let (_, _, body) = get(&app, "/api/status/j0", None).await;
         assert_eq!(json(&body)["state"], "succeeded");
+    }
+
+    #[tokio::test]
+    async fn a_result_whose_format_was_negotiated_says_vary_accept() {
+        let (_dir, app, stores) = setup().await;
+        for (id, negotiated) in [("auto", true), ("fixed", false)] {
+            let input = stores.blobs.put(Bytes::from_static(b"input")).await.unwrap();
+            let options = Options { format: pixmesh_imaging::OutputFormat::Webp, negotiated, ..Options::default() };
+            let job = NewJob {
+                id: id.into(),
+                owner: "alice".into(),
+                input,
+                input_format: "png".into(),
+                options,
+                outputs: Vec::new(),
+                idempotency_key: None,
+                request_hash: id.into(),
+            };
+            stores.jobs.create(job).await.unwrap();
+            let claimed = stores.jobs.claim("d", Duration::from_secs(10), 3).await.unwrap().unwrap();
+            let out = stores.blobs.put(Bytes::from_static(b"RIFFxxxxWEBP")).await.unwrap();
+            let result = JobResult { blob: out, format: "webp".into(), content_type: "image/webp".into(), width: 1, height: 1 };
+            stores.jobs.succeed(id, claimed.attempt, &result).await.unwrap();
+            let (s, h, _) = get(&app, &format!("/api/result/{id}"), None).await;
+            assert_eq!(s, StatusCode::OK);
+            assert_eq!(h.get(header::VARY).map(|v| v.to_str().unwrap()), negotiated.then_some("Accept"), "{id}");
+        }
     }
 
     #[tokio::test]

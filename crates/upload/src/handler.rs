@@ -272,6 +272,25 @@ fn clip(text: &str) -> String {
     text.chars().take(64).collect()
 }
 
+/// `format=auto`: WebP when the uploader's `Accept` names `image/webp` (with a q above 0),
+/// else left to the pipeline (JPEG, or PNG for an image with an alpha channel). Marks the
+/// options negotiated, so their results carry `Vary: Accept`.
+fn negotiate(options: &mut Options, accept: &str) {
+    if options.format != OutputFormat::Auto {
+        return;
+    }
+    options.negotiated = true;
+    let webp = accept.split(',').any(|range| {
+        let mut parts = range.split(';').map(str::trim);
+        let kind = parts.next().unwrap_or("");
+        let q = parts.find_map(|p| p.strip_prefix("q=")).and_then(|q| q.parse::<f32>().ok()).unwrap_or(1.0);
+        kind.eq_ignore_ascii_case("image/webp") && q > 0.0
+    });
+    if webp {
+        options.format = OutputFormat::Webp;
+    }
+}
+
 fn too_large(limit: usize) -> ApiError {
     ApiError::new(ErrorCode::PayloadTooLarge, format!("the upload is larger than the limit of {limit} bytes; send a smaller image"))
 }
@@ -384,6 +403,7 @@ async fn upload(
         }
     };
     let idempotency = idempotency_key(request.headers())?;
+    let accept = request.headers().get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",");
     let owner = request.headers().get(CLIENT_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let limits = output_limits(&state.config, request.headers());
     let _permit = state.permits.acquire().await.map_err(|_| ApiError::new(ErrorCode::Unavailable, "shutting down"))?;
@@ -401,6 +421,12 @@ async fn upload(
         // Limited to presets, and none named: refused with the list.
         presets.expand(&[])?;
     }
+    let mut options = options;
+    negotiate(&mut options, &accept);
+    for output in &mut outputs {
+        negotiate(&mut output.options, &accept);
+    }
+    let negotiated = if outputs.is_empty() { options.negotiated } else { outputs.iter().any(|o| o.options.negotiated) };
     let imaging_error =
         |e: pixmesh_imaging::ImagingError| ApiError::new(ErrorCode::parse(e.code()).unwrap_or(ErrorCode::Internal), e.to_string());
     let probe = pixmesh_imaging::probe(&bytes, &state.config.limits).map_err(imaging_error)?;
@@ -455,6 +481,10 @@ async fn upload(
     }
     if !created.created {
         response.headers_mut().insert("idempotent-replayed", http::HeaderValue::from_static("true"));
+    }
+    if negotiated {
+        // The output format was chosen from this request's Accept.
+        response.headers_mut().insert(header::VARY, http::HeaderValue::from_static("Accept"));
     }
     Ok(response)
 }
@@ -774,6 +804,42 @@ mod tests {
         let (s3, _, third) = send(&app, req(9)).await;
         assert_eq!(s3, StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(third["error"]["code"], "idempotency_conflict");
+    }
+
+    #[tokio::test]
+    async fn format_auto_is_webp_for_an_uploader_that_accepts_it_and_says_vary_accept() {
+        let (_dir, app, stores) = app(UploadConfig::default()).await;
+        let upload = |query: &str, accept: Option<&str>| {
+            let mut req = http::Request::post(format!("/api/upload?{query}")).header("content-type", "image/png");
+            if let Some(accept) = accept {
+                req = req.header(header::ACCEPT, accept);
+            }
+            let (app, req) = (app.clone(), req.body(Body::from(png(16, 16))).unwrap());
+            async move { send(&app, req).await }
+        };
+        let job = |body: serde_json::Value| {
+            let stores = stores.clone();
+            async move { stores.jobs.get(body["id"].as_str().unwrap()).await.unwrap().unwrap() }
+        };
+        for (accept, expected) in [
+            (Some("image/avif,image/webp,image/apng,image/*,*/*;q=0.8"), OutputFormat::Webp),
+            (Some("image/webp;q=0"), OutputFormat::Auto),
+            (Some("*/*"), OutputFormat::Auto),
+            (None, OutputFormat::Auto),
+        ] {
+            let (s, headers, body) = upload("format=auto&width=8", accept).await;
+            assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+            assert_eq!(headers[header::VARY], "Accept");
+            let job = job(body).await;
+            assert_eq!((job.options.format, job.options.negotiated), (expected, true), "{accept:?}");
+        }
+        let (_, headers, body) = upload("outputs=a:format=auto;b:format=png", Some("image/webp")).await;
+        assert_eq!(headers[header::VARY], "Accept");
+        let job = job(body).await;
+        assert_eq!((job.outputs[0].options.format, job.outputs[1].options.format), (OutputFormat::Webp, OutputFormat::Png));
+        assert!(!job.outputs[1].options.negotiated);
+        let (_, headers, _) = upload("format=png", Some("image/webp")).await;
+        assert!(headers.get(header::VARY).is_none(), "nothing was negotiated");
     }
 
     static NO_PRESETS: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();

@@ -60,6 +60,8 @@ pub fn options_from(ops: Option<Operations>) -> Result<Options, ApiError> {
         // client's and goes to `validate` (a `> 0.0` test here once let NaN through unseen).
         blur: sigma(ops.blur),
         sharpen: sigma(ops.sharpen),
+        // How the format was chosen matters to the status service only.
+        negotiated: false,
     };
     // The one set of rules, the same as for an upload's query string.
     options.validate().map_err(bad)?;
@@ -92,6 +94,7 @@ mod tests {
             grayscale: true,
             blur: Some(1.5),
             sharpen: Some(0.7),
+            negotiated: false,
         };
         assert_eq!(options_from(Some(to_wire(&all))).unwrap(), all);
         assert_eq!(options_from(Some(to_wire(&Options::default()))).unwrap(), Options::default());
