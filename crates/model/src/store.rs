@@ -302,6 +302,8 @@ pub trait Views: Send + Sync + 'static {
     ) -> Result<Vec<StoredView>, StoreError>;
     /// The projector's saved place in the outbox (`None` before it ever ran).
     async fn projector_cursor(&self) -> Result<Option<i64>, StoreError>;
+    /// The owners of the jobs `ids` (those there are), as `(id, owner)`.
+    async fn owners(&self, ids: &[String]) -> Result<Vec<(String, String)>, StoreError>;
     /// Up to `limit` jobs (id and owner) with an id above `after`, in id order: what a rebuild
     /// walks.
     async fn jobs_after(&self, after: &str, limit: u32) -> Result<Vec<(String, String)>, StoreError>;

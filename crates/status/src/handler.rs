@@ -365,7 +365,7 @@ mod tests {
     fn live(stores: &Stores) -> Live {
         let hub = Arc::new(Hub::default());
         tokio::spawn(Arc::clone(&hub).tail(Arc::clone(&stores.outbox), Arc::clone(&stores.jobs)));
-        tokio::spawn(crate::projection::run(stores.clone()));
+        tokio::spawn(crate::projection::run(stores.clone(), Duration::from_millis(20)));
         Live { hub, max_streams: 4, keep_alive: Duration::from_millis(200), shutdown: pixmesh_chassis::Shutdown::new() }
     }
 

@@ -34,6 +34,9 @@ pub struct StatusConfig {
     pub max_streams: usize,
     /// A stream with nothing to send for this long sends a keep-alive comment.
     pub keep_alive_ms: u64,
+    /// How often the read model's projector looks for new events (each round that finds some
+    /// is one write transaction): the most a listing lags behind the events.
+    pub projection_poll_ms: u64,
     /// The deployment's URL signing keys, from `[gateway.signed_urls]` (not a `[status]` key):
     /// a succeeded job's `result_url` is signed with them.
     #[serde(skip)]
@@ -48,6 +51,7 @@ impl Default for StatusConfig {
             drain_grace_ms: 10_000,
             max_streams: 10_000,
             keep_alive_ms: 15_000,
+            projection_poll_ms: 100,
             signed_urls: Default::default(),
         }
     }
@@ -55,8 +59,8 @@ impl Default for StatusConfig {
 
 impl StatusConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if self.max_streams == 0 || self.keep_alive_ms == 0 {
-            return Err("status.max_streams and status.keep_alive_ms must be above 0".into());
+        if self.max_streams == 0 || self.keep_alive_ms == 0 || self.projection_poll_ms == 0 {
+            return Err("status.max_streams, status.keep_alive_ms and status.projection_poll_ms must be above 0".into());
         }
         Ok(())
     }
@@ -71,7 +75,7 @@ pub async fn run(config: StatusConfig, stores: Stores, http: TcpListener, admin:
     let hub = Arc::new(live::Hub::default());
     let tail_stop = shutdown.clone();
     let tail = Arc::clone(&hub).tail(Arc::clone(&stores.outbox), Arc::clone(&stores.jobs));
-    let projector = projection::run(stores.clone());
+    let projector = projection::run(stores.clone(), Duration::from_millis(config.projection_poll_ms));
     tokio::spawn(async move {
         tokio::select! {
             _ = async { tokio::join!(tail, projector) } => {}

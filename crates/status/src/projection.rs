@@ -34,8 +34,9 @@ pub fn current(mut view: JobView, newer: &[pixmesh_store::JobEvent]) -> JobView 
 }
 
 /// Follows the outbox from the saved place (or the first event) and keeps `job_views` current,
-/// until the task is dropped. A round that fails is tried again from the same place.
-pub async fn run(stores: Stores) {
+/// looking for new events every `poll` (one write transaction per round that finds some), until
+/// the task is dropped. A round that fails is tried again from the same place.
+pub async fn run(stores: Stores, poll: Duration) {
     let start = loop {
         match stores.views.projector_cursor().await {
             Ok(saved) => break saved.unwrap_or(0),
@@ -86,7 +87,7 @@ pub async fn run(stores: Stores) {
             }
         }
         if !full {
-            tokio::time::sleep(POLL).await;
+            tokio::time::sleep(poll).await;
         }
     }
 }
@@ -100,6 +101,10 @@ async fn project(stores: &Stores, rows: &[OutboxEvent]) -> Result<Vec<StoredView
         }
     }
     let mut views: HashMap<String, StoredView> = stores.views.views_of(&ids).await?.into_iter().map(|v| (v.view.id.clone(), v)).collect();
+    // The owners of the jobs new to the projection, in one read (their first events are in
+    // this batch, almost always from `accepted` on).
+    let new: Vec<String> = ids.iter().filter(|id| !views.contains_key(*id)).cloned().collect();
+    let owners: HashMap<String, String> = stores.views.owners(&new).await?.into_iter().collect();
     let mut changed: Vec<String> = Vec::new();
     for row in rows {
         let id = &row.event.job_id;
@@ -117,10 +122,15 @@ async fn project(stores: &Stores, rows: &[OutboxEvent]) -> Result<Vec<StoredView
                 None
             }
             None => {
-                // A job this projection has not seen: its whole history, and its owner.
-                let Some(job) = stores.jobs.get(id).await? else { continue };
-                let Some(view) = fold(&stores.jobs.events(id).await?) else { continue };
-                Some(StoredView { owner: job.owner, view })
+                // A job this projection has not seen: from its first event, here; from its
+                // history when this batch starts later (a projector that starts mid-way).
+                let Some(owner) = owners.get(id) else { continue };
+                let view = match event.seq {
+                    1 => fold(std::slice::from_ref(event)),
+                    _ => fold(&stores.jobs.events(id).await?),
+                };
+                let Some(view) = view else { continue };
+                Some(StoredView { owner: owner.clone(), view })
             }
         };
         if let Some(view) = next {

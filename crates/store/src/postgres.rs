@@ -757,6 +757,18 @@ impl Views for PostgresJobStore {
         Ok(self.watch(row)?.map(|(c,)| c))
     }
 
+    async fn owners(&self, ids: &[String]) -> Result<Vec<(String, String)>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query_as("SELECT id, owner FROM jobs WHERE id = ANY($1::text[])")
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(DbError::from);
+        self.watch(rows)
+    }
+
     async fn jobs_after(&self, after: &str, limit: u32) -> Result<Vec<(String, String)>, StoreError> {
         let rows = sqlx::query_as("SELECT id, owner FROM jobs WHERE id > $1 ORDER BY id LIMIT $2")
             .bind(after)

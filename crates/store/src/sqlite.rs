@@ -699,6 +699,17 @@ impl Views for SqliteJobStore {
         Ok(row.map(|(c,)| c))
     }
 
+    async fn owners(&self, ids: &[String]) -> Result<Vec<(String, String)>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_as("SELECT id, owner FROM jobs WHERE id IN (SELECT value FROM json_each(?))")
+            .bind(json(&ids)?)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(DbError::from)?)
+    }
+
     async fn jobs_after(&self, after: &str, limit: u32) -> Result<Vec<(String, String)>, StoreError> {
         Ok(sqlx::query_as("SELECT id, owner FROM jobs WHERE id > ? ORDER BY id LIMIT ?")
             .bind(after)

@@ -881,6 +881,8 @@ async fn views_are_replaced_only_by_later_ones_and_list_newest_first_a_page_at_a
     let jobs = views.jobs_after("v1", 10).await.unwrap();
     assert_eq!(jobs.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), vec!["v2", "v3", "v4"]);
     assert!(jobs.iter().all(|(_, owner)| owner == "alice"), "the owner of the job row");
+    assert_eq!(views.owners(&["v0".into(), "v9".into()]).await.unwrap(), vec![("v0".to_string(), "alice".to_string())]);
+    assert!(views.owners(&[]).await.unwrap().is_empty());
     assert_eq!(views.clear_views().await.unwrap(), 5);
     assert_eq!(views.view("v0").await.unwrap(), None);
     // Events after a seq.
