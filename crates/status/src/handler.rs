@@ -376,16 +376,21 @@ mod tests {
     }
 
     async fn new_job(stores: &Stores, id: &str) {
+        create(stores, id, "alice", Options::default(), Vec::new()).await;
+    }
+
+    /// A job of `owner` with these options and named outputs, as the upload service records it.
+    async fn create(stores: &Stores, id: &str, owner: &str, options: Options, outputs: Vec<pixmesh_store::Output>) {
         let input = stores.blobs.put(Bytes::from_static(b"input")).await.unwrap();
         let job = NewJob {
             id: id.into(),
-            owner: "alice".into(),
+            owner: owner.into(),
             input,
             input_format: "png".into(),
-            options: Options::default(),
-            outputs: Vec::new(),
+            options,
+            outputs,
             idempotency_key: None,
-            request_hash: "h".into(),
+            request_hash: id.into(),
         };
         stores.jobs.create(job).await.unwrap();
     }
@@ -467,19 +472,8 @@ mod tests {
     #[tokio::test]
     async fn a_job_with_named_outputs_lists_them_and_serves_each_at_its_own_path() {
         let (_dir, app, stores) = setup().await;
-        let input = stores.blobs.put(Bytes::from_static(b"input")).await.unwrap();
         let outputs = ["thumb", "large"].map(|n| pixmesh_store::Output { name: n.into(), options: Options::default() }).to_vec();
-        let job = NewJob {
-            id: "s1".into(),
-            owner: "alice".into(),
-            input,
-            input_format: "png".into(),
-            options: Options::default(),
-            outputs,
-            idempotency_key: None,
-            request_hash: "h".into(),
-        };
-        stores.jobs.create(job).await.unwrap();
+        create(&stores, "s1", "alice", Options::default(), outputs).await;
         let claimed = stores.jobs.claim("d", Duration::from_secs(10), 3).await.unwrap().unwrap();
         for (name, bytes) in [("thumb", b"thumb bytes".as_slice()), ("large", b"large bytes!".as_slice())] {
             let blob = stores.blobs.put_at(&pixmesh_store::output_key("s1", name, 1), Bytes::copy_from_slice(bytes)).await.unwrap();
@@ -618,18 +612,7 @@ mod tests {
         let (s, mut mine) = open(&app, "/api/events", "alice", None).await;
         assert_eq!(s, StatusCode::OK);
         new_job(&stores, "a1").await;
-        let input = stores.blobs.put(Bytes::from_static(b"input")).await.unwrap();
-        let theirs = NewJob {
-            id: "b1".into(),
-            owner: "bob".into(),
-            input,
-            input_format: "png".into(),
-            options: Options::default(),
-            outputs: Vec::new(),
-            idempotency_key: None,
-            request_hash: "h".into(),
-        };
-        stores.jobs.create(theirs).await.unwrap();
+        create(&stores, "b1", "bob", Options::default(), Vec::new()).await;
         new_job(&stores, "a2").await;
         let (got, _) = frames(&mut mine, 2).await;
         assert!(got.iter().all(|f| f.event == "accepted"), "{got:?}");
@@ -720,19 +703,8 @@ mod tests {
     async fn a_result_whose_format_was_negotiated_says_vary_accept() {
         let (_dir, app, stores) = setup().await;
         for (id, negotiated) in [("auto", true), ("fixed", false)] {
-            let input = stores.blobs.put(Bytes::from_static(b"input")).await.unwrap();
             let options = Options { format: pixmesh_imaging::OutputFormat::Webp, negotiated, ..Options::default() };
-            let job = NewJob {
-                id: id.into(),
-                owner: "alice".into(),
-                input,
-                input_format: "png".into(),
-                options,
-                outputs: Vec::new(),
-                idempotency_key: None,
-                request_hash: id.into(),
-            };
-            stores.jobs.create(job).await.unwrap();
+            create(&stores, id, "alice", options, Vec::new()).await;
             let claimed = stores.jobs.claim("d", Duration::from_secs(10), 3).await.unwrap().unwrap();
             let out = stores.blobs.put(Bytes::from_static(b"RIFFxxxxWEBP")).await.unwrap();
             let result = JobResult { blob: out, format: "webp".into(), content_type: "image/webp".into(), width: 1, height: 1 };
