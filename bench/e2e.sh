@@ -46,8 +46,9 @@ profile() { # label data-dir database loadgen-args -- [pixmesh flags] ; prints t
   local label="$1" dir="$2" database="$3" load="$4"
   shift 5
   mkdir -p "$dir"
+  # The same images are uploaded again and again: with the result cache off, each is work.
   RUST_LOG=warn "$T/pixmesh" --database "$database" "$@" up --data-dir "$dir" --listen 127.0.0.1:0 --workers "$WORKERS" \
-    --set log.level=warn --set gateway.rate=off >"$dir/up.out" 2>"$dir/up.err" &
+    --set log.level=warn --set upload.cache=off --set gateway.rate=off >"$dir/up.out" 2>"$dir/up.err" &
   local pid=$!
   pids+=("$pid")
   for _ in $(seq 1 120); do grep -q '"pixmesh":"ready"' "$dir/up.out" 2>/dev/null && break; sleep 0.5; done

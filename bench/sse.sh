@@ -24,8 +24,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The same images are uploaded again and again: with the result cache off, each is work.
 RUST_LOG=warn "$T/pixmesh" up --data-dir "$work" --listen 127.0.0.1:0 --workers 2 \
-  --set log.level=warn --set gateway.rate=off --set gateway.access_log=false >"$work/up.out" 2>"$work/up.err" &
+  --set log.level=warn --set upload.cache=off --set gateway.rate=off --set gateway.access_log=false >"$work/up.out" 2>"$work/up.err" &
 pid=$!
 for _ in $(seq 1 120); do grep -q '"pixmesh":"ready"' "$work/up.out" 2>/dev/null && break; sleep 0.5; done
 grep -q '"pixmesh":"ready"' "$work/up.out" || { echo "pixmesh up did not become ready" >&2; cat "$work/up.err" >&2; exit 1; }

@@ -79,6 +79,11 @@ pub enum Event {
     },
     /// A compensation deleted an output that a step had written.
     OutputDeleted { output: String, key: String },
+    /// The result cache gave the job the work of job `from`, an identical upload (the same
+    /// input bytes and options): already made (the job succeeds at once with its result), or
+    /// being made (the job waits and ends with it; if `from` fails, the job is released and
+    /// made on its own).
+    Cached { from: String },
 }
 
 /// The name of an event, without its data.
@@ -95,10 +100,11 @@ pub enum EventKind {
     OutputSucceeded,
     Compensating,
     OutputDeleted,
+    Cached,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 10] = [
+    pub const ALL: [EventKind; 11] = [
         EventKind::Accepted,
         EventKind::Claimed,
         EventKind::LeaseExpired,
@@ -109,6 +115,7 @@ impl EventKind {
         EventKind::OutputSucceeded,
         EventKind::Compensating,
         EventKind::OutputDeleted,
+        EventKind::Cached,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -123,6 +130,7 @@ impl EventKind {
             EventKind::OutputSucceeded => "output_succeeded",
             EventKind::Compensating => "compensating",
             EventKind::OutputDeleted => "output_deleted",
+            EventKind::Cached => "cached",
         }
     }
 
@@ -144,6 +152,7 @@ impl Event {
             Event::OutputSucceeded { .. } => EventKind::OutputSucceeded,
             Event::Compensating { .. } => EventKind::Compensating,
             Event::OutputDeleted { .. } => EventKind::OutputDeleted,
+            Event::Cached { .. } => EventKind::Cached,
         }
     }
 
@@ -228,6 +237,10 @@ pub struct JobView {
     pub compensating: Option<JobError>,
     /// The output whose failure turned the saga back (none when it used up its attempts).
     pub failed_output: Option<String>,
+    /// The job whose work this one reuses (the result cache): set while it waits for it and
+    /// once it has its result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_from: Option<String>,
     /// The last `seq` folded in.
     pub seq: u32,
 }
@@ -248,6 +261,7 @@ pub fn fold(events: &[JobEvent]) -> Option<JobView> {
         outputs: BTreeMap::new(),
         compensating: None,
         failed_output: None,
+        cached_from: None,
         seq: 0,
     };
     for event in events {
@@ -266,7 +280,13 @@ pub fn apply(view: &mut JobView, event: &JobEvent) {
             view.state = JobState::Queued;
             view.requested = outputs.iter().map(|o| o.name.clone()).collect();
         }
-        Event::LeaseExpired { .. } | Event::Released { .. } => view.state = JobState::Queued,
+        Event::LeaseExpired { .. } => view.state = JobState::Queued,
+        Event::Released { .. } => {
+            view.state = JobState::Queued;
+            // A job released from waiting on an identical one is made on its own.
+            view.cached_from = None;
+        }
+        Event::Cached { from } => view.cached_from = Some(from.clone()),
         Event::Claimed { .. } | Event::Retried { .. } => view.state = JobState::Processing,
         Event::OutputSucceeded { output, result } => {
             view.outputs.insert(output.clone(), result.clone());
@@ -344,6 +364,7 @@ mod tests {
             Event::Compensating { output: Some("large".into()), error: error("bad_request") },
             Event::Compensating { output: None, error: error("unavailable") },
             Event::OutputDeleted { output: "thumb".into(), key: "j/thumb/1".into() },
+            Event::Cached { from: "j0".into() },
         ]
     }
 
@@ -485,5 +506,30 @@ mod tests {
         assert_eq!((v.state, v.attempts), (Failed, 2));
         assert_eq!(v.error, Some(error("corrupt_image")));
         assert_eq!(v.result, None);
+    }
+
+    #[test]
+    fn a_job_the_cache_served_says_whose_work_it_has_until_it_is_made_on_its_own() {
+        let accepted = at(1, 0, every_event().remove(0));
+        let hit = fold(&[
+            accepted.clone(),
+            at(2, 0, Event::Cached { from: "j0".into() }),
+            at(3, 0, Event::Succeeded { result: Some(result()), outputs: BTreeMap::new() }),
+        ])
+        .unwrap();
+        assert_eq!((hit.state, hit.cached_from.as_deref(), hit.attempts), (JobState::Succeeded, Some("j0"), 0));
+        // It waited for j0, which failed: released, it is made on its own.
+        let released = fold(&[
+            accepted.clone(),
+            at(2, 0, Event::Cached { from: "j0".into() }),
+            at(3, 0, Event::Released { error: error("corrupt_image"), not_before: 0 }),
+            at(4, 1, Event::Claimed { owner: "d".into(), lease_expires_at: 0 }),
+        ])
+        .unwrap();
+        assert_eq!((released.state, released.cached_from), (JobState::Processing, None));
+        // A view stored before the field existed still reads.
+        let mut stored = serde_json::to_value(&hit).unwrap();
+        stored.as_object_mut().unwrap().remove("cached_from");
+        assert_eq!(serde_json::from_value::<JobView>(stored).unwrap().cached_from, None);
     }
 }

@@ -111,6 +111,41 @@ pub struct Created {
     pub created: bool,
 }
 
+/// How a create uses the result cache: `key` names the work (the input's digest and the
+/// canonical options, in the scope the cache is shared in); `lookup` false refreshes the entry
+/// without reading it (a client that asked for `Cache-Control: no-cache`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheKey {
+    pub key: String,
+    pub lookup: bool,
+}
+
+/// What the result cache did for a create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// An identical job had succeeded: the new job was created succeeded, with its result.
+    Hit { from: String },
+    /// An identical job is being made: the new job waits for it and ends with it (or, if it
+    /// fails, is made on its own).
+    Joined { leader: String },
+    /// Nothing to reuse: the new job is made, and is the entry for the next identical upload.
+    Miss,
+    /// An idempotent replay: the cache was not consulted.
+    Replayed,
+}
+
+impl CacheOutcome {
+    /// The label of the outcome in metrics and in the `Cache-Status` header.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CacheOutcome::Hit { .. } => "hit",
+            CacheOutcome::Joined { .. } => "joined",
+            CacheOutcome::Miss => "miss",
+            CacheOutcome::Replayed => "replayed",
+        }
+    }
+}
+
 /// The most outputs one job may ask for unless configured otherwise.
 pub const DEFAULT_MAX_OUTPUTS: usize = 16;
 

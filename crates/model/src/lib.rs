@@ -17,7 +17,7 @@ pub mod tail;
 pub use blob::{BlobRef, is_output_key, output_key};
 pub use event::{EVENT_VERSION, Event, EventKind, JobEvent, JobView, apply, fold};
 pub use hlc::Hlc;
-pub use job::{Created, DEFAULT_MAX_OUTPUTS, Job, JobError, JobResult, JobState, NewJob, Output, Step};
+pub use job::{CacheKey, CacheOutcome, Created, DEFAULT_MAX_OUTPUTS, Job, JobError, JobResult, JobState, NewJob, Output, Step};
 pub use options::Options;
 pub use store::{
     BlobStore, BlobStream, ClaimById, JobStore, Notify, Outbox, OutboxEvent, Presign, StoreError, StoreKind, StoredView, Views, ViewsAfter,

@@ -2,7 +2,7 @@
 
 use crate::blob::BlobRef;
 use crate::event::{JobEvent, JobView};
-use crate::job::{Created, Job, JobError, JobResult, JobState, NewJob, Step};
+use crate::job::{CacheKey, CacheOutcome, Created, Job, JobError, JobResult, JobState, NewJob, Step};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -112,6 +112,16 @@ impl StoreError {
 pub trait JobStore: Send + Sync + 'static {
     /// Records a new job and its `accepted` event in one transaction.
     async fn create(&self, job: NewJob) -> Result<Created, StoreError>;
+
+    /// [`JobStore::create`] through the result cache, in the same transaction: when the
+    /// entry at `cache.key` names a job that succeeded, the new job is created succeeded with
+    /// its result (a `cached` event, then `succeeded`); when it names one still being made, the
+    /// new job waits for it (queued, not claimable, with a `cached` event) and the store ends
+    /// it with that job: succeeded with its result, or, if it fails, released to be made on
+    /// its own (the first of its waiters; the others wait for that one). Otherwise (no entry,
+    /// or one whose job failed) the new job is queued as by `create` and becomes the entry. The
+    /// entry goes when its job is pruned: it lives as long as the result it hands out.
+    async fn create_cached(&self, job: NewJob, cache: &CacheKey) -> Result<(Created, CacheOutcome), StoreError>;
 
     async fn get(&self, id: &str) -> Result<Option<Job>, StoreError>;
 

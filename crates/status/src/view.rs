@@ -28,6 +28,10 @@ pub struct StatusView {
     /// after which it fails with this error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compensating: Option<ErrorView>,
+    /// The result cache served this job: the id of the identical upload (the same image bytes
+    /// and options) whose work it has, or is waiting for. No worker made anything for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cached_from: Option<String>,
 }
 
 /// One named output of a job.
@@ -98,6 +102,7 @@ impl From<JobView> for StatusView {
                 .compensating
                 .filter(|_| view.state != JobState::Failed)
                 .map(|e| ErrorView { code: e.code, message: e.message }),
+            cached_from: view.cached_from,
         }
     }
 }
@@ -107,7 +112,8 @@ impl From<JobView> for StatusView {
 pub struct EventView {
     /// 1 for the first event of the job, then one more for each: the order of the history.
     pub seq: u32,
-    /// `accepted`, `claimed`, `lease_expired`, `retried`, `released`, `succeeded` or `failed`.
+    /// `accepted`, `claimed`, `lease_expired`, `retried`, `released`, `succeeded`, `failed`,
+    /// `output_succeeded`, `compensating`, `output_deleted` or `cached`.
     pub kind: &'static str,
     /// The claim it belongs to (0 before the first).
     pub attempt: u32,

@@ -6,7 +6,7 @@
 
 use crate::{StoreError, Stores};
 use async_trait::async_trait;
-use pixmesh_model::{ClaimById, Created, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Step};
+use pixmesh_model::{CacheKey, CacheOutcome, ClaimById, Created, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Step};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,6 +68,10 @@ impl Stores {
 impl JobStore for GroupCommit {
     async fn create(&self, job: NewJob) -> Result<Created, StoreError> {
         self.inner.create(job).await
+    }
+
+    async fn create_cached(&self, job: NewJob, cache: &CacheKey) -> Result<(Created, CacheOutcome), StoreError> {
+        self.inner.create_cached(job, cache).await
     }
 
     async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {

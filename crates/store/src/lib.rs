@@ -26,7 +26,7 @@ pub use health::Access;
 pub use pixmesh_model::options::Options;
 pub use pixmesh_model::tail;
 pub use pixmesh_model::{
-    BlobRef, BlobStore, BlobStream, ClaimById, Created, DEFAULT_MAX_OUTPUTS, Event, EventKind, Hlc, Job, JobError, JobEvent, JobResult,
+    BlobRef, BlobStore, BlobStream, CacheKey, CacheOutcome, ClaimById, Created, DEFAULT_MAX_OUTPUTS, Event, EventKind, Hlc, Job, JobError, JobEvent, JobResult,
     JobState, JobStore, JobView, NewJob, Notify, Outbox, OutboxEvent, Output, Presign, Step, StoreError, StoreKind, StoredView, Views,
     ViewsAfter, apply, fold, is_output_key, output_key,
 };

@@ -18,14 +18,14 @@
 use crate::error::DbError;
 use crate::health::Alarm;
 use crate::rows::{
-    EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, OutboxRow, ViewRow, encode, gave_up, json, millis, saga_gave_up, step_patch, unclaimed,
-    views_filter,
+    EVENT_COLUMNS, EventRow, FOLLOWING, JOB_COLUMNS, JobRow, OutboxRow, ViewRow, encode, gave_up, json, leader_failed, millis, reused,
+    saga_gave_up, step_patch, unclaimed, views_filter,
 };
 use async_trait::async_trait;
 use pixmesh_chassis::clock::Clock;
 use pixmesh_chassis::time::now_ms;
 use pixmesh_model::{
-    ClaimById, Created, Event, Hlc, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Outbox, OutboxEvent, Step, StoreError,
+    CacheKey, CacheOutcome, ClaimById, Created, Event, Hlc, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Outbox, OutboxEvent, Step, StoreError,
     StoredView, Views, ViewsAfter,
 };
 use sqlx::migrate::Migrator;
@@ -183,11 +183,185 @@ impl PostgresJobStore {
         };
         let (own, max) = stamp(&self.clock);
         query = query.bind(own).bind(max);
-        let done = query.execute(&self.pool).await?;
+        if !matches!(event, Event::Succeeded { .. } | Event::Failed { .. }) {
+            let done = query.execute(&self.pool).await?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::Fenced { id: id.to_string(), attempt }.into());
+            }
+            return Ok(());
+        }
+        // The job ends: the jobs waiting for it end with it, in the same transaction.
+        let mut tx = self.pool.begin().await?;
+        let done = query.execute(&mut *tx).await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::Fenced { id: id.to_string(), attempt }.into());
         }
+        Self::settle_followers(&mut tx, &self.clock, id, &event).await?;
+        tx.commit().await?;
         Ok(())
+    }
+
+    /// Ends the jobs that wait for job `leader` (the result cache), inside the caller's
+    /// transaction, which just ended `leader` with `ended` and holds its row lock: with its
+    /// result when it succeeded; when it failed, the first of them is released to be made on
+    /// its own and the others wait for that one. A job joins a leader under a share lock of
+    /// the leader's row (see [`Self::create_cached_job`]), so this read, a statement after the
+    /// one that ended the leader, sees every job that joined it; none joins after.
+    async fn settle_followers(conn: &mut PgConnection, clock: &Clock, leader: &str, ended: &Event) -> Result<(), DbError> {
+        let now = now_ms();
+        let followers: Vec<(String,)> =
+            sqlx::query_as("SELECT id FROM jobs WHERE follows = $1 AND state = 'queued' ORDER BY created_at, id FOR UPDATE")
+                .bind(leader)
+                .fetch_all(&mut *conn)
+                .await?;
+        let Some(((first,), rest)) = followers.split_first() else { return Ok(()) };
+        match ended {
+            Event::Succeeded { .. } => {
+                let ids: Vec<&String> = followers.iter().map(|(id,)| id).collect();
+                sqlx::query(
+                    "UPDATE jobs SET state = 'succeeded', result = l.result, steps = l.steps, follows = NULL, not_before = 0, updated_at = $2
+                     FROM jobs l WHERE l.id = $1 AND jobs.id = ANY($3::text[])",
+                )
+                .bind(leader)
+                .bind(now)
+                .bind(&ids)
+                .execute(&mut *conn)
+                .await?;
+                for id in ids {
+                    Self::append(conn, clock, id, 0, now, ended).await?;
+                }
+            }
+            Event::Failed { error } => {
+                sqlx::query("UPDATE jobs SET follows = NULL, not_before = $1, updated_at = $1 WHERE id = $2")
+                    .bind(now)
+                    .bind(first)
+                    .execute(&mut *conn)
+                    .await?;
+                Self::append(conn, clock, first, 0, now, &Event::Released { error: leader_failed(leader, error), not_before: now }).await?;
+                for (id,) in rest {
+                    sqlx::query("UPDATE jobs SET follows = $1, updated_at = $2 WHERE id = $3")
+                        .bind(first)
+                        .bind(now)
+                        .bind(id)
+                        .execute(&mut *conn)
+                        .await?;
+                    Self::append(conn, clock, id, 0, now, &Event::Cached { from: first.clone() }).await?;
+                }
+            }
+            _ => {}
+        }
+        metrics::counter!("pixmesh_store_cache_waiters_settled_total", "leader" => ended.kind().as_str()).increment(followers.len() as u64);
+        Ok(())
+    }
+
+    /// [`JobStore::create_cached`]: one transaction. The cache's entry is taken (inserted, or
+    /// locked) first, which makes identical uploads take turns; then the job it names is read
+    /// under a share lock, which orders a join against that job's end.
+    async fn create_cached_job(&self, job: NewJob, cache: &CacheKey) -> Result<(Created, CacheOutcome), DbError> {
+        if let Some(key) = &job.idempotency_key {
+            let existing: Option<(String,)> =
+                sqlx::query_as("SELECT id FROM jobs WHERE idempotency_key = $1").bind(key).fetch_optional(&self.pool).await?;
+            if existing.is_some() {
+                return Ok((self.create_job(job).await?, CacheOutcome::Replayed));
+            }
+        }
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let mut outcome = CacheOutcome::Miss;
+        let taken: Option<(String,)> = sqlx::query_as(
+            "INSERT INTO result_cache (key, job_id, created_at) VALUES ($1, $2, $3) ON CONFLICT (key) DO NOTHING RETURNING job_id",
+        )
+        .bind(&cache.key)
+        .bind(&job.id)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if taken.is_none() {
+            let entry: Option<(String,)> =
+                sqlx::query_as("SELECT job_id FROM result_cache WHERE key = $1 FOR UPDATE").bind(&cache.key).fetch_optional(&mut *tx).await?;
+            let named = match (&entry, cache.lookup) {
+                (Some((id,)), true) => sqlx::query_as::<_, (String,)>("SELECT state FROM jobs WHERE id = $1 FOR SHARE")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|(state,)| (id.clone(), state)),
+                _ => None,
+            };
+            outcome = match named {
+                Some((from, state)) if state == "succeeded" => CacheOutcome::Hit { from },
+                Some((leader, state)) if state == "queued" || state == "processing" => CacheOutcome::Joined { leader },
+                _ => CacheOutcome::Miss,
+            };
+            if outcome == CacheOutcome::Miss {
+                // No entry any more (pruned just now), a failed job, or a refresh: this job's.
+                sqlx::query(
+                    "INSERT INTO result_cache (key, job_id, created_at) VALUES ($1, $2, $3)
+                     ON CONFLICT (key) DO UPDATE SET job_id = excluded.job_id, created_at = excluded.created_at",
+                )
+                .bind(&cache.key)
+                .bind(&job.id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let source = match &outcome {
+            CacheOutcome::Hit { from } => Some(Self::fetch_job(&mut tx, from).await?.ok_or_else(|| StoreError::NotFound(from.clone()))?),
+            _ => None,
+        };
+        let (state, not_before, follows) = match &outcome {
+            CacheOutcome::Hit { .. } => ("succeeded", 0, None),
+            CacheOutcome::Joined { leader } => ("queued", FOLLOWING, Some(leader.as_str())),
+            CacheOutcome::Miss | CacheOutcome::Replayed => ("queued", 0, None),
+        };
+        let inserted = sqlx::query(
+            "INSERT INTO jobs (id, owner, state, attempt, input_digest, input_size, input_format, options, idempotency_key, request_hash,
+                               event_seq, created_at, updated_at, hlc, outputs, not_before, follows, result, steps)
+             VALUES ($1, $2, $3, 0, $4, $5, $6, $7, $8, $9, 0, $10, $10, 0, $11, $12, $13, $14, $15)
+             ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(&job.id)
+        .bind(&job.owner)
+        .bind(state)
+        .bind(&job.input.digest)
+        .bind(i64::try_from(job.input.size).unwrap_or(i64::MAX))
+        .bind(&job.input_format)
+        .bind(json(&job.options)?)
+        .bind(&job.idempotency_key)
+        .bind(&job.request_hash)
+        .bind(now)
+        .bind(json(&job.outputs)?)
+        .bind(not_before)
+        .bind(follows)
+        .bind(source.as_ref().and_then(|s| s.result.as_ref()).map(json).transpose()?)
+        .bind(json(&source.as_ref().map(|s| s.steps.clone()).unwrap_or_default())?)
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            // A create with the same idempotency key committed first: this is its replay.
+            tx.rollback().await?;
+            return Ok((self.create_job(job).await?, CacheOutcome::Replayed));
+        }
+        let accepted = Event::Accepted {
+            input: job.input.clone(),
+            input_format: job.input_format.clone(),
+            options: job.options.clone(),
+            outputs: job.outputs.clone(),
+        };
+        Self::append(&mut tx, &self.clock, &job.id, 0, now, &accepted).await?;
+        match (&outcome, &source) {
+            (CacheOutcome::Hit { from }, Some(source)) => {
+                Self::append(&mut tx, &self.clock, &job.id, 0, now, &Event::Cached { from: from.clone() }).await?;
+                Self::append(&mut tx, &self.clock, &job.id, 0, now, &reused(source)).await?;
+            }
+            (CacheOutcome::Joined { leader }, _) => {
+                Self::append(&mut tx, &self.clock, &job.id, 0, now, &Event::Cached { from: leader.clone() }).await?;
+            }
+            _ => {}
+        }
+        let created = Self::fetch_job(&mut tx, &job.id).await?.ok_or_else(|| StoreError::NotFound(job.id.clone()))?;
+        tx.commit().await?;
+        Ok((Created { job: created, created: true }, outcome))
     }
 
     async fn create_job(&self, job: NewJob) -> Result<Created, DbError> {
@@ -416,7 +590,9 @@ impl PostgresJobStore {
         .execute(&mut *conn)
         .await?;
         if failed.rows_affected() == 1 {
-            Self::append(conn, clock, id, attempt, now, &Event::Failed { error }).await?;
+            let failed = Event::Failed { error };
+            Self::append(conn, clock, id, attempt, now, &failed).await?;
+            Self::settle_followers(conn, clock, id, &failed).await?;
             return Ok(true);
         }
         let error = saga_gave_up(attempt);
@@ -499,6 +675,7 @@ impl PostgresJobStore {
         // One statement for the batch; each row is fenced on its own (its attempt, still
         // processing), and the ids that changed say which were.
         let (own, max) = stamp(&self.clock);
+        let mut tx = self.pool.begin().await?;
         let changed: Vec<(String, i64)> = sqlx::query_as(&format!(
             "WITH input AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[]) AS t (id, attempt, result, data)),
              changed AS (
@@ -519,8 +696,22 @@ impl PostgresJobStore {
         .bind(version)
         .bind(own)
         .bind(max)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
+        // The jobs that wait for these (the result cache) end with them.
+        let ended: Vec<&String> = changed.iter().map(|(id, _)| id).collect();
+        let leaders: Vec<(String,)> =
+            sqlx::query_as("SELECT DISTINCT follows FROM jobs WHERE follows = ANY($1::text[]) AND state = 'queued'")
+                .bind(&ended)
+                .fetch_all(&mut *tx)
+                .await?;
+        for (leader,) in &leaders {
+            if let Some((_, _, result)) = items.iter().find(|(id, attempt, _)| id == leader && changed.contains(&(id.clone(), i64::from(*attempt)))) {
+                let succeeded = Event::Succeeded { result: Some(result.clone()), outputs: BTreeMap::new() };
+                Self::settle_followers(&mut tx, &self.clock, leader, &succeeded).await?;
+            }
+        }
+        tx.commit().await?;
         // Each changed row answers one item: a result given twice in one batch is fenced the
         // second time, as it would have been given one after the other.
         let mut changed = changed;
@@ -542,7 +733,8 @@ impl PostgresJobStore {
             "WITH old AS (
                 SELECT id FROM jobs WHERE state IN ('succeeded', 'failed') AND updated_at < $1
                 ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED),
-             views AS (DELETE FROM job_views USING old WHERE job_views.id = old.id)
+             views AS (DELETE FROM job_views USING old WHERE job_views.id = old.id),
+             cache AS (DELETE FROM result_cache USING old WHERE result_cache.job_id = old.id)
              DELETE FROM jobs USING old WHERE jobs.id = old.id",
         )
         .bind(ended_before)
@@ -789,6 +981,11 @@ impl Views for PostgresJobStore {
 impl JobStore for PostgresJobStore {
     async fn create(&self, job: NewJob) -> Result<Created, StoreError> {
         let result = self.create_job(job).await;
+        self.watch(result)
+    }
+
+    async fn create_cached(&self, job: NewJob, cache: &CacheKey) -> Result<(Created, CacheOutcome), StoreError> {
+        let result = self.create_cached_job(job, cache).await;
         self.watch(result)
     }
 

@@ -105,6 +105,26 @@ impl OutboxRow {
     }
 }
 
+/// `not_before` of a job that waits for an identical one (the result cache): never due. The
+/// store ends it, or releases it (then it is due at once), when that job ends.
+pub(crate) const FOLLOWING: i64 = i64::MAX;
+
+/// The reason a waiting job is released with when the job it waited for failed: that job's
+/// code, and what happened.
+pub(crate) fn leader_failed(leader: &str, error: &JobError) -> JobError {
+    JobError {
+        code: error.code.clone(),
+        message: format!("job {leader}, an identical upload this one waited for, failed ({}); this one is made on its own", error.message),
+    }
+}
+
+/// The `succeeded` event of a job that takes the result of `source` (the result cache): its one
+/// result, or its outputs.
+pub(crate) fn reused(source: &Job) -> Event {
+    let outputs = source.steps.iter().map(|(name, step)| (name.clone(), step.result.clone())).collect();
+    Event::Succeeded { result: source.result.clone(), outputs }
+}
+
 /// What a claim by id answers for a job it did not claim, from the job's row as read after
 /// the claim (`None`: no such job). A queued job that is due but was not claimed was locked by
 /// a concurrent claim or commit: asked again shortly, it answers held or ended.
@@ -114,6 +134,9 @@ pub(crate) fn unclaimed(id: &str, row: Option<(String, i64, Option<i64>)>, now: 
     match row {
         None => ClaimById::Ended { id },
         Some((state, not_before, lease_expires_at)) => match state.as_str() {
+            // Waiting for an identical job (the result cache): that one's end releases it, with
+            // a `released` event that wakes a distributor again.
+            "queued" if not_before == FOLLOWING => ClaimById::Held { id },
             "queued" => ClaimById::NotDue { id, in_ms: u64::try_from(not_before - now).unwrap_or(0).max(50) },
             // An expired lease is rescued (and the job woken again) by the sweeper.
             "processing" => match lease_expires_at {

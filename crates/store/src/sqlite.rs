@@ -9,15 +9,15 @@
 use crate::error::DbError;
 use crate::health::Alarm;
 use crate::rows::{
-    EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, OutboxRow, ViewRow, encode, gave_up, json, millis, saga_gave_up, step_patch, unclaimed,
-    views_filter,
+    EVENT_COLUMNS, EventRow, FOLLOWING, JOB_COLUMNS, JobRow, OutboxRow, ViewRow, encode, gave_up, json, leader_failed, millis, reused,
+    saga_gave_up, step_patch, unclaimed, views_filter,
 };
 use crate::write_tx::{Turn, WriteTx};
 use async_trait::async_trait;
 use pixmesh_chassis::clock::Clock;
 use pixmesh_chassis::time::now_ms;
 use pixmesh_model::{
-    ClaimById, Created, Event, Hlc, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Outbox, OutboxEvent, Step, StoreError,
+    CacheKey, CacheOutcome, ClaimById, Created, Event, Hlc, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Outbox, OutboxEvent, Step, StoreError,
     StoredView, Views, ViewsAfter,
 };
 use sqlx::migrate::Migrator;
@@ -235,11 +235,14 @@ impl SqliteJobStore {
             return Err(StoreError::Fenced { id: id.to_string(), attempt }.into());
         }
         Self::append(&mut tx, &self.clock, id, attempt, now, &event).await?;
+        if matches!(event, Event::Succeeded { .. } | Event::Failed { .. }) {
+            Self::settle_followers(&mut tx, &self.clock, id, now, &event).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
 
-    async fn create_job(&self, job: NewJob) -> Result<Created, DbError> {
+    async fn create_job(&self, job: NewJob, cache: Option<&CacheKey>) -> Result<(Created, CacheOutcome), DbError> {
         let now = now_ms();
         let mut tx = WriteTx::begin(&self.pool, &self.turn, &self.alarm).await?;
         if let Some(key) = &job.idempotency_key {
@@ -252,16 +255,41 @@ impl SqliteJobStore {
                 }
                 let found = Self::fetch_job(&mut tx, &id).await?.ok_or(StoreError::NotFound(id))?;
                 tx.commit().await?;
-                return Ok(Created { job: found, created: false });
+                return Ok((Created { job: found, created: false }, CacheOutcome::Replayed));
             }
         }
+        // What the cache has for this work (the write lock is held: nothing changes under us).
+        let mut outcome = CacheOutcome::Miss;
+        if let Some(cache) = cache.filter(|c| c.lookup) {
+            let entry: Option<(String, String)> =
+                sqlx::query_as("SELECT c.job_id, j.state FROM result_cache c JOIN jobs j ON j.id = c.job_id WHERE c.key = ?")
+                    .bind(&cache.key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            outcome = match entry {
+                Some((from, state)) if state == "succeeded" => CacheOutcome::Hit { from },
+                Some((leader, state)) if state == "queued" || state == "processing" => CacheOutcome::Joined { leader },
+                _ => CacheOutcome::Miss,
+            };
+        }
+        let source = match &outcome {
+            CacheOutcome::Hit { from } => Some(Self::fetch_job(&mut tx, from).await?.ok_or_else(|| StoreError::NotFound(from.clone()))?),
+            _ => None,
+        };
+        let (state, not_before, follows) = match &outcome {
+            CacheOutcome::Hit { .. } => ("succeeded", 0, None),
+            CacheOutcome::Joined { leader } => ("queued", FOLLOWING, Some(leader.as_str())),
+            CacheOutcome::Miss | CacheOutcome::Replayed => ("queued", 0, None),
+        };
         // The job with its `accepted` event, number 1 of its history.
-        let row: JobRow = sqlx::query_as(&format!(
-            "INSERT INTO jobs (id, owner, state, attempt, input_digest, input_size, input_format, options, outputs, idempotency_key, request_hash, created_at, updated_at, event_seq)
-             VALUES (?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1) RETURNING {JOB_COLUMNS}"
-        ))
+        sqlx::query(
+            "INSERT INTO jobs (id, owner, state, attempt, input_digest, input_size, input_format, options, outputs, idempotency_key, request_hash,
+                               created_at, updated_at, event_seq, not_before, follows, result, steps)
+             VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
+        )
         .bind(&job.id)
         .bind(&job.owner)
+        .bind(state)
         .bind(&job.input.digest)
         .bind(i64::try_from(job.input.size).unwrap_or(i64::MAX))
         .bind(&job.input_format)
@@ -271,7 +299,11 @@ impl SqliteJobStore {
         .bind(&job.request_hash)
         .bind(now)
         .bind(now)
-        .fetch_one(&mut *tx)
+        .bind(not_before)
+        .bind(follows)
+        .bind(source.as_ref().and_then(|s| s.result.as_ref()).map(json).transpose()?)
+        .bind(json(&source.as_ref().map(|s| s.steps.clone()).unwrap_or_default())?)
+        .execute(&mut *tx)
         .await?;
         let accepted = Event::Accepted {
             input: job.input.clone(),
@@ -280,9 +312,76 @@ impl SqliteJobStore {
             outputs: job.outputs.clone(),
         };
         Self::insert_event(&mut tx, &self.clock, &job.id, Next { seq: 1, before: None }, 0, now, &accepted).await?;
-        let created = row.into_job()?;
+        match (&outcome, &source) {
+            (CacheOutcome::Hit { from }, Some(source)) => {
+                Self::append(&mut tx, &self.clock, &job.id, 0, now, &Event::Cached { from: from.clone() }).await?;
+                Self::append(&mut tx, &self.clock, &job.id, 0, now, &reused(source)).await?;
+            }
+            (CacheOutcome::Joined { leader }, _) => {
+                Self::append(&mut tx, &self.clock, &job.id, 0, now, &Event::Cached { from: leader.clone() }).await?;
+            }
+            _ => {
+                if let Some(cache) = cache {
+                    // This job makes the work: the entry for the next identical upload.
+                    sqlx::query(
+                        "INSERT INTO result_cache (key, job_id, created_at) VALUES (?, ?, ?)
+                         ON CONFLICT (key) DO UPDATE SET job_id = excluded.job_id, created_at = excluded.created_at",
+                    )
+                    .bind(&cache.key)
+                    .bind(&job.id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        let created = Self::fetch_job(&mut tx, &job.id).await?.ok_or_else(|| StoreError::NotFound(job.id.clone()))?;
         tx.commit().await?;
-        Ok(Created { job: created, created: true })
+        Ok((Created { job: created, created: true }, outcome))
+    }
+
+    /// Ends the jobs that wait for job `leader` (the result cache), inside the caller's write
+    /// transaction, which just ended `leader` with `ended`: with its result when it succeeded;
+    /// when it failed, the first of them is released to be made on its own and the others wait
+    /// for that one. (The cache's entry still names the failed job: the next upload of the same
+    /// work takes it over.)
+    async fn settle_followers(conn: &mut SqliteConnection, clock: &Clock, leader: &str, now: i64, ended: &Event) -> Result<(), DbError> {
+        let followers: Vec<(String,)> =
+            sqlx::query_as("SELECT id FROM jobs WHERE follows = ? AND state = 'queued' ORDER BY created_at, id").bind(leader).fetch_all(&mut *conn).await?;
+        let Some(((first,), rest)) = followers.split_first() else { return Ok(()) };
+        match ended {
+            Event::Succeeded { .. } => {
+                for (id,) in &followers {
+                    sqlx::query(
+                        "UPDATE jobs SET state = 'succeeded', result = (SELECT result FROM jobs WHERE id = ?1),
+                             steps = (SELECT steps FROM jobs WHERE id = ?1), follows = NULL, not_before = 0, updated_at = ?2
+                         WHERE id = ?3",
+                    )
+                    .bind(leader)
+                    .bind(now)
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await?;
+                    Self::append(conn, clock, id, 0, now, ended).await?;
+                }
+            }
+            Event::Failed { error } => {
+                sqlx::query("UPDATE jobs SET follows = NULL, not_before = ?, updated_at = ? WHERE id = ?")
+                    .bind(now)
+                    .bind(now)
+                    .bind(first)
+                    .execute(&mut *conn)
+                    .await?;
+                Self::append(conn, clock, first, 0, now, &Event::Released { error: leader_failed(leader, error), not_before: now }).await?;
+                for (id,) in rest {
+                    sqlx::query("UPDATE jobs SET follows = ?, updated_at = ? WHERE id = ?").bind(first).bind(now).bind(id).execute(&mut *conn).await?;
+                    Self::append(conn, clock, id, 0, now, &Event::Cached { from: first.clone() }).await?;
+                }
+            }
+            _ => {}
+        }
+        metrics::counter!("pixmesh_store_cache_waiters_settled_total", "leader" => ended.kind().as_str()).increment(followers.len() as u64);
+        Ok(())
     }
 
     async fn claim_jobs(&self, owner: &str, lease: Duration, max_attempts: u32, limit: u32) -> Result<Vec<Job>, DbError> {
@@ -336,7 +435,9 @@ impl SqliteJobStore {
         .execute(&mut *conn)
         .await?;
         if failed.rows_affected() == 1 {
-            Self::append(conn, clock, id, attempt, now, &Event::Failed { error }).await?;
+            let failed = Event::Failed { error };
+            Self::append(conn, clock, id, attempt, now, &failed).await?;
+            Self::settle_followers(conn, clock, id, now, &failed).await?;
             return Ok(true);
         }
         let error = saga_gave_up(attempt);
@@ -511,6 +612,7 @@ impl SqliteJobStore {
             };
             let succeeded = Event::Succeeded { result: Some(result.clone()), outputs: BTreeMap::new() };
             Self::insert_event(&mut tx, &self.clock, id, Next { seq, before }, *attempt, now, &succeeded).await?;
+            Self::settle_followers(&mut tx, &self.clock, id, now, &succeeded).await?;
             out.push(Ok(()));
         }
         tx.commit().await?;
@@ -520,7 +622,7 @@ impl SqliteJobStore {
     async fn prune_jobs(&self, ended_before: i64, limit: u32) -> Result<u64, DbError> {
         let mut tx = WriteTx::begin(&self.pool, &self.turn, &self.alarm).await?;
         let ended = "SELECT id FROM jobs WHERE state IN ('succeeded', 'failed') AND updated_at < ? ORDER BY updated_at LIMIT ?";
-        for table in ["job_events WHERE job_id", "job_views WHERE id"] {
+        for table in ["job_events WHERE job_id", "job_views WHERE id", "result_cache WHERE job_id"] {
             sqlx::query(&format!("DELETE FROM {table} IN ({ended})")).bind(ended_before).bind(i64::from(limit)).execute(&mut *tx).await?;
         }
         let done = sqlx::query(&format!("DELETE FROM jobs WHERE id IN ({ended})"))
@@ -734,7 +836,11 @@ impl JobStore for SqliteJobStore {
     }
 
     async fn create(&self, job: NewJob) -> Result<Created, StoreError> {
-        Ok(self.create_job(job).await?)
+        Ok(self.create_job(job, None).await?.0)
+    }
+
+    async fn create_cached(&self, job: NewJob, cache: &CacheKey) -> Result<(Created, CacheOutcome), StoreError> {
+        Ok(self.create_job(job, Some(cache)).await?)
     }
 
     async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {

@@ -7,7 +7,7 @@
 
 use pixmesh_chassis::clock::{Clock, NTP64, system_time_clock};
 use pixmesh_model::{
-    BlobRef, ClaimById, Event, EventKind, JobError, JobResult, JobState, JobStore, NewJob, Options, Outbox, Output, StoreError, StoredView,
+    BlobRef, CacheKey, CacheOutcome, ClaimById, Event, EventKind, JobError, JobResult, JobState, JobStore, NewJob, Options, Outbox, Output, StoreError, StoredView,
     Views, ViewsAfter, fold, output_key,
 };
 use pixmesh_store::{Hlc, PostgresJobStore, SqliteJobStore};
@@ -102,6 +102,11 @@ conformance!(
     a_saga_turned_back_deletes_then_fails_with_its_first_reason,
     a_saga_that_used_up_its_attempts_is_turned_back_and_claimed_to_compensate,
     views_are_replaced_only_by_later_ones_and_list_newest_first_a_page_at_a_time,
+    an_identical_upload_gets_the_result_that_was_made_and_no_work,
+    identical_uploads_while_the_first_is_made_wait_for_it_and_end_with_it,
+    when_the_job_waited_for_fails_the_first_waiter_is_made_and_the_others_wait_for_it,
+    racing_identical_uploads_elect_one_job_to_make_the_result,
+    a_cache_entry_lives_as_long_as_the_job_it_names,
 );
 
 fn new_job(id: &str, key: Option<&str>, hash: &str) -> NewJob {
@@ -888,4 +893,176 @@ async fn views_are_replaced_only_by_later_ones_and_list_newest_first_a_page_at_a
     // Events after a seq.
     assert_eq!(store.events_since("v0", 0).await.unwrap().len(), 1);
     assert!(store.events_since("v0", 1).await.unwrap().is_empty());
+}
+
+fn cache(key: &str) -> CacheKey {
+    CacheKey { key: key.into(), lookup: true }
+}
+
+async fn cached(store: &Store, id: &str, key: &str) -> CacheOutcome {
+    let (created, outcome) = store.create_cached(new_job(id, None, "h"), &cache(key)).await.unwrap();
+    assert!(created.created);
+    outcome
+}
+
+async fn make(store: &Store, id: &str) {
+    let job = store.claim("d", LONG, 5).await.unwrap().unwrap();
+    assert_eq!(job.id, id, "the next job to make");
+    store.succeed(id, job.attempt, &result()).await.unwrap();
+}
+
+async fn an_identical_upload_gets_the_result_that_was_made_and_no_work(backend: Backend) {
+    let store = backend.open().await;
+    assert_eq!(cached(&store, "first", "k").await, CacheOutcome::Miss);
+    make(&store, "first").await;
+    let (created, outcome) = store.create_cached(new_job("again", None, "h"), &cache("k")).await.unwrap();
+    assert_eq!(outcome, CacheOutcome::Hit { from: "first".into() });
+    assert_eq!((created.job.state, created.job.result.clone(), created.job.attempt), (JobState::Succeeded, Some(result()), 0));
+    assert!(store.claim("d", LONG, 5).await.unwrap().is_none(), "nothing to make");
+    use EventKind::*;
+    assert_eq!(kinds(&store, "again").await, vec![Accepted, Cached, Succeeded]);
+    let view = fold(&store.events("again").await.unwrap()).unwrap();
+    assert_eq!((view.state, view.result, view.cached_from.as_deref()), (JobState::Succeeded, Some(result()), Some("first")));
+
+    // Other work (another key) is a miss; a refresh (`lookup: false`) makes the work again and
+    // is the entry from then on.
+    assert_eq!(cached(&store, "other", "k2").await, CacheOutcome::Miss);
+    make(&store, "other").await;
+    let refresh = CacheKey { key: "k".into(), lookup: false };
+    assert_eq!(store.create_cached(new_job("fresh", None, "h"), &refresh).await.unwrap().1, CacheOutcome::Miss);
+    assert_eq!(cached(&store, "after", "k").await, CacheOutcome::Joined { leader: "fresh".into() });
+    make(&store, "fresh").await;
+    assert_eq!(store.get("after").await.unwrap().unwrap().state, JobState::Succeeded);
+
+    // A saga's hit has every output of the saga it reuses.
+    let saga_key = cache("saga");
+    store.create_cached(saga("s1", &["a", "b"]), &saga_key).await.unwrap();
+    make_saga(&store, "s1").await;
+    let (created, outcome) = store.create_cached(saga("s2", &["a", "b"]), &saga_key).await.unwrap();
+    assert_eq!(outcome, CacheOutcome::Hit { from: "s1".into() });
+    assert_eq!(created.job.steps, store.get("s1").await.unwrap().unwrap().steps);
+    let view = fold(&store.events("s2").await.unwrap()).unwrap();
+    assert_eq!((view.state, view.outputs.len()), (JobState::Succeeded, 2));
+    // An idempotent replay is only a replay.
+    let keyed = NewJob { idempotency_key: Some("idem".into()), ..new_job("i1", None, "h") };
+    store.create_cached(keyed.clone(), &cache("k")).await.unwrap();
+    let (replay, outcome) = store.create_cached(NewJob { id: "i2".into(), ..keyed }, &cache("k")).await.unwrap();
+    assert_eq!((replay.created, replay.job.id.as_str(), outcome), (false, "i1", CacheOutcome::Replayed));
+}
+
+async fn make_saga(store: &Store, id: &str) {
+    let job = wait_for_claim(store, "d").await;
+    assert_eq!(job.id, id);
+    for name in ["a", "b"] {
+        store.record_output(id, job.attempt, name, &made(id, name, job.attempt)).await.unwrap();
+    }
+    let steps = store.get(id).await.unwrap().unwrap().steps;
+    store.succeed_outputs(id, job.attempt, &steps).await.unwrap();
+}
+
+async fn identical_uploads_while_the_first_is_made_wait_for_it_and_end_with_it(backend: Backend) {
+    let (store, outbox) = backend.open_with_outbox().await;
+    assert_eq!(cached(&store, "leader", "k").await, CacheOutcome::Miss);
+    let job = store.claim("d", LONG, 5).await.unwrap().unwrap();
+    for waiter in ["w1", "w2"] {
+        assert_eq!(cached(&store, waiter, "k").await, CacheOutcome::Joined { leader: "leader".into() });
+    }
+    // Waiting jobs are never claimed, by a claim or by a wake-up naming them.
+    assert!(store.claim_many("d", LONG, 5, 10).await.unwrap().is_empty());
+    assert_eq!(store.claim_ids("d", LONG, 5, &["w1".to_string()]).await.unwrap(), vec![ClaimById::Held { id: "w1".into() }]);
+    let stale = outbox.stale_claimable(Duration::ZERO, 100).await.unwrap();
+    assert!(stale.is_empty(), "the sweeper does not wake anyone for them: {stale:?}");
+    store.succeed("leader", job.attempt, &result()).await.unwrap();
+    use EventKind::*;
+    for waiter in ["w1", "w2"] {
+        let done = store.get(waiter).await.unwrap().unwrap();
+        assert_eq!((done.state, done.result, done.attempt), (JobState::Succeeded, Some(result()), 0), "{waiter}");
+        assert_eq!(kinds(&store, waiter).await, vec![Accepted, Cached, Succeeded]);
+        assert_eq!(fold(&store.events(waiter).await.unwrap()).unwrap().cached_from.as_deref(), Some("leader"));
+    }
+    // The same through a batch commit, and for a saga's pivot.
+    cached(&store, "batched", "k2").await;
+    let job = store.claim("d", LONG, 5).await.unwrap().unwrap();
+    cached(&store, "w3", "k2").await;
+    assert_eq!(store.succeed_many(&[("batched".into(), job.attempt, result())]).await.into_iter().collect::<Result<Vec<_>, _>>().unwrap().len(), 1);
+    assert_eq!(store.get("w3").await.unwrap().unwrap().state, JobState::Succeeded);
+    store.create_cached(saga("s1", &["a", "b"]), &cache("saga")).await.unwrap();
+    let (_, outcome) = store.create_cached(saga("s2", &["a", "b"]), &cache("saga")).await.unwrap();
+    assert_eq!(outcome, CacheOutcome::Joined { leader: "s1".into() });
+    make_saga(&store, "s1").await;
+    let s2 = store.get("s2").await.unwrap().unwrap();
+    assert_eq!((s2.state, s2.steps.len()), (JobState::Succeeded, 2));
+    assert_eq!(fold(&store.events("s2").await.unwrap()).unwrap().outputs.len(), 2);
+}
+
+async fn when_the_job_waited_for_fails_the_first_waiter_is_made_and_the_others_wait_for_it(backend: Backend) {
+    let store = backend.open().await;
+    cached(&store, "leader", "k").await;
+    let job = store.claim("d", LONG, 5).await.unwrap().unwrap();
+    cached(&store, "w1", "k").await;
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    cached(&store, "w2", "k").await;
+    store.fail("leader", job.attempt, &error("unavailable")).await.unwrap();
+    use EventKind::*;
+    assert_eq!(kinds(&store, "w1").await, vec![Accepted, Cached, Released]);
+    assert_eq!(kinds(&store, "w2").await, vec![Accepted, Cached, Cached]);
+    let w1 = fold(&store.events("w1").await.unwrap()).unwrap();
+    assert_eq!((w1.state, w1.cached_from), (JobState::Queued, None), "made on its own");
+    assert_eq!(fold(&store.events("w2").await.unwrap()).unwrap().cached_from.as_deref(), Some("w1"));
+    // w1 is claimable now; w2 is not, and ends with w1.
+    let job = store.claim_many("d", LONG, 5, 10).await.unwrap();
+    assert_eq!(job.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), vec!["w1"]);
+    store.succeed("w1", job[0].attempt, &result()).await.unwrap();
+    assert_eq!(store.get("w2").await.unwrap().unwrap().state, JobState::Succeeded);
+    // A job that fails for having used up its attempts (at a claim) releases its waiters too.
+    cached(&store, "doomed", "k3").await;
+    store.claim("d", Duration::ZERO, 5).await.unwrap().unwrap();
+    cached(&store, "w4", "k3").await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let claimed: Vec<String> = store.claim_many("d", LONG, 1, 10).await.unwrap().into_iter().map(|j| j.id).collect();
+    assert_eq!(store.get("doomed").await.unwrap().unwrap().state, JobState::Failed);
+    assert_eq!(claimed, vec!["w4".to_string()], "released, then claimed by the same claim");
+    assert_eq!(kinds(&store, "w4").await[..3], [Accepted, Cached, Released]);
+
+    // The entry still names the failed job: the next identical upload is made, and is the entry.
+    assert_eq!(cached(&store, "next", "k").await, CacheOutcome::Miss);
+    assert_eq!(cached(&store, "after", "k").await, CacheOutcome::Joined { leader: "next".into() });
+}
+
+async fn racing_identical_uploads_elect_one_job_to_make_the_result(backend: Backend) {
+    let handles = [backend.open().await, backend.open().await];
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let s = handles[i % 2].clone();
+        tasks.push(tokio::spawn(async move { s.create_cached(new_job(&format!("race-{i}"), None, "h"), &cache("same")).await }));
+    }
+    let mut misses = Vec::new();
+    let mut leaders = Vec::new();
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            (created, CacheOutcome::Miss) => misses.push(created.job.id),
+            (_, CacheOutcome::Joined { leader }) => leaders.push(leader),
+            (_, other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(misses.len(), 1, "one job makes it: {misses:?}");
+    assert!(leaders.iter().all(|l| *l == misses[0]), "{leaders:?} wait for {misses:?}");
+    let store = &handles[0];
+    make(store, &misses[0]).await;
+    for i in 0..10 {
+        assert_eq!(store.get(&format!("race-{i}")).await.unwrap().unwrap().state, JobState::Succeeded);
+    }
+}
+
+async fn a_cache_entry_lives_as_long_as_the_job_it_names(backend: Backend) {
+    let store = backend.open().await;
+    cached(&store, "first", "k").await;
+    make(&store, "first").await;
+    assert_eq!(cached(&store, "hit", "k").await, CacheOutcome::Hit { from: "first".into() });
+    let cutoff = pixmesh_chassis::time::now_ms() + 1;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(store.prune(cutoff, 100).await.unwrap(), 2);
+    // The result's job is gone, and its entry with it: the work is made again.
+    assert_eq!(cached(&store, "again", "k").await, CacheOutcome::Miss);
+    assert_eq!(store.claim("d", LONG, 5).await.unwrap().unwrap().id, "again");
 }

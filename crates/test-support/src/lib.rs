@@ -170,6 +170,7 @@ pub struct System {
 
 impl System {
     /// Starts `pixmesh up --workers N` on `data_dir`; extra `--set key=value` pairs go to every role.
+    /// The result cache is off unless a `--set upload.cache=…` turns it on.
     /// The engines are the profile's ([`Engines::for_profile`]).
     pub async fn start(data_dir: &Path, workers: usize, sets: &[&str]) -> anyhow::Result<System> {
         System::start_on(data_dir, workers, sets, &Engines::for_profile(data_dir).await).await
@@ -186,6 +187,10 @@ impl System {
         if let Some(url) = &blobs {
             cmd.arg("--blobs").arg(url);
         }
+        // Tests upload the same few images again and again to watch them being made: the
+        // result cache would answer most of them. A test of the cache turns it on (a later
+        // `--set` of the same key wins).
+        cmd.arg("--set").arg("upload.cache=off");
         for s in sets {
             cmd.arg("--set").arg(s);
         }

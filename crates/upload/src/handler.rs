@@ -1,4 +1,5 @@
 use crate::UploadConfig;
+use crate::cache::ResultCache;
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
@@ -27,6 +28,7 @@ struct AppState {
     signer: Option<Arc<Signer>>,
     config: Arc<UploadConfig>,
     permits: Arc<Semaphore>,
+    cache: ResultCache,
 }
 
 /// The upload API, without a listener (tests call it with `oneshot`).
@@ -38,7 +40,13 @@ pub fn router(config: UploadConfig, stores: Stores) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(AppState { stores, signer: Signer::new(&config.signed_urls).map(Arc::new), config: Arc::new(config), permits })
+        .with_state(AppState {
+            stores,
+            signer: Signer::new(&config.signed_urls).map(Arc::new),
+            cache: ResultCache::new(config.cache),
+            config: Arc::new(config),
+            permits,
+        })
 }
 
 async fn not_found(request: Request) -> ApiError {
@@ -403,6 +411,7 @@ async fn upload(
         }
     };
     let idempotency = idempotency_key(request.headers())?;
+    let headers = request.headers().clone();
     let accept = request.headers().get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",");
     let owner = request.headers().get(CLIENT_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let limits = output_limits(&state.config, request.headers());
@@ -453,12 +462,15 @@ async fn upload(
         idempotency_key: idempotency,
         request_hash,
     };
-    let created = state.stores.jobs.create(job).await.map_err(store_error)?;
+    let (created, served) = state.cache.create(state.stores.jobs.as_ref(), job, &headers).await.map_err(store_error)?;
     let id = created.job.id.clone();
     metrics::counter!("pixmesh_upload_jobs_total", "replayed" => if created.created { "false" } else { "true" }).increment(1);
-    if created.created {
+    if created.created && served.source().is_none() {
+        // Only work to do wakes a distributor: a hit is done, a joiner waits for its leader.
         state.stores.job_created(&id);
-        tracing::info!(job = %id, format = probe.format.as_str(), width = probe.width, height = probe.height, "job accepted");
+    }
+    if created.created {
+        tracing::info!(job = %id, format = probe.format.as_str(), width = probe.width, height = probe.height, cached_from = served.source(), "job accepted");
     }
     let status_url = format!("/api/status/{id}");
     let signer = state.signer.as_deref();
@@ -475,12 +487,19 @@ async fn upload(
         let result_url = pixmesh_chassis::signed_url::result_url(signer, &id);
         serde_json::json!({ "id": id, "status_url": status_url, "result_url": result_url })
     };
+    let mut body = body;
+    if let (Some(from), Some(fields)) = (served.source(), body.as_object_mut()) {
+        fields.insert("cached_from".into(), from.into());
+    }
     let mut response = (StatusCode::ACCEPTED, axum::Json(body)).into_response();
     if let Ok(v) = status_url.parse() {
         response.headers_mut().insert(header::LOCATION, v);
     }
     if !created.created {
         response.headers_mut().insert("idempotent-replayed", http::HeaderValue::from_static("true"));
+    }
+    if let Some(value) = served.cache_status() {
+        response.headers_mut().insert("cache-status", value);
     }
     if negotiated {
         // The output format was chosen from this request's Accept.

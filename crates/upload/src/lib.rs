@@ -4,8 +4,10 @@
 //! field, checks its format and dimensions from the header, stores it as a blob, and records the
 //! job and its `accepted` event in one transaction. Answers `202` with the job's URLs.
 
+mod cache;
 mod handler;
 
+pub use cache::CacheScope;
 pub use handler::{parse_options, router};
 
 use pixmesh_chassis::Shutdown;
@@ -35,6 +37,10 @@ pub struct UploadConfig {
     /// (options given beside it override it). A key may be limited to some of them
     /// (`presets` in its gateway entry).
     pub presets: std::collections::BTreeMap<String, String>,
+    /// Who shares the result cache: `key` (each API key its own; the default), `global`, or
+    /// `off`. An identical upload (the same bytes and options) gets the existing result with
+    /// no worker call.
+    pub cache: CacheScope,
     /// The deployment's URL signing keys, from `[gateway.signed_urls]` (not an `[upload]` key):
     /// `result_url` is signed with them.
     #[serde(skip)]
@@ -52,6 +58,7 @@ impl Default for UploadConfig {
             drain_grace_ms: 10_000,
             max_outputs: pixmesh_store::DEFAULT_MAX_OUTPUTS,
             presets: Default::default(),
+            cache: CacheScope::Key,
             signed_urls: Default::default(),
         }
     }
