@@ -10,7 +10,7 @@ use http::StatusCode;
 use serde::{Deserialize, Serialize};
 
 /// Machine-readable error kinds, stable on the wire (their `as_str` is part of the API).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The request is malformed (bad query parameter, bad multipart body, …).
@@ -299,8 +299,8 @@ impl ApiError {
     }
 
     /// The JSON body: `{"error":{"code":"…","message":"…"}}`.
-    pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({ "error": { "code": self.code.as_str(), "message": self.message } })
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody { error: ErrorDetail { code: self.code, message: self.message.clone() } }
     }
 
     /// As a gRPC status, with the pixmesh code in the `x-pixmesh-error` metadata entry.
@@ -326,6 +326,20 @@ impl ApiError {
 
 /// Metadata key that carries the pixmesh error code on a gRPC error.
 pub const GRPC_ERROR_METADATA: &str = "x-pixmesh-error";
+
+/// The body of every error answer: `{"error": {"code", "message"}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// What went wrong, for programs: stable on the wire.
+    pub code: ErrorCode,
+    /// What went wrong and what to do, for people.
+    pub message: String,
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

@@ -26,5 +26,5 @@ pub mod signed_url;
 pub mod telemetry;
 pub mod time;
 
-pub use error::{ApiError, ErrorCode};
+pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use shutdown::Shutdown;

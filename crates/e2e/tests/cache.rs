@@ -116,10 +116,13 @@ async fn identical_uploads_at_once_are_made_once_and_end_together() {
     let image = jpeg(320, 240);
     let uploads = (0..8).map(|_| upload(&system, &image, "width=64", &[]));
     let answers = futures_util::future::join_all(uploads).await;
-    let ids: Vec<String> = answers.iter().map(|(code, _, body)| {
-        assert_eq!(*code, 202, "{body}");
-        id(body)
-    }).collect();
+    let ids: Vec<String> = answers
+        .iter()
+        .map(|(code, _, body)| {
+            assert_eq!(*code, 202, "{body}");
+            id(body)
+        })
+        .collect();
     let made: Vec<&String> = ids.iter().zip(&answers).filter(|(_, a)| a.1 == "pixmesh; fwd=miss; stored").map(|(id, _)| id).collect();
     assert_eq!(made.len(), 1, "one upload is made: {answers:?}");
     let leader = made[0].clone();

@@ -266,6 +266,7 @@ impl Default for GatewayConfig {
                 route("/api/result", "status", &["GET", "HEAD"]),
                 route("/api/events", "status", &["GET", "HEAD"]),
                 route("/api/jobs", "status", &["GET", "HEAD"]),
+                route("/api/openapi.json", "status", &["GET", "HEAD"]),
             ],
             require_api_key: true,
             api_keys: Vec::new(),

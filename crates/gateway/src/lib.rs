@@ -7,6 +7,7 @@
 pub mod config;
 pub mod keys;
 pub mod layers;
+pub mod openapi;
 pub mod proxy;
 pub mod reload;
 pub mod snapshot;

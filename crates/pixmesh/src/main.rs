@@ -2,6 +2,7 @@
 //! binds listeners, and hands them to the role's `run`.
 
 mod config;
+mod openapi;
 mod thumbnail;
 
 use anyhow::Context;
@@ -81,6 +82,8 @@ enum Command {
     /// Maintenance of a deployment's stores (run beside it, on the same settings).
     #[command(subcommand)]
     Admin(Admin),
+    /// Print the public API's OpenAPI 3.1 document (what `GET /api/openapi.json` serves).
+    Openapi,
 }
 
 #[derive(Subcommand, Debug)]
@@ -102,6 +105,7 @@ impl Command {
             Command::Registry => "registry",
             Command::Thumbnail(_) => "thumbnail",
             Command::Admin(_) => "admin",
+            Command::Openapi => "openapi",
         }
     }
 }
@@ -138,6 +142,18 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Command::Openapi = cli.command {
+        return match openapi::json() {
+            Ok(doc) => {
+                println!("{doc}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("pixmesh openapi: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Command::Thumbnail(args) = cli.command {
         return match thumbnail::run(args) {
             Ok(0) => ExitCode::SUCCESS,
@@ -320,6 +336,7 @@ async fn run(
         Command::Status => {
             let mut c = config.status;
             c.signed_urls = config.gateway.signed_urls.clone();
+            c.openapi = Some(std::sync::Arc::new(openapi::json()?));
             let stores = open_stores(&store).await?;
             let (http, admin) = (bind("status", c.listen).await?, bind("status admin", c.admin_listen).await?);
             Ok(pixmesh_status::run(c, stores, http, admin, shutdown).await?)
@@ -346,7 +363,7 @@ async fn run(
             let (grpc, admin) = (bind("registry", c.listen).await?, bind("registry admin", c.admin_listen).await?);
             Ok(pixmesh_registry::run(c, grpc, admin, shutdown).await?)
         }
-        Command::Thumbnail(_) => Ok(()),
+        Command::Thumbnail(_) | Command::Openapi => Ok(()),
         Command::Admin(Admin::RebuildViews) => {
             // The database alone: a rebuild needs no blob store (nor its credentials).
             let db = pixmesh_store::Stores::open_database(&store).await?;

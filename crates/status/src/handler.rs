@@ -1,5 +1,5 @@
 use crate::live::Hub;
-use crate::view::{EventView, HistoryView};
+use crate::view::{EventView, HistoryView, JobsPage, StatusView};
 use axum::Router;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRef, Path, Request, State};
@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use pixmesh_chassis::signed_url::Signer;
-use pixmesh_chassis::{ApiError, ErrorCode};
+use pixmesh_chassis::{ApiError, ErrorBody, ErrorCode};
 use pixmesh_store::{Job, JobState, StoreError, StoreErrorExt, Stores};
 use std::sync::Arc;
 use std::time::Duration;
@@ -134,7 +134,23 @@ pub(crate) async fn readable(stores: &Stores, id: &str, reader: &Reader) -> Resu
 /// A job's status: its view from the projection, with the events the projector has not
 /// applied yet (usually none) applied here; folded from the whole history only for a job the
 /// projection has not reached.
-async fn status(State(app): State<App>, path: Result<Path<String>, PathRejection>, headers: HeaderMap) -> Result<Response, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/api/status/{id}",
+    tag = "jobs",
+    operation_id = "status",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The job's state, and its result or error once it has one", body = StatusView),
+        (status = 404, description = "No such job (or another key's)", body = ErrorBody),
+        (status = 503, description = "The job store is down; retry", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn status(
+    State(app): State<App>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let id = job_id(path)?;
     let reader = Reader::of(&headers);
     let jobs = &app.stores.jobs;
@@ -169,7 +185,7 @@ fn render(app: &App, view: pixmesh_store::JobView) -> crate::view::StatusView {
 /// The query of a listing.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+pub(crate) struct ListQuery {
     state: Option<String>,
     limit: Option<String>,
     cursor: Option<String>,
@@ -181,7 +197,23 @@ const MAX_LIMIT: u32 = 100;
 /// `GET /api/jobs?state=&limit=&cursor=`: the caller's own jobs, newest first, a page at a
 /// time; `next_cursor` (absent on the last page) gives the next. Read from the projection,
 /// which follows the events within milliseconds.
-async fn list(
+#[utoipa::path(
+    get,
+    path = "/api/jobs",
+    tag = "jobs",
+    operation_id = "list_jobs",
+    params(
+        ("state" = Option<String>, Query, description = "Only jobs in this state: queued, processing, succeeded or failed"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "Jobs per page, 1–100 (20)"),
+        ("cursor" = Option<String>, Query, description = "The `next_cursor` of the page before"),
+    ),
+    responses(
+        (status = 200, description = "The caller's jobs, newest first", body = JobsPage),
+        (status = 400, description = "A bad state, limit or cursor", body = ErrorBody),
+        (status = 503, description = "The job store is down; retry", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn list(
     State(app): State<App>,
     query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
@@ -215,7 +247,7 @@ async fn list(
     views.truncate(limit as usize);
     let next_cursor = views.last().filter(|_| more).map(|v| hex::encode(format!("{}:{}", v.view.created_at, v.view.id)));
     let jobs: Vec<crate::view::StatusView> = views.into_iter().map(|v| render(&app, v.view)).collect();
-    let mut response = axum::Json(serde_json::json!({ "jobs": jobs, "next_cursor": next_cursor })).into_response();
+    let mut response = axum::Json(crate::view::JobsPage { jobs, next_cursor }).into_response();
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
 }
@@ -227,8 +259,20 @@ fn parse_cursor(cursor: &str) -> Result<pixmesh_store::ViewsAfter, ()> {
     Ok(pixmesh_store::ViewsAfter { created_at: at.parse().map_err(drop)?, id: id.to_string() })
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/status/{id}/history",
+    tag = "jobs",
+    operation_id = "history",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "Every event of the job, in order", body = HistoryView),
+        (status = 404, description = "No such job (or another key's)", body = ErrorBody),
+        (status = 503, description = "The job store is down; retry", body = ErrorBody),
+    ),
+)]
 /// Every event of the job, in order, with its HLC time.
-async fn history(
+pub(crate) async fn history(
     State(stores): State<Stores>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
@@ -245,7 +289,33 @@ async fn history(
     Ok(response)
 }
 
-async fn result(State(stores): State<Stores>, path: Result<Path<String>, PathRejection>, headers: HeaderMap) -> Result<Response, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/api/result/{id}",
+    tag = "results",
+    operation_id = "result",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+        ("If-None-Match" = Option<String>, Header, description = "An ETag of the result: answered 304"),
+    ),
+    responses(
+        (status = 200, description = "The image", content(("image/jpeg"), ("image/png"), ("image/webp")),
+            headers(("ETag" = String, description = "The result's digest, quoted"))),
+        (status = 304, description = "Not modified: the `If-None-Match` ETag is the result's"),
+        (status = 404, description = "No such job, output or result (or another key's job)", body = ErrorBody),
+        (status = 409, description = "Not ready: the job has not succeeded yet; retry after `Retry-After`", body = ErrorBody),
+        (status = 413, description = "The job failed: its image or an output is over a limit", body = ErrorBody),
+        (status = 415, description = "The job failed: its image is in a format pixmesh does not read", body = ErrorBody),
+        (status = 422, description = "The job failed: its image is corrupt or breaks a processing limit", body = ErrorBody),
+        (status = 503, description = "A store is down, or the job failed for want of a worker; retry", body = ErrorBody),
+        (status = 504, description = "The job failed: its work did not finish within its deadline", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn result(
+    State(stores): State<Stores>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let id = job_id(path)?;
     let job = succeeded(&stores, &id, &headers).await?;
     if job.is_saga() {
@@ -262,8 +332,31 @@ async fn result(State(stores): State<Stores>, path: Result<Path<String>, PathRej
     download(&stores, &result, &headers, job.options.negotiated).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/result/{id}/{output}",
+    tag = "results",
+    operation_id = "output_result",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+        ("output" = String, Path, description = "The output's name"),
+        ("If-None-Match" = Option<String>, Header, description = "An ETag of the result: answered 304"),
+    ),
+    responses(
+        (status = 200, description = "The image", content(("image/jpeg"), ("image/png"), ("image/webp")),
+            headers(("ETag" = String, description = "The result's digest, quoted"))),
+        (status = 304, description = "Not modified: the `If-None-Match` ETag is the result's"),
+        (status = 404, description = "No such job, output or result (or another key's job)", body = ErrorBody),
+        (status = 409, description = "Not ready: the job has not succeeded yet; retry after `Retry-After`", body = ErrorBody),
+        (status = 413, description = "The job failed: its image or an output is over a limit", body = ErrorBody),
+        (status = 415, description = "The job failed: its image is in a format pixmesh does not read", body = ErrorBody),
+        (status = 422, description = "The job failed: its image is corrupt or breaks a processing limit", body = ErrorBody),
+        (status = 503, description = "A store is down, or the job failed for want of a worker; retry", body = ErrorBody),
+        (status = 504, description = "The job failed: its work did not finish within its deadline", body = ErrorBody),
+    ),
+)]
 /// One named output of a job that has several.
-async fn output_result(
+pub(crate) async fn output_result(
     State(stores): State<Stores>,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,

@@ -9,6 +9,7 @@
 
 mod handler;
 pub mod live;
+pub mod openapi;
 pub mod projection;
 mod stream;
 pub mod view;
@@ -41,6 +42,10 @@ pub struct StatusConfig {
     /// a succeeded job's `result_url` is signed with them.
     #[serde(skip)]
     pub signed_urls: pixmesh_chassis::signed_url::SignedUrlConfig,
+    /// The public API's OpenAPI document (JSON), served at `GET /api/openapi.json`: assembled
+    /// by the binary from every role's part (not a `[status]` key).
+    #[serde(skip)]
+    pub openapi: Option<Arc<String>>,
 }
 
 impl Default for StatusConfig {
@@ -53,6 +58,7 @@ impl Default for StatusConfig {
             keep_alive_ms: 15_000,
             projection_poll_ms: 100,
             signed_urls: Default::default(),
+            openapi: None,
         }
     }
 }
@@ -86,7 +92,11 @@ pub async fn run(config: StatusConfig, stores: Stores, http: TcpListener, admin:
     let live = Live { hub, max_streams: config.max_streams, keep_alive, shutdown: shutdown.clone() };
     pixmesh_chassis::serve::http_role("status", http, admin, shutdown, grace, ConnectionLimits::default(), |readiness| async move {
         stores.watch_health("status", Access::ReadOnly, readiness, probe_stop).await;
-        Ok(router(stores, signer, live))
+        let app = router(stores, signer, live);
+        Ok(match config.openapi {
+            Some(doc) => openapi::serve(app, doc),
+            None => app,
+        })
     })
     .await
 }

@@ -15,7 +15,7 @@ use axum::extract::{Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, header};
-use pixmesh_chassis::{ApiError, ErrorCode, Shutdown};
+use pixmesh_chassis::{ApiError, ErrorBody, ErrorCode, Shutdown};
 use pixmesh_store::{EventKind, JobEvent, OutboxEvent};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -73,6 +73,22 @@ fn terminal(event: &JobEvent) -> bool {
 }
 
 /// `GET /api/status/{id}/events`.
+#[utoipa::path(
+    get,
+    path = "/api/status/{id}/events",
+    tag = "jobs",
+    operation_id = "job_events",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+        ("Last-Event-ID" = Option<String>, Header, description = "The `seq` of the last event received: the stream goes on after it"),
+    ),
+    responses(
+        (status = 200, description = "Server-sent events: the job's events as they are written (`id:` its seq, `event:` its kind, `data:` the event as in the history), ending after the terminal one; each event's data is an `EventView`", content_type = "text/event-stream", body = crate::view::StreamEvent),
+        (status = 400, description = "A bad `Last-Event-ID`", body = ErrorBody),
+        (status = 404, description = "No such job (or another key's)", body = ErrorBody),
+        (status = 503, description = "Too many streams are open, or the job store is down; retry", body = ErrorBody),
+    ),
+)]
 pub async fn job_events(
     State(app): State<App>,
     path: Result<Path<String>, PathRejection>,
@@ -162,6 +178,20 @@ async fn next(watch: &mut Watch, tx: &Frames, shutdown: &Shutdown) -> Option<Opt
 }
 
 /// `GET /api/events`.
+#[utoipa::path(
+    get,
+    path = "/api/events",
+    tag = "jobs",
+    operation_id = "events",
+    params(
+        ("Last-Event-ID" = Option<String>, Header, description = "The `id:` of the last event received: the stream replays what came after it"),
+    ),
+    responses(
+        (status = 200, description = "Server-sent events: every event of the caller's own jobs as it is written (`id:` the event's place in the log of all events); it does not end; each event's data is an `EventView`", content_type = "text/event-stream", body = crate::view::StreamEvent),
+        (status = 400, description = "A bad `Last-Event-ID`", body = ErrorBody),
+        (status = 503, description = "Too many streams are open, or the job store is down; retry", body = ErrorBody),
+    ),
+)]
 pub async fn owner_events(State(app): State<App>, headers: HeaderMap) -> Result<Response, ApiError> {
     let reader = Reader::of(&headers);
     if reader.client.is_empty() {

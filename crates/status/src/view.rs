@@ -4,10 +4,11 @@ use pixmesh_chassis::time::rfc3339_ms;
 use pixmesh_store::{JobEvent, JobResult, JobState, JobView};
 use serde::Serialize;
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct StatusView {
     pub id: String,
     /// `queued`, `processing`, `succeeded` or `failed`.
+    #[schema(value_type = String, pattern = "^(queued|processing|succeeded|failed)$")]
     pub state: &'static str,
     /// How many times a distributor claimed the job.
     pub attempts: u32,
@@ -35,12 +36,13 @@ pub struct StatusView {
 }
 
 /// One named output of a job.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct OutputView {
     pub name: String,
     /// `pending` (not made yet), `made` (made; the job succeeds once every output is),
     /// `succeeded`, `failed` (the output whose failure failed the job), or `abandoned` (the job
     /// turned back: this output is not made, or what was made is deleted).
+    #[schema(value_type = String)]
     pub state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<ResultView>,
@@ -49,13 +51,13 @@ pub struct OutputView {
     pub result_url: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct ErrorView {
     pub code: String,
     pub message: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct ResultView {
     pub width: u64,
     pub height: u64,
@@ -108,12 +110,13 @@ impl From<JobView> for StatusView {
 }
 
 /// One event of a job's history, as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct EventView {
     /// 1 for the first event of the job, then one more for each: the order of the history.
     pub seq: u32,
     /// `accepted`, `claimed`, `lease_expired`, `retried`, `released`, `succeeded`, `failed`,
     /// `output_succeeded`, `compensating`, `output_deleted` or `cached`.
+    #[schema(value_type = String)]
     pub kind: &'static str,
     /// The claim it belongs to (0 before the first).
     pub attempt: u32,
@@ -122,6 +125,7 @@ pub struct EventView {
     /// Its hybrid-logical-clock time (a decimal u64): above the time of the event before it.
     pub hlc: String,
     /// The event's fields (`{"owner": …}` for `claimed`, the error for `failed`, …).
+    #[schema(value_type = Object)]
     pub data: serde_json::Value,
 }
 
@@ -138,8 +142,31 @@ impl From<&JobEvent> for EventView {
     }
 }
 
+/// One server-sent event of an event stream, as the stream carries it (the shape OpenAPI 3.2
+/// gives `text/event-stream` items): `data` is an [`EventView`], as JSON. For the documentation
+/// only: the streams write the fields themselves.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct StreamEvent {
+    /// The job's `seq` of the event (`/api/status/{id}/events`), or its place in the log of
+    /// all events (`/api/events`): what `Last-Event-ID` takes.
+    pub id: String,
+    /// The event's kind.
+    pub event: String,
+    /// The event as in the history: an `EventView`, as JSON.
+    #[schema(content_media_type = "application/json")]
+    pub data: String,
+}
+
+/// A page of the caller's jobs, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct JobsPage {
+    pub jobs: Vec<StatusView>,
+    /// The `cursor` of the next page; `null` on the last.
+    pub next_cursor: Option<String>,
+}
+
 /// A job's whole history.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct HistoryView {
     pub id: String,
     pub events: Vec<EventView>,

@@ -26,9 +26,9 @@ pub use health::Access;
 pub use pixmesh_model::options::Options;
 pub use pixmesh_model::tail;
 pub use pixmesh_model::{
-    BlobRef, BlobStore, BlobStream, CacheKey, CacheOutcome, ClaimById, Created, DEFAULT_MAX_OUTPUTS, Event, EventKind, Hlc, Job, JobError, JobEvent, JobResult,
-    JobState, JobStore, JobView, NewJob, Notify, Outbox, OutboxEvent, Output, Presign, Step, StoreError, StoreKind, StoredView, Views,
-    ViewsAfter, apply, fold, is_output_key, output_key,
+    BlobRef, BlobStore, BlobStream, CacheKey, CacheOutcome, ClaimById, Created, DEFAULT_MAX_OUTPUTS, Event, EventKind, Hlc, Job, JobError,
+    JobEvent, JobResult, JobState, JobStore, JobView, NewJob, Notify, Outbox, OutboxEvent, Output, Presign, Step, StoreError, StoreKind,
+    StoredView, Views, ViewsAfter, apply, fold, is_output_key, output_key,
 };
 pub use postgres::PostgresJobStore;
 pub use s3::{S3BlobStore, S3Credentials, S3Limits};

@@ -4,7 +4,9 @@
 //! Claims take the oldest queued job with `FOR UPDATE SKIP LOCKED`, so concurrent claimers
 //! never wait for each other or take the same job; the claim, the job row and its `claimed`
 //! event are one statement (a single round trip, atomic without an explicit transaction), as
-//! are the fenced transitions (`succeeded`, `failed`, …) with their events. The claim reads
+//! are the fenced transitions (`succeeded`, `failed`, …) with their events (a transition that
+//! ends a job is a transaction of two: the jobs waiting for it, from the result cache, end in
+//! the same transaction). The claim reads
 //! only the small partial index of queued jobs, however many ended jobs the table holds
 //! (`EXPLAIN` in the conformance tests).
 //!
@@ -25,8 +27,8 @@ use async_trait::async_trait;
 use pixmesh_chassis::clock::Clock;
 use pixmesh_chassis::time::now_ms;
 use pixmesh_model::{
-    CacheKey, CacheOutcome, ClaimById, Created, Event, Hlc, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Outbox, OutboxEvent, Step, StoreError,
-    StoredView, Views, ViewsAfter,
+    CacheKey, CacheOutcome, ClaimById, Created, Event, Hlc, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Outbox,
+    OutboxEvent, Step, StoreError, StoredView, Views, ViewsAfter,
 };
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -277,8 +279,10 @@ impl PostgresJobStore {
         .fetch_optional(&mut *tx)
         .await?;
         if taken.is_none() {
-            let entry: Option<(String,)> =
-                sqlx::query_as("SELECT job_id FROM result_cache WHERE key = $1 FOR UPDATE").bind(&cache.key).fetch_optional(&mut *tx).await?;
+            let entry: Option<(String,)> = sqlx::query_as("SELECT job_id FROM result_cache WHERE key = $1 FOR UPDATE")
+                .bind(&cache.key)
+                .fetch_optional(&mut *tx)
+                .await?;
             let named = match (&entry, cache.lookup) {
                 (Some((id,)), true) => sqlx::query_as::<_, (String,)>("SELECT state FROM jobs WHERE id = $1 FOR SHARE")
                     .bind(id)
@@ -706,7 +710,9 @@ impl PostgresJobStore {
                 .fetch_all(&mut *tx)
                 .await?;
         for (leader,) in &leaders {
-            if let Some((_, _, result)) = items.iter().find(|(id, attempt, _)| id == leader && changed.contains(&(id.clone(), i64::from(*attempt)))) {
+            if let Some((_, _, result)) =
+                items.iter().find(|(id, attempt, _)| id == leader && changed.contains(&(id.clone(), i64::from(*attempt))))
+            {
                 let succeeded = Event::Succeeded { result: Some(result.clone()), outputs: BTreeMap::new() };
                 Self::settle_followers(&mut tx, &self.clock, leader, &succeeded).await?;
             }

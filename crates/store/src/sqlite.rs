@@ -17,8 +17,8 @@ use async_trait::async_trait;
 use pixmesh_chassis::clock::Clock;
 use pixmesh_chassis::time::now_ms;
 use pixmesh_model::{
-    CacheKey, CacheOutcome, ClaimById, Created, Event, Hlc, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Outbox, OutboxEvent, Step, StoreError,
-    StoredView, Views, ViewsAfter,
+    CacheKey, CacheOutcome, ClaimById, Created, Event, Hlc, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Outbox,
+    OutboxEvent, Step, StoreError, StoredView, Views, ViewsAfter,
 };
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -347,7 +347,10 @@ impl SqliteJobStore {
     /// work takes it over.)
     async fn settle_followers(conn: &mut SqliteConnection, clock: &Clock, leader: &str, now: i64, ended: &Event) -> Result<(), DbError> {
         let followers: Vec<(String,)> =
-            sqlx::query_as("SELECT id FROM jobs WHERE follows = ? AND state = 'queued' ORDER BY created_at, id").bind(leader).fetch_all(&mut *conn).await?;
+            sqlx::query_as("SELECT id FROM jobs WHERE follows = ? AND state = 'queued' ORDER BY created_at, id")
+                .bind(leader)
+                .fetch_all(&mut *conn)
+                .await?;
         let Some(((first,), rest)) = followers.split_first() else { return Ok(()) };
         match ended {
             Event::Succeeded { .. } => {
@@ -374,7 +377,12 @@ impl SqliteJobStore {
                     .await?;
                 Self::append(conn, clock, first, 0, now, &Event::Released { error: leader_failed(leader, error), not_before: now }).await?;
                 for (id,) in rest {
-                    sqlx::query("UPDATE jobs SET follows = ?, updated_at = ? WHERE id = ?").bind(first).bind(now).bind(id).execute(&mut *conn).await?;
+                    sqlx::query("UPDATE jobs SET follows = ?, updated_at = ? WHERE id = ?")
+                        .bind(first)
+                        .bind(now)
+                        .bind(id)
+                        .execute(&mut *conn)
+                        .await?;
                     Self::append(conn, clock, id, 0, now, &Event::Cached { from: first.clone() }).await?;
                 }
             }

@@ -7,8 +7,8 @@
 
 use pixmesh_chassis::clock::{Clock, NTP64, system_time_clock};
 use pixmesh_model::{
-    BlobRef, CacheKey, CacheOutcome, ClaimById, Event, EventKind, JobError, JobResult, JobState, JobStore, NewJob, Options, Outbox, Output, StoreError, StoredView,
-    Views, ViewsAfter, fold, output_key,
+    BlobRef, CacheKey, CacheOutcome, ClaimById, Event, EventKind, JobError, JobResult, JobState, JobStore, NewJob, Options, Outbox, Output,
+    StoreError, StoredView, Views, ViewsAfter, fold, output_key,
 };
 use pixmesh_store::{Hlc, PostgresJobStore, SqliteJobStore};
 use pixmesh_test_support::postgres::TestDatabase;
@@ -984,7 +984,10 @@ async fn identical_uploads_while_the_first_is_made_wait_for_it_and_end_with_it(b
     cached(&store, "batched", "k2").await;
     let job = store.claim("d", LONG, 5).await.unwrap().unwrap();
     cached(&store, "w3", "k2").await;
-    assert_eq!(store.succeed_many(&[("batched".into(), job.attempt, result())]).await.into_iter().collect::<Result<Vec<_>, _>>().unwrap().len(), 1);
+    assert_eq!(
+        store.succeed_many(&[("batched".into(), job.attempt, result())]).await.into_iter().collect::<Result<Vec<_>, _>>().unwrap().len(),
+        1
+    );
     assert_eq!(store.get("w3").await.unwrap().unwrap().state, JobState::Succeeded);
     store.create_cached(saga("s1", &["a", "b"]), &cache("saga")).await.unwrap();
     let (_, outcome) = store.create_cached(saga("s2", &["a", "b"]), &cache("saga")).await.unwrap();

@@ -1,5 +1,6 @@
 use crate::UploadConfig;
 use crate::cache::ResultCache;
+use crate::openapi::Accepted;
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
@@ -9,7 +10,7 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use pixmesh_chassis::signed_url::Signer;
-use pixmesh_chassis::{ApiError, ErrorCode, multipart};
+use pixmesh_chassis::{ApiError, ErrorBody, ErrorCode, multipart};
 use pixmesh_imaging::{Crop, Fit, Flip, Gravity, Options, OutputFormat};
 use pixmesh_store::{NewJob, Output, StoreError, StoreErrorExt, Stores};
 use sha2::{Digest, Sha256};
@@ -22,7 +23,7 @@ pub const CLIENT_HEADER: &str = pixmesh_chassis::headers::CLIENT;
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 #[derive(Clone)]
-struct AppState {
+pub(crate) struct AppState {
     stores: Stores,
     /// Signs `result_url` (`None`: the plain path, which needs the API key).
     signer: Option<Arc<Signer>>,
@@ -382,7 +383,47 @@ fn output_limits(config: &UploadConfig, headers: &HeaderMap) -> pixmesh_imaging:
     limits
 }
 
-async fn upload(
+/// Takes an image and records a job that makes what the parameters ask for.
+///
+/// The image is the raw body (`Content-Type: image/*`), or the one image part of a
+/// `multipart/form-data` body. Its format and dimensions are checked from its header before any
+/// work: oversized images are refused here (and at the gateway, before the body is read).
+#[utoipa::path(
+    post,
+    path = "/api/upload",
+    tag = "jobs",
+    operation_id = "upload",
+    params(
+        crate::openapi::UploadParams,
+        ("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters: a retry with the same key and the same request answers the first job"),
+        ("Cache-Control" = Option<String>, Header, description = "`no-cache`: make the work again even if the result cache has it; `no-store`: leave the cache alone"),
+    ),
+    request_body(
+        description = "The image: JPEG, PNG, WebP, GIF, BMP or TIFF, raw or as a form's file part",
+        content(
+            ("image/jpeg"),
+            ("image/png"),
+            ("image/webp"),
+            ("application/octet-stream"),
+            (crate::openapi::UploadForm = "multipart/form-data"),
+        ),
+    ),
+    responses(
+        (status = 202, description = "The job is recorded (or, from the result cache, already done)", body = crate::openapi::Accepted,
+            headers(
+                ("Location" = String, description = "The job's status URL"),
+                ("Cache-Status" = String, description = "What the result cache did (RFC 9211)"),
+            )),
+        (status = 400, description = "A bad parameter, form or header; an empty body", body = ErrorBody),
+        (status = 403, description = "The key is limited to presets and asked for something else", body = ErrorBody),
+        (status = 413, description = "The body, the image's pixels or side, or an output is over its limit", body = ErrorBody),
+        (status = 415, description = "Not an image format pixmesh reads", body = ErrorBody),
+        (status = 422, description = "The image's header is unreadable, or the Idempotency-Key was used for another request", body = ErrorBody),
+        (status = 503, description = "A store is down, or the service is shutting down; retry", body = ErrorBody),
+        (status = 507, description = "A store's disk is full; retry once space is freed", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn upload(
     State(state): State<AppState>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
     request: Request,
@@ -474,23 +515,17 @@ async fn upload(
     }
     let status_url = format!("/api/status/{id}");
     let signer = state.signer.as_deref();
-    let body = if created.job.is_saga() {
-        // One download per named output.
-        let urls: serde_json::Map<String, serde_json::Value> = created
-            .job
-            .outputs
-            .iter()
-            .map(|o| (o.name.clone(), pixmesh_chassis::signed_url::output_url(signer, &id, &o.name).into()))
-            .collect();
-        serde_json::json!({ "id": id, "status_url": status_url, "result_urls": urls })
-    } else {
-        let result_url = pixmesh_chassis::signed_url::result_url(signer, &id);
-        serde_json::json!({ "id": id, "status_url": status_url, "result_url": result_url })
+    let saga = created.job.is_saga();
+    let body = Accepted {
+        id: id.clone(),
+        status_url: status_url.clone(),
+        // One download per named output, or the one result.
+        result_urls: saga.then(|| {
+            created.job.outputs.iter().map(|o| (o.name.clone(), pixmesh_chassis::signed_url::output_url(signer, &id, &o.name))).collect()
+        }),
+        result_url: (!saga).then(|| pixmesh_chassis::signed_url::result_url(signer, &id)),
+        cached_from: served.source().map(str::to_string),
     };
-    let mut body = body;
-    if let (Some(from), Some(fields)) = (served.source(), body.as_object_mut()) {
-        fields.insert("cached_from".into(), from.into());
-    }
     let mut response = (StatusCode::ACCEPTED, axum::Json(body)).into_response();
     if let Ok(v) = status_url.parse() {
         response.headers_mut().insert(header::LOCATION, v);

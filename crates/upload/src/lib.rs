@@ -6,6 +6,7 @@
 
 mod cache;
 mod handler;
+pub mod openapi;
 
 pub use cache::CacheScope;
 pub use handler::{parse_options, router};
