@@ -9,10 +9,14 @@
 #   - miss: the same bytes with `Cache-Control: no-cache` (the cache is not read: a worker makes
 #     it), then the job's event stream (`/api/status/{id}/events`) until its `succeeded` event;
 #   - hit: the upload's answer (`Cache-Status: pixmesh; hit`: the job is created succeeded),
-#     then one `GET /api/status/{id}` that says `succeeded`.
+#     then one `GET /api/status/{id}` that says `succeeded`;
+#   - hit by digest: the same, the upload naming its image by `Repr-Digest` (RFC 9530) with no
+#     body, as a client that uploaded it before does (`412 not_cached` would say: send it).
 # Every request goes through the gateway with the API key, on kept-alive connections. Also
 # counts the images the workers processed (`pixmesh_worker_images_total`) across the hits.
-# Prints the medians and miss/hit (target: at least 50, with 0 worker calls for the hits).
+# Prints the medians, miss/hit for both kinds of hit (target: at least 50, with 0 worker
+# calls for the hits), and what the hit with the image costs beyond its upload: a `no-store`
+# upload of the same bytes (answered 202 before any work; no cache read).
 #
 # Usage: bench/cache.sh     Env: ROUNDS (15), WORKERS (2), QUERY, PHOTO
 set -euo pipefail
@@ -39,7 +43,7 @@ for _ in $(seq 1 120); do grep -q '"pixmesh":"ready"' "$work/up.out" 2>/dev/null
 grep -q '"pixmesh":"ready"' "$work/up.out" || { echo "pixmesh up did not become ready" >&2; cat "$work/up.err" >&2; exit 1; }
 
 python3 - "$work/up.out" "$work/dev-api-key" "$PHOTO" "$ROUNDS" "$QUERY" <<'PY'
-import http.client, json, statistics, sys, time, urllib.request
+import base64, hashlib, http.client, json, statistics, sys, time, urllib.request
 
 lines = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 ready = next(l for l in lines if l.get("pixmesh") == "ready")
@@ -93,19 +97,47 @@ def hit():
     assert status["state"] == "succeeded" and status.get("cached_from"), status
     return elapsed * 1000
 
+def hit_by_digest():
+    t = time.perf_counter()
+    res, body = call("POST", f"/api/upload?{query}", b"", {"Content-Type": "image/jpeg", "Repr-Digest": digest})
+    assert res.status == 202 and res.getheader("Cache-Status") == "pixmesh; hit", (res.status, body)
+    job = json.loads(body)["id"]
+    status = json.loads(call("GET", f"/api/status/{job}")[1])
+    elapsed = time.perf_counter() - t
+    assert status["state"] == "succeeded" and status.get("cached_from"), status
+    return elapsed * 1000
+
+def upload_only():
+    t = time.perf_counter()
+    res, body = call("POST", f"/api/upload?{query}", image, {"Content-Type": "image/jpeg", "Cache-Control": "no-store"})
+    elapsed = time.perf_counter() - t
+    assert res.status == 202, body
+    settle(json.loads(body)["id"])
+    return elapsed * 1000
+
+digest = "sha-256=:" + base64.b64encode(hashlib.sha256(image).digest()).decode() + ":"
 print(f"input: 4608x2592 JPEG, {len(image) / 1e6:.1f} MB, asked for as {query}; {rounds} rounds, one upload at a time")
 miss(); hit()  # warm-up: the entry is made
-misses, hits, hit_calls = [], [], 0.0
+misses, hits, by_digest, uploads, hit_calls = [], [], [], [], 0.0
+def hits_counted():
+    global hit_calls
+    before = worker_images()
+    hits.append(hit())
+    by_digest.append(hit_by_digest())
+    hit_calls += worker_images() - before
 for r in range(rounds):
     if r % 2 == 0:
         misses.append(miss())
-        before = worker_images(); hits.append(hit()); hit_calls += worker_images() - before
+        hits_counted()
     else:
-        before = worker_images(); hits.append(hit()); hit_calls += worker_images() - before
+        hits_counted()
         misses.append(miss())
-m, h = statistics.median(misses), statistics.median(hits)
-print(f"  miss: median {m:7.1f} ms  (min {min(misses):.1f}, max {max(misses):.1f})")
-print(f"  hit:  median {h:7.1f} ms  (min {min(hits):.1f}, max {max(hits):.1f})")
-print(f"  worker calls made for the {rounds} hits: {hit_calls:.0f}")
-print(f"miss / hit: {m / h:.1f}x (target >= 50)")
+    uploads.append(upload_only())
+m, h, d, u = (statistics.median(x) for x in (misses, hits, by_digest, uploads))
+print(f"  miss:                  median {m:7.1f} ms  (min {min(misses):.1f}, max {max(misses):.1f})")
+print(f"  hit, with the image:   median {h:7.1f} ms  (min {min(hits):.1f}, max {max(hits):.1f})")
+print(f"  hit, by digest:        median {d:7.1f} ms  (min {min(by_digest):.1f}, max {max(by_digest):.1f})")
+print(f"  the upload alone (202 of a no-store upload of the same bytes): median {u:.1f} ms")
+print(f"  worker calls made for the {2 * rounds} hits: {hit_calls:.0f}")
+print(f"miss / hit with the image: {m / h:.1f}x; miss / hit by digest: {m / d:.1f}x (target >= 50)")
 PY

@@ -27,6 +27,9 @@ pub enum ErrorCode {
     NotReady,
     /// An idempotency key was reused with a different request.
     IdempotencyConflict,
+    /// An upload named its image by digest only (`Repr-Digest`, no body), and there is no
+    /// result of that image with these options to give: send the image.
+    NotCached,
     /// The request body is larger than allowed.
     PayloadTooLarge,
     /// The request target (path and query) is longer than allowed.
@@ -119,6 +122,13 @@ const TABLE: &[Row] = &[
         name: "idempotency_conflict",
         http: StatusCode::UNPROCESSABLE_ENTITY,
         grpc: tonic::Code::AlreadyExists,
+        retry: Retry::Never,
+    },
+    Row {
+        code: ErrorCode::NotCached,
+        name: "not_cached",
+        http: StatusCode::PRECONDITION_FAILED,
+        grpc: tonic::Code::FailedPrecondition,
         retry: Retry::Never,
     },
     Row {

@@ -3,9 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
+use base64::Engine;
 use pixmesh_store::EventKind;
 use pixmesh_test_support::{System, jpeg};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use std::time::Duration;
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
@@ -94,6 +96,25 @@ async fn an_identical_upload_is_served_from_the_cache_with_no_worker_call() {
     assert_eq!((cache.as_str(), body["cached_from"].as_str()), ("pixmesh; hit", Some(refreshed.as_str())));
     assert_eq!(worker_calls(&system).await, calls + 4.0);
 
+    // By digest alone, with no body: the key's cache answers at once, or 412 (send the image).
+    let digest = |bytes: &[u8]| format!("sha-256=:{}:", base64::engine::general_purpose::STANDARD.encode(Sha256::digest(bytes)));
+    let (code, cache, body) = upload(&system, b"", "width=100&format=png", &[("repr-digest", &digest(&image))]).await;
+    assert_eq!((code, cache.as_str(), body["cached_from"].as_str()), (202, "pixmesh; hit", Some(refreshed.as_str())), "{body}");
+    let (_, status) = system.status(&id(&body)).await.unwrap();
+    assert_eq!(status["state"], "succeeded", "{status}");
+    let (code, _, body) = upload(&system, b"", "width=99&format=png", &[("repr-digest", &digest(&image))]).await;
+    assert_eq!((code, body["error"]["code"].as_str()), (412, Some("not_cached")), "other options: {body}");
+    let (code, _, body) = upload(&system, b"", "width=100&format=png", &[("repr-digest", &digest(b"another image"))]).await;
+    assert_eq!((code, body["error"]["code"].as_str()), (412, Some("not_cached")), "another image: {body}");
+    // With the body, the digest is checked.
+    let (code, _, body) = upload(&system, &image, "width=100&format=png", &[("repr-digest", &digest(b"another image"))]).await;
+    assert_eq!((code, body["error"]["code"].as_str()), (400, Some("bad_request")), "{body}");
+    let (code, _, body) = upload(&system, b"", "width=100&format=png", &[("repr-digest", "md5=:abc:")]).await;
+    assert_eq!((code, body["error"]["code"].as_str()), (400, Some("bad_request")), "{body}");
+    let (code, cache, _) = upload(&system, &image, "width=100&format=png", &[("repr-digest", &digest(&image))]).await;
+    assert_eq!((code, cache.as_str()), (202, "pixmesh; hit"));
+    assert_eq!(worker_calls(&system).await, calls + 4.0, "no work for any of these");
+
     // The upload service counts what the cache did.
     let upload_admin = system.child("upload").unwrap().addresses["admin"].clone();
     let metrics = system.client().get(format!("http://{upload_admin}/metrics")).send().await.unwrap().text().await.unwrap();
@@ -104,7 +125,11 @@ async fn an_identical_upload_is_served_from_the_cache_with_no_worker_call() {
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    assert_eq!((count("hit"), count("miss"), count("refresh"), count("bypass")), (2.0, 3.0, 1.0, 1.0), "{metrics}");
+    assert_eq!(
+        (count("hit"), count("miss"), count("refresh"), count("bypass"), count("not_cached")),
+        (4.0, 3.0, 1.0, 1.0, 2.0),
+        "{metrics}"
+    );
     system.stop().await.unwrap();
 }
 

@@ -113,11 +113,16 @@ pub struct Created {
 
 /// How a create uses the result cache: `key` names the work (the input's digest and the
 /// canonical options, in the scope the cache is shared in); `lookup` false refreshes the entry
-/// without reading it (a client that asked for `Cache-Control: no-cache`).
+/// without reading it (a client that asked for `Cache-Control: no-cache`); `only_cached` makes
+/// nothing but from the cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheKey {
     pub key: String,
     pub lookup: bool,
+    /// The upload sent no image, only its digest: create the job only from the cache (a hit,
+    /// or a join), with the input of the job it reuses; otherwise create nothing and answer
+    /// [`crate::StoreError::NotCached`].
+    pub only_cached: bool,
 }
 
 /// What the result cache did for a create.

@@ -46,6 +46,10 @@ pub enum StoreError {
     IdempotencyConflict { existing: String },
     #[error("job {0} not found")]
     NotFound(String),
+    /// A create that may only use the result cache ([`crate::CacheKey::only_cached`]) found
+    /// nothing to use.
+    #[error("the result cache has no result of this image with these options")]
+    NotCached,
     /// The disk under a store has no room left (SQLITE_FULL, ENOSPC, EDQUOT): writes fail until
     /// space is freed; reads still work.
     #[error("the {store}'s disk is full: {detail}")]
@@ -68,7 +72,11 @@ impl StoreError {
         match self {
             StoreError::Full { store, .. } | StoreError::Io { store, .. } => Some(*store),
             StoreError::Database(_) => Some(StoreKind::Jobs),
-            StoreError::Fenced { .. } | StoreError::IdempotencyConflict { .. } | StoreError::NotFound(_) | StoreError::Invalid(_) => None,
+            StoreError::Fenced { .. }
+            | StoreError::IdempotencyConflict { .. }
+            | StoreError::NotFound(_)
+            | StoreError::NotCached
+            | StoreError::Invalid(_) => None,
         }
     }
 
@@ -83,6 +91,7 @@ impl StoreError {
             StoreError::Fenced { id, attempt } => StoreError::Fenced { id: id.clone(), attempt: *attempt },
             StoreError::IdempotencyConflict { existing } => StoreError::IdempotencyConflict { existing: existing.clone() },
             StoreError::NotFound(id) => StoreError::NotFound(id.clone()),
+            StoreError::NotCached => StoreError::NotCached,
             StoreError::Full { store, detail } => StoreError::Full { store: *store, detail: detail.clone() },
             StoreError::Database(e) => StoreError::Database(e.clone()),
             StoreError::Io { store, path, source } => {

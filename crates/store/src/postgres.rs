@@ -278,6 +278,10 @@ impl PostgresJobStore {
         .bind(now)
         .fetch_optional(&mut *tx)
         .await?;
+        if taken.is_some() && cache.only_cached {
+            tx.rollback().await?;
+            return Err(StoreError::NotCached.into());
+        }
         if taken.is_none() {
             let entry: Option<(String,)> = sqlx::query_as("SELECT job_id FROM result_cache WHERE key = $1 FOR UPDATE")
                 .bind(&cache.key)
@@ -296,6 +300,10 @@ impl PostgresJobStore {
                 Some((leader, state)) if state == "queued" || state == "processing" => CacheOutcome::Joined { leader },
                 _ => CacheOutcome::Miss,
             };
+            if outcome == CacheOutcome::Miss && cache.only_cached {
+                tx.rollback().await?;
+                return Err(StoreError::NotCached.into());
+            }
             if outcome == CacheOutcome::Miss {
                 // No entry any more (pruned just now), a failed job, or a refresh: this job's.
                 sqlx::query(
@@ -313,6 +321,16 @@ impl PostgresJobStore {
             CacheOutcome::Hit { from } => Some(Self::fetch_job(&mut tx, from).await?.ok_or_else(|| StoreError::NotFound(from.clone()))?),
             _ => None,
         };
+        let mut job = job;
+        if cache.only_cached {
+            // No image came: the input is the one of the job whose work this reuses.
+            let (CacheOutcome::Hit { from: named } | CacheOutcome::Joined { leader: named }) = &outcome else {
+                return Err(StoreError::NotCached.into());
+            };
+            let reused = Self::fetch_job(&mut tx, named).await?.ok_or_else(|| StoreError::NotFound(named.clone()))?;
+            job.input = reused.input;
+            job.input_format = reused.input_format;
+        }
         let (state, not_before, follows) = match &outcome {
             CacheOutcome::Hit { .. } => ("succeeded", 0, None),
             CacheOutcome::Joined { leader } => ("queued", FOLLOWING, Some(leader.as_str())),

@@ -272,10 +272,25 @@ impl SqliteJobStore {
                 _ => CacheOutcome::Miss,
             };
         }
+        let only_cached = cache.is_some_and(|c| c.only_cached);
+        if only_cached && matches!(outcome, CacheOutcome::Miss) {
+            tx.rollback().await?;
+            return Err(StoreError::NotCached.into());
+        }
         let source = match &outcome {
             CacheOutcome::Hit { from } => Some(Self::fetch_job(&mut tx, from).await?.ok_or_else(|| StoreError::NotFound(from.clone()))?),
             _ => None,
         };
+        let mut job = job;
+        if only_cached {
+            // No image came: the input is the one of the job whose work this reuses.
+            let (CacheOutcome::Hit { from: named } | CacheOutcome::Joined { leader: named }) = &outcome else {
+                return Err(StoreError::NotCached.into());
+            };
+            let reused = Self::fetch_job(&mut tx, named).await?.ok_or_else(|| StoreError::NotFound(named.clone()))?;
+            job.input = reused.input;
+            job.input_format = reused.input_format;
+        }
         let (state, not_before, follows) = match &outcome {
             CacheOutcome::Hit { .. } => ("succeeded", 0, None),
             CacheOutcome::Joined { leader } => ("queued", FOLLOWING, Some(leader.as_str())),

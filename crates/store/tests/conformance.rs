@@ -107,6 +107,7 @@ conformance!(
     when_the_job_waited_for_fails_the_first_waiter_is_made_and_the_others_wait_for_it,
     racing_identical_uploads_elect_one_job_to_make_the_result,
     a_cache_entry_lives_as_long_as_the_job_it_names,
+    an_upload_by_digest_alone_is_made_only_from_the_cache,
 );
 
 fn new_job(id: &str, key: Option<&str>, hash: &str) -> NewJob {
@@ -896,7 +897,7 @@ async fn views_are_replaced_only_by_later_ones_and_list_newest_first_a_page_at_a
 }
 
 fn cache(key: &str) -> CacheKey {
-    CacheKey { key: key.into(), lookup: true }
+    CacheKey { key: key.into(), lookup: true, only_cached: false }
 }
 
 async fn cached(store: &Store, id: &str, key: &str) -> CacheOutcome {
@@ -928,7 +929,7 @@ async fn an_identical_upload_gets_the_result_that_was_made_and_no_work(backend: 
     // is the entry from then on.
     assert_eq!(cached(&store, "other", "k2").await, CacheOutcome::Miss);
     make(&store, "other").await;
-    let refresh = CacheKey { key: "k".into(), lookup: false };
+    let refresh = CacheKey { key: "k".into(), lookup: false, only_cached: false };
     assert_eq!(store.create_cached(new_job("fresh", None, "h"), &refresh).await.unwrap().1, CacheOutcome::Miss);
     assert_eq!(cached(&store, "after", "k").await, CacheOutcome::Joined { leader: "fresh".into() });
     make(&store, "fresh").await;
@@ -1068,4 +1069,29 @@ async fn a_cache_entry_lives_as_long_as_the_job_it_names(backend: Backend) {
     // The result's job is gone, and its entry with it: the work is made again.
     assert_eq!(cached(&store, "again", "k").await, CacheOutcome::Miss);
     assert_eq!(store.claim("d", LONG, 5).await.unwrap().unwrap().id, "again");
+}
+
+async fn an_upload_by_digest_alone_is_made_only_from_the_cache(backend: Backend) {
+    let store = backend.open().await;
+    let only = |key: &str| CacheKey { key: key.into(), lookup: true, only_cached: true };
+    // What the upload service sends for an image it did not get: the digest, nothing else.
+    let bare = |id: &str| NewJob { input: BlobRef::at_digest("a".repeat(64), 0), input_format: String::new(), ..new_job(id, None, "h") };
+    let err = store.create_cached(bare("nothing"), &only("k")).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotCached), "{err}");
+    assert!(store.get("nothing").await.unwrap().is_none(), "nothing was created");
+    assert_eq!(cached(&store, "first", "k").await, CacheOutcome::Miss, "and the entry was not taken");
+    // While it is made: a join, with the input of the job it waits for.
+    let (created, outcome) = store.create_cached(bare("joined"), &only("k")).await.unwrap();
+    assert_eq!(outcome, CacheOutcome::Joined { leader: "first".into() });
+    assert_eq!((created.job.input.size, created.job.input_format.as_str()), (10, "jpeg"));
+    make(&store, "first").await;
+    let (created, outcome) = store.create_cached(bare("hit"), &only("k")).await.unwrap();
+    assert_eq!(outcome, CacheOutcome::Hit { from: "first".into() });
+    assert_eq!((created.job.state, created.job.input.size, created.job.input_format.as_str()), (JobState::Succeeded, 10, "jpeg"));
+    assert_eq!(store.get("joined").await.unwrap().unwrap().state, JobState::Succeeded);
+    // A failed job is no source either.
+    cached(&store, "doomed", "k2").await;
+    let job = store.claim("d", LONG, 5).await.unwrap().unwrap();
+    store.fail(&job.id, job.attempt, &error("corrupt_image")).await.unwrap();
+    assert!(matches!(store.create_cached(bare("late"), &only("k2")).await, Err(StoreError::NotCached)));
 }

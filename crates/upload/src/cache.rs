@@ -13,6 +13,10 @@
 //!
 //! A client opts out per request: `Cache-Control: no-cache` does the work again (and makes it
 //! the entry), `no-store` does it without touching the cache.
+//!
+//! A client that uploaded an image before can ask for a result by the image's digest alone
+//! (`Repr-Digest: sha-256=:…:`, RFC 9530, and no body): answered from its own key's cache, or
+//! refused with 412 `not_cached` (then it sends the image). A hit then costs no upload at all.
 
 use http::{HeaderMap, HeaderValue, header};
 use pixmesh_store::{CacheKey, CacheOutcome, Created, JobStore, NewJob, StoreError};
@@ -62,11 +66,37 @@ impl ResultCache {
             return Ok((jobs.create(job).await?, Served::Bypassed { asked: no_store }));
         }
         let refreshed = directives.iter().any(|d| d == "no-cache" || d == "max-age=0");
-        let key = CacheKey { key: self.key(&job), lookup: !refreshed };
+        let key = CacheKey { key: self.key(&job), lookup: !refreshed, only_cached: false };
         let (created, outcome) = jobs.create_cached(job, &key).await?;
         let label = if refreshed && outcome == CacheOutcome::Miss { "refresh" } else { outcome.as_str() };
         metrics::counter!("pixmesh_upload_cache_total", "outcome" => label).increment(1);
         Ok((created, Served::Used { outcome, refreshed }))
+    }
+
+    /// Creates `job` from the cache alone: the upload named its image by digest and sent no
+    /// bytes (a client that uploaded this image before, asking for a result it may already
+    /// have). Only the caller's own scope can answer it, so a digest alone never reaches
+    /// another key's work: with the `global` scope, or with the cache off or bypassed, the
+    /// answer is [`StoreError::NotCached`] (send the image), as it is when nothing matches.
+    pub async fn create_from_digest(&self, jobs: &dyn JobStore, job: NewJob, headers: &HeaderMap) -> Result<(Created, Served), StoreError> {
+        let directives = request_directives(headers);
+        let bypassed = directives.iter().any(|d| matches!(d.as_str(), "no-store" | "no-cache" | "max-age=0"));
+        if self.scope != CacheScope::Key || bypassed {
+            metrics::counter!("pixmesh_upload_cache_total", "outcome" => "not_cached").increment(1);
+            return Err(StoreError::NotCached);
+        }
+        let key = CacheKey { key: self.key(&job), lookup: true, only_cached: true };
+        match jobs.create_cached(job, &key).await {
+            Ok((created, outcome)) => {
+                metrics::counter!("pixmesh_upload_cache_total", "outcome" => outcome.as_str()).increment(1);
+                Ok((created, Served::Used { outcome, refreshed: false }))
+            }
+            Err(StoreError::NotCached) => {
+                metrics::counter!("pixmesh_upload_cache_total", "outcome" => "not_cached").increment(1);
+                Err(StoreError::NotCached)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The entry's key: the request's fingerprint (the input's SHA-256 and the canonical

@@ -6,6 +6,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -308,7 +309,7 @@ fn too_large(limit: usize) -> ApiError {
 /// body, found by the rule and parser the gateway's guard uses too
 /// (`pixmesh_chassis::multipart`), so the part the guard sized is the part stored here; and a
 /// form's `outputs` part, if it has one.
-async fn read_image(request: Request, limit: usize) -> Result<(Bytes, Option<Bytes>), ApiError> {
+async fn read_image(request: Request, limit: usize, may_be_empty: bool) -> Result<(Bytes, Option<Bytes>), ApiError> {
     // Not lowercased: a multipart boundary is case-sensitive.
     let content_type = request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
@@ -333,14 +334,14 @@ async fn read_image(request: Request, limit: usize) -> Result<(Bytes, Option<Byt
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large(limit)),
         Err(e) => return Err(ApiError::new(ErrorCode::BadRequest, format!("could not read the request body: {e}"))),
     };
-    let (bytes, outputs) = match boundary {
+    let (bytes, outputs) = match &boundary {
         Some(boundary) => {
-            let outputs = multipart::field_part(&body, &boundary, OUTPUTS).map_err(bad_form)?.map(|range| body.slice(range));
-            (body.slice(multipart::image_part(&body, &boundary).map_err(bad_form)?), outputs)
+            let outputs = multipart::field_part(&body, boundary, OUTPUTS).map_err(bad_form)?.map(|range| body.slice(range));
+            (body.slice(multipart::image_part(&body, boundary).map_err(bad_form)?), outputs)
         }
         None => (body, None),
     };
-    if bytes.is_empty() {
+    if bytes.is_empty() && !(may_be_empty && boundary.is_none()) {
         return Err(ApiError::new(ErrorCode::BadRequest, "the image is empty; send the image bytes"));
     }
     Ok((bytes, outputs))
@@ -358,6 +359,10 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 fn store_error(e: StoreError) -> ApiError {
     match e {
+        StoreError::NotCached => ApiError::new(
+            ErrorCode::NotCached,
+            "there is no result of this image with these options for your key; send the image itself (without Repr-Digest, or with it and the body)",
+        ),
         StoreError::IdempotencyConflict { existing } => ApiError::new(
             ErrorCode::IdempotencyConflict,
             format!("this Idempotency-Key was already used for a different upload (job {existing}); use a new key for a new upload"),
@@ -397,6 +402,7 @@ fn output_limits(config: &UploadConfig, headers: &HeaderMap) -> pixmesh_imaging:
         crate::openapi::UploadParams,
         ("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters: a retry with the same key and the same request answers the first job"),
         ("Cache-Control" = Option<String>, Header, description = "`no-cache`: make the work again even if the result cache has it; `no-store`: leave the cache alone"),
+        ("Repr-Digest" = Option<String>, Header, description = "`sha-256=:<base64>:` (RFC 9530): the image's SHA-256. With the image, it is checked (400 if it does not match); with an empty body, the upload asks for the result by digest alone: answered from the key's result cache, or 412 `not_cached` (then send the image)"),
     ),
     request_body(
         description = "The image: JPEG, PNG, WebP, GIF, BMP or TIFF, raw or as a form's file part",
@@ -417,6 +423,7 @@ fn output_limits(config: &UploadConfig, headers: &HeaderMap) -> pixmesh_imaging:
         (status = 400, description = "A bad parameter, form or header; an empty body", body = ErrorBody),
         (status = 403, description = "The key is limited to presets and asked for something else", body = ErrorBody),
         (status = 413, description = "The body, the image's pixels or side, or an output is over its limit", body = ErrorBody),
+        (status = 412, description = "An upload by digest alone (`Repr-Digest`, no body) that the result cache cannot answer: send the image", body = ErrorBody),
         (status = 415, description = "Not an image format pixmesh reads", body = ErrorBody),
         (status = 422, description = "The image's header is unreadable, or the Idempotency-Key was used for another request", body = ErrorBody),
         (status = 503, description = "A store is down, or the service is shutting down; retry", body = ErrorBody),
@@ -457,7 +464,8 @@ pub(crate) async fn upload(
     let owner = request.headers().get(CLIENT_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let limits = output_limits(&state.config, request.headers());
     let _permit = state.permits.acquire().await.map_err(|_| ApiError::new(ErrorCode::Unavailable, "shutting down"))?;
-    let (bytes, form_outputs) = read_image(request, state.config.max_body_bytes).await?;
+    let named = repr_digest(request.headers())?;
+    let (bytes, form_outputs) = read_image(request, state.config.max_body_bytes, named.is_some()).await?;
     if let Some(json) = form_outputs {
         if !outputs.is_empty() {
             return Err(ApiError::new(
@@ -479,6 +487,32 @@ pub(crate) async fn upload(
     let negotiated = if outputs.is_empty() { options.negotiated } else { outputs.iter().any(|o| o.options.negotiated) };
     let imaging_error =
         |e: pixmesh_imaging::ImagingError| ApiError::new(ErrorCode::parse(e.code()).unwrap_or(ErrorCode::Internal), e.to_string());
+    let options_json = serde_json::to_string(&(&options, &outputs)).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+    let fingerprint = |digest: &str| hex::encode(Sha256::digest(format!("{digest}\n{options_json}")));
+    if let Some(digest) = &named {
+        if bytes.is_empty() {
+            // No image, only its digest: the result cache's, or nothing (412: send the image).
+            let job = NewJob {
+                id: uuid::Uuid::now_v7().to_string(),
+                owner,
+                // The store takes the input of the job it reuses.
+                input: pixmesh_store::BlobRef::at_digest(digest.clone(), 0),
+                input_format: String::new(),
+                request_hash: fingerprint(digest),
+                options,
+                outputs,
+                idempotency_key: idempotency,
+            };
+            let (created, served) = state.cache.create_from_digest(state.stores.jobs.as_ref(), job, &headers).await.map_err(store_error)?;
+            return Ok(accepted(&state, created, &served, negotiated));
+        }
+        if hex::encode(Sha256::digest(&bytes)) != *digest {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "the image's SHA-256 is not the one its Repr-Digest names (the body was changed on the way, or the digest is of another image)",
+            ));
+        }
+    }
     let probe = pixmesh_imaging::probe(&bytes, &state.config.limits).map_err(imaging_error)?;
     // A small upload must not demand a huge output: refused here, before a job exists.
     if outputs.is_empty() {
@@ -491,8 +525,7 @@ pub(crate) async fn upload(
         })?;
     }
     let input = state.stores.blobs.put(bytes).await.map_err(store_error)?;
-    let options_json = serde_json::to_string(&(&options, &outputs)).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-    let request_hash = hex::encode(Sha256::digest(format!("{}\n{}", input.digest, options_json)));
+    let request_hash = fingerprint(&input.digest);
     let job = NewJob {
         id: uuid::Uuid::now_v7().to_string(),
         owner,
@@ -504,14 +537,19 @@ pub(crate) async fn upload(
         request_hash,
     };
     let (created, served) = state.cache.create(state.stores.jobs.as_ref(), job, &headers).await.map_err(store_error)?;
+    if created.created {
+        tracing::info!(job = %created.job.id, format = probe.format.as_str(), width = probe.width, height = probe.height, cached_from = served.source(), "job accepted");
+    }
+    Ok(accepted(&state, created, &served, negotiated))
+}
+
+/// The answer to an upload that recorded (or replayed) `created`.
+fn accepted(state: &AppState, created: pixmesh_store::Created, served: &crate::cache::Served, negotiated: bool) -> Response {
     let id = created.job.id.clone();
     metrics::counter!("pixmesh_upload_jobs_total", "replayed" => if created.created { "false" } else { "true" }).increment(1);
     if created.created && served.source().is_none() {
         // Only work to do wakes a distributor: a hit is done, a joiner waits for its leader.
         state.stores.job_created(&id);
-    }
-    if created.created {
-        tracing::info!(job = %id, format = probe.format.as_str(), width = probe.width, height = probe.height, cached_from = served.source(), "job accepted");
     }
     let status_url = format!("/api/status/{id}");
     let signer = state.signer.as_deref();
@@ -540,7 +578,24 @@ pub(crate) async fn upload(
         // The output format was chosen from this request's Accept.
         response.headers_mut().insert(header::VARY, http::HeaderValue::from_static("Accept"));
     }
-    Ok(response)
+    response
+}
+
+/// The SHA-256 an upload's `Repr-Digest` (RFC 9530) names, as hex: `sha-256=:<base64>:`,
+/// alone or among other algorithms' members (which are not checked). `None` without the header.
+fn repr_digest(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("repr-digest") else { return Ok(None) };
+    let bad = || {
+        ApiError::new(ErrorCode::BadRequest, "Repr-Digest must name the image's SHA-256 as `sha-256=:<base64 of the 32 bytes>:` (RFC 9530)")
+    };
+    let text = value.to_str().map_err(|_| bad())?;
+    let member = text.split(',').map(str::trim).find_map(|m| m.strip_prefix("sha-256=")).ok_or_else(bad)?;
+    let encoded = member.strip_prefix(':').and_then(|m| m.strip_suffix(':')).ok_or_else(bad)?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).map_err(|_| bad())?;
+    if bytes.len() != 32 {
+        return Err(bad());
+    }
+    Ok(Some(hex::encode(bytes)))
 }
 
 #[cfg(test)]
