@@ -87,21 +87,13 @@ def miss():
     assert b"event: succeeded" in stream, stream[-300:]
     return elapsed * 1000
 
-def hit():
+def hit(by_digest=False):
+    # By digest: no body, the image named by its SHA-256.
+    body, headers = (b"", {"Repr-Digest": digest}) if by_digest else (image, {})
     t = time.perf_counter()
-    res, body = call("POST", f"/api/upload?{query}", image, {"Content-Type": "image/jpeg"})
-    assert res.status == 202 and res.getheader("Cache-Status") == "pixmesh; hit", (res.status, res.getheader("Cache-Status"), body)
-    job = json.loads(body)["id"]
-    status = json.loads(call("GET", f"/api/status/{job}")[1])
-    elapsed = time.perf_counter() - t
-    assert status["state"] == "succeeded" and status.get("cached_from"), status
-    return elapsed * 1000
-
-def hit_by_digest():
-    t = time.perf_counter()
-    res, body = call("POST", f"/api/upload?{query}", b"", {"Content-Type": "image/jpeg", "Repr-Digest": digest})
-    assert res.status == 202 and res.getheader("Cache-Status") == "pixmesh; hit", (res.status, body)
-    job = json.loads(body)["id"]
+    res, answer = call("POST", f"/api/upload?{query}", body, {"Content-Type": "image/jpeg", **headers})
+    assert res.status == 202 and res.getheader("Cache-Status") == "pixmesh; hit", (res.status, res.getheader("Cache-Status"), answer)
+    job = json.loads(answer)["id"]
     status = json.loads(call("GET", f"/api/status/{job}")[1])
     elapsed = time.perf_counter() - t
     assert status["state"] == "succeeded" and status.get("cached_from"), status
@@ -123,7 +115,7 @@ def hits_counted():
     global hit_calls
     before = worker_images()
     hits.append(hit())
-    by_digest.append(hit_by_digest())
+    by_digest.append(hit(by_digest=True))
     hit_calls += worker_images() - before
 for r in range(rounds):
     if r % 2 == 0:

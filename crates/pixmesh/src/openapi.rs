@@ -63,6 +63,10 @@ mod tests {
             let name = &reference[..reference.find('"').unwrap()];
             assert!(doc["components"]["schemas"].get(name).is_some(), "{name} is referenced but not defined");
         }
+        // A named output's download answers as the one result's does.
+        let output = &doc["paths"]["/api/result/{id}/{output}"]["get"]["responses"];
+        assert_eq!(output["200"], doc["paths"]["/api/result/{id}"]["get"]["responses"]["200"]);
+        assert!(output["409"].is_object() && output["304"].is_object(), "{output}");
         // The gateway's wrapping: the key on everything, its refusals on every operation.
         assert_eq!(doc["components"]["securitySchemes"]["api_key"]["in"], "header");
         assert!(doc["paths"]["/api/upload"]["post"]["responses"]["429"].is_object());

@@ -332,6 +332,7 @@ pub(crate) async fn result(
     download(&stores, &result, &headers, job.options.negotiated).await
 }
 
+/// (Its answers are those of `GET /api/result/{id}`: `openapi::openapi` copies them.)
 #[utoipa::path(
     get,
     path = "/api/result/{id}/{output}",
@@ -341,18 +342,6 @@ pub(crate) async fn result(
         ("id" = String, Path, description = "The job's id"),
         ("output" = String, Path, description = "The output's name"),
         ("If-None-Match" = Option<String>, Header, description = "An ETag of the result: answered 304"),
-    ),
-    responses(
-        (status = 200, description = "The image", content(("image/jpeg"), ("image/png"), ("image/webp")),
-            headers(("ETag" = String, description = "The result's digest, quoted"))),
-        (status = 304, description = "Not modified: the `If-None-Match` ETag is the result's"),
-        (status = 404, description = "No such job, output or result (or another key's job)", body = ErrorBody),
-        (status = 409, description = "Not ready: the job has not succeeded yet; retry after `Retry-After`", body = ErrorBody),
-        (status = 413, description = "The job failed: its image or an output is over a limit", body = ErrorBody),
-        (status = 415, description = "The job failed: its image is in a format pixmesh does not read", body = ErrorBody),
-        (status = 422, description = "The job failed: its image is corrupt or breaks a processing limit", body = ErrorBody),
-        (status = 503, description = "A store is down, or the job failed for want of a worker; retry", body = ErrorBody),
-        (status = 504, description = "The job failed: its work did not finish within its deadline", body = ErrorBody),
     ),
 )]
 /// One named output of a job that has several.

@@ -27,9 +27,16 @@ use utoipa::OpenApi;
 )]
 struct StatusApi;
 
-/// This role's part of the document.
+/// This role's part of the document. A named output's download answers as the one result's
+/// does: its responses are that operation's, written once.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    StatusApi::openapi()
+    let mut doc = StatusApi::openapi();
+    let paths = &mut doc.paths.paths;
+    let answers = paths.get("/api/result/{id}").and_then(|item| item.get.as_ref()).map(|op| op.responses.clone());
+    if let (Some(answers), Some(op)) = (answers, paths.get_mut("/api/result/{id}/{output}").and_then(|item| item.get.as_mut())) {
+        op.responses = answers;
+    }
+    doc
 }
 
 /// The public API's OpenAPI 3.1 document.
