@@ -3,6 +3,7 @@
 
 mod config;
 mod openapi;
+mod submit;
 mod thumbnail;
 
 use anyhow::Context;
@@ -84,6 +85,8 @@ enum Command {
     Admin(Admin),
     /// Print the public API's OpenAPI 3.1 document (what `GET /api/openapi.json` serves).
     Openapi,
+    /// Upload images through a gateway, follow their jobs and download the results (a client).
+    Submit(submit::SubmitArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -106,12 +109,29 @@ impl Command {
             Command::Thumbnail(_) => "thumbnail",
             Command::Admin(_) => "admin",
             Command::Openapi => "openapi",
+            Command::Submit(_) => "submit",
         }
     }
 }
 
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
+    if let Command::Submit(args) = cli.command {
+        // A client: no configuration, no logs, a runtime of its own.
+        let outcome = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(submit::run(args)));
+        return match outcome {
+            Ok(summary) if summary.failed.is_empty() => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("pixmesh submit: {e:#}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        };
+    }
     // The backend flags are settings like any other: as `--set`s they reach every role that
     // `up` starts, and a gateway reload, the same way.
     let registry = cli.registry.take();
@@ -363,7 +383,7 @@ async fn run(
             let (grpc, admin) = (bind("registry", c.listen).await?, bind("registry admin", c.admin_listen).await?);
             Ok(pixmesh_registry::run(c, grpc, admin, shutdown).await?)
         }
-        Command::Thumbnail(_) | Command::Openapi => Ok(()),
+        Command::Thumbnail(_) | Command::Openapi | Command::Submit(_) => Ok(()),
         Command::Admin(Admin::RebuildViews) => {
             // The database alone: a rebuild needs no blob store (nor its credentials).
             let db = pixmesh_store::Stores::open_database(&store).await?;
