@@ -140,6 +140,15 @@ pub enum CacheOutcome {
 }
 
 impl CacheOutcome {
+    /// The job whose work the new one has (a hit) or waits for (a join).
+    pub fn source(&self) -> Option<&str> {
+        match self {
+            CacheOutcome::Hit { from } => Some(from),
+            CacheOutcome::Joined { leader } => Some(leader),
+            CacheOutcome::Miss | CacheOutcome::Replayed => None,
+        }
+    }
+
     /// The label of the outcome in metrics and in the `Cache-Status` header.
     pub fn as_str(&self) -> &'static str {
         match self {

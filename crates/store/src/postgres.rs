@@ -20,8 +20,8 @@
 use crate::error::DbError;
 use crate::health::Alarm;
 use crate::rows::{
-    EVENT_COLUMNS, EventRow, FOLLOWING, JOB_COLUMNS, JobRow, OutboxRow, ViewRow, encode, gave_up, json, leader_failed, millis, reused,
-    saga_gave_up, step_patch, unclaimed, views_filter,
+    EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, OutboxRow, ViewRow, accepted_event, cache_outcome, encode, gave_up, json, leader_failed,
+    millis, placement, reused, saga_gave_up, step_patch, unclaimed, views_filter,
 };
 use async_trait::async_trait;
 use pixmesh_chassis::clock::Clock;
@@ -295,11 +295,7 @@ impl PostgresJobStore {
                     .map(|(state,)| (id.clone(), state)),
                 _ => None,
             };
-            outcome = match named {
-                Some((from, state)) if state == "succeeded" => CacheOutcome::Hit { from },
-                Some((leader, state)) if state == "queued" || state == "processing" => CacheOutcome::Joined { leader },
-                _ => CacheOutcome::Miss,
-            };
+            outcome = cache_outcome(named);
             if outcome == CacheOutcome::Miss && cache.only_cached {
                 tx.rollback().await?;
                 return Err(StoreError::NotCached.into());
@@ -317,25 +313,22 @@ impl PostgresJobStore {
                 .await?;
             }
         }
-        let source = match &outcome {
-            CacheOutcome::Hit { from } => Some(Self::fetch_job(&mut tx, from).await?.ok_or_else(|| StoreError::NotFound(from.clone()))?),
+        // The job the entry names, read once: a hit's result, and the input of an upload that
+        // sent no image.
+        let named = match outcome.source() {
+            Some(id) if cache.only_cached || matches!(outcome, CacheOutcome::Hit { .. }) => {
+                Some(Self::fetch_job(&mut tx, id).await?.ok_or_else(|| StoreError::NotFound(id.to_string()))?)
+            }
             _ => None,
         };
         let mut job = job;
         if cache.only_cached {
-            // No image came: the input is the one of the job whose work this reuses.
-            let (CacheOutcome::Hit { from: named } | CacheOutcome::Joined { leader: named }) = &outcome else {
-                return Err(StoreError::NotCached.into());
-            };
-            let reused = Self::fetch_job(&mut tx, named).await?.ok_or_else(|| StoreError::NotFound(named.clone()))?;
-            job.input = reused.input;
-            job.input_format = reused.input_format;
+            let reused = named.as_ref().ok_or(StoreError::NotCached)?;
+            job.input = reused.input.clone();
+            job.input_format = reused.input_format.clone();
         }
-        let (state, not_before, follows) = match &outcome {
-            CacheOutcome::Hit { .. } => ("succeeded", 0, None),
-            CacheOutcome::Joined { leader } => ("queued", FOLLOWING, Some(leader.as_str())),
-            CacheOutcome::Miss | CacheOutcome::Replayed => ("queued", 0, None),
-        };
+        let source = named.filter(|_| matches!(outcome, CacheOutcome::Hit { .. }));
+        let (state, not_before, follows) = placement(&outcome);
         let inserted = sqlx::query(
             "INSERT INTO jobs (id, owner, state, attempt, input_digest, input_size, input_format, options, idempotency_key, request_hash,
                                event_seq, created_at, updated_at, hlc, outputs, not_before, follows, result, steps)
@@ -364,12 +357,7 @@ impl PostgresJobStore {
             tx.rollback().await?;
             return Ok((self.create_job(job).await?, CacheOutcome::Replayed));
         }
-        let accepted = Event::Accepted {
-            input: job.input.clone(),
-            input_format: job.input_format.clone(),
-            options: job.options.clone(),
-            outputs: job.outputs.clone(),
-        };
+        let accepted = accepted_event(&job);
         Self::append(&mut tx, &self.clock, &job.id, 0, now, &accepted).await?;
         match (&outcome, &source) {
             (CacheOutcome::Hit { from }, Some(source)) => {
@@ -388,12 +376,7 @@ impl PostgresJobStore {
 
     async fn create_job(&self, job: NewJob) -> Result<Created, DbError> {
         let now = now_ms();
-        let accepted = Event::Accepted {
-            input: job.input.clone(),
-            input_format: job.input_format.clone(),
-            options: job.options.clone(),
-            outputs: job.outputs.clone(),
-        };
+        let accepted = accepted_event(&job);
         let (kind, version, data) = encode(&accepted)?;
         // A second create with the same idempotency key inserts nothing (it waits for the first
         // to commit, then sees its row) and reads the first job instead.

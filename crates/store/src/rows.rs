@@ -2,7 +2,7 @@
 //! conversion to the model's types. The SQL itself differs per engine (transactions, locking,
 //! placeholders), so each backend writes its own statements.
 
-use pixmesh_model::{BlobRef, Event, EventKind, Hlc, Job, JobError, JobEvent, JobState, StoreError};
+use pixmesh_model::{BlobRef, CacheOutcome, Event, EventKind, Hlc, Job, JobError, JobEvent, JobState, NewJob, StoreError};
 
 /// The columns of `jobs` that make a [`Job`], in [`JobRow`]'s order.
 pub(crate) const JOB_COLUMNS: &str = "id, owner, state, attempt, lease_owner, lease_expires_at, input_digest, input_size, input_format, options, outputs, steps, compensate, result, error, created_at, updated_at";
@@ -115,6 +115,36 @@ pub(crate) fn leader_failed(leader: &str, error: &JobError) -> JobError {
     JobError {
         code: error.code.clone(),
         message: format!("job {leader}, an identical upload this one waited for, failed ({}); this one is made on its own", error.message),
+    }
+}
+
+/// What a result-cache entry gives a new job, from the state of the job it names (`None`: no
+/// entry): a hit when that job succeeded, a join while it is being made, else nothing.
+pub(crate) fn cache_outcome(named: Option<(String, String)>) -> CacheOutcome {
+    match named {
+        Some((from, state)) if state == "succeeded" => CacheOutcome::Hit { from },
+        Some((leader, state)) if state == "queued" || state == "processing" => CacheOutcome::Joined { leader },
+        _ => CacheOutcome::Miss,
+    }
+}
+
+/// Where a job created through the result cache starts: its state, its `not_before`, and the
+/// job it follows (a join waits, never due, for its leader).
+pub(crate) fn placement(outcome: &CacheOutcome) -> (&'static str, i64, Option<&str>) {
+    match outcome {
+        CacheOutcome::Hit { .. } => ("succeeded", 0, None),
+        CacheOutcome::Joined { leader } => ("queued", FOLLOWING, Some(leader.as_str())),
+        CacheOutcome::Miss | CacheOutcome::Replayed => ("queued", 0, None),
+    }
+}
+
+/// A new job's first event.
+pub(crate) fn accepted_event(job: &NewJob) -> Event {
+    Event::Accepted {
+        input: job.input.clone(),
+        input_format: job.input_format.clone(),
+        options: job.options.clone(),
+        outputs: job.outputs.clone(),
     }
 }
 

@@ -9,8 +9,8 @@
 use crate::error::DbError;
 use crate::health::Alarm;
 use crate::rows::{
-    EVENT_COLUMNS, EventRow, FOLLOWING, JOB_COLUMNS, JobRow, OutboxRow, ViewRow, encode, gave_up, json, leader_failed, millis, reused,
-    saga_gave_up, step_patch, unclaimed, views_filter,
+    EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, OutboxRow, ViewRow, accepted_event, cache_outcome, encode, gave_up, json, leader_failed,
+    millis, placement, reused, saga_gave_up, step_patch, unclaimed, views_filter,
 };
 use crate::write_tx::{Turn, WriteTx};
 use async_trait::async_trait;
@@ -266,36 +266,29 @@ impl SqliteJobStore {
                     .bind(&cache.key)
                     .fetch_optional(&mut *tx)
                     .await?;
-            outcome = match entry {
-                Some((from, state)) if state == "succeeded" => CacheOutcome::Hit { from },
-                Some((leader, state)) if state == "queued" || state == "processing" => CacheOutcome::Joined { leader },
-                _ => CacheOutcome::Miss,
-            };
+            outcome = cache_outcome(entry);
         }
         let only_cached = cache.is_some_and(|c| c.only_cached);
         if only_cached && matches!(outcome, CacheOutcome::Miss) {
             tx.rollback().await?;
             return Err(StoreError::NotCached.into());
         }
-        let source = match &outcome {
-            CacheOutcome::Hit { from } => Some(Self::fetch_job(&mut tx, from).await?.ok_or_else(|| StoreError::NotFound(from.clone()))?),
+        // The job the entry names, read once: a hit's result, and the input of an upload that
+        // sent no image.
+        let named = match outcome.source() {
+            Some(id) if only_cached || matches!(outcome, CacheOutcome::Hit { .. }) => {
+                Some(Self::fetch_job(&mut tx, id).await?.ok_or_else(|| StoreError::NotFound(id.to_string()))?)
+            }
             _ => None,
         };
         let mut job = job;
         if only_cached {
-            // No image came: the input is the one of the job whose work this reuses.
-            let (CacheOutcome::Hit { from: named } | CacheOutcome::Joined { leader: named }) = &outcome else {
-                return Err(StoreError::NotCached.into());
-            };
-            let reused = Self::fetch_job(&mut tx, named).await?.ok_or_else(|| StoreError::NotFound(named.clone()))?;
-            job.input = reused.input;
-            job.input_format = reused.input_format;
+            let reused = named.as_ref().ok_or(StoreError::NotCached)?;
+            job.input = reused.input.clone();
+            job.input_format = reused.input_format.clone();
         }
-        let (state, not_before, follows) = match &outcome {
-            CacheOutcome::Hit { .. } => ("succeeded", 0, None),
-            CacheOutcome::Joined { leader } => ("queued", FOLLOWING, Some(leader.as_str())),
-            CacheOutcome::Miss | CacheOutcome::Replayed => ("queued", 0, None),
-        };
+        let source = named.filter(|_| matches!(outcome, CacheOutcome::Hit { .. }));
+        let (state, not_before, follows) = placement(&outcome);
         // The job with its `accepted` event, number 1 of its history.
         sqlx::query(
             "INSERT INTO jobs (id, owner, state, attempt, input_digest, input_size, input_format, options, outputs, idempotency_key, request_hash,
@@ -320,12 +313,7 @@ impl SqliteJobStore {
         .bind(json(&source.as_ref().map(|s| s.steps.clone()).unwrap_or_default())?)
         .execute(&mut *tx)
         .await?;
-        let accepted = Event::Accepted {
-            input: job.input.clone(),
-            input_format: job.input_format.clone(),
-            options: job.options.clone(),
-            outputs: job.outputs.clone(),
-        };
+        let accepted = accepted_event(&job);
         Self::insert_event(&mut tx, &self.clock, &job.id, Next { seq: 1, before: None }, 0, now, &accepted).await?;
         match (&outcome, &source) {
             (CacheOutcome::Hit { from }, Some(source)) => {

@@ -114,9 +114,8 @@ impl Served {
     /// The job this upload's result comes from, when it is another's.
     pub fn source(&self) -> Option<&str> {
         match self {
-            Served::Used { outcome: CacheOutcome::Hit { from }, .. } => Some(from),
-            Served::Used { outcome: CacheOutcome::Joined { leader }, .. } => Some(leader),
-            _ => None,
+            Served::Used { outcome, .. } => outcome.source(),
+            Served::Bypassed { .. } => None,
         }
     }
 
