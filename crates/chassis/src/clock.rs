@@ -111,7 +111,7 @@ impl Clock {
         match self.hlc.update_with_timestamp(&stamp) {
             Ok(()) => true,
             Err(e) => {
-                metrics::counter!("pixmesh_clock_offset_rejected_total", "from" => from).increment(1);
+                metrics::counter!(crate::instruments::CLOCK_OFFSET_REJECTED, "from" => from).increment(1);
                 tracing::warn!(
                     from,
                     ahead_ms = time.unix_ms().saturating_sub(self.wall().unix_ms()),

@@ -196,7 +196,7 @@ pub struct ConnTable {
 
 impl ConnTable {
     pub fn new(name: &'static str, cap: usize, limits: ConnectionLimits) -> Arc<ConnTable> {
-        metrics::gauge!("pixmesh_http_connection_limit", "listener" => name).set(cap as f64);
+        metrics::gauge!(crate::instruments::HTTP_CONNECTION_LIMIT, "listener" => name).set(cap as f64);
         Arc::new(ConnTable {
             name,
             cap,
@@ -204,7 +204,7 @@ impl ConnTable {
             epoch: Instant::now(),
             inner: Mutex::new(Inner::default()),
             freed: Notify::new(),
-            open_gauge: metrics::gauge!("pixmesh_http_connections", "listener" => name),
+            open_gauge: metrics::gauge!(crate::instruments::HTTP_CONNECTIONS, "listener" => name),
         })
     }
 
@@ -260,7 +260,7 @@ impl ConnTable {
         self.open_gauge.set(inner.open.len() as f64);
         drop(inner);
         if why != Close::Ended {
-            metrics::counter!("pixmesh_http_connections_closed_total", "listener" => self.name, "reason" => why.as_str()).increment(1);
+            metrics::counter!(crate::instruments::HTTP_CONNECTIONS_CLOSED, "listener" => self.name, "reason" => why.as_str()).increment(1);
         }
         self.freed.notify_one();
     }
@@ -268,7 +268,7 @@ impl ConnTable {
     /// At the cap: closes the connection that has waited longest with no request in flight.
     /// False when every connection is busy (or has only just connected).
     pub fn make_room(&self) -> bool {
-        metrics::counter!("pixmesh_http_connection_limit_reached_total", "listener" => self.name).increment(1);
+        metrics::counter!(crate::instruments::HTTP_CONNECTION_LIMIT_REACHED, "listener" => self.name).increment(1);
         let now = self.now_ms();
         let min_idle = u64::try_from(MIN_IDLE_TO_EVICT.as_millis()).unwrap_or(250);
         let mut inner = self.lock();
@@ -314,7 +314,7 @@ impl ConnTable {
     }
 
     pub fn accept_failed(&self, e: &io::Error) {
-        metrics::counter!("pixmesh_http_accept_errors_total", "listener" => self.name).increment(1);
+        metrics::counter!(crate::instruments::HTTP_ACCEPT_ERRORS, "listener" => self.name).increment(1);
         let mut inner = self.lock();
         let warn = inner.last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY);
         if warn {

@@ -18,6 +18,8 @@ pub mod config;
 pub mod conn;
 pub mod error;
 pub mod headers;
+pub mod http_span;
+pub mod instruments;
 pub mod multipart;
 pub mod request_limits;
 pub mod serve;
@@ -25,6 +27,7 @@ pub mod shutdown;
 pub mod signed_url;
 pub mod telemetry;
 pub mod time;
+pub mod trace;
 
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use shutdown::Shutdown;

@@ -85,7 +85,7 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         if let Some(error) = self.limits.check(&request) {
-            metrics::counter!("pixmesh_http_requests_refused_total", "code" => error.code.as_str()).increment(1);
+            metrics::counter!(crate::instruments::HTTP_REQUESTS_REFUSED, "code" => error.code.as_str()).increment(1);
             let mut response = error.into_response();
             // The rest of this connection's bytes are not worth reading.
             response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));

@@ -244,7 +244,13 @@ impl AdminServer {
 
 /// Spawns the admin listener of a role. `shutdown` is the role's: readiness turns off with it.
 pub fn admin(role: &'static str, listener: TcpListener, readiness: Readiness, shutdown: Shutdown) -> AdminServer {
-    let app = admin::router(role, readiness, shutdown);
+    admin_with(role, listener, readiness, shutdown, axum::Router::new())
+}
+
+/// [`admin`], with routes of the role's own beside `/healthz`, `/readyz` and `/metrics` (what
+/// an operator, or the gateway's `/api/cluster`, reads of its state).
+pub fn admin_with(role: &'static str, listener: TcpListener, readiness: Readiness, shutdown: Shutdown, extra: axum::Router) -> AdminServer {
+    let app = admin::router(role, readiness, shutdown).merge(extra);
     let stop = Shutdown::new();
     let serving = stop.clone();
     let task = tokio::spawn(async move { http("admin", listener, app, serving, Duration::from_millis(100)).await });

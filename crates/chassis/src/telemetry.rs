@@ -1,6 +1,8 @@
-//! Structured logs (to stderr) and the process-wide Prometheus metrics recorder.
+//! Structured logs (to stderr), exported traces, and the process-wide Prometheus metrics recorder.
 
+pub use crate::trace::{Exporter, TraceError};
 use serde::Deserialize;
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use tracing_subscriber::EnvFilter;
 
@@ -33,22 +35,57 @@ impl LogConfig {
     }
 }
 
-/// Installs the global log subscriber; `role` is attached to every line.
-/// `RUST_LOG` in `env`, when set, wins over the configured level.
-pub fn init_logging(role: &str, config: &LogConfig, rust_log: Option<&str>) {
-    let filter = rust_log
+/// Installs the global subscriber: log lines to stderr, filtered by `config.level` (or
+/// `RUST_LOG` in `env`, which wins), and, when `env` names an OTLP endpoint, the spans of
+/// pixmesh's crates exported as OpenTelemetry traces ([`crate::trace`]). Call it inside the
+/// tokio runtime the role runs on; keep the returned exporter and shut it down at the end.
+pub fn init(role: &str, config: &LogConfig, env: &HashMap<String, String>) -> Result<Option<Exporter>, TraceError> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = env
+        .get("RUST_LOG")
         .and_then(|d| EnvFilter::try_new(d).ok())
         .or_else(|| EnvFilter::try_new(&config.level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
-    let result = match config.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);
+    let fmt = match config.format {
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+        LogFormat::Text => fmt.boxed(),
     };
-    if result.is_ok() {
-        tracing::debug!(role, "logging initialised");
+    let (otel, exporter) = match crate::trace::start(role, env)? {
+        // The log level does not decide what is traced: pixmesh's spans and events at `info`
+        // and above are, whatever the log lines show.
+        // Spans at `info`; of the events, only warnings and errors become span events (a job's
+        // every `info` line would cost each span more than the span itself).
+        Some((tracer, exporter)) => {
+            let only_ours = tracing_subscriber::filter::filter_fn(|meta| {
+                meta.target().starts_with("pixmesh")
+                    && if meta.is_span() { *meta.level() <= tracing::Level::INFO } else { *meta.level() <= tracing::Level::WARN }
+            });
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                // No code location, thread or busy/idle time attributes on every span: a span
+                // says which hop and stage it is by its name.
+                .with_location(false)
+                .with_threads(false)
+                .with_target(false)
+                .with_tracked_inactivity(false);
+            (Some(layer.with_filter(only_ours)), Some(exporter))
+        }
+        None => (None, None),
+    };
+    let installed = tracing_subscriber::registry().with(fmt.with_filter(filter)).with(otel).try_init();
+    if installed.is_ok() {
+        tracing::debug!(role, tracing = exporter.is_some(), "logging initialised");
     }
+    Ok(exporter)
 }
+
+/// Bucket bounds of every `*_seconds` histogram: 1 ms to 1 min.
+const SECONDS_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+/// Bucket bounds of the histograms that count things (results per commit).
+const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
 static PROMETHEUS: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
 
@@ -57,14 +94,48 @@ pub fn init_metrics(role: &str) {
     if PROMETHEUS.get().is_some() {
         return;
     }
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().add_global_label("role", role).build_recorder();
+    use metrics_exporter_prometheus::Matcher;
+    // Histograms with buckets (not the exporter's default summaries): buckets add up across
+    // instances, so a dashboard can take a quantile over every gateway or worker at once.
+    let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .add_global_label("role", role)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full("pixmesh_store_commit_batch".into()), COUNT_BUCKETS));
+    let recorder = match builder {
+        Ok(builder) => builder.build_recorder(),
+        // (Only an empty bucket list is refused.)
+        Err(_) => metrics_exporter_prometheus::PrometheusBuilder::new().add_global_label("role", role).build_recorder(),
+    };
     let handle = recorder.handle();
     if metrics::set_global_recorder(recorder).is_ok() {
         let _ = PROMETHEUS.set(handle);
     }
 }
 
-/// The Prometheus text exposition of every metric recorded so far (empty without a recorder).
+/// Samples written at each scrape, after the recorder's: see [`add_metrics_source`].
+type Source = Box<dyn Fn(&mut String) + Send + Sync>;
+static SOURCES: std::sync::Mutex<Vec<Source>> = std::sync::Mutex::new(Vec::new());
+
+/// Adds metrics rendered at each scrape from state the role holds, for things that come and go
+/// (a distributor's workers): only what exists at the scrape is written, so their label values
+/// never pile up as pods come and go, as they would in the recorder (which never forgets a
+/// series). `source` writes whole families in the text exposition format (`# HELP`, `# TYPE`,
+/// samples).
+pub fn add_metrics_source(source: impl Fn(&mut String) + Send + Sync + 'static) {
+    SOURCES.lock().unwrap_or_else(|p| p.into_inner()).push(Box::new(source));
+}
+
+/// The Prometheus text exposition of every metric recorded so far (empty without a recorder),
+/// then those of the [`add_metrics_source`] sources.
 pub fn render_metrics() -> String {
-    PROMETHEUS.get().map(|h| h.render()).unwrap_or_default()
+    let mut out = PROMETHEUS.get().map(|h| h.render()).unwrap_or_default();
+    for source in SOURCES.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        source(&mut out);
+    }
+    out
+}
+
+/// Escapes a label value for the text exposition format.
+pub fn label_value(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }

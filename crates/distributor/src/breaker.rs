@@ -86,7 +86,8 @@ impl BreakerConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum State {
     Closed,
     Open,
@@ -94,7 +95,7 @@ pub enum State {
 }
 
 impl State {
-    /// The value of the `pixmesh_distributor_breaker_state` gauge.
+    /// The value of the `pixmesh_worker_breaker_state` gauge.
     pub fn gauge(self) -> f64 {
         match self {
             State::Closed => 0.0,
@@ -143,9 +144,7 @@ impl Breaker {
             trials: 0,
             trial_successes: 0,
         };
-        let breaker = Breaker { config, inner: Mutex::new(inner), name: name.to_string() };
-        breaker.export(State::Closed);
-        breaker
+        Breaker { config, inner: Mutex::new(inner), name: name.to_string() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -153,16 +152,12 @@ impl Breaker {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn export(&self, state: State) {
-        metrics::gauge!("pixmesh_distributor_breaker_state", "worker" => self.name.clone()).set(state.gauge());
-    }
-
     fn transition(&self, inner: &mut Inner, to: State) {
         if inner.state == to {
             return;
         }
         tracing::warn!(worker = %self.name, from = ?inner.state, to = ?to, "circuit breaker");
-        metrics::counter!("pixmesh_distributor_breaker_transitions_total", "to" => format!("{to:?}").to_lowercase()).increment(1);
+        metrics::counter!(crate::instruments::BREAKER_TRANSITIONS, "to" => format!("{to:?}").to_lowercase()).increment(1);
         inner.state = to;
         match to {
             State::Open => {
@@ -179,7 +174,6 @@ impl Breaker {
                 inner.consecutive_failures = 0;
             }
         }
-        self.export(to);
     }
 
     /// How long the current opening lasts: `open_ms`, doubled per opening in a row, ≤ 8×.

@@ -37,7 +37,7 @@ impl RetryBudget {
     pub fn withdraw(&self) -> bool {
         let granted = self.inner.withdraw();
         if !granted {
-            metrics::counter!("pixmesh_distributor_retries_refused_total").increment(1);
+            metrics::counter!(crate::instruments::RETRIES_REFUSED).increment(1);
         }
         granted
     }

@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 /// How long a try waits for a worker with a free slot before giving up on this claim.
 const WAIT_FOR_WORKER: Duration = Duration::from_secs(3);
@@ -86,13 +87,13 @@ impl Dispatcher {
             }
             match claimed {
                 Ok(jobs) if !jobs.is_empty() => {
-                    metrics::counter!("pixmesh_distributor_claims_total").increment(jobs.len() as u64);
+                    metrics::counter!(crate::instruments::CLAIMS).increment(jobs.len() as u64);
                     // Unused places go back at once (fewer jobs were claimable).
                     permits.truncate(jobs.len());
                     for (job, permit) in jobs.into_iter().zip(permits) {
                         let this = self.clone();
                         tasks.spawn(async move {
-                            this.handle(job, claimed_at).await;
+                            this.handle(job, claimed_at, None).await;
                             drop(permit);
                         });
                     }
@@ -110,7 +111,7 @@ impl Dispatcher {
                     drop(permits);
                     failures = failures.saturating_add(1);
                     let wait = claim_backoff(poll, failures);
-                    metrics::counter!("pixmesh_distributor_claim_errors_total").increment(1);
+                    metrics::counter!(crate::instruments::CLAIM_ERRORS).increment(1);
                     if failures == 1 {
                         tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, "claim failed; retrying with backoff");
                     } else {
@@ -236,7 +237,7 @@ impl Dispatcher {
                     group.push(d);
                 }
                 if let Err(e) = self.claim_woken(group, &mut permits, &mut tasks).await {
-                    metrics::counter!("pixmesh_distributor_claim_errors_total").increment(1);
+                    metrics::counter!(crate::instruments::CLAIM_ERRORS).increment(1);
                     tracing::error!(error = %e, "claim failed; the wake-ups come again");
                     tokio::select! {
                         _ = tokio::time::sleep(claim_backoff(poll, 1)) => {}
@@ -290,7 +291,7 @@ impl Dispatcher {
                 return Err(e);
             }
         };
-        metrics::counter!("pixmesh_distributor_claims_total")
+        metrics::counter!(crate::instruments::CLAIMS)
             .increment(answers.iter().filter(|a| matches!(a, ClaimById::Claimed(_))).count() as u64);
         for answer in answers {
             let Some(at) = by_job.iter().position(|(id, _)| id == answer.id()) else { continue };
@@ -299,8 +300,9 @@ impl Dispatcher {
                 ClaimById::Claimed(job) => {
                     let permit = permits.pop();
                     let this = self.clone();
+                    let woken_in = delivery.traceparent().map(str::to_string);
                     tasks.spawn(async move {
-                        delivery.hold(this.handle(*job, claimed_at)).await;
+                        delivery.hold(this.handle(*job, claimed_at, woken_in)).await;
                         delivery.done().await;
                         drop(permit);
                     });
@@ -330,7 +332,26 @@ impl Dispatcher {
     /// Runs one claimed job to a terminal state or back to the queue, its lease renewed in the
     /// background meanwhile. When the claim is lost (the lease was taken over, or could not be
     /// renewed) its work stops at once, worker call included, and nothing more is written.
-    async fn handle(&self, job: Job, claimed_at: Instant) {
+    ///
+    /// Its span (`claim`) continues the trace of the wake-up that led to it (`woken_in`, its
+    /// `traceparent`), or else the job's own: every worker call, blob write and commit of the
+    /// claim is a span inside it.
+    async fn handle(&self, job: Job, claimed_at: Instant, woken_in: Option<String>) {
+        // WARN, as every hop's root span: a log filter at `warn` still sees it.
+        let span = tracing::warn_span!(
+            "claim",
+            otel.name = "claim job",
+            otel.kind = "consumer",
+            job.id = %job.id,
+            job.attempt = job.attempt,
+            job.outcome = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        pixmesh_chassis::trace::continue_from(&span, woken_in.as_deref().or(job.traceparent.as_deref()));
+        self.handle_in_span(job, claimed_at).instrument(span).await
+    }
+
+    async fn handle_in_span(&self, job: Job, claimed_at: Instant) {
         let started = Instant::now();
         let terms = lease::Terms {
             lease: Duration::from_millis(self.config.lease_ms),
@@ -353,8 +374,9 @@ impl Dispatcher {
             Err(StoreError::Fenced { .. }) => "fenced",
             Err(_) => "store_error",
         };
-        metrics::counter!("pixmesh_distributor_jobs_total", "outcome" => label).increment(1);
-        metrics::histogram!("pixmesh_distributor_job_seconds").record(elapsed);
+        tracing::Span::current().record("job.outcome", label);
+        metrics::counter!(crate::instruments::JOBS, "outcome" => label).increment(1);
+        metrics::histogram!(crate::instruments::JOB_DURATION).record(elapsed);
         match outcome {
             Ok(_) => {}
             Err(StoreError::Fenced { id, attempt }) => {
@@ -380,7 +402,7 @@ impl Dispatcher {
                 );
                 tracing::warn!(job = %job.id, attempt = job.attempt, "claim held too long; the job goes back to the queue");
                 let delay = Duration::from_millis(self.config.retry_delay_ms);
-                self.stores.jobs.release(&job.id, job.attempt, &job_error(&error), delay).await?;
+                self.stores.jobs.release(&job.id, job.attempt, &job_error(&error), delay).instrument(commit_span("released")).await?;
                 Ok(Outcome::GaveUp)
             }
         }
@@ -392,23 +414,23 @@ impl Dispatcher {
         }
         let jobs = &self.stores.jobs;
         let Some(input) = self.input(job).await? else {
-            jobs.fail(&job.id, job.attempt, &missing_input()).await?;
+            jobs.fail(&job.id, job.attempt, &missing_input()).instrument(commit_span("failed")).await?;
             return Ok(Outcome::Failed);
         };
         match self.make(job, &job.options, None, &input).await? {
             Made::Done(result) => {
-                jobs.succeed(&job.id, job.attempt, &result).await?;
+                jobs.succeed(&job.id, job.attempt, &result).instrument(commit_span("succeeded")).await?;
                 tracing::info!(job = %job.id, attempt = job.attempt, width = result.width, height = result.height, "job succeeded");
                 Ok(Outcome::Succeeded)
             }
             Made::Failed(error) => {
-                jobs.fail(&job.id, job.attempt, &job_error(&error)).await?;
+                jobs.fail(&job.id, job.attempt, &job_error(&error)).instrument(commit_span("failed")).await?;
                 tracing::info!(job = %job.id, attempt = job.attempt, code = %error.code, reason = %error.message, "job failed");
                 Ok(Outcome::Failed)
             }
             Made::NotNow(error) => {
                 let delay = Duration::from_millis(self.config.retry_delay_ms);
-                jobs.release(&job.id, job.attempt, &job_error(&error), delay).await?;
+                jobs.release(&job.id, job.attempt, &job_error(&error), delay).instrument(commit_span("released")).await?;
                 Ok(Outcome::Released)
             }
         }
@@ -493,7 +515,7 @@ impl Dispatcher {
             return Err(StoreError::Invalid(format!("saga {}: output {} has no recorded step after it was made", job.id, missing.name)));
         }
         self.delete_unrecorded(job, &now.steps).await?;
-        jobs.succeed_outputs(&job.id, job.attempt, &now.steps).await?;
+        jobs.succeed_outputs(&job.id, job.attempt, &now.steps).instrument(commit_span("succeeded")).await?;
         tracing::info!(job = %job.id, attempt = job.attempt, outputs = job.outputs.len(), "saga succeeded: every output made");
         Ok(Outcome::Succeeded)
     }
@@ -547,12 +569,12 @@ impl Dispatcher {
                 tracing::warn!(job = %job.id, attempt = job.attempt, error = %e, "a compensation could not delete an output; the job goes back to the queue to finish it");
                 let delay = Duration::from_millis(self.config.retry_delay_ms);
                 let why = JobError { code: ErrorCode::Unavailable.as_str().into(), message: format!("compensation interrupted: {e}") };
-                jobs.release(&job.id, job.attempt, &why, delay).await?;
+                jobs.release(&job.id, job.attempt, &why, delay).instrument(commit_span("released")).await?;
                 return Ok(Outcome::Released);
             }
             Err(e) => return Err(e),
         }
-        jobs.fail(&job.id, job.attempt, error).await?;
+        jobs.fail(&job.id, job.attempt, error).instrument(commit_span("failed")).await?;
         tracing::info!(job = %job.id, attempt = job.attempt, code = %error.code, reason = %error.message, "saga compensated and failed");
         Ok(Outcome::Failed)
     }
@@ -623,11 +645,32 @@ impl Dispatcher {
                 Some(presign) => Payload::urls(presign, job, &call, timeout).await?,
                 None => Payload::Inline(input.clone()),
             };
+            let call_span = tracing::info_span!(
+                "worker call",
+                otel.name = "pixmesh.v1.ImageWorker/Process",
+                otel.kind = "client",
+                otel.status_code = tracing::field::Empty,
+                rpc.system = "grpc",
+                rpc.service = "pixmesh.v1.ImageWorker",
+                rpc.method = "Process",
+                rpc.grpc.status_code = tracing::field::Empty,
+                server.address = %endpoint.address,
+                pixmesh.output = output,
+                pixmesh.call = calls,
+                error.type = tracing::field::Empty,
+            );
             let answer = tokio::select! {
                 // An answer that came wins over the worker's departure noticed in the same poll.
                 biased;
-                answer = self.call(&client, job, options, payload, timeout) => answer,
+                answer = self.call(&client, job, options, payload, timeout).instrument(call_span.clone()) => answer,
                 _ = endpoint.gone() => Err(CallFailure::abandoned(&endpoint)),
+            };
+            match &answer {
+                Ok(_) => call_span.record("rpc.grpc.status_code", 0),
+                Err(failure) => {
+                    call_span.record("otel.status_code", "ERROR");
+                    call_span.record("error.type", failure.error.code.as_str())
+                }
             };
             // Taken when the worker's part is over: an answer frees its slot before the output is
             // stored (adopted from staging, or put), so the next job can go to it meanwhile.
@@ -637,7 +680,7 @@ impl Dispatcher {
                     if let Some(slot) = slot.take() {
                         slot.finish(false);
                     }
-                    adopt(presign, &call, response, key).await?
+                    adopt(presign, &call, response, key).instrument(blob_span()).await?
                 }
                 (answer, presign) => {
                     if let (Err(_), Some(presign)) = (&answer, presign) {
@@ -656,8 +699,8 @@ impl Dispatcher {
                     }
                     let blob = match (staged, key) {
                         (Some(blob), _) => blob,
-                        (None, Some(key)) => self.stores.blobs.put_at(key, response.image).await?,
-                        (None, None) => self.stores.blobs.put(response.image).await?,
+                        (None, Some(key)) => self.stores.blobs.put_at(key, response.image).instrument(blob_span()).await?,
+                        (None, None) => self.stores.blobs.put(response.image).instrument(blob_span()).await?,
                     };
                     tracing::debug!(job = %job.id, attempt = job.attempt, output, worker = %endpoint.address, "output made");
                     return Ok(Made::Done(JobResult {
@@ -691,9 +734,9 @@ impl Dispatcher {
                     }
                     if cause == Cause::Abandoned {
                         redispatch = true;
-                        metrics::counter!("pixmesh_distributor_calls_abandoned_total").increment(1);
+                        metrics::counter!(crate::instruments::CALLS_ABANDONED).increment(1);
                     }
-                    metrics::counter!("pixmesh_distributor_worker_failures_total", "code" => error.code.as_str()).increment(1);
+                    metrics::counter!(crate::instruments::WORKER_FAILURES, "code" => error.code.as_str()).increment(1);
                     if final_try.is_some() && (cause == Cause::Refused || (cause == Cause::Failed && error.code == ErrorCode::Unavailable))
                     {
                         // The last try never reached the pixels (no worker at that address, a
@@ -754,12 +797,23 @@ impl Dispatcher {
         // Clock times both ways: the worker's logs and this process's next events follow them.
         let clock = pixmesh_chassis::clock::process();
         clock.stamp(request.metadata_mut());
+        // The trace: this call's span is the worker's parent.
+        pixmesh_chassis::trace::to_metadata(request.metadata_mut(), job.traceparent.as_deref());
         let mut client = client.clone();
         let timed_out = || CallFailure {
             error: ApiError::new(ErrorCode::Timeout, format!("worker did not answer within {} ms", deadline.as_millis())),
             cause: Cause::Failed,
         };
-        match tokio::time::timeout(deadline + Duration::from_millis(100), client.process(request)).await {
+        let started = Instant::now();
+        let answer = tokio::time::timeout(deadline + Duration::from_millis(100), client.process(request)).await;
+        let code = match &answer {
+            Ok(Ok(_)) => tonic::Code::Ok,
+            Ok(Err(status)) => status.code(),
+            Err(_) => tonic::Code::DeadlineExceeded,
+        };
+        metrics::histogram!(crate::instruments::RPC_CLIENT_CALL_DURATION, "rpc_method" => "pixmesh.v1.ImageWorker/Process", "rpc_grpc_status_code" => pixmesh_chassis::instruments::grpc_status_code(code))
+            .record(started.elapsed().as_secs_f64());
+        match answer {
             Ok(Ok(response)) => {
                 clock.observe_metadata(response.metadata(), "worker");
                 Ok(response.into_inner())
@@ -774,6 +828,16 @@ impl Dispatcher {
             Err(_) => Err(timed_out()),
         }
     }
+}
+
+/// The span of a terminal write of a claim (`outcome`: what it records).
+fn commit_span(outcome: &'static str) -> tracing::Span {
+    tracing::info_span!("store commit", otel.kind = "client", pixmesh.outcome = outcome)
+}
+
+/// The span of a write of an output to the blob store.
+fn blob_span() -> tracing::Span {
+    tracing::info_span!("blob put", otel.kind = "client")
 }
 
 /// How a call gets its input and gives back its output.

@@ -59,7 +59,7 @@ pub async fn keep(jobs: &dyn JobStore, id: &str, attempt: u32, claimed_at: Insta
     loop {
         if next >= give_up_at {
             tokio::time::sleep_until(give_up_at).await;
-            metrics::counter!("pixmesh_distributor_lease_renewals_total", "outcome" => "max_claim").increment(1);
+            metrics::counter!(crate::instruments::LEASE_RENEWALS, "outcome" => "max_claim").increment(1);
             return Lost::MaxClaim;
         }
         tokio::time::sleep_until(next).await;
@@ -74,7 +74,7 @@ pub async fn keep(jobs: &dyn JobStore, id: &str, attempt: u32, claimed_at: Insta
         let until = if sent < expires_at { expires_at } else { sent + LATE_TRY };
         let error = match tokio::time::timeout_at(until, jobs.extend_lease(id, attempt, terms.lease)).await {
             Ok(Ok(())) => {
-                metrics::counter!("pixmesh_distributor_lease_renewals_total", "outcome" => "ok").increment(1);
+                metrics::counter!(crate::instruments::LEASE_RENEWALS, "outcome" => "ok").increment(1);
                 if failing {
                     tracing::info!(job = %id, attempt, "lease renewed again");
                 }
@@ -84,13 +84,13 @@ pub async fn keep(jobs: &dyn JobStore, id: &str, attempt: u32, claimed_at: Insta
                 continue;
             }
             Ok(Err(StoreError::Fenced { .. })) => {
-                metrics::counter!("pixmesh_distributor_lease_renewals_total", "outcome" => "fenced").increment(1);
+                metrics::counter!(crate::instruments::LEASE_RENEWALS, "outcome" => "fenced").increment(1);
                 return Lost::Fenced;
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => "the store did not answer before the lease ran out".to_string(),
         };
-        metrics::counter!("pixmesh_distributor_lease_renewals_total", "outcome" => "error").increment(1);
+        metrics::counter!(crate::instruments::LEASE_RENEWALS, "outcome" => "error").increment(1);
         failing = true;
         let now = Instant::now();
         if now >= expires_at {
@@ -122,6 +122,7 @@ mod tests {
             outputs: Vec::new(),
             idempotency_key: None,
             request_hash: "h".into(),
+            traceparent: None,
         };
         store.create(job).await.unwrap();
         let claimed_at = Instant::now();

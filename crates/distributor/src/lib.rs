@@ -12,10 +12,12 @@
 //! call to a worker that discovery dropped and that no longer answers is abandoned and sent
 //! elsewhere at once (`workers.rs`, `dispatch.rs`).
 
+mod admin;
 pub mod breaker;
 pub mod budget;
 pub mod discovery;
 mod dispatch;
+pub mod instruments;
 mod lease;
 mod workers;
 
@@ -191,7 +193,11 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let readiness = Readiness::new();
     let admin_addr = admin.local_addr()?;
-    let admin_server = pixmesh_chassis::serve::admin("distributor", admin, readiness.clone(), shutdown.clone());
+    let workers = WorkerSet::with_breaker(Duration::from_millis(config.call_timeout_ms), &config.breaker);
+    let admin_server =
+        pixmesh_chassis::serve::admin_with("distributor", admin, readiness.clone(), shutdown.clone(), admin::routes(workers.clone()));
+    let scraped = workers.clone();
+    pixmesh_chassis::telemetry::add_metrics_source(move |out| admin::render_workers(&scraped, out));
     // Ready while it can write jobs and result blobs.
     // Results of jobs in flight together are committed together.
     // With presigned URLs a call waits on the blob store: a worker takes its `transfers` of them.
@@ -200,7 +206,7 @@ pub async fn run(
     let probe = stores.watch_health("distributor", Access::ReadWrite, readiness.clone(), shutdown.clone()).await;
     // Ended jobs are deleted after their retention (several distributors may prune at once).
     let pruner = stores.spawn_pruner(shutdown.clone());
-    let workers = WorkerSet::with_breaker(Duration::from_millis(config.call_timeout_ms), &config.breaker);
+    let queue_stats = admin::spawn_queue_stats(&stores, shutdown.clone());
     let source = discovery::from_config(&config).map_err(std::io::Error::other)?;
     let discovery = discovery::spawn(source, workers.clone(), slots, Duration::from_millis(config.discovery_interval_ms), shutdown.clone());
     let owner = format!("distributor-{}", uuid::Uuid::now_v7().simple());
@@ -220,6 +226,7 @@ pub async fn run(
         relay.abort();
     }
     discovery.abort();
+    queue_stats.abort();
     probe.abort();
     pruner.abort();
     admin_server.stop().await;

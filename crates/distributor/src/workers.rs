@@ -307,6 +307,19 @@ impl Drop for SlotGuard {
     }
 }
 
+/// One worker as [`WorkerSet::snapshot`] reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkerInfo {
+    pub address: String,
+    /// Calls it takes at once (what discovery says).
+    pub capacity: usize,
+    /// Calls it is given at once now (1 while it is re-probed as slow).
+    pub limit: usize,
+    pub in_flight: usize,
+    pub latency_estimate_seconds: f64,
+    pub breaker: crate::breaker::State,
+}
+
 /// The workers the distributor knows, keyed by address.
 #[derive(Clone)]
 pub struct WorkerSet {
@@ -357,13 +370,34 @@ impl WorkerSet {
                 Err(e) => tracing::warn!(worker = %addr, error = %e, "bad worker address"),
             }
         }
-        metrics::gauge!("pixmesh_distributor_workers").set(map.len() as f64);
+        metrics::gauge!(crate::instruments::WORKERS).set(map.len() as f64);
         drop(map);
         for endpoint in left {
             tracing::info!(worker = %endpoint.address, calls = endpoint.in_flight(), "worker left");
             endpoint.left_the_set();
         }
         self.freed.notify_waiters();
+    }
+
+    /// What an operator sees of each worker now, by address.
+    pub fn snapshot(&self) -> Vec<WorkerInfo> {
+        let map = self.endpoints.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<WorkerInfo> = map
+            .values()
+            .map(|e| {
+                let latency = e.latency();
+                WorkerInfo {
+                    address: e.address.clone(),
+                    capacity: e.capacity,
+                    limit: latency.limit(e.capacity),
+                    in_flight: latency.pending.len(),
+                    latency_estimate_seconds: latency.estimate(),
+                    breaker: e.breaker.state(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.address.cmp(&b.address));
+        out
     }
 
     /// The endpoint at `address`, if it is in the set.

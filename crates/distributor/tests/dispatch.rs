@@ -48,6 +48,7 @@ async fn submit(stores: &Stores, id: &str, image: Vec<u8>) {
         outputs: Vec::new(),
         idempotency_key: None,
         request_hash: id.into(),
+        traceparent: None,
     };
     stores.jobs.create(job).await.unwrap();
 }
@@ -550,6 +551,7 @@ async fn submit_saga(stores: &Stores, id: &str, input: Vec<u8>, outputs: &[(&str
         outputs,
         idempotency_key: None,
         request_hash: id.into(),
+        traceparent: None,
     };
     stores.jobs.create(job).await.unwrap();
 }

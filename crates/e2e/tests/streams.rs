@@ -68,6 +68,7 @@ async fn a_client_that_reconnects_with_last_event_id_misses_nothing_and_sees_not
     let mut read = |stream_event: pixmesh_test_support::sse::SseEvent, got: &mut Vec<(String, u64)>| {
         let data: Value = serde_json::from_str(&stream_event.data).unwrap();
         assert!(ids.insert(stream_event.id.clone().unwrap()), "event {:?} came twice", stream_event.id);
+        assert_eq!(data["job_id"], job.as_str(), "each event of the key's stream names its job");
         got.push((stream_event.event, data["seq"].as_u64().unwrap()));
     };
     for _ in 0..4 {

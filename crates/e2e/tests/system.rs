@@ -646,7 +646,7 @@ async fn a_distributor_that_lost_its_lease_has_its_late_results_rejected() {
     for s in statuses {
         assert_eq!(s.unwrap()["state"], "succeeded");
     }
-    let fenced = "pixmesh_distributor_jobs_total{role=\"distributor\",outcome=\"fenced\"}";
+    let fenced = "pixmesh_jobs_total{role=\"distributor\",outcome=\"fenced\"}";
     let thawed = std::time::Instant::now();
     while metric(&system, &first.addresses["admin"], fenced).await < 8.0 {
         assert!(thawed.elapsed() < Duration::from_secs(10), "the first distributor's 8 stale attempts were not all fenced");

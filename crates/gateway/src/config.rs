@@ -55,6 +55,8 @@ pub struct GatewayConfig {
     /// Signing keys for result URLs that work without an API key (`[gateway.signed_urls]`).
     /// The upload and status services sign with them; the gateway checks.
     pub signed_urls: pixmesh_chassis::signed_url::SignedUrlConfig,
+    /// What `GET /api/cluster` composes (`[gateway.cluster]`). Read at start.
+    pub cluster: crate::cluster::ClusterConfig,
 }
 
 /// An upstream pool: `"http://a:1"`, `["http://a:1", "http://b:1"]`, or
@@ -288,6 +290,7 @@ impl Default for GatewayConfig {
             drain_grace_ms: 10_000,
             connections: pixmesh_chassis::serve::ConnectionLimits::default(),
             signed_urls: Default::default(),
+            cluster: Default::default(),
         }
     }
 }
@@ -338,6 +341,7 @@ impl GatewayConfig {
     pub fn validate(&self) -> Result<(), String> {
         check_queue("gateway", self.max_queue, self.max_queue_ms)?;
         self.signed_urls.validate()?;
+        self.cluster.validate()?;
         for r in &self.routes {
             if !r.prefix.starts_with('/') {
                 return Err(format!("gateway route prefix {:?} must start with /", r.prefix));

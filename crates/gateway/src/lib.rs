@@ -4,7 +4,10 @@
 //! services behind it stay unchanged. Requests pass the interceptors assembled in
 //! [`stack::app`]; the configuration is reloaded while serving (see [`reload`]).
 
+pub mod cluster;
 pub mod config;
+pub mod console;
+pub mod instruments;
 pub mod keys;
 pub mod layers;
 pub mod openapi;
@@ -57,10 +60,13 @@ pub async fn serve(prepared: Prepared, http: TcpListener, admin: TcpListener, sh
     // Connection limits belong to the listener: read at start, not reloaded.
     let limits = config.connections;
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+    // The cluster view asks the status service for recent errors: the `status` upstream.
+    let status = config.upstreams.get("status").and_then(|u| u.pool().urls.first().cloned());
+    let cluster = cluster::Cluster::new(config.cluster.clone(), status);
     tokio::spawn(reload::watch(source, config, stamps, Arc::clone(&shared), shutdown.clone()));
     let streams_stop = shutdown.clone();
     pixmesh_chassis::serve::http_role("gateway", http, admin, shutdown, grace, limits, |_| async move {
-        Ok(stack::app(shared, upstream::Clients::new(), streams_stop))
+        Ok(stack::app(shared, upstream::Clients::new(), cluster, streams_stop))
     })
     .await
 }

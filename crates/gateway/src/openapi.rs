@@ -23,6 +23,16 @@ const REFUSALS: &[(&str, &str)] = &[
     ("504", "The service behind the route did not answer in time; retry"),
 ];
 
+/// The gateway's own operations (`GET /api/cluster`).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(crate::cluster::answer), components(schemas(crate::cluster::ClusterView)))]
+struct Own;
+
+/// The operations the gateway answers itself, to merge before [`wrap`].
+pub fn own() -> OpenApi {
+    <Own as utoipa::OpenApi>::openapi()
+}
+
 /// `doc` as clients see it through the gateway: every operation needs the API key and may be
 /// refused by the gateway (see [`REFUSALS`]); an operation that documents one of those
 /// statuses itself keeps its own description.

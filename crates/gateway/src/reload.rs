@@ -98,13 +98,13 @@ pub async fn watch(source: Source, mut watched: GatewayConfig, read: Stamps, sha
                     tracing::warn!("listen addresses cannot change on reload; restart the gateway to move it");
                 }
                 tracing::info!(trigger = why, config = %snapshot.summary, "configuration reloaded");
-                metrics::counter!("pixmesh_gateway_reloads_total", "outcome" => "ok").increment(1);
+                metrics::counter!(crate::instruments::RELOADS, "outcome" => "ok").increment(1);
                 shared.store(Arc::new(snapshot));
                 watched = config;
             }
             Err(e) => {
                 tracing::error!(trigger = why, error = %e, "configuration reload failed; keeping the current one");
-                metrics::counter!("pixmesh_gateway_reloads_total", "outcome" => "failed").increment(1);
+                metrics::counter!(crate::instruments::RELOADS, "outcome" => "failed").increment(1);
             }
         }
     }

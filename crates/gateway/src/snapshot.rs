@@ -45,10 +45,11 @@ pub struct RouteMetrics {
 
 impl RouteMetrics {
     pub fn new(route: &str) -> RouteMetrics {
-        let class = |c: &'static str| metrics::counter!("pixmesh_gateway_requests_total", "route" => route.to_string(), "class" => c);
+        let class =
+            |c: &'static str| metrics::counter!(crate::instruments::RESPONSES, "http_route" => route.to_string(), "status_class" => c);
         RouteMetrics {
             by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
-            seconds: metrics::histogram!("pixmesh_gateway_request_seconds", "route" => route.to_string()),
+            seconds: metrics::histogram!(crate::instruments::HTTP_SERVER_REQUEST_DURATION, "http_route" => route.to_string()),
         }
     }
 }
@@ -63,8 +64,8 @@ pub struct GatewayMetrics {
 impl GatewayMetrics {
     fn new() -> GatewayMetrics {
         GatewayMetrics {
-            auth_ok: metrics::counter!("pixmesh_gateway_auth_total", "outcome" => "ok"),
-            auth_refused: metrics::counter!("pixmesh_gateway_auth_total", "outcome" => "refused"),
+            auth_ok: metrics::counter!(crate::instruments::AUTH, "outcome" => "ok"),
+            auth_refused: metrics::counter!(crate::instruments::AUTH, "outcome" => "refused"),
         }
     }
 }

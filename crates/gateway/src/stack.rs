@@ -1,6 +1,7 @@
 //! The gateway's middleware stack, assembled in one place. Read it top to bottom: a request
 //! passes the layers in this order, and the response comes back through them in reverse.
 
+use crate::cluster::Cluster;
 use crate::layers::{
     AccessLogLayer, AdmissionLayer, ApiKeyLayer, OutputLimitsLayer, PinLayer, RateLimitLayer, RequestIdLayer, TraceparentLayer,
     UploadGuardLayer,
@@ -9,10 +10,11 @@ use crate::proxy;
 use crate::snapshot::Shared;
 use crate::upstream::Clients;
 use axum::Router;
+use axum::routing::get;
 use pixmesh_chassis::Shutdown;
 use tower::ServiceBuilder;
 
-pub fn app(shared: Shared, clients: Clients, shutdown: Shutdown) -> Router {
+pub fn app(shared: Shared, clients: Clients, cluster: Cluster, shutdown: Shutdown) -> Router {
     let interceptors = ServiceBuilder::new()
         // The configuration generation and route this request is served by, whatever reloads.
         .layer(PinLayer::layer(shared))
@@ -35,5 +37,8 @@ pub fn app(shared: Shared, clients: Clients, shutdown: Shutdown) -> Router {
         // image header holds no slot; the guard reads at most `probe_bytes` before it.
         // Event streams are admitted apart and end when the gateway shuts down.
         .layer(AdmissionLayer::layer(shutdown));
-    Router::new().fallback(proxy::forward).with_state(clients).layer(interceptors)
+    // The gateway's own answers: `/api/cluster` behind the same interceptors as the API (key,
+    // rate limit), the console's static page outside them (it is public; it sends the key).
+    let cluster = Router::new().route("/api/cluster", get(crate::cluster::answer)).with_state(cluster);
+    Router::new().fallback(proxy::forward).with_state(clients).merge(cluster).layer(interceptors).merge(crate::console::routes())
 }

@@ -171,13 +171,13 @@ impl Pool {
         let instances = config.urls.iter().map(|u| Instance::new(u, config.max_connections)).collect();
         let label = || name.to_string();
         let metrics = PoolMetrics {
-            upstream_seconds: metrics::histogram!("pixmesh_gateway_upstream_seconds", "upstream" => label()),
-            errors: metrics::counter!("pixmesh_gateway_upstream_errors_total", "upstream" => label()),
-            retries: metrics::counter!("pixmesh_gateway_retries_total", "upstream" => label()),
-            slot_waits: metrics::counter!("pixmesh_gateway_upstream_slot_waits_total", "upstream" => label()),
-            saturated: metrics::counter!("pixmesh_gateway_upstream_saturated_total", "upstream" => label()),
-            ejections: metrics::counter!("pixmesh_gateway_upstream_ejections_total", "upstream" => label()),
-            ejections_capped: metrics::counter!("pixmesh_gateway_upstream_ejections_capped_total", "upstream" => label()),
+            upstream_seconds: metrics::histogram!(crate::instruments::HTTP_CLIENT_REQUEST_DURATION, "upstream" => label()),
+            errors: metrics::counter!(crate::instruments::UPSTREAM_ERRORS, "upstream" => label()),
+            retries: metrics::counter!(crate::instruments::RETRIES, "upstream" => label()),
+            slot_waits: metrics::counter!(crate::instruments::UPSTREAM_SLOT_WAITS, "upstream" => label()),
+            saturated: metrics::counter!(crate::instruments::UPSTREAM_SATURATED, "upstream" => label()),
+            ejections: metrics::counter!(crate::instruments::UPSTREAM_EJECTIONS, "upstream" => label()),
+            ejections_capped: metrics::counter!(crate::instruments::UPSTREAM_EJECTIONS_CAPPED, "upstream" => label()),
         };
         Pool { name: name.to_string(), config: config.clone(), instances, metrics, next: AtomicUsize::new(0), ejecting: Mutex::new(()) }
     }

@@ -178,7 +178,7 @@ async fn past_the_queue_requests_get_a_fast_503_while_admitted_ones_are_served()
     }
     wait_for("two requests at the upstream", || up.in_flight.load(Ordering::SeqCst) == 2).await;
     assert_eq!(up.served.load(Ordering::SeqCst), 0, "every refusal came back before any admitted request was answered");
-    assert_eq!(metric("pixmesh_gateway_admission_queued", "route=\"/gated\""), 2.0);
+    assert_eq!(metric("pixmesh_gateway_admission_queued", "http_route=\"/gated\""), 2.0);
 
     // A refused request with a body: not read, not forwarded; the connection is closed after
     // the 503 so the unread body cannot be taken for the next request.
@@ -196,8 +196,8 @@ async fn past_the_queue_requests_get_a_fast_503_while_admitted_ones_are_served()
     assert_eq!(served, 4, "the two admitted and the two queued were served");
     assert_eq!(up.most_in_flight.load(Ordering::SeqCst), 2, "never more than max_in_flight at the upstream");
     assert_eq!(up.arrived.load(Ordering::SeqCst), 4, "the refused requests never reached it");
-    assert_eq!(metric("pixmesh_gateway_admission_refused_total", "route=\"/gated\",reason=\"queue_full\""), 7.0);
-    assert_eq!(metric("pixmesh_gateway_admission_queued", "route=\"/gated\""), 0.0);
+    assert_eq!(metric("pixmesh_gateway_admission_refused_total", "http_route=\"/gated\",reason=\"queue_full\""), 7.0);
+    assert_eq!(metric("pixmesh_gateway_admission_queued", "http_route=\"/gated\""), 0.0);
     assert_eq!(metric("pixmesh_gateway_upstream_ejections_total", "upstream=\"gated\""), 0.0);
     // Slots free again: served at once.
     let a = answer(client.get(format!("{gw}/gated/held")).send().await.unwrap()).await;
@@ -226,7 +226,7 @@ async fn a_request_that_waits_too_long_for_a_slot_is_refused() {
             (sent.elapsed(), a)
         }
     });
-    wait_for("one request in the queue", || metric("pixmesh_gateway_admission_queued", "route=\"/brief\"") == 1.0).await;
+    wait_for("one request in the queue", || metric("pixmesh_gateway_admission_queued", "http_route=\"/brief\"") == 1.0).await;
     // The queue holds one: the next is refused at once.
     let a = answer(client.get(format!("{gw}/brief/held")).send().await.unwrap()).await;
     assert_refused(&a);
@@ -235,8 +235,8 @@ async fn a_request_that_waits_too_long_for_a_slot_is_refused() {
     assert!(a.message.contains("no free slot within 300 ms"), "{}", a.message);
     assert!(waited >= Duration::from_millis(300), "it waited its queue time first ({waited:?})");
     assert_eq!(up.in_flight.load(Ordering::SeqCst), 1, "the first is still held");
-    assert_eq!(metric("pixmesh_gateway_admission_refused_total", "route=\"/brief\",reason=\"queue_timeout\""), 1.0);
-    assert_eq!(metric("pixmesh_gateway_admission_refused_total", "route=\"/brief\",reason=\"queue_full\""), 1.0);
+    assert_eq!(metric("pixmesh_gateway_admission_refused_total", "http_route=\"/brief\",reason=\"queue_timeout\""), 1.0);
+    assert_eq!(metric("pixmesh_gateway_admission_refused_total", "http_route=\"/brief\",reason=\"queue_full\""), 1.0);
     up.gate.send_replace(true);
     assert_eq!(first.await.unwrap().status, 200);
     assert_eq!(up.arrived.load(Ordering::SeqCst), 1);

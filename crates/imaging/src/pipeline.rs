@@ -53,7 +53,10 @@ struct Source {
 /// Runs the whole pipeline on `bytes`.
 pub fn process(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Output, ImagingError> {
     options.validate()?;
+    // The stages are spans (of the worker's call, when it runs there).
+    let decoding = tracing::info_span!("decode", image.format = tracing::field::Empty, image.bytes = bytes.len()).entered();
     let format = check_input(bytes, limits)?;
+    decoding.record("image.format", format.as_str());
     let source = match format {
         // pixmesh's own decoder, with shrink-on-load; the general one for what it does not cover
         // (arithmetic coding, 12-bit, lossless).
@@ -86,6 +89,8 @@ pub fn process(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Outpu
         },
         _ => decode_generic(bytes, format, options, limits)?,
     };
+    drop(decoding);
+    let resizing = tracing::info_span!("resize", image.width = tracing::field::Empty, image.height = tracing::field::Empty).entered();
     let Source { mut img, orientation, icc } = source;
     img.apply_orientation(orientation);
     let img = geometry(img, options)?;
@@ -117,6 +122,9 @@ pub fn process(bytes: &[u8], options: &Options, limits: &Limits) -> Result<Outpu
         None => resized,
     };
     let framed = effects(framed, options);
+    resizing.record("image.width", framed.width).record("image.height", framed.height);
+    drop(resizing);
+    let _encoding = tracing::info_span!("encode", image.format = output_format.as_str()).entered();
     let bytes = encode(&framed, output_format, options.quality, options.lossless)?;
     Ok(Output { bytes, width: framed.width, height: framed.height, format: output_format })
 }

@@ -45,6 +45,7 @@ fn job(id: String, input: &BlobRef) -> NewJob {
         outputs: Vec::new(),
         idempotency_key: None,
         request_hash: "bench".into(),
+        traceparent: None,
     }
 }
 
@@ -138,7 +139,7 @@ pub async fn run(run: Dispatch) -> anyhow::Result<serde_json::Value> {
         let created = stores.jobs.create(job(format!("t{i:07}"), &input)).await?;
         // With a broker, the wake-up the upload service would have sent (the stream keeps it
         // until the distributors start).
-        stores.job_created(&created.job.id);
+        stores.job_created(&created.job.id, None);
     }
     let accept_per_second = run.jobs as f64 / started.elapsed().as_secs_f64();
     let mut children = Vec::new();
@@ -169,7 +170,7 @@ pub async fn run(run: Dispatch) -> anyhow::Result<serde_json::Value> {
         tick.tick().await;
         let created = stores.jobs.create(job(format!("l{i:07}"), &input)).await?;
         // As the upload service does: the early wake-up, after the commit.
-        stores.job_created(&created.job.id);
+        stores.job_created(&created.job.id, None);
     }
     wait_done(&stores, (run.jobs + run.latency_jobs) as u64, Duration::from_secs(120)).await?;
     let mut waits = Vec::new();

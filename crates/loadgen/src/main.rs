@@ -171,6 +171,10 @@ enum Mode {
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
     },
+    /// An OTLP/gRPC trace receiver (the tests' own, counting only) for the tracing benchmark:
+    /// prints its endpoint as one JSON line; on SIGTERM or Ctrl-C prints the spans and exports
+    /// it took and its own CPU time.
+    OtlpReceiver,
     /// The JetStream floor: publish (with Nats-Msg-Id, waiting for every ack) then consume
     /// and ack, on a work-queue stream with file storage, as pixmesh's wake-ups do.
     JetstreamFloor {
@@ -479,6 +483,29 @@ fn main() -> anyhow::Result<()> {
                 });
                 println!("{line}");
                 tokio::signal::ctrl_c().await?;
+                Ok(())
+            }
+            Mode::OtlpReceiver => {
+                let receiver = pixmesh_test_support::otlp::OtlpReceiver::start_counting().await?;
+                println!("{}", serde_json::json!({ "endpoint": receiver.endpoint }));
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                // This process's CPU time: what receiving cost the machine the system runs on.
+                let cpu_seconds = std::fs::read_to_string("/proc/self/stat")
+                    .ok()
+                    .and_then(|s| {
+                        let fields: Vec<&str> = s.rsplit(')').next()?.split_whitespace().collect();
+                        let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+                        Some(ticks / 100.0)
+                    })
+                    .unwrap_or(0.0);
+                println!(
+                    "{}",
+                    serde_json::json!({ "spans": receiver.counted(), "exports": receiver.exports(), "cpu_seconds": cpu_seconds })
+                );
                 Ok(())
             }
             Mode::JetstreamFloor { url, messages } => {

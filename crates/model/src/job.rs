@@ -57,6 +57,9 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     /// Fingerprint of the request, to tell a retry from a different request under the same key.
     pub request_hash: String,
+    /// The W3C `traceparent` of the upload: the job's claims, worker calls and commits are
+    /// spans of that trace.
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +104,8 @@ pub struct Job {
     pub error: Option<JobError>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The trace the job was uploaded in ([`NewJob::traceparent`]).
+    pub traceparent: Option<String>,
 }
 
 /// The answer to a create: the job, and whether this call created it (false for an

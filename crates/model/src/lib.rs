@@ -20,5 +20,6 @@ pub use hlc::Hlc;
 pub use job::{CacheKey, CacheOutcome, Created, DEFAULT_MAX_OUTPUTS, Job, JobError, JobResult, JobState, NewJob, Output, Step};
 pub use options::Options;
 pub use store::{
-    BlobStore, BlobStream, ClaimById, JobStore, Notify, Outbox, OutboxEvent, Presign, StoreError, StoreKind, StoredView, Views, ViewsAfter,
+    BlobStore, BlobStream, ClaimById, JobStore, Notify, Outbox, OutboxEvent, Presign, QueueStats, StoreError, StoreKind, StoredView, Views,
+    ViewsAfter,
 };

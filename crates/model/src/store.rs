@@ -252,6 +252,9 @@ pub struct OutboxEvent {
     /// has not committed yet).
     pub id: i64,
     pub event: JobEvent,
+    /// The trace of the event's job ([`crate::Job::traceparent`]): the relay's publish of a
+    /// wake-up is a span of it, and the wake-up carries it to the distributor that claims.
+    pub traceparent: Option<String>,
 }
 
 /// The job store seen from the outbox relay: the event rows are the outbox, read in order and
@@ -282,6 +285,18 @@ pub trait Outbox: Send + Sync + 'static {
     /// Queued jobs that have been claimable for longer than `for_longer_than` without being
     /// claimed, oldest first, with their attempt: the sweeper wakes distributors for them again.
     async fn stale_claimable(&self, for_longer_than: Duration, limit: u32) -> Result<Vec<(String, u32)>, StoreError>;
+
+    /// The queue as an operator sees it: jobs waiting to be made (queued, due now or later;
+    /// not those waiting for an identical upload's job), and when the oldest was created.
+    async fn queue_stats(&self) -> Result<QueueStats, StoreError>;
+}
+
+/// See [`Outbox::queue_stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    pub queued: u64,
+    /// Unix milliseconds; `None` when nothing is queued.
+    pub oldest_created_at: Option<i64>,
 }
 
 /// A job's view as the projection holds it, with the key that owns the job.
@@ -333,7 +348,8 @@ pub trait Views: Send + Sync + 'static {
 /// Told at once of a job just created, so a distributor can be woken before the outbox relay
 /// gets to it (the relay wakes for it in any case: this is only the early path).
 pub trait Notify: Send + Sync + 'static {
-    fn job_created(&self, id: &str);
+    /// `traceparent`: the job's trace, for the wake-up to carry.
+    fn job_created(&self, id: &str, traceparent: Option<&str>);
 }
 
 #[async_trait]

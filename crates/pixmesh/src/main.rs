@@ -2,6 +2,7 @@
 //! binds listeners, and hands them to the role's `run`.
 
 mod config;
+mod health;
 mod openapi;
 mod submit;
 mod thumbnail;
@@ -87,6 +88,8 @@ enum Command {
     Openapi,
     /// Upload images through a gateway, follow their jobs and download the results (a client).
     Submit(submit::SubmitArgs),
+    /// Check a role's admin endpoint: exit 0 on a 2xx (a container's health check).
+    Health(health::HealthArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -110,12 +113,27 @@ impl Command {
             Command::Admin(_) => "admin",
             Command::Openapi => "openapi",
             Command::Submit(_) => "submit",
+            Command::Health(_) => "health",
         }
     }
 }
 
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
+    if let Command::Health(args) = &cli.command {
+        let outcome = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| rt.block_on(health::check(args)));
+        return match outcome {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pixmesh health: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Command::Submit(args) = cli.command {
         // A client: no configuration, no logs, a runtime of its own.
         let outcome = tokio::runtime::Builder::new_multi_thread()
@@ -188,9 +206,6 @@ fn main() -> ExitCode {
         };
     }
     let role = cli.command.role();
-    pixmesh_chassis::telemetry::init_logging(role, &config.log, env.get("RUST_LOG").map(String::as_str));
-    pixmesh_chassis::telemetry::init_metrics(role);
-    pixmesh_chassis::clock::init(&config.chassis);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -198,13 +213,59 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command, config, env, cli.config.clone(), cli.sets.clone())) {
+    // The trace exporter's gRPC channel lives on the runtime.
+    let exporter = {
+        let _runtime = runtime.enter();
+        match pixmesh_chassis::telemetry::init(role, &config.log, &env) {
+            Ok(exporter) => exporter,
+            Err(e) => {
+                eprintln!("pixmesh: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    };
+    pixmesh_chassis::telemetry::init_metrics(role);
+    describe_metrics(role);
+    pixmesh_chassis::clock::init(&config.chassis);
+    let outcome = runtime.block_on(run(cli.command, config, env, cli.config.clone(), cli.sets.clone()));
+    if let Err(e) = &outcome {
+        tracing::error!(error = format!("{e:#}"), "{role} stopped with an error");
+    }
+    if let Some(exporter) = exporter {
+        // The last spans go out while the runtime still drives the channel.
+        let flushed = runtime.spawn_blocking(move || exporter.shutdown());
+        let _ = runtime.block_on(flushed);
+    }
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "{role} stopped with an error");
             eprintln!("pixmesh {role}: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The help text and unit of every metric the role records (each crate's `instruments`).
+fn describe_metrics(role: &str) {
+    pixmesh_chassis::instruments::describe();
+    match role {
+        "gateway" => pixmesh_gateway::instruments::describe(),
+        "upload" => {
+            pixmesh_upload::instruments::describe();
+            pixmesh_store::instruments::describe();
+        }
+        "status" => {
+            pixmesh_status::instruments::describe();
+            pixmesh_store::instruments::describe();
+        }
+        "distributor" => {
+            pixmesh_distributor::instruments::describe();
+            pixmesh_store::instruments::describe();
+            pixmesh_queue::instruments::describe();
+        }
+        "worker" => pixmesh_worker::instruments::describe(),
+        "registry" => pixmesh_registry::instruments::describe(),
+        _ => {}
     }
 }
 
@@ -383,7 +444,7 @@ async fn run(
             let (grpc, admin) = (bind("registry", c.listen).await?, bind("registry admin", c.admin_listen).await?);
             Ok(pixmesh_registry::run(c, grpc, admin, shutdown).await?)
         }
-        Command::Thumbnail(_) | Command::Openapi | Command::Submit(_) => Ok(()),
+        Command::Thumbnail(_) | Command::Openapi | Command::Submit(_) | Command::Health(_) => Ok(()),
         Command::Admin(Admin::RebuildViews) => {
             // The database alone: a rebuild needs no blob store (nor its credentials).
             let db = pixmesh_store::Stores::open_database(&store).await?;

@@ -9,6 +9,7 @@ use utoipa::openapi::{Info, OpenApi, Tag};
 pub fn document() -> OpenApi {
     let mut doc = pixmesh_upload::openapi::openapi();
     doc.merge(pixmesh_status::openapi::openapi());
+    doc.merge(pixmesh_gateway::openapi::own());
     let mut doc = pixmesh_gateway::openapi::wrap(doc);
     let mut info = Info::new("pixmesh", env!("CARGO_PKG_VERSION"));
     info.description = Some(
@@ -26,6 +27,7 @@ pub fn document() -> OpenApi {
         tag("jobs", "Upload images and follow their jobs"),
         tag("results", "Download what the jobs made"),
         tag("meta", "This document"),
+        tag("cluster", "What the roles say of themselves (admin keys)"),
     ]);
     doc
 }
@@ -54,6 +56,7 @@ mod tests {
             "/api/result/{id}",
             "/api/result/{id}/{output}",
             "/api/openapi.json",
+            "/api/cluster",
         ] {
             assert!(paths.contains(&route), "{route} is not in {paths:?}");
         }

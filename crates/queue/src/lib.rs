@@ -19,6 +19,7 @@
 //! The registry on NATS KV ([`registry`]) is here too: it is the same connection and the same
 //! server.
 
+pub mod instruments;
 pub mod registry;
 pub mod relay;
 pub mod wake;
@@ -26,6 +27,7 @@ pub mod wake;
 use async_nats::jetstream::{self, stream};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
+use tracing::Instrument as _;
 
 /// The names of pixmesh's streams, subjects, consumer and bucket on one server. A URL path
 /// (`nats://HOST:PORT/NAME`) is a namespace: deployments (or test runs) that share a server
@@ -327,16 +329,41 @@ impl Queue {
 
     /// Publishes a wake-up and waits for the stream to store it (or to report it a duplicate).
     pub async fn publish_wake(&self, wake: &Wake) -> Result<(), QueueError> {
-        self.send_wake(wake).await?.await.map_err(QueueError::nats)?;
+        self.send_wake(wake, None).await?.await.map_err(QueueError::nats)?;
         Ok(())
     }
 
     /// Sends a wake-up without waiting for the stream's answer; the answer comes with the
     /// returned future.
-    pub async fn send_wake(&self, wake: &Wake) -> Result<jetstream::context::PublishAckFuture, QueueError> {
+    ///
+    /// Sent inside a [`Queue::publish_span`] of its job's trace: the wake-up carries that span
+    /// as its `traceparent` header, for the claim it leads to (without exported traces, the
+    /// job's own `traceparent`).
+    pub async fn send_wake(&self, wake: &Wake, traceparent: Option<&str>) -> Result<jetstream::context::PublishAckFuture, QueueError> {
         let payload = serde_json::to_vec(wake).map_err(QueueError::nats)?;
-        let publish = jetstream::message::PublishMessage::build().payload(payload.into()).message_id(wake.msg_id());
+        let mut publish = jetstream::message::PublishMessage::build().payload(payload.into()).message_id(wake.msg_id());
+        if let Some(parent) = pixmesh_chassis::trace::outgoing(&tracing::Span::current(), traceparent) {
+            publish = publish.header(pixmesh_chassis::trace::TRACEPARENT, parent);
+        }
         self.js.send_publish(self.names.wake_subject.clone(), publish).await.map_err(QueueError::nats)
+    }
+
+    /// The producer span of a wake-up's publish; a child of the current span, or of
+    /// `traceparent` (the job's trace) when given.
+    pub fn publish_span(&self, traceparent: Option<&str>) -> tracing::Span {
+        let span = tracing::info_span!(
+            "wake publish",
+            otel.name = %format!("send {}", self.names.wake_subject),
+            otel.kind = "producer",
+            messaging.system = "nats",
+            messaging.operation.type = "send",
+            messaging.destination.name = %self.names.wake_subject,
+            trace_id = tracing::field::Empty,
+        );
+        if traceparent.is_some() {
+            pixmesh_chassis::trace::continue_from(&span, traceparent);
+        }
+        span
     }
 }
 
@@ -344,14 +371,21 @@ impl Queue {
 /// waiting for the stream's answer; the relay publishes the same wake-up (same `Nats-Msg-Id`)
 /// from the outbox in any case.
 impl pixmesh_model::Notify for Queue {
-    fn job_created(&self, id: &str) {
+    fn job_created(&self, id: &str, traceparent: Option<&str>) {
         let queue = self.clone();
         let wake = Wake { job: id.to_string(), attempt: 0 };
-        tokio::spawn(async move {
-            if let Err(e) = queue.send_wake(&wake).await {
-                tracing::debug!(job = %wake.job, error = %e, "early wake-up not sent; the relay sends it");
+        // A child of the upload's span (the current one): the relay's copy of this wake-up is
+        // dropped as a duplicate, so this one carries the trace to the distributor.
+        let span = self.publish_span(None);
+        let traceparent = traceparent.map(str::to_string);
+        tokio::spawn(
+            async move {
+                if let Err(e) = queue.send_wake(&wake, traceparent.as_deref()).await {
+                    tracing::debug!(job = %wake.job, error = %e, "early wake-up not sent; the relay sends it");
+                }
             }
-        });
+            .instrument(span),
+        );
     }
 }
 

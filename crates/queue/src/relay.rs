@@ -26,6 +26,7 @@ use pixmesh_model::{Event, Outbox, OutboxEvent};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 /// Events read per round.
 const BATCH: u32 = 512;
@@ -83,7 +84,7 @@ impl Relay {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::warn!(error = %e, "relay: publishing failed; trying again");
-                    metrics::counter!("pixmesh_relay_errors_total").increment(1);
+                    metrics::counter!(crate::instruments::RELAY_ERRORS).increment(1);
                     self.repair().await;
                     0
                 }
@@ -149,7 +150,8 @@ impl Relay {
         for (index, row) in rows.iter().enumerate() {
             pending.push((index, self.queue.send_event(&row.event).await?));
             if let Some(wake) = wake_for(row) {
-                pending.push((index, self.queue.send_wake(&wake).await?));
+                let span = self.queue.publish_span(row.traceparent.as_deref());
+                pending.push((index, self.queue.send_wake(&wake, row.traceparent.as_deref()).instrument(span).await?));
             }
         }
         let mut failed: Option<QueueError> = None;
@@ -165,7 +167,7 @@ impl Relay {
             leading.published(row.id);
         }
         leading.advance(GAP_TIMEOUT);
-        metrics::counter!("pixmesh_relay_events_total").increment(complete as u64);
+        metrics::counter!(crate::instruments::RELAY_EVENTS).increment(complete as u64);
         match failed {
             Some(e) => Err(e),
             None => Ok(count),
@@ -183,7 +185,7 @@ impl Relay {
         }
         let mut acks = Vec::with_capacity(stale.len());
         for (job, attempt) in &stale {
-            acks.push(self.queue.send_wake(&Wake { job: job.clone(), attempt: *attempt }).await?);
+            acks.push(self.queue.send_wake(&Wake { job: job.clone(), attempt: *attempt }, None).await?);
         }
         let mut fresh = 0u64;
         for ack in acks {
@@ -194,7 +196,7 @@ impl Relay {
         }
         if fresh > 0 {
             tracing::info!(jobs = fresh, "sweeper: woke distributors again for jobs left claimable");
-            metrics::counter!("pixmesh_sweeper_wakes_total").increment(fresh);
+            metrics::counter!(crate::instruments::SWEEPER_WAKES).increment(fresh);
         }
         Ok(())
     }

@@ -84,6 +84,11 @@ impl Delivery {
         Delivery { message, queue, wake }
     }
 
+    /// The trace the wake-up was published in (its `traceparent` header).
+    pub fn traceparent(&self) -> Option<&str> {
+        self.message.headers.as_ref()?.get(pixmesh_chassis::trace::TRACEPARENT).map(|v| v.as_str())
+    }
+
     /// How many times this wake-up has been delivered (1 the first time).
     pub fn delivered(&self) -> i64 {
         self.message.info().map(|i| i.delivered).unwrap_or(1)
@@ -136,7 +141,7 @@ impl Delivery {
     /// Its job, if it is still claimable, is woken for again by the sweeper.
     pub async fn dead(self, why: &str) {
         tracing::warn!(reason = why, "wake-up goes to the dead-letter stream");
-        metrics::counter!("pixmesh_wakeups_dead_total").increment(1);
+        metrics::counter!(crate::instruments::WAKEUPS_DEAD).increment(1);
         let publish =
             async_nats::jetstream::message::PublishMessage::build().payload(self.message.payload.clone()).header("Pixmesh-Reason", why);
         let stored = match self.queue.jetstream().send_publish(self.queue.names().dead_subject.clone(), publish).await {

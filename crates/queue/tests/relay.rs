@@ -31,6 +31,7 @@ fn new_job(id: &str) -> NewJob {
         outputs: Vec::new(),
         idempotency_key: None,
         request_hash: "h".into(),
+        traceparent: None,
     }
 }
 

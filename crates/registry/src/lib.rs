@@ -5,6 +5,7 @@
 //! `missed_heartbeats` heartbeats in a row expires. Clients list the live instances of a service.
 
 pub mod client;
+pub mod instruments;
 mod service;
 
 pub use service::{Registry, RegistryService};
@@ -60,8 +61,9 @@ pub async fn run(config: RegistryConfig, grpc: TcpListener, admin: TcpListener, 
     let readiness = Readiness::new();
     let grpc_addr = grpc.local_addr()?;
     let admin_addr = admin.local_addr()?;
-    let admin_server = pixmesh_chassis::serve::admin("registry", admin, readiness.clone(), shutdown.clone());
     let registry = Registry::new(Duration::from_millis(config.heartbeat_interval_ms), config.ttl());
+    let admin_server =
+        pixmesh_chassis::serve::admin_with("registry", admin, readiness.clone(), shutdown.clone(), instances(registry.clone()));
     let sweeper = registry.spawn_sweeper(shutdown.clone());
     let closing = (registry.clone(), shutdown.clone());
     tokio::spawn(async move {
@@ -78,4 +80,29 @@ pub async fn run(config: RegistryConfig, grpc: TcpListener, admin: TcpListener, 
     sweeper.abort();
     admin_server.stop().await;
     result.map_err(std::io::Error::other)
+}
+
+/// `GET /instances` on the admin port: the workers registered now,
+/// `{"instances":[{id, service, address, capacity, transfers, version}]}` (what the gateway's
+/// `/api/cluster` shows).
+fn instances(registry: Registry) -> axum::Router {
+    axum::Router::new().route(
+        "/instances",
+        axum::routing::get(move || {
+            let registry = registry.clone();
+            async move {
+                let list: Vec<serde_json::Value> = registry
+                    .list("worker")
+                    .into_iter()
+                    .map(|i| {
+                        serde_json::json!({
+                            "id": i.id, "service": i.service, "address": i.address,
+                            "capacity": i.capacity, "transfers": i.transfers, "version": i.version,
+                        })
+                    })
+                    .collect();
+                axum::Json(serde_json::json!({ "instances": list }))
+            }
+        }),
+    )
 }

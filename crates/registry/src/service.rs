@@ -75,7 +75,7 @@ impl Registry {
 
     pub fn register(&self, instance: Instance) {
         tracing::info!(id = %instance.id, service = %instance.service, address = %instance.address, capacity = instance.capacity, "instance registered");
-        metrics::counter!("pixmesh_registry_registrations_total").increment(1);
+        metrics::counter!(crate::instruments::REGISTRATIONS).increment(1);
         let previous = self.lock().insert(instance.id.clone(), Entry { instance: instance.clone(), last_seen: Instant::now() });
         if previous.is_none_or(|p| p.instance != instance) {
             self.changed();
@@ -131,7 +131,7 @@ impl Registry {
                     known = entries.len(),
                     "self-preservation: too many instances went silent at once; keeping them (the registry may be the one cut off)"
                 );
-                metrics::counter!("pixmesh_registry_self_preservation_total").increment(1);
+                metrics::counter!(crate::instruments::SELF_PRESERVATION_ENTERED).increment(1);
             }
             let limit = self.ttl * (SELF_PRESERVATION_TTLS + 1);
             silent.into_iter().filter(|(_, quiet)| *quiet > limit).map(|(id, _)| id).collect()
@@ -141,13 +141,13 @@ impl Registry {
             }
             silent.into_iter().map(|(id, _)| id).collect()
         };
-        metrics::gauge!("pixmesh_registry_self_preservation").set(if mass { 1.0 } else { 0.0 });
+        metrics::gauge!(crate::instruments::SELF_PRESERVATION).set(if mass { 1.0 } else { 0.0 });
         for id in &expired {
             entries.remove(id);
             tracing::warn!(id, "instance expired: missed its heartbeats");
         }
-        metrics::counter!("pixmesh_registry_expirations_total").increment(expired.len() as u64);
-        metrics::gauge!("pixmesh_registry_instances").set(entries.len() as f64);
+        metrics::counter!(crate::instruments::EXPIRATIONS).increment(expired.len() as u64);
+        metrics::gauge!(crate::instruments::INSTANCES).set(entries.len() as f64);
         drop(entries);
         if !expired.is_empty() {
             self.changed();
@@ -192,7 +192,7 @@ impl RegistryApi for RegistryService {
         let registry = self.registry.clone();
         let mut changes = registry.subscribe();
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
-        metrics::gauge!("pixmesh_registry_watchers").increment(1.0);
+        metrics::gauge!(crate::instruments::WATCHERS).increment(1.0);
         tokio::spawn(async move {
             let mut last: Option<Vec<Instance>> = None;
             loop {
@@ -211,7 +211,7 @@ impl RegistryApi for RegistryService {
                     _ = registry.closed.cancelled() => break,
                 }
             }
-            metrics::gauge!("pixmesh_registry_watchers").decrement(1.0);
+            metrics::gauge!(crate::instruments::WATCHERS).decrement(1.0);
         });
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }

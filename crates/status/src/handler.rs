@@ -61,6 +61,7 @@ pub fn router(stores: Stores, signer: Option<Arc<Signer>>, live: Live) -> Router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)
+        .layer(pixmesh_chassis::http_span::ServerSpanLayer::new("status"))
 }
 
 async fn not_found(request: Request) -> ApiError {
@@ -473,6 +474,7 @@ mod tests {
             outputs,
             idempotency_key: None,
             request_hash: id.into(),
+            traceparent: None,
         };
         stores.jobs.create(job).await.unwrap();
     }

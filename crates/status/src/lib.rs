@@ -8,6 +8,7 @@
 //! streams follow the same events as they are written ([`live`]).
 
 mod handler;
+pub mod instruments;
 pub mod live;
 pub mod openapi;
 pub mod projection;

@@ -109,7 +109,7 @@ impl Hub {
         list.retain(|(_, tx)| match tx.try_send(Arc::clone(event)) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                metrics::counter!("pixmesh_status_streams_dropped_total", "reason" => "slow_reader").increment(1);
+                metrics::counter!(crate::instruments::STREAMS_DROPPED, "reason" => "slow_reader").increment(1);
                 tracing::info!(key, "an event stream's client reads too slowly; its stream is ended");
                 false
             }
@@ -191,6 +191,7 @@ mod tests {
         Arc::new(OutboxEvent {
             id,
             event: JobEvent { job_id: job.into(), seq: id as u32, attempt: 1, at: 0, hlc: Hlc::from_unix_ms(0), event },
+            traceparent: None,
         })
     }
 

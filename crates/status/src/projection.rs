@@ -71,7 +71,7 @@ pub async fn run(stores: Stores, poll: Duration) {
                         continue;
                     }
                     saved = cursor.cursor();
-                    metrics::counter!("pixmesh_status_projected_events_total").increment(rows.len() as u64);
+                    metrics::counter!(crate::instruments::PROJECTED_EVENTS).increment(rows.len() as u64);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "status projection: cannot fold events; trying again");

@@ -105,9 +105,9 @@ pub async fn job_events(
     let shutdown = app.shutdown.clone();
     tokio::spawn(async move {
         let _place = place;
-        metrics::gauge!("pixmesh_status_streams", "stream" => "job").increment(1.0);
+        metrics::gauge!(crate::instruments::STREAMS, "stream" => "job").increment(1.0);
         follow_job(jobs.as_ref(), &id, last, watch, &tx, shutdown).await;
-        metrics::gauge!("pixmesh_status_streams", "stream" => "job").decrement(1.0);
+        metrics::gauge!(crate::instruments::STREAMS, "stream" => "job").decrement(1.0);
     });
     Ok(respond(&app, rx))
 }
@@ -205,9 +205,9 @@ pub async fn owner_events(State(app): State<App>, headers: HeaderMap) -> Result<
     let shutdown = app.shutdown.clone();
     tokio::spawn(async move {
         let _place = place;
-        metrics::gauge!("pixmesh_status_streams", "stream" => "owner").increment(1.0);
+        metrics::gauge!(crate::instruments::STREAMS, "stream" => "owner").increment(1.0);
         follow_owner(outbox.as_ref(), &reader.client, last, watch, &tx, shutdown).await;
-        metrics::gauge!("pixmesh_status_streams", "stream" => "owner").decrement(1.0);
+        metrics::gauge!(crate::instruments::STREAMS, "stream" => "owner").decrement(1.0);
     });
     Ok(respond(&app, rx))
 }

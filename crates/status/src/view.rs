@@ -112,6 +112,8 @@ impl From<JobView> for StatusView {
 /// One event of a job's history, as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct EventView {
+    /// The job the event is of (what tells the events of `/api/events` apart).
+    pub job_id: String,
     /// 1 for the first event of the job, then one more for each: the order of the history.
     pub seq: u32,
     /// `accepted`, `claimed`, `lease_expired`, `retried`, `released`, `succeeded`, `failed`,
@@ -132,6 +134,7 @@ pub struct EventView {
 impl From<&JobEvent> for EventView {
     fn from(event: &JobEvent) -> Self {
         EventView {
+            job_id: event.job_id.clone(),
             seq: event.seq,
             kind: event.kind().as_str(),
             attempt: event.attempt,

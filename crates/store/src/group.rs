@@ -43,7 +43,7 @@ impl GroupCommit {
                     }
                 }
                 let items: Vec<(String, u32, JobResult)> = batch.iter().map(|p| (p.id.clone(), p.attempt, p.result.clone())).collect();
-                metrics::histogram!("pixmesh_store_commit_batch").record(items.len() as f64);
+                metrics::histogram!(crate::instruments::COMMIT_BATCH).record(items.len() as f64);
                 let results = store.succeed_many(&items).await;
                 for (pending, result) in batch.into_iter().zip(results) {
                     // A caller that stopped waiting (its claim was lost) needs no answer: the

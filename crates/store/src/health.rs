@@ -100,7 +100,7 @@ impl Probe {
             (Ok(()), false) => tracing::info!(check = name, "store probe passes again; ready"),
             _ => {}
         }
-        metrics::gauge!("pixmesh_store_healthy", "store" => name).set(if healthy { 1.0 } else { 0.0 });
+        metrics::gauge!(crate::instruments::HEALTHY, "store" => name).set(if healthy { 1.0 } else { 0.0 });
         self.healthy[index] = healthy;
         self.readiness.set_check(name, result);
     }

@@ -9,6 +9,7 @@ mod blob;
 mod error;
 mod group;
 pub mod health;
+pub mod instruments;
 mod postgres;
 mod prune;
 mod rows;
@@ -27,8 +28,8 @@ pub use pixmesh_model::options::Options;
 pub use pixmesh_model::tail;
 pub use pixmesh_model::{
     BlobRef, BlobStore, BlobStream, CacheKey, CacheOutcome, ClaimById, Created, DEFAULT_MAX_OUTPUTS, Event, EventKind, Hlc, Job, JobError,
-    JobEvent, JobResult, JobState, JobStore, JobView, NewJob, Notify, Outbox, OutboxEvent, Output, Presign, Step, StoreError, StoreKind,
-    StoredView, Views, ViewsAfter, apply, fold, is_output_key, output_key,
+    JobEvent, JobResult, JobState, JobStore, JobView, NewJob, Notify, Outbox, OutboxEvent, Output, Presign, QueueStats, Step, StoreError,
+    StoreKind, StoredView, Views, ViewsAfter, apply, fold, is_output_key, output_key,
 };
 pub use postgres::PostgresJobStore;
 pub use s3::{S3BlobStore, S3Credentials, S3Limits};
@@ -213,10 +214,10 @@ impl Stores {
         self
     }
 
-    /// Tells the notifier (if any) that job `id` was just created.
-    pub fn job_created(&self, id: &str) {
+    /// Tells the notifier (if any) that job `id` was just created (in the trace `traceparent`).
+    pub fn job_created(&self, id: &str, traceparent: Option<&str>) {
         if let Some(notify) = &self.notify {
-            notify.job_created(id);
+            notify.job_created(id, traceparent);
         }
     }
 }

@@ -20,15 +20,15 @@
 use crate::error::DbError;
 use crate::health::Alarm;
 use crate::rows::{
-    EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, OutboxRow, ViewRow, accepted_event, cache_outcome, encode, gave_up, json, leader_failed,
-    millis, placement, reused, saga_gave_up, step_patch, unclaimed, views_filter,
+    EVENT_COLUMNS, EventRow, FOLLOWING, JOB_COLUMNS, JobRow, OutboxRow, ViewRow, accepted_event, cache_outcome, encode, event_columns,
+    gave_up, json, leader_failed, millis, placement, reused, saga_gave_up, step_patch, unclaimed, views_filter,
 };
 use async_trait::async_trait;
 use pixmesh_chassis::clock::Clock;
 use pixmesh_chassis::time::now_ms;
 use pixmesh_model::{
     CacheKey, CacheOutcome, ClaimById, Created, Event, Hlc, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Outbox,
-    OutboxEvent, Step, StoreError, StoredView, Views, ViewsAfter,
+    OutboxEvent, QueueStats, Step, StoreError, StoredView, Views, ViewsAfter,
 };
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -252,7 +252,7 @@ impl PostgresJobStore {
             }
             _ => {}
         }
-        metrics::counter!("pixmesh_store_cache_waiters_settled_total", "leader" => ended.kind().as_str()).increment(followers.len() as u64);
+        metrics::counter!(crate::instruments::CACHE_WAITERS_SETTLED, "leader" => ended.kind().as_str()).increment(followers.len() as u64);
         Ok(())
     }
 
@@ -331,8 +331,8 @@ impl PostgresJobStore {
         let (state, not_before, follows) = placement(&outcome);
         let inserted = sqlx::query(
             "INSERT INTO jobs (id, owner, state, attempt, input_digest, input_size, input_format, options, idempotency_key, request_hash,
-                               event_seq, created_at, updated_at, hlc, outputs, not_before, follows, result, steps)
-             VALUES ($1, $2, $3, 0, $4, $5, $6, $7, $8, $9, 0, $10, $10, 0, $11, $12, $13, $14, $15)
+                               event_seq, created_at, updated_at, hlc, outputs, not_before, follows, result, steps, traceparent)
+             VALUES ($1, $2, $3, 0, $4, $5, $6, $7, $8, $9, 0, $10, $10, 0, $11, $12, $13, $14, $15, $16)
              ON CONFLICT (idempotency_key) DO NOTHING",
         )
         .bind(&job.id)
@@ -350,6 +350,7 @@ impl PostgresJobStore {
         .bind(follows)
         .bind(source.as_ref().and_then(|s| s.result.as_ref()).map(json).transpose()?)
         .bind(json(&source.as_ref().map(|s| s.steps.clone()).unwrap_or_default())?)
+        .bind(&job.traceparent)
         .execute(&mut *tx)
         .await?;
         if inserted.rows_affected() == 0 {
@@ -383,8 +384,8 @@ impl PostgresJobStore {
         let created: Option<JobRow> = sqlx::query_as(&format!(
             "WITH c AS (
                 INSERT INTO jobs (id, owner, state, attempt, input_digest, input_size, input_format, options, idempotency_key,
-                                  request_hash, event_seq, created_at, updated_at, hlc, outputs)
-                VALUES ($1, $2, 'queued', 0, $3, $4, $5, $6, $7, $8, 1, $9, $9, $13, $14)
+                                  request_hash, event_seq, created_at, updated_at, hlc, outputs, traceparent)
+                VALUES ($1, $2, 'queued', 0, $3, $4, $5, $6, $7, $8, 1, $9, $9, $13, $14, $15)
                 ON CONFLICT (idempotency_key) DO NOTHING
                 RETURNING *),
              e AS (INSERT INTO job_events (job_id, seq, version, kind, attempt, at, hlc, data)
@@ -406,6 +407,7 @@ impl PostgresJobStore {
         .bind(data)
         .bind(self.clock.now().to_sql())
         .bind(json(&job.outputs)?)
+        .bind(&job.traceparent)
         .fetch_optional(&self.pool)
         .await?;
         if let Some(row) = created {
@@ -661,7 +663,7 @@ impl PostgresJobStore {
         tx.commit().await?;
         if !rows.is_empty() {
             tracing::info!(jobs = rows.len(), "rescued jobs whose lease ran out");
-            metrics::counter!("pixmesh_store_leases_expired_total").increment(rows.len() as u64);
+            metrics::counter!(crate::instruments::LEASES_EXPIRED).increment(rows.len() as u64);
         }
         Ok(rows.len() as u64)
     }
@@ -817,20 +819,22 @@ enum Bind {
 #[async_trait]
 impl Outbox for PostgresJobStore {
     async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
-        let rows: Result<Vec<OutboxRow>, DbError> =
-            sqlx::query_as(&format!("SELECT id, {EVENT_COLUMNS} FROM job_events WHERE id > $1 ORDER BY id LIMIT $2"))
-                .bind(after)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(DbError::from);
+        let rows: Result<Vec<OutboxRow>, DbError> = sqlx::query_as(&format!(
+            "SELECT e.id, {}, j.traceparent FROM job_events e LEFT JOIN jobs j ON j.id = e.job_id WHERE e.id > $1 ORDER BY e.id LIMIT $2",
+            event_columns("e")
+        ))
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(DbError::from);
         self.watch(rows)?.into_iter().map(OutboxRow::into_outbox).collect()
     }
 
     async fn owner_events_after(&self, owner: &str, after: i64, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
-        let columns = EVENT_COLUMNS.split(", ").map(|c| format!("e.{c}")).collect::<Vec<_>>().join(", ");
+        let columns = event_columns("e");
         let rows: Result<Vec<OutboxRow>, DbError> = sqlx::query_as(&format!(
-            "SELECT e.id, {columns} FROM job_events e JOIN jobs j ON j.id = e.job_id WHERE e.id > $1 AND j.owner = $2 ORDER BY e.id LIMIT $3"
+            "SELECT e.id, {columns}, j.traceparent FROM job_events e JOIN jobs j ON j.id = e.job_id WHERE e.id > $1 AND j.owner = $2 ORDER BY e.id LIMIT $3"
         ))
         .bind(after)
         .bind(owner)
@@ -869,6 +873,16 @@ impl Outbox for PostgresJobStore {
         .await
         .map_err(DbError::from);
         Ok(self.watch(rows)?.into_iter().map(|(id, attempt)| (id, u32::try_from(attempt).unwrap_or(0))).collect())
+    }
+
+    async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
+        let (queued, oldest): (i64, Option<i64>) =
+            sqlx::query_as("SELECT count(*), min(created_at) FROM jobs WHERE state = 'queued' AND not_before < $1")
+                .bind(FOLLOWING)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(DbError::from)?;
+        Ok(QueueStats { queued: u64::try_from(queued).unwrap_or(0), oldest_created_at: oldest })
     }
 }
 

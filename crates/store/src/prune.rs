@@ -41,7 +41,7 @@ impl Stores {
                     Ok(0) => {}
                     Ok(n) => {
                         tracing::info!(jobs = n, retention_hours = stores.retention.as_secs() / 3600, "pruned ended jobs");
-                        metrics::counter!("pixmesh_store_pruned_jobs_total").increment(n);
+                        metrics::counter!(crate::instruments::PRUNED_JOBS).increment(n);
                     }
                     Err(e) => tracing::warn!(error = %e, "pruning ended jobs failed; trying again later"),
                 }

@@ -5,10 +5,15 @@
 use pixmesh_model::{BlobRef, CacheOutcome, Event, EventKind, Hlc, Job, JobError, JobEvent, JobState, NewJob, StoreError};
 
 /// The columns of `jobs` that make a [`Job`], in [`JobRow`]'s order.
-pub(crate) const JOB_COLUMNS: &str = "id, owner, state, attempt, lease_owner, lease_expires_at, input_digest, input_size, input_format, options, outputs, steps, compensate, result, error, created_at, updated_at";
+pub(crate) const JOB_COLUMNS: &str = "id, owner, state, attempt, lease_owner, lease_expires_at, input_digest, input_size, input_format, options, outputs, steps, compensate, result, error, created_at, updated_at, traceparent";
 
 /// The columns of `job_events` that make a [`JobEvent`].
 pub(crate) const EVENT_COLUMNS: &str = "job_id, seq, version, kind, attempt, hlc, data";
+
+/// [`EVENT_COLUMNS`] of the table aliased `alias`.
+pub(crate) fn event_columns(alias: &str) -> String {
+    EVENT_COLUMNS.split(", ").map(|c| format!("{alias}.{c}")).collect::<Vec<_>>().join(", ")
+}
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct JobRow {
@@ -29,6 +34,7 @@ pub(crate) struct JobRow {
     error: Option<String>,
     created_at: i64,
     updated_at: i64,
+    traceparent: Option<String>,
 }
 
 impl JobRow {
@@ -59,6 +65,7 @@ impl JobRow {
             error,
             created_at: self.created_at,
             updated_at: self.updated_at,
+            traceparent: self.traceparent,
         })
     }
 }
@@ -97,11 +104,12 @@ pub(crate) struct OutboxRow {
     id: i64,
     #[sqlx(flatten)]
     event: EventRow,
+    traceparent: Option<String>,
 }
 
 impl OutboxRow {
     pub(crate) fn into_outbox(self) -> Result<pixmesh_model::OutboxEvent, StoreError> {
-        Ok(pixmesh_model::OutboxEvent { id: self.id, event: self.event.into_event()? })
+        Ok(pixmesh_model::OutboxEvent { id: self.id, event: self.event.into_event()?, traceparent: self.traceparent })
     }
 }
 

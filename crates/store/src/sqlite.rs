@@ -9,8 +9,8 @@
 use crate::error::DbError;
 use crate::health::Alarm;
 use crate::rows::{
-    EVENT_COLUMNS, EventRow, JOB_COLUMNS, JobRow, OutboxRow, ViewRow, accepted_event, cache_outcome, encode, gave_up, json, leader_failed,
-    millis, placement, reused, saga_gave_up, step_patch, unclaimed, views_filter,
+    EVENT_COLUMNS, EventRow, FOLLOWING, JOB_COLUMNS, JobRow, OutboxRow, ViewRow, accepted_event, cache_outcome, encode, event_columns,
+    gave_up, json, leader_failed, millis, placement, reused, saga_gave_up, step_patch, unclaimed, views_filter,
 };
 use crate::write_tx::{Turn, WriteTx};
 use async_trait::async_trait;
@@ -18,7 +18,7 @@ use pixmesh_chassis::clock::Clock;
 use pixmesh_chassis::time::now_ms;
 use pixmesh_model::{
     CacheKey, CacheOutcome, ClaimById, Created, Event, Hlc, Job, JobError, JobEvent, JobResult, JobState, JobStore, NewJob, Outbox,
-    OutboxEvent, Step, StoreError, StoredView, Views, ViewsAfter,
+    OutboxEvent, QueueStats, Step, StoreError, StoredView, Views, ViewsAfter,
 };
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -292,8 +292,8 @@ impl SqliteJobStore {
         // The job with its `accepted` event, number 1 of its history.
         sqlx::query(
             "INSERT INTO jobs (id, owner, state, attempt, input_digest, input_size, input_format, options, outputs, idempotency_key, request_hash,
-                               created_at, updated_at, event_seq, not_before, follows, result, steps)
-             VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
+                               created_at, updated_at, event_seq, not_before, follows, result, steps, traceparent)
+             VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)",
         )
         .bind(&job.id)
         .bind(&job.owner)
@@ -311,6 +311,7 @@ impl SqliteJobStore {
         .bind(follows)
         .bind(source.as_ref().and_then(|s| s.result.as_ref()).map(json).transpose()?)
         .bind(json(&source.as_ref().map(|s| s.steps.clone()).unwrap_or_default())?)
+        .bind(&job.traceparent)
         .execute(&mut *tx)
         .await?;
         let accepted = accepted_event(&job);
@@ -391,7 +392,7 @@ impl SqliteJobStore {
             }
             _ => {}
         }
-        metrics::counter!("pixmesh_store_cache_waiters_settled_total", "leader" => ended.kind().as_str()).increment(followers.len() as u64);
+        metrics::counter!(crate::instruments::CACHE_WAITERS_SETTLED, "leader" => ended.kind().as_str()).increment(followers.len() as u64);
         Ok(())
     }
 
@@ -574,7 +575,7 @@ impl SqliteJobStore {
         tx.commit().await?;
         if rescued > 0 {
             tracing::info!(jobs = rescued, "rescued jobs whose lease ran out");
-            metrics::counter!("pixmesh_store_leases_expired_total").increment(rescued);
+            metrics::counter!(crate::instruments::LEASES_EXPIRED).increment(rescued);
         }
         Ok(rescued)
     }
@@ -675,19 +676,22 @@ enum Bind {
 #[async_trait]
 impl Outbox for SqliteJobStore {
     async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
-        let rows: Vec<OutboxRow> = sqlx::query_as(&format!("SELECT id, {EVENT_COLUMNS} FROM job_events WHERE id > ? ORDER BY id LIMIT ?"))
-            .bind(after)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(DbError::from)?;
+        let rows: Vec<OutboxRow> = sqlx::query_as(&format!(
+            "SELECT e.id, {}, j.traceparent FROM job_events e LEFT JOIN jobs j ON j.id = e.job_id WHERE e.id > ? ORDER BY e.id LIMIT ?",
+            event_columns("e")
+        ))
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(DbError::from)?;
         rows.into_iter().map(OutboxRow::into_outbox).collect()
     }
 
     async fn owner_events_after(&self, owner: &str, after: i64, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
-        let columns = EVENT_COLUMNS.split(", ").map(|c| format!("e.{c}")).collect::<Vec<_>>().join(", ");
+        let columns = event_columns("e");
         let rows: Vec<OutboxRow> = sqlx::query_as(&format!(
-            "SELECT e.id, {columns} FROM job_events e JOIN jobs j ON j.id = e.job_id WHERE e.id > ? AND j.owner = ? ORDER BY e.id LIMIT ?"
+            "SELECT e.id, {columns}, j.traceparent FROM job_events e JOIN jobs j ON j.id = e.job_id WHERE e.id > ? AND j.owner = ? ORDER BY e.id LIMIT ?"
         ))
         .bind(after)
         .bind(owner)
@@ -724,6 +728,16 @@ impl Outbox for SqliteJobStore {
         .await
         .map_err(DbError::from)?;
         Ok(rows.into_iter().map(|(id, attempt)| (id, u32::try_from(attempt).unwrap_or(0))).collect())
+    }
+
+    async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
+        let (queued, oldest): (i64, Option<i64>) =
+            sqlx::query_as("SELECT count(*), min(created_at) FROM jobs WHERE state = 'queued' AND not_before < ?")
+                .bind(FOLLOWING)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(DbError::from)?;
+        Ok(QueueStats { queued: u64::try_from(queued).unwrap_or(0), oldest_created_at: oldest })
     }
 }
 
@@ -986,6 +1000,7 @@ mod tests {
             outputs: Vec::new(),
             idempotency_key: None,
             request_hash: "h".into(),
+            traceparent: None,
         }
     }
 

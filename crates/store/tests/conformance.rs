@@ -108,7 +108,32 @@ conformance!(
     racing_identical_uploads_elect_one_job_to_make_the_result,
     a_cache_entry_lives_as_long_as_the_job_it_names,
     an_upload_by_digest_alone_is_made_only_from_the_cache,
+    the_queue_counts_the_jobs_waiting_to_be_made_and_the_oldest,
 );
+
+async fn the_queue_counts_the_jobs_waiting_to_be_made_and_the_oldest(backend: Backend) {
+    let (store, outbox) = backend.open_with_outbox().await;
+    assert_eq!(outbox.queue_stats().await.unwrap(), pixmesh_model::QueueStats { queued: 0, oldest_created_at: None });
+    assert_eq!(cached(&store, "first", "k").await, CacheOutcome::Miss);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    store.create(new_job("second", None, "h")).await.unwrap();
+    let first = store.get("first").await.unwrap().unwrap();
+    let second = store.get("second").await.unwrap().unwrap();
+    let stats = outbox.queue_stats().await.unwrap();
+    assert_eq!((stats.queued, stats.oldest_created_at), (2, Some(first.created_at)));
+    // A claimed job is no longer waiting; one waiting for an identical upload's job is not work.
+    let claimed = store.claim("d", LONG, 5).await.unwrap().unwrap();
+    assert_eq!(claimed.id, "first");
+    assert_eq!(cached(&store, "follower", "k").await, CacheOutcome::Joined { leader: "first".into() });
+    let stats = outbox.queue_stats().await.unwrap();
+    assert_eq!((stats.queued, stats.oldest_created_at), (1, Some(second.created_at)));
+    // A job released for later is still waiting to be made.
+    store.release("first", claimed.attempt, &error("unavailable"), Duration::from_secs(30)).await.unwrap();
+    assert_eq!(outbox.queue_stats().await.unwrap().queued, 2);
+    let claimed = store.claim("d", LONG, 5).await.unwrap().unwrap();
+    store.succeed(&claimed.id, claimed.attempt, &result()).await.unwrap();
+    assert_eq!(outbox.queue_stats().await.unwrap().queued, 1, "{} ended", claimed.id);
+}
 
 fn new_job(id: &str, key: Option<&str>, hash: &str) -> NewJob {
     NewJob {
@@ -120,6 +145,7 @@ fn new_job(id: &str, key: Option<&str>, hash: &str) -> NewJob {
         outputs: Vec::new(),
         idempotency_key: key.map(str::to_string),
         request_hash: hash.into(),
+        traceparent: None,
     }
 }
 

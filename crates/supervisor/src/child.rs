@@ -33,6 +33,7 @@ pub struct ChildSpec {
 }
 
 pub struct Supervised {
+    name: String,
     announcement: Announcement,
     stop: Shutdown,
     task: JoinHandle<()>,
@@ -45,8 +46,14 @@ impl Supervised {
         let (child, announcement) = spawn(&spec, &[]).await?;
         report(&spec.name, &child.child, &announcement);
         let stop = Shutdown::new();
+        let name = spec.name.clone();
         let task = tokio::spawn(supervise(spec, child, announcement.clone(), stop.clone()));
-        Ok(Supervised { announcement, stop, task })
+        Ok(Supervised { name, announcement, stop, task })
+    }
+
+    /// Its name under `up` (`worker-1`, `distributor`, …).
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn announcement(&self) -> &Announcement {

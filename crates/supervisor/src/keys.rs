@@ -50,8 +50,9 @@ pub fn ensure_dev_key(data_dir: &Path) -> std::io::Result<DevKey> {
     file.sync_all()?;
     let text = format!(
         "# API keys for the pixmesh gateway: name and SHA-256 of each key, and optional limits.\n\
-         # The development key gets a generous rate (a local client polling many jobs); edit and\n\
-         # the gateway reloads this file by itself.\n[[keys]]\nname = \"dev\"\nsha256 = \"{}\"\nrate = \"1000/s\"\nburst = 2000\n",
+         # The development key gets a generous rate (a local client polling many jobs) and is an\n\
+         # admin key (the operator's: it reads the cluster view); edit and the gateway reloads\n\
+         # this file by itself.\n[[keys]]\nname = \"dev\"\nsha256 = \"{}\"\nrate = \"1000/s\"\nburst = 2000\nadmin = true\n",
         sha256_hex(&key)
     );
     std::fs::write(&keys, text)?;

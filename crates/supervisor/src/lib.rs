@@ -54,6 +54,16 @@ fn addr<'a>(a: &'a Announcement, name: &str) -> anyhow::Result<&'a str> {
     a.get(name).ok_or_else(|| anyhow::anyhow!("{} did not announce its {name} address", a.role))
 }
 
+/// The children's admin ports as an inline TOML table, `{"worker-1" = "http://127.0.0.1:…", …}`.
+fn admin_sources<'a>(children: impl Iterator<Item = (&'a str, &'a Announcement)>) -> String {
+    let entries: Vec<String> = children
+        .filter_map(|(name, announcement)| {
+            Some(format!("{} = {}", toml_string(name), toml_string(&format!("http://{}", announcement.get("admin")?))))
+        })
+        .collect();
+    format!("{{{}}}", entries.join(", "))
+}
+
 /// Runs the system until `shutdown`.
 pub async fn run(options: UpOptions, shutdown: Shutdown) -> anyhow::Result<()> {
     std::fs::create_dir_all(&options.data_dir)?;
@@ -109,6 +119,8 @@ pub async fn run(options: UpOptions, shutdown: Shutdown) -> anyhow::Result<()> {
         let status_url = format!("http://{}", addr(status.announcement(), "http")?);
         groups.push(vec![upload, status]);
 
+        // The gateway's `/api/cluster` reads every role's admin port.
+        let sources = admin_sources(groups.iter().flatten().map(|child| (child.name(), child.announcement())));
         let keys_file = data_dir.join(keys::KEYS_FILE).display().to_string();
         let gateway = Supervised::start(
             spec(
@@ -119,6 +131,7 @@ pub async fn run(options: UpOptions, shutdown: Shutdown) -> anyhow::Result<()> {
                     set("gateway.upstreams.upload", &upload_url),
                     set("gateway.upstreams.status", &status_url),
                     set("gateway.api_keys_file", &keys_file),
+                    ["--set".to_string(), format!("gateway.cluster.sources={sources}")],
                 ],
         ))
         .await?;

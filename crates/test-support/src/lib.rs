@@ -6,6 +6,7 @@
 //! [`corpus`] finds the shared corpus when it is there.
 
 pub mod nats;
+pub mod otlp;
 pub mod postgres;
 pub mod s3;
 pub mod sse;
@@ -178,8 +179,20 @@ impl System {
 
     /// Starts `pixmesh up` on `engines`.
     pub async fn start_on(data_dir: &Path, workers: usize, sets: &[&str], engines: &Engines) -> anyhow::Result<System> {
+        System::start_with_env(data_dir, workers, sets, engines, &[]).await
+    }
+
+    /// Starts `pixmesh up` on `engines` with `env` added to its environment (its roles inherit it).
+    pub async fn start_with_env(
+        data_dir: &Path,
+        workers: usize,
+        sets: &[&str],
+        engines: &Engines,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<System> {
         let Engines { database, queue, blobs } = engines.clone();
         let mut cmd = Command::new(pixmesh_bin());
+        cmd.envs(env.iter().copied());
         cmd.arg("--database").arg(&database);
         if let Some(url) = &queue {
             cmd.arg("--queue").arg(url).arg("--registry").arg(url);

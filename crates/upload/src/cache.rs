@@ -62,14 +62,14 @@ impl ResultCache {
         let directives = request_directives(headers);
         let no_store = directives.iter().any(|d| d == "no-store");
         if self.scope == CacheScope::Off || no_store {
-            metrics::counter!("pixmesh_upload_cache_total", "outcome" => "bypass").increment(1);
+            metrics::counter!(crate::instruments::CACHE, "outcome" => "bypass").increment(1);
             return Ok((jobs.create(job).await?, Served::Bypassed { asked: no_store }));
         }
         let refreshed = directives.iter().any(|d| d == "no-cache" || d == "max-age=0");
         let key = CacheKey { key: self.key(&job), lookup: !refreshed, only_cached: false };
         let (created, outcome) = jobs.create_cached(job, &key).await?;
         let label = if refreshed && outcome == CacheOutcome::Miss { "refresh" } else { outcome.as_str() };
-        metrics::counter!("pixmesh_upload_cache_total", "outcome" => label).increment(1);
+        metrics::counter!(crate::instruments::CACHE, "outcome" => label).increment(1);
         Ok((created, Served::Used { outcome, refreshed }))
     }
 
@@ -82,17 +82,17 @@ impl ResultCache {
         let directives = request_directives(headers);
         let bypassed = directives.iter().any(|d| matches!(d.as_str(), "no-store" | "no-cache" | "max-age=0"));
         if self.scope != CacheScope::Key || bypassed {
-            metrics::counter!("pixmesh_upload_cache_total", "outcome" => "not_cached").increment(1);
+            metrics::counter!(crate::instruments::CACHE, "outcome" => "not_cached").increment(1);
             return Err(StoreError::NotCached);
         }
         let key = CacheKey { key: self.key(&job), lookup: true, only_cached: true };
         match jobs.create_cached(job, &key).await {
             Ok((created, outcome)) => {
-                metrics::counter!("pixmesh_upload_cache_total", "outcome" => outcome.as_str()).increment(1);
+                metrics::counter!(crate::instruments::CACHE, "outcome" => outcome.as_str()).increment(1);
                 Ok((created, Served::Used { outcome, refreshed: false }))
             }
             Err(StoreError::NotCached) => {
-                metrics::counter!("pixmesh_upload_cache_total", "outcome" => "not_cached").increment(1);
+                metrics::counter!(crate::instruments::CACHE, "outcome" => "not_cached").increment(1);
                 Err(StoreError::NotCached)
             }
             Err(e) => Err(e),
@@ -160,6 +160,7 @@ mod tests {
             outputs: vec![],
             idempotency_key: None,
             request_hash: hash.into(),
+            traceparent: None,
         }
     }
 

@@ -17,6 +17,7 @@ use pixmesh_store::{NewJob, Output, StoreError, StoreErrorExt, Stores};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use tokio::sync::Semaphore;
+use tracing::Instrument as _;
 
 /// Header the gateway sets to the name of the authenticated API key: the job's owner, and the
 /// scope of idempotency keys so two clients cannot collide.
@@ -49,6 +50,7 @@ pub fn router(config: UploadConfig, stores: Stores) -> Router {
             config: Arc::new(config),
             permits,
         })
+        .layer(pixmesh_chassis::http_span::ServerSpanLayer::new("upload"))
 }
 
 async fn not_found(request: Request) -> ApiError {
@@ -461,6 +463,11 @@ pub(crate) async fn upload(
     let idempotency = idempotency_key(request.headers())?;
     let headers = request.headers().clone();
     let accept = request.headers().get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",");
+    // The job keeps the trace it was uploaded in: its claims, worker calls and commit join it.
+    let traceparent = pixmesh_chassis::trace::outgoing(
+        &tracing::Span::current(),
+        request.headers().get(pixmesh_chassis::trace::TRACEPARENT).and_then(|v| v.to_str().ok()),
+    );
     let owner = request.headers().get(CLIENT_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let limits = output_limits(&state.config, request.headers());
     let _permit = state.permits.acquire().await.map_err(|_| ApiError::new(ErrorCode::Unavailable, "shutting down"))?;
@@ -502,6 +509,7 @@ pub(crate) async fn upload(
                 options,
                 outputs,
                 idempotency_key: idempotency,
+                traceparent,
             };
             let (created, served) = state.cache.create_from_digest(state.stores.jobs.as_ref(), job, &headers).await.map_err(store_error)?;
             return Ok(accepted(&state, created, &served, negotiated));
@@ -524,7 +532,8 @@ pub(crate) async fn upload(
             ApiError { message: format!("output `{}`: {}", output.name, e.message), ..e }
         })?;
     }
-    let input = state.stores.blobs.put(bytes).await.map_err(store_error)?;
+    let input =
+        state.stores.blobs.put(bytes).instrument(tracing::info_span!("blob put", otel.kind = "client")).await.map_err(store_error)?;
     let request_hash = fingerprint(&input.digest);
     let job = NewJob {
         id: uuid::Uuid::now_v7().to_string(),
@@ -535,8 +544,14 @@ pub(crate) async fn upload(
         outputs,
         idempotency_key: idempotency,
         request_hash,
+        traceparent,
     };
-    let (created, served) = state.cache.create(state.stores.jobs.as_ref(), job, &headers).await.map_err(store_error)?;
+    let (created, served) = state
+        .cache
+        .create(state.stores.jobs.as_ref(), job, &headers)
+        .instrument(tracing::info_span!("store create", otel.kind = "client"))
+        .await
+        .map_err(store_error)?;
     if created.created {
         tracing::info!(job = %created.job.id, format = probe.format.as_str(), width = probe.width, height = probe.height, cached_from = served.source(), "job accepted");
     }
@@ -546,10 +561,10 @@ pub(crate) async fn upload(
 /// The answer to an upload that recorded (or replayed) `created`.
 fn accepted(state: &AppState, created: pixmesh_store::Created, served: &crate::cache::Served, negotiated: bool) -> Response {
     let id = created.job.id.clone();
-    metrics::counter!("pixmesh_upload_jobs_total", "replayed" => if created.created { "false" } else { "true" }).increment(1);
+    metrics::counter!(crate::instruments::JOBS, "replayed" => if created.created { "false" } else { "true" }).increment(1);
     if created.created && served.source().is_none() {
         // Only work to do wakes a distributor: a hit is done, a joiner waits for its leader.
-        state.stores.job_created(&id);
+        state.stores.job_created(&id, created.job.traceparent.as_deref());
     }
     let status_url = format!("/api/status/{id}");
     let signer = state.signer.as_deref();

@@ -6,6 +6,7 @@
 
 mod cache;
 mod handler;
+pub mod instruments;
 pub mod openapi;
 
 pub use cache::CacheScope;

@@ -7,6 +7,7 @@
 //! spreads, then stops accepting and drains its in-flight calls.
 
 mod errors;
+pub mod instruments;
 pub mod pool;
 mod service;
 mod transfer;

@@ -53,7 +53,7 @@ impl Threads {
         let index = self.next_index.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::clone(self);
         let now = self.live.fetch_add(1, Ordering::SeqCst) + 1;
-        metrics::gauge!("pixmesh_worker_pool_threads").set(now as f64);
+        metrics::gauge!(crate::instruments::POOL_THREADS).set(now as f64);
         let spawned = std::thread::Builder::new().name(format!("pixmesh-cpu-{index}")).spawn(move || {
             let _sentinel = Sentinel(Arc::clone(&shared));
             loop {
@@ -70,7 +70,7 @@ impl Threads {
         });
         if let Err(e) = spawned {
             let now = self.live.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
-            metrics::gauge!("pixmesh_worker_pool_threads").set(now as f64);
+            metrics::gauge!(crate::instruments::POOL_THREADS).set(now as f64);
             return Err(e);
         }
         Ok(())
@@ -88,9 +88,9 @@ struct Sentinel(Arc<Threads>);
 impl Drop for Sentinel {
     fn drop(&mut self) {
         let now = self.0.live.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
-        metrics::gauge!("pixmesh_worker_pool_threads").set(now as f64);
+        metrics::gauge!(crate::instruments::POOL_THREADS).set(now as f64);
         if std::thread::panicking() {
-            metrics::counter!("pixmesh_worker_panics_total").increment(1);
+            metrics::counter!(crate::instruments::PANICS).increment(1);
             let name = std::thread::current().name().unwrap_or("pixmesh-cpu").to_string();
             match self.0.spawn() {
                 Ok(()) => tracing::error!(thread = %name, "a pool thread died from a panic; a new one took its place"),
@@ -116,7 +116,7 @@ impl CpuPool {
         let (sender, receiver) = mpsc::sync_channel::<Task>(capacity);
         let shared = Arc::new(Threads { receiver: Mutex::new(receiver), live: AtomicUsize::new(0), next_index: AtomicUsize::new(0) });
         // Shown from the start, at 0, so that an alert on it needs no `absent()`.
-        metrics::counter!("pixmesh_worker_panics_total").increment(0);
+        metrics::counter!(crate::instruments::PANICS).increment(0);
         for _ in 0..threads {
             shared.spawn()?;
         }
@@ -161,7 +161,7 @@ impl CpuPool {
             // AssertUnwindSafe: nothing `f` touched is looked at after a panic. It owns its
             // inputs, which unwinding drops; its result is replaced by the error.
             let out = catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
-                metrics::counter!("pixmesh_worker_panics_total").increment(1);
+                metrics::counter!(crate::instruments::PANICS).increment(1);
                 PoolError::Panicked(panic_message(payload.as_ref()))
             });
             drop(permit);

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 pub struct ImageWorkerService {
     pool: CpuPool,
@@ -31,7 +32,7 @@ struct InFlight(Arc<AtomicUsize>);
 impl InFlight {
     fn enter(count: &Arc<AtomicUsize>) -> InFlight {
         let now = count.fetch_add(1, Ordering::SeqCst) + 1;
-        metrics::gauge!("pixmesh_worker_in_flight").set(now as f64);
+        metrics::gauge!(crate::instruments::IN_FLIGHT).set(now as f64);
         InFlight(Arc::clone(count))
     }
 }
@@ -39,7 +40,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let now = self.0.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
-        metrics::gauge!("pixmesh_worker_in_flight").set(now as f64);
+        metrics::gauge!(crate::instruments::IN_FLIGHT).set(now as f64);
     }
 }
 
@@ -66,10 +67,43 @@ impl ImageWorkerService {
 impl ImageWorker for ImageWorkerService {
     /// [`ImageWorkerService::answer`], with clock times both ways (`pixmesh-hlc` metadata):
     /// the caller's moves this process's clock, and the answer carries this one's.
+    ///
+    /// Its span continues the distributor's call (`traceparent` in the metadata); the
+    /// decoding, resizing and encoding, and the output's upload, are spans inside it.
     async fn process(&self, request: Request<ProcessRequest>) -> Result<Response<ProcessResponse>, Status> {
         let clock = pixmesh_chassis::clock::process();
         clock.observe_metadata(request.metadata(), "distributor");
-        let mut answer = self.answer(request).await;
+        // WARN, as every hop's root span: a log filter at `warn` still sees it.
+        let span = tracing::warn_span!(
+            "process",
+            otel.name = "pixmesh.v1.ImageWorker/Process",
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            rpc.system = "grpc",
+            rpc.service = "pixmesh.v1.ImageWorker",
+            rpc.method = "Process",
+            rpc.grpc.status_code = tracing::field::Empty,
+            job.id = %request.get_ref().job_id,
+            job.attempt = request.get_ref().attempt,
+            trace_id = tracing::field::Empty,
+        );
+        pixmesh_chassis::trace::continue_from(&span, pixmesh_chassis::trace::from_metadata(request.metadata()));
+        let started = Instant::now();
+        let mut answer = self.answer(request).instrument(span.clone()).await;
+        let code = answer.as_ref().err().map(|status| status.code()).unwrap_or(tonic::Code::Ok);
+        metrics::histogram!(
+            crate::instruments::RPC_SERVER_CALL_DURATION,
+            "rpc_method" => "pixmesh.v1.ImageWorker/Process",
+            "rpc_grpc_status_code" => pixmesh_chassis::instruments::grpc_status_code(code)
+        )
+        .record(started.elapsed().as_secs_f64());
+        match &answer {
+            Ok(_) => span.record("rpc.grpc.status_code", 0),
+            Err(status) => {
+                span.record("otel.status_code", "ERROR");
+                span.record("rpc.grpc.status_code", status.code() as i32)
+            }
+        };
         match &mut answer {
             Ok(response) => clock.stamp(response.metadata_mut()),
             Err(status) => clock.stamp(status.metadata_mut()),
@@ -95,7 +129,8 @@ impl ImageWorkerService {
         let image = if !by_url {
             req.image
         } else {
-            self.transfer.fetch(&req.input_url).await.map_err(|e| {
+            let get = tracing::info_span!("blob get", otel.kind = "client", http.request.method = "GET");
+            self.transfer.fetch(&req.input_url).instrument(get).await.map_err(|e| {
                 tracing::warn!(job = %req.job_id, attempt = req.attempt, code = %e.code, reason = %e.message, "input not fetched");
                 e.to_grpc_status()
             })?
@@ -104,7 +139,10 @@ impl ImageWorkerService {
         let marker = self.panic_marker.clone();
         // With an output URL the worker names what it puts there: hashed here, on the pool.
         let hash_output = !req.output_url.is_empty();
+        // The pool's thread has no span of its own: the stages are children of this call's.
+        let span = tracing::Span::current();
         let work = move || {
+            let _call = span.enter();
             if let Some(marker) = marker
                 && image.windows(marker.len()).any(|w| *w == *marker)
             {
@@ -119,16 +157,16 @@ impl ImageWorkerService {
         let outcome = outcome.map_err(|e| match e {
             PoolError::Full(_) | PoolError::Closed => ApiError::new(ErrorCode::Unavailable, e.to_string()).to_grpc_status(),
             PoolError::Panicked(panic) => {
-                metrics::counter!("pixmesh_worker_images_total", "outcome" => ErrorCode::Internal.as_str()).increment(1);
+                metrics::counter!(crate::instruments::IMAGES, "outcome" => ErrorCode::Internal.as_str()).increment(1);
                 tracing::error!(job = %req.job_id, attempt = req.attempt, %panic, "processing panicked; the call fails with `internal`");
                 ApiError::new(ErrorCode::Internal, INTERNAL_MESSAGE).to_grpc_status()
             }
         })?;
         let elapsed = started.elapsed();
-        metrics::histogram!("pixmesh_worker_process_seconds").record(elapsed.as_secs_f64());
+        metrics::histogram!(crate::instruments::PROCESSING_DURATION).record(elapsed.as_secs_f64());
         match outcome {
             Ok((out, digest)) => {
-                metrics::counter!("pixmesh_worker_images_total", "outcome" => "ok").increment(1);
+                metrics::counter!(crate::instruments::IMAGES, "outcome" => "ok").increment(1);
                 tracing::debug!(job = %req.job_id, attempt = req.attempt, width = out.width, height = out.height, ms = elapsed.as_millis() as u64, "processed");
                 let mut response = ProcessResponse {
                     content_type: out.format.mime().to_string(),
@@ -144,7 +182,8 @@ impl ImageWorkerService {
                     let image = std::mem::take(&mut response.image);
                     response.digest = digest;
                     response.size = image.len() as u64;
-                    self.transfer.store(&req.output_url, image, &response.content_type).await.map_err(|e| {
+                    let put = tracing::info_span!("blob put", otel.kind = "client", http.request.method = "PUT");
+                    self.transfer.store(&req.output_url, image, &response.content_type).instrument(put).await.map_err(|e| {
                         tracing::warn!(job = %req.job_id, attempt = req.attempt, code = %e.code, reason = %e.message, "output not stored");
                         e.to_grpc_status()
                     })?;
@@ -153,7 +192,7 @@ impl ImageWorkerService {
             }
             Err(err) => {
                 let code = error_code(&err);
-                metrics::counter!("pixmesh_worker_images_total", "outcome" => code.as_str()).increment(1);
+                metrics::counter!(crate::instruments::IMAGES, "outcome" => code.as_str()).increment(1);
                 // The client gets the plain message; what the decoder or encoder said stays here.
                 let detail = err.detail().unwrap_or_default();
                 if code == ErrorCode::Internal {

@@ -1,5 +1,6 @@
 //! Access log and request metrics: one line per request (when `access_log` is on) and, always,
-//! `pixmesh_gateway_requests_total{route,class}` and `pixmesh_gateway_request_seconds{route}`.
+//! `pixmesh_gateway_responses_total{http_route,status_class}` and
+//! `http_server_request_duration_seconds{http_route}`.
 //! Times are to the response headers; a streamed body may take longer.
 
 use super::{Pinned, ResponseFuture};

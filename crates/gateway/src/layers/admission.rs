@@ -98,12 +98,12 @@ pub struct AdmissionMetrics {
 
 impl AdmissionMetrics {
     pub fn new(route: &str) -> AdmissionMetrics {
-        let refused = |reason: &'static str| metrics::counter!("pixmesh_gateway_admission_refused_total", "route" => route.to_string(), "reason" => reason);
+        let refused = |reason: &'static str| metrics::counter!(crate::instruments::ADMISSION_REFUSED, "http_route" => route.to_string(), "reason" => reason);
         AdmissionMetrics {
             queue_full: refused("queue_full"),
             queue_timeout: refused("queue_timeout"),
             streams_full: refused("streams_full"),
-            queued: metrics::gauge!("pixmesh_gateway_admission_queued", "route" => route.to_string()),
+            queued: metrics::gauge!(crate::instruments::ADMISSION_QUEUED, "http_route" => route.to_string()),
         }
     }
 

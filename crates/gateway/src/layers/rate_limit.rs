@@ -51,7 +51,7 @@ where
         match over_limit(&request) {
             None => Box::pin(self.inner.call(request)),
             Some((wait, who)) => {
-                metrics::counter!("pixmesh_gateway_rate_limited_total").increment(1);
+                metrics::counter!(crate::instruments::RATE_LIMITED).increment(1);
                 let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
                 let message = format!("{who}; retry after {seconds} s, or ask the operator for a higher rate");
                 ready(ApiError::new(ErrorCode::RateLimited, message).with_retry_after(seconds).into_response())

@@ -1,43 +1,27 @@
-//! W3C Trace Context: a valid `traceparent` is continued with the gateway's own hop as the new
-//! parent; a missing or malformed one starts a new trace. `tracestate` passes unchanged.
+//! W3C Trace Context: the gateway's hop is a server span that continues a valid `traceparent`
+//! (a missing or malformed one starts a new trace), and the request goes upstream with that
+//! span as its parent. `tracestate` passes unchanged. Every log line of the request, the access
+//! log's included, is inside the span and names the trace.
 
+use super::pin::Pinned;
 use axum::body::Body;
 use http::{HeaderName, HeaderValue, Request, Response};
+use pixmesh_chassis::trace;
 use std::task::{Context, Poll};
 use tower::Service;
+use tracing::Instrument as _;
 
 pub const HEADER: HeaderName = HeaderName::from_static("traceparent");
 
 super::interceptor!(TraceparentLayer, Traceparent);
 
-fn is_hex(s: &[u8]) -> bool {
-    s.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-/// The trace id and flags of a valid `traceparent` (version 00, or a later version's first
-/// four fields, as the spec asks).
-pub fn parse(v: &[u8]) -> Option<(&str, &str)> {
-    let head = v.get(..55)?;
-    let (version, trace, parent, flags) = (&head[0..2], &head[3..35], &head[36..52], &head[53..55]);
-    let dashes = head[2] == b'-' && head[35] == b'-' && head[52] == b'-';
-    let ok = dashes
-        && [version, trace, parent, flags].iter().all(|f| is_hex(f))
-        && version != b"ff"
-        && (version != b"00" || v.len() == 55)
-        && (v.len() == 55 || v[55] == b'-')
-        && trace.iter().any(|&c| c != b'0')
-        && parent.iter().any(|&c| c != b'0');
-    if !ok {
-        return None;
-    }
-    Some((std::str::from_utf8(trace).ok()?, std::str::from_utf8(flags).ok()?))
-}
-
-/// The traceparent to send upstream: same trace, our span as the parent.
+/// The traceparent to send upstream when spans are not exported: same trace, a new span id
+/// for this hop (so the upstream's parent is this hop, not the client).
 pub fn next(incoming: Option<&HeaderValue>) -> String {
     let span: u64 = rand::random::<u64>().max(1);
-    match incoming.and_then(|v| parse(v.as_bytes())) {
-        Some((trace, flags)) => format!("00-{trace}-{span:016x}-{flags}"),
+    let given = incoming.and_then(|v| v.to_str().ok()).filter(|v| trace::trace_id(v).is_some());
+    match given {
+        Some(v) => format!("00-{}-{span:016x}-{}", &v[3..35], &v[53..55]),
         None => format!("00-{:032x}-{span:016x}-01", rand::random::<u128>().max(1)),
     }
 }
@@ -45,21 +29,53 @@ pub fn next(incoming: Option<&HeaderValue>) -> String {
 impl<S> Service<Request<Body>> for Traceparent<S>
 where
     S: Service<Request<Body>, Response = Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = super::ResponseFuture<S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
-        let value = next(request.headers().get(HEADER));
+        let route = Pinned::of(&request).and_then(|p| p.route.as_ref()).map(|r| r.prefix.clone()).unwrap_or_default();
+        // WARN, the level of the hop's root span: a log filter at `warn` still sees it, so
+        // warnings name their trace too. (A span's level only decides which filters see it.)
+        let span = tracing::warn_span!(
+            "gateway",
+            otel.name = %format!("{} {route}", request.method()),
+            otel.kind = "server",
+            http.request.method = %request.method(),
+            url.path = request.uri().path(),
+            http.route = route,
+            http.response.status_code = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        let incoming = request.headers().get(HEADER);
+        trace::continue_from(&span, incoming.and_then(|v| v.to_str().ok()));
+        let upstream = if trace::exporting() { trace::outgoing(&span, None) } else { None };
+        let value = upstream.unwrap_or_else(|| {
+            let value = next(incoming);
+            // (A new trace started here: its id is known only now.)
+            span.record("trace_id", value.get(3..35).unwrap_or_default());
+            value
+        });
         if let Ok(v) = HeaderValue::from_str(&value) {
             request.headers_mut().insert(HEADER, v);
         }
-        self.inner.call(request)
+        let future = self.inner.call(request);
+        let recorded = span.clone();
+        Box::pin(
+            async move {
+                let response = future.await?;
+                recorded.record("http.response.status_code", response.status().as_u16());
+                Ok(response)
+            }
+            .instrument(span),
+        )
     }
 }
 
@@ -74,21 +90,16 @@ mod tests {
         assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert!(out.ends_with("-01"));
         assert_ne!(&out[36..52], "00f067aa0ba902b7", "our hop is the new parent");
-        assert!(parse(out.as_bytes()).is_some());
-        // A later version with extra fields is read by its first four.
-        assert!(parse(b"cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-the-future-holds").is_some());
+        assert!(trace::trace_id(&out).is_some());
+        // (What makes a traceparent invalid is tested with `chassis::trace::trace_id`.)
         for bad in [
             "",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
-            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
-            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         ] {
-            assert!(parse(bad.as_bytes()).is_none(), "{bad}");
+            assert!(trace::trace_id(bad).is_none(), "{bad}");
             let fresh = next(HeaderValue::from_str(bad).ok().as_ref());
-            assert!(parse(fresh.as_bytes()).is_some(), "{fresh}");
+            assert!(trace::trace_id(&fresh).is_some(), "{fresh}");
             assert!(!fresh.contains("4bf92f3577b34da6"), "a new trace for {bad:?}");
         }
     }

@@ -95,7 +95,7 @@ fn too_long(limits: &Limits) -> ApiError {
 /// A refusal sent before the body was read: the rest of the body is drained in the background
 /// (bounded) and the connection closed after the response.
 fn refuse(body: Body, error: ApiError, since: Instant) -> Response<Body> {
-    metrics::histogram!("pixmesh_gateway_upload_refusal_seconds").record(since.elapsed().as_secs_f64());
+    metrics::histogram!(crate::instruments::UPLOAD_REFUSAL).record(since.elapsed().as_secs_f64());
     linger(body);
     let mut response = error.into_response();
     response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -394,7 +394,7 @@ where
         let Some(limits) = limits(&request) else { return Box::pin(self.inner.call(request)) };
         let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limits.max_bytes) {
-            metrics::counter!("pixmesh_gateway_uploads_refused_total", "reason" => "content_length").increment(1);
+            metrics::counter!(crate::instruments::UPLOADS_REFUSED, "reason" => "content_length").increment(1);
             let (_, body) = request.into_parts();
             return ready(refuse(body, too_long(&limits), arrived));
         }
@@ -413,7 +413,7 @@ where
         let (parts, mut body) = request.into_parts();
         Box::pin(async move {
             let refused = |body, error: ApiError| {
-                metrics::counter!("pixmesh_gateway_uploads_refused_total", "reason" => error.code.as_str()).increment(1);
+                metrics::counter!(crate::instruments::UPLOADS_REFUSED, "reason" => error.code.as_str()).increment(1);
                 Ok(refuse(body, error, arrived))
             };
             let mut judge = match Judge::new(&content_type, image.clone()) {
@@ -432,7 +432,7 @@ where
                     Verdict::Forward => break,
                     Verdict::Undecided if held_bytes >= image.probe_bytes => {
                         // Judged on the way from here on (see the module comment).
-                        metrics::counter!("pixmesh_gateway_uploads_streamed_undecided_total").increment(1);
+                        metrics::counter!(crate::instruments::UPLOADS_STREAMED_UNDECIDED).increment(1);
                         break;
                     }
                     Verdict::Undecided => {}
@@ -497,7 +497,7 @@ where
         let response = future.await?;
         if let Some(error) = watch.refusal() {
             let reason = if error.code == ErrorCode::PayloadTooLarge { "streamed_length" } else { error.code.as_str() };
-            metrics::counter!("pixmesh_gateway_uploads_refused_total", "reason" => reason).increment(1);
+            metrics::counter!(crate::instruments::UPLOADS_REFUSED, "reason" => reason).increment(1);
             let mut refusal = error.clone().into_response();
             refusal.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             return Ok(refusal);

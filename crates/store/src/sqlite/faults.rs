@@ -22,6 +22,7 @@ fn job(id: &str, size: usize) -> NewJob {
         outputs: Vec::new(),
         idempotency_key: None,
         request_hash: "h".repeat(size),
+        traceparent: None,
     }
 }
 
