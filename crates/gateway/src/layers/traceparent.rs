@@ -92,11 +92,9 @@ mod tests {
         assert_ne!(&out[36..52], "00f067aa0ba902b7", "our hop is the new parent");
         assert!(trace::trace_id(&out).is_some());
         // (What makes a traceparent invalid is tested with `chassis::trace::trace_id`.)
-        for bad in [
-            "",
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
-        ] {
+        for bad in
+            ["", "00-00000000000000000000000000000000-00f067aa0ba902b7-01", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"]
+        {
             assert!(trace::trace_id(bad).is_none(), "{bad}");
             let fresh = next(HeaderValue::from_str(bad).ok().as_ref());
             assert!(trace::trace_id(&fresh).is_some(), "{fresh}");
