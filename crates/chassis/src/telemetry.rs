@@ -54,15 +54,9 @@ pub fn init(role: &str, config: &LogConfig, env: &HashMap<String, String>) -> Re
         LogFormat::Text => fmt.boxed(),
     };
     let (otel, exporter) = match crate::trace::start(role, env)? {
-        // The log level does not decide what is traced: pixmesh's spans and events at `info`
-        // and above are, whatever the log lines show.
-        // Spans at `info`; of the events, only warnings and errors become span events (a job's
-        // every `info` line would cost each span more than the span itself).
+        // The log level does not decide what is traced: pixmesh's spans at `info` and above
+        // are, whatever the log lines show (see [`Traced`]).
         Some((tracer, exporter)) => {
-            let only_ours = tracing_subscriber::filter::filter_fn(|meta| {
-                meta.target().starts_with("pixmesh")
-                    && if meta.is_span() { *meta.level() <= tracing::Level::INFO } else { *meta.level() <= tracing::Level::WARN }
-            });
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(tracer)
                 // No code location, thread or busy/idle time attributes on every span: a span
@@ -71,7 +65,7 @@ pub fn init(role: &str, config: &LogConfig, env: &HashMap<String, String>) -> Re
                 .with_threads(false)
                 .with_target(false)
                 .with_tracked_inactivity(false);
-            (Some(layer.with_filter(only_ours)), Some(exporter))
+            (Some(layer.with_filter(Traced)), Some(exporter))
         }
         None => (None, None),
     };
@@ -86,6 +80,36 @@ pub fn init(role: &str, config: &LogConfig, env: &HashMap<String, String>) -> Re
 const SECONDS_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 /// Bucket bounds of the histograms that count things (results per commit).
 const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// What the trace exporter sees: pixmesh's spans at `info` and above, and of the events inside
+/// them only warnings and errors (a job's every `info` line would cost more than its spans).
+///
+/// The decision depends on a callsite's metadata alone, so it is given once per callsite
+/// (`Interest::always` or `never`). A per-call filter (`filter_fn`, whose interest is
+/// "sometimes") made spans go missing from the export now and then under load: a claim's span
+/// was not recorded, and its children were exported as roots of traces of their own.
+struct Traced;
+
+impl Traced {
+    fn wanted(meta: &tracing::Metadata<'_>) -> bool {
+        let most = if meta.is_span() { tracing::Level::INFO } else { tracing::Level::WARN };
+        meta.target().starts_with("pixmesh") && *meta.level() <= most
+    }
+}
+
+impl<S> tracing_subscriber::layer::Filter<S> for Traced {
+    fn enabled(&self, meta: &tracing::Metadata<'_>, _: &tracing_subscriber::layer::Context<'_, S>) -> bool {
+        Traced::wanted(meta)
+    }
+
+    fn callsite_enabled(&self, meta: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+        if Traced::wanted(meta) { tracing::subscriber::Interest::always() } else { tracing::subscriber::Interest::never() }
+    }
+
+    fn max_level_hint(&self) -> Option<tracing_subscriber::filter::LevelFilter> {
+        Some(tracing_subscriber::filter::LevelFilter::INFO)
+    }
+}
 
 static PROMETHEUS: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
 
