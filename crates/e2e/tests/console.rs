@@ -15,6 +15,10 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const SEEDED: usize = 1000;
 
+/// The two tests run one at a time: the browser's thousand jobs on two cores would make the
+/// cluster view's healthy roles miss their deadline, which is the one thing that test times.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn cluster(system: &System, key: &str) -> (u16, Value) {
     let res = system.client().get(format!("{}/api/cluster", system.gateway)).header("x-api-key", key).send().await.unwrap();
     let code = res.status().as_u16();
@@ -42,6 +46,7 @@ async fn seed(system: &System, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_cluster_view_composes_every_role_and_names_a_dead_one() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let system = System::start(dir.path(), 2, &["gateway.cluster.timeout_ms=800", "gateway.cluster.cache_ms=0"]).await.unwrap();
     let id = system.upload(jpeg(64, 64), "image/jpeg", "width=16").await.unwrap().1["id"].as_str().unwrap().to_string();
@@ -49,11 +54,17 @@ async fn the_cluster_view_composes_every_role_and_names_a_dead_one() {
     let (bad, _) = system.upload(b"not an image at all, but long enough to be sniffed".to_vec(), "image/jpeg", "").await.unwrap();
     assert!(bad >= 400);
 
-    let (code, view) = cluster(&system, &system.api_key).await;
-    assert_eq!(code, 200, "{view}");
-    for source in view["sources"].as_array().unwrap() {
-        assert_eq!(source["ok"], true, "{source}");
-    }
+    // Every role answers (a role still busy with the upload may miss one deadline: ask again).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let view = loop {
+        let (code, view) = cluster(&system, &system.api_key).await;
+        assert_eq!(code, 200, "{view}");
+        if view["sources"].as_array().unwrap().iter().all(|s| s["ok"] == true) {
+            break view;
+        }
+        assert!(Instant::now() < deadline, "a healthy role never answered in time: {view}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     // (With the NATS KV registry, `up` starts no registry role.)
     let own_registry = system.queue.is_none();
     let mut names = vec!["worker-1", "worker-2", "distributor", "upload", "status"];
@@ -125,6 +136,7 @@ fn playwright_modules() -> Option<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_console_uploads_follows_a_job_lists_a_thousand_and_shows_the_cluster_in_chromium() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let (Some(modules), true) = (playwright_modules(), std::path::Path::new("/usr/bin/chromium").exists()) else {
         assert!(std::env::var_os("CI").is_none(), "CI needs chromium and playwright-core (.ci/run installs them)");
         eprintln!("skipped: needs Debian's chromium and playwright-core in ~/.cache/pixmesh-console-e2e (see .ci/run)");

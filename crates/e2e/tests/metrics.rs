@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
-use pixmesh_test_support::{Role, System, jpeg, pixmesh_bin};
+use pixmesh_test_support::{Role, System, jpeg, pixmesh_bin, promtool};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -13,30 +13,6 @@ const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 
 async fn scrape(system: &System, admin: &str) -> String {
     system.client().get(format!("http://{admin}/metrics")).send().await.unwrap().text().await.unwrap()
-}
-
-/// `promtool check metrics` on `text`: its findings (empty when clean); `None` without promtool
-/// outside CI (CI installs it, and there its absence fails the test).
-fn promtool(text: &str) -> Option<String> {
-    use std::io::Write;
-    let spawned = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => child,
-        Err(e) if std::env::var_os("CI").is_none() => {
-            eprintln!("promtool not found ({e}): install Debian's prometheus package to run this check");
-            return None;
-        }
-        Err(e) => panic!("promtool is needed in CI: {e}"),
-    };
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    let findings = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    Some(if out.status.success() { findings.trim().to_string() } else { format!("exit {:?}: {findings}", out.status.code()) })
 }
 
 fn has_sample(text: &str, name: &str, label: &str) -> bool {

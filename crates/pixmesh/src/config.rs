@@ -1,6 +1,7 @@
 //! The one configuration of a pixmesh deployment: a section per role, plus logs and storage.
 //! The whole file is checked by every role, so a typo fails fast wherever it is.
 
+use pixmesh_ambassador::redis::AmbassadorConfig;
 use pixmesh_chassis::clock::ChassisConfig;
 use pixmesh_chassis::config::Validate;
 use pixmesh_chassis::telemetry::LogConfig;
@@ -27,6 +28,7 @@ pub struct Config {
     pub distributor: DistributorConfig,
     pub worker: WorkerConfig,
     pub registry: RegistryConfig,
+    pub ambassador: AmbassadorConfig,
 }
 
 impl Validate for Config {
@@ -41,6 +43,7 @@ impl Validate for Config {
         self.distributor.validate()?;
         self.worker.validate()?;
         self.registry.validate()?;
+        self.ambassador.validate()?;
         Ok(())
     }
 }

@@ -90,6 +90,24 @@ enum Command {
     Submit(submit::SubmitArgs),
     /// Check a role's admin endpoint: exit 0 on a 2xx (a container's health check).
     Health(health::HealthArgs),
+    /// An ambassador beside an application (a proxy it talks to on localhost).
+    #[command(subcommand)]
+    Ambassador(Ambassador),
+}
+
+#[derive(Subcommand, Debug)]
+enum Ambassador {
+    /// One Redis address whose keys live on several Redis servers: consistent hashing
+    /// (twemproxy's ketama placement), pipelining kept, shards that fail ejected
+    /// (the settings ambassador.redis.*).
+    Redis {
+        /// Where applications connect (ambassador.redis.listen).
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<String>,
+        /// The shards, comma-separated: [NAME=]HOST:PORT[:WEIGHT] (ambassador.redis.shards).
+        #[arg(long, value_name = "LIST", value_delimiter = ',')]
+        shards: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -114,6 +132,7 @@ impl Command {
             Command::Openapi => "openapi",
             Command::Submit(_) => "submit",
             Command::Health(_) => "health",
+            Command::Ambassador(_) => "ambassador",
         }
     }
 }
@@ -172,6 +191,15 @@ fn main() -> ExitCode {
             cli.sets.push(format!("{key}={}", toml_string(&value)));
         }
     }
+    if let Command::Ambassador(Ambassador::Redis { listen, shards }) = &cli.command {
+        if let Some(listen) = listen {
+            cli.sets.push(format!("ambassador.redis.listen={}", toml_string(listen)));
+        }
+        if !shards.is_empty() {
+            let list: Vec<String> = shards.iter().map(|s| toml_string(s.trim())).collect();
+            cli.sets.push(format!("ambassador.redis.shards=[{}]", list.join(",")));
+        }
+    }
     let env: HashMap<String, String> = std::env::vars().collect();
     let config = match load_config(&cli, &env) {
         Ok(c) => c,
@@ -180,6 +208,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Command::Ambassador(Ambassador::Redis { .. }) = &cli.command
+        && let Err(e) = config.ambassador.redis.shard_specs()
+    {
+        eprintln!("pixmesh: invalid configuration: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     if let Command::Openapi = cli.command {
         return match openapi::json() {
             Ok(doc) => {
@@ -265,6 +299,7 @@ fn describe_metrics(role: &str) {
         }
         "worker" => pixmesh_worker::instruments::describe(),
         "registry" => pixmesh_registry::instruments::describe(),
+        "ambassador" => pixmesh_ambassador::instruments::describe(),
         _ => {}
     }
 }
@@ -443,6 +478,11 @@ async fn run(
             let c = config.registry;
             let (grpc, admin) = (bind("registry", c.listen).await?, bind("registry admin", c.admin_listen).await?);
             Ok(pixmesh_registry::run(c, grpc, admin, shutdown).await?)
+        }
+        Command::Ambassador(Ambassador::Redis { .. }) => {
+            let c = config.ambassador.redis;
+            let (redis, admin) = (bind("redis ambassador", c.listen).await?, bind("ambassador admin", c.admin_listen).await?);
+            pixmesh_ambassador::redis::run(c, redis, admin, shutdown).await.map_err(anyhow::Error::msg)
         }
         Command::Thumbnail(_) | Command::Openapi | Command::Submit(_) | Command::Health(_) => Ok(()),
         Command::Admin(Admin::RebuildViews) => {

@@ -8,6 +8,7 @@
 pub mod nats;
 pub mod otlp;
 pub mod postgres;
+pub mod redis;
 pub mod s3;
 pub mod sse;
 
@@ -364,6 +365,33 @@ fn addresses(v: &Value) -> HashMap<String, String> {
     v.as_object().map(|o| o.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect()).unwrap_or_default()
 }
 
+/// `promtool check metrics` on `text`: its findings (empty when clean); `None` without promtool
+/// outside CI (CI installs it, and there its absence fails the test).
+pub fn promtool(text: &str) -> Option<String> {
+    use std::io::Write;
+    let spawned = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("promtool not found ({e}): install Debian's prometheus package to run this check");
+            return None;
+        }
+        Err(e) => panic!("promtool is needed in CI: {e}"),
+    };
+    let written = child.stdin.take().map(|mut stdin| stdin.write_all(text.as_bytes()));
+    let out = match (written, child.wait_with_output()) {
+        (Some(Ok(())), Ok(out)) => out,
+        (written, waited) => panic!("promtool check metrics could not run: {written:?} {:?}", waited.err()),
+    };
+    let findings = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Some(if out.status.success() { findings.trim().to_string() } else { format!("exit {:?}: {findings}", out.status.code()) })
+}
+
 /// A pixmesh process for a test: warnings only (unless `RUST_LOG` says otherwise), stdout
 /// piped for its announcement lines, stderr shown, killed with the test.
 fn quiet_with_announcements(cmd: &mut Command) {
@@ -392,7 +420,8 @@ impl Role {
         for s in sets {
             cmd.arg("--set").arg(s);
         }
-        cmd.arg(role).envs(env.iter().copied());
+        // `role` may be a subcommand with its flags: `ambassador redis --shards …`.
+        cmd.args(role.split_whitespace()).envs(env.iter().copied());
         quiet_with_announcements(&mut cmd);
         let mut child = cmd.spawn().with_context(|| format!("cannot start {}", pixmesh_bin().display()))?;
         let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
