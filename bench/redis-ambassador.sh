@@ -8,7 +8,9 @@
 #
 # Usage: bench/redis-ambassador.sh
 # Env: ROUNDS (5), REQUESTS (300000), DEPTH (16), CLIENTS (50), KEYS (1000000),
-#      TESTS (set,get,mset), HASH (fnv1a_64: twemproxy's default)
+#      TESTS (set,get,mset), HASH (fnv1a_64: twemproxy's default),
+#      AMB_THREADS (the ambassador's runtime threads; default one per core. twemproxy has one:
+#      AMB_THREADS=1 compares them thread for thread)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${ROUNDS:-5}"
@@ -43,7 +45,9 @@ for i in 1 2 3; do
 done
 
 amb_port="$(free_port)"
-RUST_LOG=warn "$T/pixmesh" --set "ambassador.redis.hash=\"$HASH\"" ambassador redis --listen "127.0.0.1:$amb_port" \
+threads=()
+[ -n "${AMB_THREADS:-}" ] && threads=(TOKIO_WORKER_THREADS="$AMB_THREADS")
+env "${threads[@]}" RUST_LOG=warn "$T/pixmesh" --set "ambassador.redis.hash=\"$HASH\"" ambassador redis --listen "127.0.0.1:$amb_port" \
   --shards "$(IFS=,; echo "${shards[*]}")" >"$work/amb.out" 2>"$work/amb.err" &
 pids+=($!)
 nut_port="$(free_port)"
@@ -69,7 +73,7 @@ for row in csv.reader(sys.stdin):
     if row and row[0] != "test": print(f"{sys.argv[1]},{sys.argv[2]},{row[0]},{row[1]},{row[6]}")' "$3" "$2" >>"$work/results.csv"
 }
 
-echo "redis-benchmark -t $TESTS -n $REQUESTS -r $KEYS -P $DEPTH -c $CLIENTS; 3 shards; hash $HASH; $ROUNDS rounds"
+echo "redis-benchmark -t $TESTS -n $REQUESTS -r $KEYS -P $DEPTH -c $CLIENTS; 3 shards; hash $HASH; $ROUNDS rounds; ambassador threads: ${AMB_THREADS:-one per core}"
 for r in $(seq 1 "$ROUNDS"); do
   if [ $((r % 2)) -eq 1 ]; then bench "$amb_port" "$r" ambassador; bench "$nut_port" "$r" twemproxy
   else bench "$nut_port" "$r" twemproxy; bench "$amb_port" "$r" ambassador; fi
