@@ -142,8 +142,21 @@ pub struct RouteConfig {
     /// Path prefix, matched on segment boundaries: `/api/status` matches `/api/status/1`
     /// but not `/api/statuses`.
     pub prefix: String,
-    /// Name of an entry in `upstreams`.
+    /// Name of an entry in `upstreams` (or give `split`).
+    #[serde(default)]
     pub upstream: String,
+    /// A weighted split across upstreams instead of one: `{ legacy = 90, new = 10 }` sends
+    /// about a tenth of the route's requests to `new` (a canary, or a strangler migration one
+    /// route at a time; a reload changes the weights).
+    #[serde(default)]
+    pub split: BTreeMap<String, u32>,
+    /// How the split picks: `random` per request, or `client`: the same API key (or, without
+    /// one, the same client address) always goes to the same upstream while the weights stay.
+    #[serde(default)]
+    pub split_by: SplitBy,
+    /// A copy of some requests to a shadow upstream, whose answers are ignored.
+    #[serde(default)]
+    pub mirror: Option<MirrorConfig>,
     /// Remove the prefix before forwarding (`/legacy/a` → `/a`).
     #[serde(default)]
     pub strip_prefix: bool,
@@ -173,6 +186,54 @@ pub struct RouteConfig {
     /// checked from its header bytes before anything is forwarded.
     #[serde(default)]
     pub image: Option<ImageLimitsConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitBy {
+    #[default]
+    Random,
+    Client,
+}
+
+/// `mirror = { upstream = "shadow", percent = 10 }`: the shadow gets a copy of that share of
+/// the route's requests. The client's response never waits for it, and nothing the shadow does
+/// (slow, failing, gone) reaches the client. A request's body is copied while it streams to the
+/// primary, up to `max_body_bytes`; a larger one is not mirrored. At most `max_in_flight`
+/// copies are outstanding (more are skipped, never queued), each for at most `timeout_ms`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    pub upstream: String,
+    /// The share mirrored, 0–100 (fractions allowed: `0.5`), kept as parts per million.
+    #[serde(rename = "percent", deserialize_with = "percent_as_ppm")]
+    pub ppm: u32,
+    #[serde(default = "MirrorConfig::default_max_body_bytes")]
+    pub max_body_bytes: u64,
+    #[serde(default = "MirrorConfig::default_max_in_flight")]
+    pub max_in_flight: u32,
+    #[serde(default = "MirrorConfig::default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl MirrorConfig {
+    fn default_max_body_bytes() -> u64 {
+        1024 * 1024
+    }
+    fn default_max_in_flight() -> u32 {
+        64
+    }
+    fn default_timeout_ms() -> u64 {
+        10_000
+    }
+}
+
+fn percent_as_ppm<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let percent = f64::deserialize(d)?;
+    if !(0.0..=100.0).contains(&percent) {
+        return Err(serde::de::Error::custom(format!("percent {percent} must be between 0 and 100")));
+    }
+    Ok((percent * 10_000.0).round() as u32)
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -240,19 +301,29 @@ pub struct ApiKeyConfig {
 }
 
 fn route(prefix: &str, upstream: &str, methods: &[&str]) -> RouteConfig {
-    RouteConfig {
-        prefix: prefix.into(),
-        upstream: upstream.into(),
-        strip_prefix: false,
-        rewrite_prefix: None,
-        methods: methods.iter().map(|m| m.to_string()).collect(),
-        timeout_ms: None,
-        max_body_bytes: None,
-        max_in_flight: None,
-        max_queue: None,
-        max_queue_ms: None,
-        max_streams: None,
-        image: None,
+    RouteConfig { methods: methods.iter().map(|m| m.to_string()).collect(), ..RouteConfig::new(prefix, upstream) }
+}
+
+impl RouteConfig {
+    /// A route of `prefix` to `upstream` with every other setting at its default.
+    pub fn new(prefix: &str, upstream: &str) -> RouteConfig {
+        RouteConfig {
+            prefix: prefix.into(),
+            upstream: upstream.into(),
+            split: BTreeMap::new(),
+            split_by: SplitBy::Random,
+            mirror: None,
+            strip_prefix: false,
+            rewrite_prefix: None,
+            methods: vec![],
+            timeout_ms: None,
+            max_body_bytes: None,
+            max_in_flight: None,
+            max_queue: None,
+            max_queue_ms: None,
+            max_streams: None,
+            image: None,
+        }
     }
 }
 
@@ -351,8 +422,27 @@ impl GatewayConfig {
             {
                 return Err(format!("gateway route {} rewrite_prefix {p:?} must start with /", r.prefix));
             }
-            if !self.upstreams.contains_key(&r.upstream) && !matches!(r.upstream.as_str(), "upload" | "status") {
-                return Err(format!("gateway route {} names unknown upstream {:?}", r.prefix, r.upstream));
+            let known = |name: &str| self.upstreams.contains_key(name) || matches!(name, "upload" | "status");
+            match (r.upstream.is_empty(), r.split.is_empty()) {
+                (true, true) => return Err(format!("gateway route {} needs an upstream (or a split)", r.prefix)),
+                (false, false) => return Err(format!("gateway route {} has both upstream and split; give one", r.prefix)),
+                _ => {}
+            }
+            for name in std::iter::once(&r.upstream).filter(|u| !u.is_empty()).chain(r.split.keys()) {
+                if !known(name) {
+                    return Err(format!("gateway route {} names unknown upstream {name:?}", r.prefix));
+                }
+            }
+            if !r.split.is_empty() && r.split.values().map(|w| u64::from(*w)).sum::<u64>() == 0 {
+                return Err(format!("gateway route {} split has no weight above 0", r.prefix));
+            }
+            if let Some(m) = &r.mirror {
+                if !known(&m.upstream) {
+                    return Err(format!("gateway route {} mirrors to unknown upstream {:?}", r.prefix, m.upstream));
+                }
+                if m.max_in_flight == 0 || m.timeout_ms == 0 {
+                    return Err(format!("gateway route {} mirror max_in_flight and timeout_ms must be at least 1", r.prefix));
+                }
             }
             for m in &r.methods {
                 if http::Method::from_bytes(m.as_bytes()).is_err() {

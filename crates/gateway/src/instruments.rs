@@ -39,6 +39,12 @@ pub const UPSTREAM_SATURATED: &str = "pixmesh_gateway_upstream_saturated_total";
 pub const UPSTREAM_EJECTIONS: &str = "pixmesh_gateway_upstream_ejections_total";
 /// Ejections not made because the most ejected instances were out already, by upstream.
 pub const UPSTREAM_EJECTIONS_CAPPED: &str = "pixmesh_gateway_upstream_ejections_capped_total";
+/// Requests of a split route, by route and the upstream the split chose.
+pub const SPLIT: &str = "pixmesh_gateway_split_requests_total";
+/// Copies of requests for a route's shadow upstream, by route and outcome: `answered` (any
+/// status), `failed` (refused, reset, timed out), `skipped` (body over the limit, too many
+/// copies outstanding, no free connection).
+pub const MIRROR: &str = "pixmesh_gateway_mirror_requests_total";
 
 /// Every name above (the dashboard in `deploy/grafana` may use no other).
 pub const NAMES: &[&str] = &[
@@ -59,6 +65,8 @@ pub const NAMES: &[&str] = &[
     UPSTREAM_SATURATED,
     UPSTREAM_EJECTIONS,
     UPSTREAM_EJECTIONS_CAPPED,
+    SPLIT,
+    MIRROR,
 ];
 
 /// Gives each metric its help text and unit (the `# HELP` lines of the exposition).
@@ -103,5 +111,11 @@ pub fn describe() {
         UPSTREAM_EJECTIONS_CAPPED,
         Unit::Count,
         "Ejections not made because the most ejected instances were out already, by upstream"
+    );
+    metrics::describe_counter!(SPLIT, Unit::Count, "Requests of a split route, by route and the upstream the split chose");
+    metrics::describe_counter!(
+        MIRROR,
+        Unit::Count,
+        "Copies of requests for a route's shadow upstream, by route and outcome (answered, failed, skipped)"
     );
 }

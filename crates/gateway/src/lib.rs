@@ -10,11 +10,13 @@ pub mod console;
 pub mod instruments;
 pub mod keys;
 pub mod layers;
+pub mod mirror;
 pub mod openapi;
 pub mod proxy;
 pub mod reload;
 pub mod snapshot;
 pub mod sniff;
+pub mod split;
 pub mod stack;
 pub mod upstream;
 

@@ -11,9 +11,10 @@
 //! no slot in time is refused with 503 and `Retry-After`, and the instance is not blamed: it is
 //! busy, not failing.
 
+use crate::keys::Client;
 use crate::layers::Pinned;
 use crate::layers::upload_guard::ClientBody;
-use crate::snapshot::Route;
+use crate::mirror::RequestCopy;
 use crate::upstream::{Clients, Outcome, Pool};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
@@ -25,6 +26,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use pixmesh_chassis::{ApiError, ErrorCode};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 /// At most this many instances are tried for one request.
 const MAX_ATTEMPTS: usize = 3;
@@ -90,6 +92,8 @@ async fn forward_inner(clients: &Clients, peer: SocketAddr, request: Request) ->
         ));
     }
     let client_body = request.extensions().get::<ClientBody>().cloned();
+    let caller = request.extensions().get::<Arc<Client>>().cloned();
+    let pool = Arc::clone(route.pick_pool(caller.as_ref().map(|c| c.name.as_str()), peer.ip()));
     let (mut parts, body) = request.into_parts();
     let path_and_query = {
         let path = route.upstream_path(parts.uri.path());
@@ -98,33 +102,40 @@ async fn forward_inner(clients: &Clients, peer: SocketAddr, request: Request) ->
             None => path,
         }
     };
-    prepare_headers(&mut parts.headers, peer, route.pool.config.h2c);
+    prepare_headers(&mut parts.headers, peer, pool.config.h2c);
     let bodiless = body.is_end_stream();
     let retry_idempotent = bodiless && idempotent(&parts.method);
+    let path_and_query = PathAndQuery::try_from(path_and_query)
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("cannot forward this path: {e}")))?;
+    let body = match route.mirror.as_ref().filter(|m| m.sampled()) {
+        Some(mirror) => {
+            let copy = RequestCopy { method: parts.method.clone(), path_and_query: path_and_query.clone(), headers: parts.headers.clone() };
+            mirror.start(clients, copy, body)
+        }
+        None => body,
+    };
     let mut body = Some(body);
     let mut tried: Vec<usize> = Vec::with_capacity(MAX_ATTEMPTS);
     let mut last_error = None;
-    let attempts = MAX_ATTEMPTS.min(route.pool.instances.len());
-    let path_and_query = PathAndQuery::try_from(path_and_query)
-        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("cannot forward this path: {e}")))?;
+    let attempts = MAX_ATTEMPTS.min(pool.instances.len());
     let deadline = tokio::time::Instant::now() + route.timeout;
     let stream = parts.extensions.get::<crate::layers::admission::EventStream>().is_some();
     while tried.len() < attempts {
-        let Some(i) = route.pool.pick(&tried) else { break };
+        let Some(i) = pool.pick(&tried) else { break };
         tried.push(i);
-        let uri = route.pool.instances[i].uri(&path_and_query)?;
+        let uri = pool.instances[i].uri(&path_and_query)?;
         // An event stream holds no connection slot: it would hold it for as long as its client
         // listens; the route's `max_streams` bounds streams instead.
         let slot = if stream {
             None
         } else {
-            match route.pool.instances[i].try_slot() {
+            match pool.instances[i].try_slot() {
                 Some(slot) => Some(slot),
                 None => {
-                    route.pool.metrics.slot_waits.increment(1);
-                    match tokio::time::timeout_at(deadline, route.pool.instances[i].slot()).await {
+                    pool.metrics.slot_waits.increment(1);
+                    match tokio::time::timeout_at(deadline, pool.instances[i].slot()).await {
                         Ok(Some(slot)) => Some(slot),
-                        _ => return Err(saturated(&route.pool, route.timeout.as_millis())),
+                        _ => return Err(saturated(&pool, route.timeout.as_millis())),
                     }
                 }
             }
@@ -135,18 +146,18 @@ async fn forward_inner(clients: &Clients, peer: SocketAddr, request: Request) ->
         // Only a request that may be retried needs its headers kept.
         *request.headers_mut() =
             if tried.len() < attempts && bodiless { parts.headers.clone() } else { std::mem::take(&mut parts.headers) };
-        *request.version_mut() = if route.pool.config.h2c { http::Version::HTTP_2 } else { http::Version::HTTP_11 };
+        *request.version_mut() = if pool.config.h2c { http::Version::HTTP_2 } else { http::Version::HTTP_11 };
         let started = std::time::Instant::now();
-        match tokio::time::timeout_at(deadline, clients.for_pool(&route.pool).request(request)).await {
+        match tokio::time::timeout_at(deadline, clients.for_pool(&pool).request(request)).await {
             Ok(Ok(response)) => {
                 let status = response.status();
                 let failed = matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT);
-                route.pool.record(i, if failed { Outcome::Failed } else { Outcome::Ok });
-                if failed && retry_idempotent && tried.len() < route.pool.instances.len() {
-                    route.pool.metrics.retries.increment(1);
+                pool.record(i, if failed { Outcome::Failed } else { Outcome::Ok });
+                if failed && retry_idempotent && tried.len() < pool.instances.len() {
+                    pool.metrics.retries.increment(1);
                     continue;
                 }
-                route.pool.metrics.upstream_seconds.record(started.elapsed().as_secs_f64());
+                pool.metrics.upstream_seconds.record(started.elapsed().as_secs_f64());
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 // The connection is busy until the body is done: so is its slot.
@@ -162,12 +173,12 @@ async fn forward_inner(clients: &Clients, peer: SocketAddr, request: Request) ->
                     return Err(ApiError::new(ErrorCode::PayloadTooLarge, "the request body is over its limit"));
                 }
                 let refused = e.is_connect();
-                route.pool.record(i, if refused { Outcome::Refused } else { Outcome::Failed });
-                tracing::warn!(upstream = %route.pool.name, instance = %route.pool.instances[i].base, error = %e, "upstream request failed");
-                route.pool.metrics.errors.increment(1);
-                last_error = Some(unavailable(&route));
+                pool.record(i, if refused { Outcome::Refused } else { Outcome::Failed });
+                tracing::warn!(upstream = %pool.name, instance = %pool.instances[i].base, error = %e, "upstream request failed");
+                pool.metrics.errors.increment(1);
+                last_error = Some(unavailable(&pool));
                 if bodiless && (refused || retry_idempotent) {
-                    route.pool.metrics.retries.increment(1);
+                    pool.metrics.retries.increment(1);
                     continue;
                 }
                 break;
@@ -180,15 +191,15 @@ async fn forward_inner(clients: &Clients, peer: SocketAddr, request: Request) ->
                 ));
             }
             Err(_) => {
-                route.pool.record(i, Outcome::Failed);
+                pool.record(i, Outcome::Failed);
                 return Err(ApiError::new(
                     ErrorCode::Timeout,
-                    format!("the {} service did not answer within {} ms", route.pool.name, route.timeout.as_millis()),
+                    format!("the {} service did not answer within {} ms", pool.name, route.timeout.as_millis()),
                 ));
             }
         }
     }
-    Err(last_error.unwrap_or_else(|| unavailable(&route)))
+    Err(last_error.unwrap_or_else(|| unavailable(&pool)))
 }
 
 fn saturated(pool: &Pool, waited_ms: u128) -> ApiError {
@@ -200,8 +211,8 @@ fn saturated(pool: &Pool, waited_ms: u128) -> ApiError {
     ApiError::new(ErrorCode::Unavailable, message).with_retry_after(1)
 }
 
-fn unavailable(route: &Route) -> ApiError {
-    ApiError::new(ErrorCode::Unavailable, format!("the {} service is unavailable; retry later", route.pool.name)).with_retry_after(1)
+fn unavailable(pool: &Pool) -> ApiError {
+    ApiError::new(ErrorCode::Unavailable, format!("the {} service is unavailable; retry later", pool.name)).with_retry_after(1)
 }
 
 /// Hop-by-hop headers out, `X-Forwarded-*` in. `Host` goes: the upstream URI names it.

@@ -10,7 +10,9 @@
 use crate::config::GatewayConfig;
 use crate::keys::{ApiKeys, quota};
 use crate::layers::admission::{Admission, AdmissionMetrics};
+use crate::mirror::Mirror;
 use crate::sniff::Format;
+use crate::split::Split;
 use crate::upstream::Pool;
 use arc_swap::ArcSwap;
 use governor::clock::DefaultClock;
@@ -79,7 +81,12 @@ pub struct Route {
     pub timeout: Duration,
     pub max_body_bytes: u64,
     pub image: Option<ImageLimits>,
+    /// The upstream (with a split: its heaviest target, for what is per route).
     pub pool: Arc<Pool>,
+    /// A weighted split across upstreams, when the route has one.
+    pub split: Option<Split>,
+    /// A shadow upstream that gets a copy of some requests.
+    pub mirror: Option<Arc<Mirror>>,
     /// Slots (`max_in_flight`) and waiters; kept over reloads that keep `max_in_flight`.
     pub admission: Arc<Admission>,
     /// Requests that may wait for a slot, and for how long (this generation's settings).
@@ -90,6 +97,19 @@ pub struct Route {
 }
 
 impl Route {
+    /// Every pool this route sends to.
+    pub fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
+        std::iter::once(&self.pool).chain(self.split.iter().flat_map(Split::pools)).chain(self.mirror.iter().map(|m| &m.pool))
+    }
+
+    /// The pool for this request: the split's pick, or the one upstream.
+    pub fn pick_pool(&self, client: Option<&str>, peer: IpAddr) -> &Arc<Pool> {
+        match &self.split {
+            Some(split) => split.pick(client, peer),
+            None => &self.pool,
+        }
+    }
+
     fn matches(&self, path: &str) -> bool {
         let p = self.prefix.trim_end_matches('/');
         p.is_empty() || path == p || path.strip_prefix(p).is_some_and(|rest| rest.starts_with('/'))
@@ -134,15 +154,28 @@ impl Snapshot {
         let mut pools: BTreeMap<&str, Arc<Pool>> = BTreeMap::new();
         for (name, upstream) in &config.upstreams {
             let pc = upstream.pool();
-            let old = previous.and_then(|p| p.routes.iter().map(|r| &r.pool).find(|pool| pool.name == *name && pool.config == pc));
+            let old = previous.and_then(|p| p.routes.iter().flat_map(|r| r.pools()).find(|pool| pool.name == *name && pool.config == pc));
             pools.insert(name, old.cloned().unwrap_or_else(|| Arc::new(Pool::new(name, &pc))));
         }
         let mut routes = Vec::new();
         for r in &config.routes {
-            let pool = pools
-                .get(r.upstream.as_str())
-                .cloned()
-                .ok_or_else(|| format!("route {} names upstream {:?}, which has no URL", r.prefix, r.upstream))?;
+            let named = |name: &str| {
+                pools.get(name).cloned().ok_or_else(|| format!("route {} names upstream {name:?}, which has no URL", r.prefix))
+            };
+            let split = if r.split.is_empty() {
+                None
+            } else {
+                let targets = r.split.iter().map(|(name, w)| Ok((named(name)?, *w))).collect::<Result<Vec<_>, String>>()?;
+                Some(Split::new(&r.prefix, targets, r.split_by))
+            };
+            let pool = match split.as_ref().and_then(Split::heaviest) {
+                Some(heaviest) => Arc::clone(heaviest),
+                None => named(&r.upstream)?,
+            };
+            let mirror = match &r.mirror {
+                Some(m) => Some(Arc::new(Mirror::new(&r.prefix, named(&m.upstream)?, m))),
+                None => None,
+            };
             let max_in_flight = r.max_in_flight.unwrap_or(config.max_in_flight);
             let max_streams = r.max_streams.unwrap_or(config.max_streams);
             // Requests admitted or waiting under the previous generation still count; a new
@@ -173,6 +206,8 @@ impl Snapshot {
                 max_body_bytes: r.max_body_bytes.unwrap_or(config.max_body_bytes),
                 image,
                 pool,
+                split,
+                mirror,
                 admission,
                 max_queue: r.max_queue.unwrap_or(config.max_queue),
                 max_queue_wait: Duration::from_millis(r.max_queue_ms.unwrap_or(config.max_queue_ms)),
@@ -233,18 +268,11 @@ mod tests {
         c.upstreams.insert("status".into(), UpstreamConfig::Url("http://127.0.0.1:2/".into()));
         c.upstreams.insert("legacy".into(), UpstreamConfig::Url("http://127.0.0.1:3".into()));
         c.routes.push(RouteConfig {
-            prefix: "/legacy/".into(),
-            upstream: "legacy".into(),
             strip_prefix: true,
             rewrite_prefix: Some("/v2".into()),
-            methods: vec![],
-            timeout_ms: None,
-            max_body_bytes: None,
             max_in_flight: Some(3),
             max_queue: Some(1),
-            max_queue_ms: None,
-            max_streams: None,
-            image: None,
+            ..RouteConfig::new("/legacy/", "legacy")
         });
         c
     }

@@ -88,20 +88,7 @@ async fn upstream() -> (String, Arc<Seen>) {
 }
 
 fn route(prefix: &str, upstream: &str) -> RouteConfig {
-    RouteConfig {
-        prefix: prefix.into(),
-        upstream: upstream.into(),
-        strip_prefix: false,
-        rewrite_prefix: None,
-        methods: vec![],
-        timeout_ms: Some(5_000),
-        max_body_bytes: None,
-        max_in_flight: None,
-        max_queue: None,
-        max_queue_ms: None,
-        max_streams: None,
-        image: None,
-    }
+    RouteConfig { timeout_ms: Some(5_000), ..RouteConfig::new(prefix, upstream) }
 }
 
 fn key(name: &str, secret: &str) -> ApiKeyConfig {

@@ -41,18 +41,10 @@ async fn gateway(upstream_url: &str) -> (String, Shutdown) {
     config.upstreams.insert("upload".into(), UpstreamConfig::Url("http://127.0.0.1:9".into())); // nothing listens there
     config.upstreams.insert("status".into(), UpstreamConfig::Url(upstream_url.into()));
     config.routes.push(RouteConfig {
-        prefix: "/legacy".into(),
-        upstream: "legacy".into(),
         strip_prefix: true,
-        rewrite_prefix: None,
-        methods: vec![],
         timeout_ms: Some(5_000),
         max_body_bytes: Some(12 * 1024 * 1024),
-        max_in_flight: None,
-        max_queue: None,
-        max_queue_ms: None,
-        max_streams: None,
-        image: None,
+        ..RouteConfig::new("/legacy", "legacy")
     });
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();

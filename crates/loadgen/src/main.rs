@@ -222,6 +222,12 @@ enum Mode {
     Sink {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
+        /// Answer each request only after this long (a slow shadow for bench/mirror.sh).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Read each request and never answer it (a shadow that hangs).
+        #[arg(long)]
+        never: bool,
     },
 }
 
@@ -338,7 +344,7 @@ async fn flood(addr: String, path: String, clients: usize, bytes: u64, seconds: 
     Ok(())
 }
 
-async fn sink(listen: String) -> anyhow::Result<()> {
+async fn sink(listen: String, delay_ms: u64, never: bool) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&listen).await?;
     println!("{}", json!({ "sink": listener.local_addr()?.to_string() }));
     let counts: Arc<[AtomicU64; 4]> = Arc::new(Default::default()); // flood req, flood bytes, other req, other bytes
@@ -360,6 +366,12 @@ async fn sink(listen: String) -> anyhow::Result<()> {
                     let mut body = req.into_body();
                     while let Some(Ok(frame)) = body.frame().await {
                         counts[base + 1].fetch_add(frame.data_ref().map_or(0, |d| d.len() as u64), Ordering::Relaxed);
+                    }
+                    if never {
+                        std::future::pending::<()>().await;
+                    }
+                    if delay_ms > 0 {
+                        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
                     }
                     Ok(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
                 }
@@ -436,7 +448,7 @@ fn main() -> anyhow::Result<()> {
             Mode::Flood { addr, path, clients, bytes, seconds, legit_rps, api_key } => {
                 flood(addr, path, clients, bytes, seconds, legit_rps, api_key).await
             }
-            Mode::Sink { listen } => sink(listen).await,
+            Mode::Sink { listen, delay_ms, never } => sink(listen, delay_ms, never).await,
             Mode::Balance { workers, slow, slow_factor, service_ms, capacity, concurrency, seconds, policy, burst, idle_ms } => {
                 let service = Duration::from_millis(service_ms);
                 let (addresses, served) = balance::start_workers(workers, slow, service, slow_factor, capacity).await?;

@@ -464,6 +464,9 @@ impl PythonApp {
         let venv = target.join("python").join(venv_name);
         let stamp = venv.join("installed.txt");
         let wanted = requirements.join("\n");
+        // Tests of one process that start the same app make its virtualenv once, one at a time.
+        static MAKING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _making = MAKING.lock().await;
         if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
             let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
             let ok = Command::new(&python).arg("-m").arg("venv").arg("--clear").arg(&venv).status().await?.success();
