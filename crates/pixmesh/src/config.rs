@@ -9,6 +9,7 @@ use pixmesh_distributor::DistributorConfig;
 use pixmesh_gateway::GatewayConfig;
 use pixmesh_queue::QueueConfig;
 use pixmesh_registry::RegistryConfig;
+use pixmesh_sidecar::SidecarConfig;
 use pixmesh_status::StatusConfig;
 use pixmesh_store::StoreConfig;
 use pixmesh_upload::UploadConfig;
@@ -29,6 +30,7 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub registry: RegistryConfig,
     pub ambassador: AmbassadorConfig,
+    pub sidecar: SidecarConfig,
 }
 
 impl Validate for Config {
@@ -44,6 +46,7 @@ impl Validate for Config {
         self.worker.validate()?;
         self.registry.validate()?;
         self.ambassador.validate()?;
+        self.sidecar.validate()?;
         Ok(())
     }
 }

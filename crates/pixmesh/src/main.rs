@@ -93,6 +93,49 @@ enum Command {
     /// An ambassador beside an application (a proxy it talks to on localhost).
     #[command(subcommand)]
     Ambassador(Ambassador),
+    /// An adapter beside an application: its metrics, logs or health in the platform's shape.
+    #[command(subcommand)]
+    Sidecar(Sidecar),
+}
+
+#[derive(Subcommand, Debug)]
+enum Sidecar {
+    /// Scrape an application's own metrics (Redis INFO, nginx stub_status) and serve them as
+    /// Prometheus text on /metrics (the settings sidecar.metrics.*).
+    Metrics {
+        /// Where /metrics is served (sidecar.metrics.listen).
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<String>,
+        /// redis://HOST:PORT or nginx+http://HOST:PORT/PATH (sidecar.metrics.source).
+        #[arg(long, value_name = "URL")]
+        source: Option<String>,
+    },
+    /// Follow a log file through rotations and write each line to stdout as JSON
+    /// (the settings sidecar.logs.*).
+    Logs {
+        /// The file (sidecar.logs.path).
+        #[arg(long, value_name = "FILE")]
+        path: Option<String>,
+        /// auto, nginx, json or plain (sidecar.logs.format).
+        #[arg(long)]
+        format: Option<String>,
+        /// Read the lines the file holds already (sidecar.logs.from_start).
+        #[arg(long)]
+        from_start: bool,
+    },
+    /// Run checks (tcp://, http://, redis://, postgres://, sqlite:, cmd:) and serve their
+    /// outcome as /readyz and /healthz (the settings sidecar.health.*).
+    Health {
+        /// Where /readyz and /healthz are served (sidecar.health.listen).
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<String>,
+        /// A readiness check, [NAME=]SPEC (repeatable; sidecar.health.checks).
+        #[arg(long = "check", value_name = "SPEC")]
+        checks: Vec<String>,
+        /// A liveness check, [NAME=]SPEC (repeatable; sidecar.health.live_checks).
+        #[arg(long = "live-check", value_name = "SPEC")]
+        live_checks: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -133,6 +176,7 @@ impl Command {
             Command::Submit(_) => "submit",
             Command::Health(_) => "health",
             Command::Ambassador(_) => "ambassador",
+            Command::Sidecar(_) => "sidecar",
         }
     }
 }
@@ -200,6 +244,32 @@ fn main() -> ExitCode {
             cli.sets.push(format!("ambassador.redis.shards=[{}]", list.join(",")));
         }
     }
+    if let Command::Sidecar(sidecar) = &cli.command {
+        let list = |items: &[String]| format!("[{}]", items.iter().map(|s| toml_string(s)).collect::<Vec<_>>().join(","));
+        let sets: Vec<(&str, Option<String>)> = match sidecar {
+            Sidecar::Metrics { listen, source } => {
+                vec![
+                    ("sidecar.metrics.listen", listen.as_deref().map(toml_string)),
+                    ("sidecar.metrics.source", source.as_deref().map(toml_string)),
+                ]
+            }
+            Sidecar::Logs { path, format, from_start } => vec![
+                ("sidecar.logs.path", path.as_deref().map(toml_string)),
+                ("sidecar.logs.format", format.as_deref().map(toml_string)),
+                ("sidecar.logs.from_start", from_start.then(|| "true".to_string())),
+            ],
+            Sidecar::Health { listen, checks, live_checks } => vec![
+                ("sidecar.health.listen", listen.as_deref().map(toml_string)),
+                ("sidecar.health.checks", (!checks.is_empty()).then(|| list(checks))),
+                ("sidecar.health.live_checks", (!live_checks.is_empty()).then(|| list(live_checks))),
+            ],
+        };
+        for (key, value) in sets {
+            if let Some(value) = value {
+                cli.sets.push(format!("{key}={value}"));
+            }
+        }
+    }
     let env: HashMap<String, String> = std::env::vars().collect();
     let config = match load_config(&cli, &env) {
         Ok(c) => c,
@@ -211,6 +281,22 @@ fn main() -> ExitCode {
     if let Command::Ambassador(Ambassador::Redis { .. }) = &cli.command
         && let Err(e) = config.ambassador.redis.shard_specs()
     {
+        eprintln!("pixmesh: invalid configuration: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let missing = match &cli.command {
+        Command::Sidecar(Sidecar::Metrics { .. }) => pixmesh_sidecar::metrics::Source::parse(&config.sidecar.metrics.source).err(),
+        Command::Sidecar(Sidecar::Logs { .. }) if config.sidecar.logs.path.as_os_str().is_empty() => {
+            Some("sidecar.logs.path is empty: give the log file to follow (--path FILE)".to_string())
+        }
+        Command::Sidecar(Sidecar::Health { .. })
+            if config.sidecar.health.checks.is_empty() && config.sidecar.health.live_checks.is_empty() =>
+        {
+            Some("sidecar.health.checks is empty: give at least one check (--check tcp://HOST:PORT …)".to_string())
+        }
+        _ => None,
+    };
+    if let Some(e) = missing {
         eprintln!("pixmesh: invalid configuration: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
@@ -483,6 +569,19 @@ async fn run(
             let c = config.ambassador.redis;
             let (redis, admin) = (bind("redis ambassador", c.listen).await?, bind("ambassador admin", c.admin_listen).await?);
             pixmesh_ambassador::redis::run(c, redis, admin, shutdown).await.map_err(anyhow::Error::msg)
+        }
+        Command::Sidecar(Sidecar::Metrics { .. }) => {
+            let c = config.sidecar.metrics;
+            let http = bind("sidecar metrics", c.listen).await?;
+            pixmesh_sidecar::run_metrics(c, http, shutdown).await.map_err(anyhow::Error::msg)
+        }
+        Command::Sidecar(Sidecar::Health { .. }) => {
+            let c = config.sidecar.health;
+            let http = bind("sidecar health", c.listen).await?;
+            pixmesh_sidecar::run_health(c, http, shutdown).await.map_err(anyhow::Error::msg)
+        }
+        Command::Sidecar(Sidecar::Logs { .. }) => {
+            pixmesh_sidecar::run_logs(config.sidecar.logs, shutdown).await.map_err(anyhow::Error::msg)
         }
         Command::Thumbnail(_) | Command::Openapi | Command::Submit(_) | Command::Health(_) => Ok(()),
         Command::Admin(Admin::RebuildViews) => {
