@@ -60,14 +60,6 @@ impl Ambassador {
     }
 }
 
-async fn three() -> Vec<RedisServer> {
-    let mut out = Vec::new();
-    for _ in 0..3 {
-        out.push(RedisServer::start().await.unwrap());
-    }
-    out
-}
-
 fn ring_of(shards: &[RedisServer]) -> Ring {
     let names: Vec<String> = shards.iter().map(|s| s.addr()).collect();
     Ring::new(names.iter().enumerate().map(|(i, n)| (i, n.as_str(), 1)))
@@ -83,7 +75,7 @@ fn ok() -> Reply {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_land_on_the_shard_the_ring_names_and_a_pipeline_keeps_its_order() {
-    let shards = three().await;
+    let shards = RedisServer::start_many(3).await.unwrap();
     let amb = Ambassador::start(&shards.iter().collect::<Vec<_>>(), |_| {}).await;
     let ring = ring_of(&shards);
     let mut c = amb.client().await;
@@ -154,7 +146,7 @@ async fn keys_land_on_the_shard_the_ring_names_and_a_pipeline_keeps_its_order() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_key_commands_are_split_merged_or_refused_with_a_reason() {
-    let shards = three().await;
+    let shards = RedisServer::start_many(3).await.unwrap();
     let amb = Ambassador::start(&shards.iter().collect::<Vec<_>>(), |_| {}).await;
     let ring = ring_of(&shards);
     let mut c = amb.client().await;
@@ -232,7 +224,7 @@ async fn multi_key_commands_are_split_merged_or_refused_with_a_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_clients_get_an_error_and_nobody_else_notices() {
-    let shards = three().await;
+    let shards = RedisServer::start_many(3).await.unwrap();
     let amb = Ambassador::start(&shards.iter().collect::<Vec<_>>(), |c| {
         c.max_command_bytes = 4096;
         c.max_clients = 4;
@@ -277,7 +269,7 @@ async fn bad_clients_get_an_error_and_nobody_else_notices() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_shard_fails_only_its_keys_and_comes_back_without_ejection() {
-    let mut shards = three().await;
+    let mut shards = RedisServer::start_many(3).await.unwrap();
     let amb = Ambassador::start(&shards.iter().collect::<Vec<_>>(), |c| c.eject_after = 0).await;
     let ring = ring_of(&shards);
     let keys: Vec<String> = (0..300).map(|i| format!("d:{i}")).collect();
@@ -306,7 +298,7 @@ async fn a_dead_shard_fails_only_its_keys_and_comes_back_without_ejection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_shard_is_ejected_its_keys_move_and_it_rejoins_after_the_backoff() {
-    let mut shards = three().await;
+    let mut shards = RedisServer::start_many(3).await.unwrap();
     let amb = Ambassador::start(&shards.iter().collect::<Vec<_>>(), |c| {
         c.eject_after = 2;
         c.retry_after_ms = 1500;

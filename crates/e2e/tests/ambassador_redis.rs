@@ -9,14 +9,6 @@ use pixmesh_test_support::{Role, pixmesh_bin, promtool};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-async fn three() -> Vec<RedisServer> {
-    let mut out = Vec::new();
-    for _ in 0..3 {
-        out.push(RedisServer::start().await.unwrap());
-    }
-    out
-}
-
 fn shard_list(shards: &[RedisServer]) -> String {
     shards.iter().map(RedisServer::addr).collect::<Vec<_>>().join(",")
 }
@@ -46,7 +38,7 @@ async fn dbsizes(shards: &[RedisServer]) -> Vec<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_benchmark_and_redis_cli_run_through_it_and_keys_spread_over_the_shards() {
-    let shards = three().await;
+    let shards = RedisServer::start_many(3).await.unwrap();
     let (amb, port) = ambassador(&shards, &[]).await;
 
     // A pipeline of 16 from 20 clients: every reply an answer, none an error.
@@ -106,12 +98,12 @@ async fn redis_benchmark_and_redis_cli_run_through_it_and_keys_spread_over_the_s
 /// The keys twemproxy places are found where the ambassador looks, for each hash both have.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn it_places_keys_where_twemproxy_does() {
-    let Ok(nutcracker) = which("nutcracker") else {
+    let Some(nutcracker) = pixmesh_test_support::which("nutcracker") else {
         assert!(std::env::var_os("CI").is_none(), "CI needs nutcracker (.ci/run installs Debian's package)");
         eprintln!("skipped: needs twemproxy (Debian's nutcracker package)");
         return;
     };
-    let shards = three().await;
+    let shards = RedisServer::start_many(3).await.unwrap();
     for hash in ["fnv1a_32", "fnv1a_64", "md5"] {
         for s in &shards {
             s.client().await.unwrap().cmd(&["FLUSHALL"]).await.unwrap();
@@ -179,9 +171,4 @@ async fn a_bad_shard_list_stops_it_before_it_listens() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("use fnv1a_32, fnv1a_64 or md5"));
-}
-
-fn which(name: &str) -> Result<std::path::PathBuf, ()> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).chain([std::path::PathBuf::from("/usr/sbin")]).map(|d| d.join(name)).find(|p| p.is_file()).ok_or(())
 }

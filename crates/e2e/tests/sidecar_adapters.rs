@@ -66,7 +66,7 @@ async fn redis_info_is_served_as_prometheus_metrics_and_a_dead_redis_is_up_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_stub_status_is_served_as_prometheus_metrics() {
-    let Ok(nginx) = which("nginx") else {
+    let Some(nginx) = pixmesh_test_support::which("nginx") else {
         assert!(std::env::var_os("CI").is_none(), "CI needs nginx (.ci/run installs Debian's package)");
         eprintln!("skipped: needs nginx (Debian's package)");
         return;
@@ -128,11 +128,6 @@ impl Drop for Nginx {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
         }
     }
-}
-
-fn which(name: &str) -> Result<std::path::PathBuf, ()> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).chain([std::path::PathBuf::from("/usr/sbin")]).map(|d| d.join(name)).find(|p| p.is_file()).ok_or(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

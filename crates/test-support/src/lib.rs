@@ -365,6 +365,12 @@ fn addresses(v: &Value) -> HashMap<String, String> {
     v.as_object().map(|o| o.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect()).unwrap_or_default()
 }
 
+/// A program on the `PATH` (or in `/usr/sbin`, where Debian puts daemons), when installed.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin")]).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
 /// `promtool check metrics` on `text`: its findings (empty when clean); `None` without promtool
 /// outside CI (CI installs it, and there its absence fails the test).
 pub fn promtool(text: &str) -> Option<String> {

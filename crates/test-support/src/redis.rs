@@ -22,6 +22,15 @@ impl RedisServer {
         RedisServer::start_with_password(None).await
     }
 
+    /// `n` servers, e.g. the shards of a test.
+    pub async fn start_many(n: usize) -> anyhow::Result<Vec<RedisServer>> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(RedisServer::start().await?);
+        }
+        Ok(out)
+    }
+
     pub async fn start_with_password(password: Option<&str>) -> anyhow::Result<RedisServer> {
         let mut last = anyhow!("no port tried");
         // A free port is found by binding it; another process may take it before the server
