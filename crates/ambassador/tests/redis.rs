@@ -345,6 +345,30 @@ async fn a_failing_shard_is_ejected_its_keys_move_and_it_rejoins_after_the_backo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_dies_while_idle_is_found_and_ejected_without_traffic() {
+    let mut shards = RedisServer::start_many(3).await.unwrap();
+    let amb = Ambassador::start(&shards.iter().collect::<Vec<_>>(), |c| {
+        c.eject_after = 2;
+        c.retry_after_ms = 60_000;
+    })
+    .await;
+    assert_eq!(amb.shard_state(2).await, "up");
+    shards[2].kill().await;
+    // No client sends anything: the connection's own PINGs find it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while amb.shard_state(2).await != "ejected" {
+        assert!(Instant::now() < deadline, "never found: {}", amb.http("/shards").await.1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Its keys are served by the others at once.
+    let mut c = amb.client().await;
+    for i in 0..100 {
+        assert_eq!(c.cmd(&["SET", &format!("idle:{i}"), "v"]).await.unwrap(), ok());
+    }
+    amb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_authenticate_and_shards_are_authenticated() {
     let shard = RedisServer::start_with_password(Some("shard-secret")).await.unwrap();
     let amb = Ambassador::start(&[&shard], |c| {

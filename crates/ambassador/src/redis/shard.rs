@@ -7,7 +7,9 @@
 //! one write and one read, as in twemproxy.
 //!
 //! A failure (refused connection, reset, no reply within `timeout_ms`) fails every batch in
-//! flight on that connection with an error reply and counts against the shard. With ejection
+//! flight on that connection with an error reply and counts against the shard. An idle
+//! connection sends a `PING` every second, so a shard that goes away while nobody uses it is
+//! found (and ejected) before a client needs it. With ejection
 //! on, `eject_after` failures in a row take the shard out of the ring (its keys go to the
 //! others) until `retry_after_ms` has passed and it answers `PING` again.
 
@@ -33,6 +35,8 @@ const WRITE_BATCH: usize = 256 * 1024;
 /// [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// A connection with nothing to send for this long sends a `PING` of its own.
+const IDLE_PING: Duration = Duration::from_secs(1);
 
 /// Why a batch got no replies from its shard.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -350,7 +354,16 @@ async fn serve(stream: TcpStream, pool: &Pool, index: usize, queue: &mut mpsc::R
     let write = async {
         let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
         loop {
-            let Some(first) = queue.recv().await else { return Ok::<(), String>(()) };
+            let first = match tokio::time::timeout(IDLE_PING, queue.recv()).await {
+                Ok(Some(batch)) => batch,
+                Ok(None) => return Ok::<(), String>(()),
+                // Idle: a PING of the connection's own, so that a shard that went away is found
+                // (and ejected) before a client needs it. Its reply only has to come.
+                Err(_) => {
+                    let (reply, _) = oneshot::channel();
+                    Batch { payload: b"*1\r\n$4\r\nPING\r\n".to_vec(), count: 1, reply }
+                }
+            };
             out.clear();
             let mut next = Some(first);
             {
