@@ -41,22 +41,29 @@ where
     }
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
-        let route = Pinned::of(&request).and_then(|p| p.route.as_ref()).map(|r| r.prefix.clone()).unwrap_or_default();
+        let exporting = trace::exporting();
         // WARN, the level of the hop's root span: a log filter at `warn` still sees it, so
         // warnings name their trace too. (A span's level only decides which filters see it.)
-        let span = tracing::warn_span!(
-            "gateway",
-            otel.name = %format!("{} {route}", request.method()),
-            otel.kind = "server",
-            http.request.method = %request.method(),
-            url.path = request.uri().path(),
-            http.route = route,
-            http.response.status_code = tracing::field::Empty,
-            trace_id = tracing::field::Empty,
-        );
+        let span = if exporting {
+            let route = Pinned::of(&request).and_then(|p| p.route.as_ref()).map(|r| r.prefix.as_str()).unwrap_or_default();
+            tracing::warn_span!(
+                "gateway",
+                otel.name = %format_args!("{} {route}", request.method()),
+                otel.kind = "server",
+                http.request.method = %request.method(),
+                url.path = request.uri().path(),
+                http.route = route,
+                http.response.status_code = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
+            )
+        } else {
+            // Nothing is exported: the span only gives the request's log lines their trace
+            // (the access log has the rest), and costs no formatting of fields nobody reads.
+            tracing::warn_span!("gateway", trace_id = tracing::field::Empty)
+        };
         let incoming = request.headers().get(HEADER);
         trace::continue_from(&span, incoming.and_then(|v| v.to_str().ok()));
-        let upstream = if trace::exporting() { trace::outgoing(&span, None) } else { None };
+        let upstream = if exporting { trace::outgoing(&span, None) } else { None };
         let value = upstream.unwrap_or_else(|| {
             let value = next(incoming);
             // (A new trace started here: its id is known only now.)
