@@ -186,7 +186,8 @@ impl Session {
         let mut upper = [0u8; 24];
         let name = commands::upper(arg(0), &mut upper);
         let kind = commands::kind(name);
-        let shown = String::from_utf8_lossy(arg(0)).to_lowercase();
+        // The name as errors show it, made only for an error (not per routed command).
+        let shown = || String::from_utf8_lossy(arg(0)).to_lowercase();
         if self.settings.password.is_some() && !self.authed && !matches!(name, b"AUTH" | b"QUIT") {
             return round.error("NOAUTH Authentication required.");
         }
@@ -202,7 +203,7 @@ impl Session {
         match kind {
             Kind::Single => {
                 if args.len() < 2 {
-                    return round.error(&format!("wrong number of arguments for '{shown}' command"));
+                    return round.error(&format!("wrong number of arguments for '{}' command", shown()));
                 }
                 let Some(shard) = shard_of(arg(1)) else { return round.error(no_shard) };
                 let index = round.queue(shard, forward);
@@ -211,7 +212,7 @@ impl Session {
             Kind::SplitArray | Kind::SplitSum | Kind::SplitPairs => {
                 let step = if kind == Kind::SplitPairs { 2 } else { 1 };
                 if args.len() < 2 || !(args.len() - 1).is_multiple_of(step) {
-                    return round.error(&format!("wrong number of arguments for '{shown}' command"));
+                    return round.error(&format!("wrong number of arguments for '{}' command", shown()));
                 }
                 let mut shards = Vec::with_capacity((args.len() - 1) / step);
                 for i in (1..args.len()).step_by(step) {
@@ -224,13 +225,13 @@ impl Session {
                     let index = round.queue(shard, forward);
                     return round.slots.push(Slot::Routed { shard, index });
                 }
-                self.split(kind, &shown, raw, args, &shards, round);
+                self.split(kind, raw, args, &shards, round);
             }
             Kind::Together(keys) => {
                 let count_at = |i: usize| args.get(i).and_then(|r| std::str::from_utf8(&raw[r.clone()]).ok()?.parse().ok());
                 let keys = match commands::together_keys(keys, args.len(), count_at) {
                     Ok(keys) => keys,
-                    Err(why) => return round.error(&format!("pixmesh ambassador: cannot route '{shown}': {why}")),
+                    Err(why) => return round.error(&format!("pixmesh ambassador: cannot route '{}': {why}", shown())),
                 };
                 let mut target = None;
                 for &k in &keys {
@@ -243,7 +244,7 @@ impl Session {
                             ),
                             None => "set ambassador.redis.hash_tag and give them one hash tag".to_string(),
                         };
-                        return round.error(&format!("pixmesh ambassador: the keys of '{shown}' are on different shards; {hint}"));
+                        return round.error(&format!("pixmesh ambassador: the keys of '{}' are on different shards; {hint}", shown()));
                     }
                     target = Some(shard);
                 }
@@ -251,14 +252,14 @@ impl Session {
                 let index = round.queue(shard, forward);
                 round.slots.push(Slot::Routed { shard, index });
             }
-            Kind::Local => self.local(name, &shown, raw, args, round),
-            Kind::Refused(why) => round.error(&format!("pixmesh ambassador: '{shown}' is not supported: {why}")),
-            Kind::Unknown => round.error(&format!("unknown command '{shown}'")),
+            Kind::Local => self.local(name, raw, args, round),
+            Kind::Refused(why) => round.error(&format!("pixmesh ambassador: '{}' is not supported: {why}", shown())),
+            Kind::Unknown => round.error(&format!("unknown command '{}'", shown())),
         }
     }
 
     /// Splits a multi-key command into one command per shard.
-    fn split(&self, kind: Kind, shown: &str, raw: &[u8], args: &[Range<usize>], shards: &[usize], round: &mut Round) {
+    fn split(&self, kind: Kind, raw: &[u8], args: &[Range<usize>], shards: &[usize], round: &mut Round) {
         let step = if kind == Kind::SplitPairs { 2 } else { 1 };
         let mut distinct: Vec<usize> = shards.to_vec();
         distinct.sort_unstable();
@@ -289,14 +290,14 @@ impl Session {
             Kind::SplitSum => Merge::Sum,
             _ => Merge::Ok,
         };
-        let _ = shown;
         round.slots.push(Slot::Split(Box::new(SplitPlan { merge, parts, order })));
     }
 
     /// The commands the ambassador answers itself.
-    fn local(&mut self, name: &[u8], shown: &str, raw: &[u8], args: &[Range<usize>], round: &mut Round) {
+    fn local(&mut self, name: &[u8], raw: &[u8], args: &[Range<usize>], round: &mut Round) {
         let arg = |i: usize| &raw[args[i].clone()];
-        let arity = |round: &mut Round| round.error(&format!("wrong number of arguments for '{shown}' command"));
+        let shown = || String::from_utf8_lossy(arg(0)).to_lowercase();
+        let arity = |round: &mut Round| round.error(&format!("wrong number of arguments for '{}' command", shown()));
         match name {
             b"PING" => match args.len() {
                 1 => round.local(|out| out.extend_from_slice(b"+PONG\r\n")),
