@@ -103,6 +103,12 @@ impl Conn {
         }
     }
 
+    /// Resolves when the table closes this connection (evicted at the cap); for the time
+    /// before its watchdog runs, such as a TLS handshake.
+    pub fn close_requested(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.close.cancelled()
+    }
+
     fn shut(&self, why: Close) {
         if let Ok(mut w) = self.why.lock() {
             *w = why;
@@ -377,17 +383,18 @@ impl Watch {
     }
 }
 
-/// The socket, with reads reported to the connection's book-keeping, and its watchdog.
-pub fn watched(tcp: TcpStream, conn: Arc<Conn>) -> (Watched, Watch) {
+/// The socket (plain TCP, or TLS over it), with reads reported to the connection's
+/// book-keeping, and its watchdog.
+pub fn watched<IO>(tcp: IO, conn: Arc<Conn>) -> (Watched<IO>, Watch) {
     (Watched { tcp, conn: Arc::clone(&conn) }, Watch { conn })
 }
 
-pub struct Watched {
-    tcp: TcpStream,
+pub struct Watched<IO = TcpStream> {
+    tcp: IO,
     conn: Arc<Conn>,
 }
 
-impl AsyncRead for Watched {
+impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.tcp).poll_read(cx, buf);
@@ -398,7 +405,7 @@ impl AsyncRead for Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.tcp).poll_write(cx, buf)
     }

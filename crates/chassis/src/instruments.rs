@@ -21,6 +21,10 @@ pub const HTTP_ACCEPT_ERRORS: &str = "pixmesh_http_accept_errors_total";
 pub const HTTP_REQUESTS_REFUSED: &str = "pixmesh_http_requests_refused_total";
 /// Hybrid-logical-clock times received too far ahead to adopt, by peer.
 pub const CLOCK_OFFSET_REJECTED: &str = "pixmesh_clock_offset_rejected_total";
+/// TLS handshakes on a listener, by outcome (ok, failed, timeout).
+pub const TLS_HANDSHAKES: &str = "pixmesh_tls_handshakes_total";
+/// Reloads of a listener's TLS certificate files, by outcome (ok, failed).
+pub const TLS_RELOADS: &str = "pixmesh_tls_reloads_total";
 
 /// Every name above (the dashboard in `deploy/grafana` may use no other).
 pub const NAMES: &[&str] = &[
@@ -32,6 +36,8 @@ pub const NAMES: &[&str] = &[
     HTTP_ACCEPT_ERRORS,
     HTTP_REQUESTS_REFUSED,
     CLOCK_OFFSET_REJECTED,
+    TLS_HANDSHAKES,
+    TLS_RELOADS,
 ];
 
 /// Gives each metric its help text and unit (the `# HELP` lines of the exposition).
@@ -60,6 +66,8 @@ pub fn describe() {
         "Requests refused before routing (target or header block too large), by reason"
     );
     metrics::describe_counter!(CLOCK_OFFSET_REJECTED, Unit::Count, "Hybrid-logical-clock times received too far ahead to adopt, by peer");
+    metrics::describe_counter!(TLS_HANDSHAKES, Unit::Count, "TLS handshakes on a listener, by outcome (ok, failed, timeout)");
+    metrics::describe_counter!(TLS_RELOADS, Unit::Count, "Reloads of a listener's TLS certificate files, by outcome (ok, failed)");
 }
 
 /// A gRPC status code as the `rpc_grpc_status_code` label: its number, as OpenTelemetry has it.

@@ -9,6 +9,7 @@
 //! - [`serve`]: serving an axum router on an already-bound listener until shutdown, with
 //!   header-read and idle timeouts and a connection cap ([`conn`]) and JSON 414/431 refusals
 //!   ([`request_limits`]).
+//! - [`tls`]: TLS on a listener (rustls), certificates reloaded on change, client certificates.
 //! - [`multipart`]: which part of a `multipart/form-data` upload is the image, and the parser that finds it.
 
 pub mod admin;
@@ -27,6 +28,7 @@ pub mod shutdown;
 pub mod signed_url;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
 pub mod trace;
 
 pub use error::{ApiError, ErrorBody, ErrorCode};

@@ -23,6 +23,7 @@ use crate::admin::{self, Readiness};
 use crate::announce::Announcement;
 use crate::conn::{Close, ConnTable};
 use crate::shutdown::Shutdown;
+use crate::tls::{PeerIdentity, Tls};
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -117,9 +118,24 @@ pub async fn serve(
     grace: Duration,
     limits: ConnectionLimits,
 ) -> std::io::Result<()> {
+    serve_tls(name, listener, app, shutdown, grace, limits, None).await
+}
+
+/// [`serve`], speaking TLS when `tls` is given: the handshake runs on the connection's own task
+/// and must end within the header-read timeout; a verified client certificate's name goes into
+/// every request of the connection as a [`PeerIdentity`].
+pub async fn serve_tls(
+    name: &'static str,
+    listener: TcpListener,
+    app: Router,
+    shutdown: Shutdown,
+    grace: Duration,
+    limits: ConnectionLimits,
+    tls: Option<Arc<Tls>>,
+) -> std::io::Result<()> {
     let local = listener.local_addr()?;
     let cap = limits.connection_cap();
-    tracing::info!(listener = name, addr = %local, max_connections = cap, "serving");
+    tracing::info!(listener = name, addr = %local, max_connections = cap, tls = tls.is_some(), "serving");
     let app = app.layer(crate::request_limits::RequestLimitsLayer::new(&limits));
     let builder = Arc::new(builder(&limits));
     let table = ConnTable::new(name, cap, limits);
@@ -162,42 +178,41 @@ pub async fn serve(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
         let conn = table.open();
-        let (io, watch) = crate::conn::watched(tcp, Arc::clone(&conn));
         let app = app.clone();
-        let tracked = Arc::clone(&conn);
-        let service = hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
-            request.extensions_mut().insert(ConnectInfo(peer));
-            let busy = tracked.request_started();
-            let response = app.clone().oneshot(request.map(axum::body::Body::new));
-            async move {
-                let response = response.await?;
-                Ok::<_, std::convert::Infallible>(response.map(|body| axum::body::Body::new(crate::conn::Tracked::new(body, busy))))
-            }
-        });
         let builder = Arc::clone(&builder);
         let stop = shutdown.clone();
         let table_for_task = Arc::clone(&table);
+        let tls = tls.clone();
+        let handshake_timeout = limits.header_read_timeout();
         connections.spawn(async move {
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-            tokio::pin!(connection);
-            let outcome = tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+            let served = Served { peer, conn: Arc::clone(&conn), app, stop, grace };
+            let outcome = match tls {
+                None => served.drive(tcp, None, &builder).await,
+                Some(tls) => {
+                    let handshake = tokio::time::timeout(handshake_timeout, tls.acceptor().accept(tcp));
+                    let handshake = tokio::select! {
+                        done = handshake => Some(done),
+                        _ = conn.close_requested() => None,
+                    };
+                    match handshake {
+                        Some(Ok(Ok(stream))) => {
+                            metrics::counter!(crate::instruments::TLS_HANDSHAKES, "outcome" => "ok").increment(1);
+                            let identity = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(crate::tls::identity);
+                            served.drive(stream, identity, &builder).await
+                        }
+                        Some(Ok(Err(e))) => {
+                            metrics::counter!(crate::instruments::TLS_HANDSHAKES, "outcome" => "failed").increment(1);
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            None
+                        }
+                        Some(Err(_)) => {
+                            metrics::counter!(crate::instruments::TLS_HANDSHAKES, "outcome" => "timeout").increment(1);
+                            Some(Close::HeaderTimeout)
+                        }
+                        None => Some(Close::Evicted),
                     }
-                    None
-                }
-                why = watch.closed() => Some(why),
-                _ = stop.wait() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(grace, connection.as_mut()).await;
-                    None
                 }
             };
-            if let Some(why) = outcome {
-                // Dropping the connection closes the socket; nothing was in flight on it.
-                tracing::debug!(%peer, reason = why.as_str(), "connection closed");
-            }
             table_for_task.close(&conn, outcome.unwrap_or(Close::Ended));
         });
     }
@@ -216,6 +231,60 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// One accepted connection, to be served once its stream (plain or TLS) is ready.
+struct Served {
+    peer: std::net::SocketAddr,
+    conn: Arc<crate::conn::Conn>,
+    app: Router,
+    stop: Shutdown,
+    grace: Duration,
+}
+
+impl Served {
+    /// Serves the connection's requests until it ends, the watchdog closes it (the reason is
+    /// returned) or shutdown drains it.
+    async fn drive<IO>(self, io: IO, identity: Option<PeerIdentity>, builder: &auto::Builder<TokioExecutor>) -> Option<Close>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Served { peer, conn, app, stop, grace } = self;
+        let (io, watch) = crate::conn::watched(io, Arc::clone(&conn));
+        let service = hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            if let Some(identity) = &identity {
+                request.extensions_mut().insert(identity.clone());
+            }
+            let busy = conn.request_started();
+            let response = app.clone().oneshot(request.map(axum::body::Body::new));
+            async move {
+                let response = response.await?;
+                Ok::<_, std::convert::Infallible>(response.map(|body| axum::body::Body::new(crate::conn::Tracked::new(body, busy))))
+            }
+        });
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        let outcome = tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                }
+                None
+            }
+            why = watch.closed() => Some(why),
+            _ = stop.wait() => {
+                connection.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(grace, connection.as_mut()).await;
+                None
+            }
+        };
+        if let Some(why) = outcome {
+            // Dropping the connection closes the socket; nothing was in flight on it.
+            tracing::debug!(%peer, reason = why.as_str(), "connection closed");
+        }
+        outcome
+    }
 }
 
 /// hyper's connection settings. Its own limits sit at four times ours, so that within them a
@@ -274,6 +343,26 @@ where
     F: FnOnce(Readiness) -> Fut,
     Fut: std::future::Future<Output = std::io::Result<Router>>,
 {
+    http_role_tls(role, http_listener, admin_listener, shutdown, grace, limits, None, build).await
+}
+
+/// [`http_role`], its HTTP listener speaking TLS when `tls` is given (certificate files
+/// reloaded on change while it serves).
+#[allow(clippy::too_many_arguments)] // http_role's arguments, plus the TLS
+pub async fn http_role_tls<F, Fut>(
+    role: &'static str,
+    http_listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: Shutdown,
+    grace: Duration,
+    limits: ConnectionLimits,
+    tls: Option<Arc<Tls>>,
+    build: F,
+) -> std::io::Result<()>
+where
+    F: FnOnce(Readiness) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<Router>>,
+{
     let readiness = Readiness::new();
     let http_addr = http_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
@@ -287,7 +376,11 @@ where
     };
     Announcement::new(role).with("http", http_addr).with("admin", admin_addr).print();
     readiness.set_ready(true);
-    let result = serve(role, http_listener, app, shutdown, grace, limits).await;
+    let reloading = tls.clone().map(|tls| tokio::spawn(tls.watch(shutdown.clone())));
+    let result = serve_tls(role, http_listener, app, shutdown, grace, limits, tls).await;
+    if let Some(task) = reloading {
+        task.abort();
+    }
     admin_server.stop().await;
     result
 }

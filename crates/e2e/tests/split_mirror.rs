@@ -159,15 +159,32 @@ async fn a_mirror_copies_requests_to_a_shadow_that_never_answers_and_the_client_
         &config,
         &format!("legacy = {:?}\nshadow = \"http://{shadow_addr}\"", legacy.url),
         "[[gateway.routes]]\nprefix = \"/legacy\"\nupstream = \"legacy\"\nstrip_prefix = true\nmax_body_bytes = 1048576\n\
-         mirror = { upstream = \"shadow\", percent = 100, max_body_bytes = 65536, max_in_flight = 4, timeout_ms = 3000 }\n",
+         mirror = { upstream = \"shadow\", percent = 100, max_body_bytes = 65536, max_in_flight = 4, timeout_ms = 6000 }\n",
     );
     let gateway = Role::start("gateway", Some(&config), &[], &[("PIXMESH_API_KEY", KEY)]).await.unwrap();
     let gw = format!("http://{}/legacy", gateway.addresses["http"]);
+    let admin = format!("http://{}/metrics", gateway.addresses["admin"]);
     let client = reqwest::Client::new();
     let post = |body: Vec<u8>| client.post(format!("{gw}/post?x=1")).header("x-api-key", KEY).body(body).send();
+    let mirrored = |outcome: &'static str| {
+        let (client, admin) = (client.clone(), admin.clone());
+        async move { mirror_count(&client.get(admin).send().await.unwrap().text().await.unwrap(), outcome) }
+    };
+    // The copies travel on tasks of their own: they reach the shadow in their own time and
+    // order, so the test waits (bounded) for what it expects rather than for a fixed time.
+    let seen_reaches = |n: usize| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while seen.lock().unwrap().len() < n && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
 
     // Ten POSTs while the shadow never answers: each answered by httpbin at once, its body
-    // whole; four copies are outstanding at most, the rest skipped.
+    // whole; four copies are outstanding at most (the first four, which hold their places for
+    // the mirror's 6 s timeout), the rest skipped.
     for i in 0..10u8 {
         let body = vec![b'a' + i; 1000];
         let started = Instant::now();
@@ -177,31 +194,41 @@ async fn a_mirror_copies_requests_to_a_shadow_that_never_answers_and_the_client_
         assert_eq!(echoed["data"].as_str().unwrap().as_bytes(), &body[..], "the primary gets the whole body");
         assert!(started.elapsed() < Duration::from_secs(2), "the client never waits for the shadow: {:?}", started.elapsed());
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    seen_reaches(4).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     {
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 4, "max_in_flight copies, the rest skipped");
-        for (i, (method, uri, shadowed, body)) in seen.iter().enumerate() {
+        let mut bodies: Vec<Vec<u8>> = seen.iter().map(|(_, _, _, body)| body.to_vec()).collect();
+        bodies.sort();
+        for (i, (method, uri, shadowed, _)) in seen.iter().enumerate() {
             assert_eq!((method.as_str(), uri.as_str(), *shadowed), ("POST", "/post?x=1", true));
-            assert_eq!(&body[..], &vec![b'a' + i as u8; 1000][..], "the copy has the client's body");
+            assert_eq!(bodies[i], vec![b'a' + i as u8; 1000], "the copies have the client's bodies");
         }
     }
+    assert!(mirrored("skipped").await >= 6.0, "six over max_in_flight");
 
     // After their timeout the copies give their places back; a body over the mirror's limit
     // reaches the primary whole and is not copied.
-    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while mirrored("failed").await < 4.0 {
+        assert!(Instant::now() < deadline, "the four copies never timed out");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let big = vec![b'z'; 100_000];
     let res = post(big.clone()).await.unwrap();
     let echoed: Value = res.json().await.unwrap();
     assert_eq!(echoed["data"].as_str().unwrap().len(), big.len());
     let res = post(b"small".to_vec()).await.unwrap();
     assert_eq!(res.status(), 200);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    seen_reaches(5).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     {
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 5, "the big body was not mirrored, the small one was");
         assert_eq!(&seen[4].3[..], b"small");
     }
+    assert!(mirrored("skipped").await >= 7.0, "six over max_in_flight and the big body");
 
     // The shadow gone: the client does not notice.
     shadow_task.abort();
@@ -211,14 +238,20 @@ async fn a_mirror_copies_requests_to_a_shadow_that_never_answers_and_the_client_
         assert_eq!(client.get(format!("{gw}/get")).header("x-api-key", KEY).send().await.unwrap().status(), 200);
         assert!(started.elapsed() < Duration::from_secs(2));
     }
-    let metrics = client.get(format!("http://{}/metrics", gateway.addresses["admin"])).send().await.unwrap().text().await.unwrap();
-    let count = |outcome: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with("pixmesh_gateway_mirror_requests_total") && l.contains(&format!("outcome=\"{outcome}\"")))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0.0)
-    };
-    assert!(count("skipped") >= 7.0, "six over max_in_flight and the big body: {metrics}");
-    assert!(count("failed") >= 4.0, "the four that timed out: {metrics}");
+    // Five GETs found the shadow gone (refused, or ejected after failures): none answered.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mirrored("failed").await + mirrored("skipped").await < 4.0 + 7.0 + 5.0 {
+        assert!(Instant::now() < deadline, "the copies of the five GETs never ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(mirrored("answered").await, 0.0);
+}
+
+/// A `pixmesh_gateway_mirror_requests_total` count from a `/metrics` text, by outcome.
+fn mirror_count(metrics: &str, outcome: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with("pixmesh_gateway_mirror_requests_total") && l.contains(&format!("outcome=\"{outcome}\"")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
 }

@@ -57,6 +57,9 @@ pub struct GatewayConfig {
     pub signed_urls: pixmesh_chassis::signed_url::SignedUrlConfig,
     /// What `GET /api/cluster` composes (`[gateway.cluster]`). Read at start.
     pub cluster: crate::cluster::ClusterConfig,
+    /// TLS on the public listener (`[gateway.tls]`): certificate files (reloaded when they
+    /// change) and client certificates. Without a certificate the listener speaks plain HTTP.
+    pub tls: pixmesh_chassis::tls::TlsConfig,
 }
 
 /// An upstream pool: `"http://a:1"`, `["http://a:1", "http://b:1"]`, or
@@ -271,8 +274,15 @@ impl Default for ImageLimitsConfig {
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyConfig {
     pub name: String,
-    /// Hex SHA-256 of the key.
+    /// Hex SHA-256 of the key. May be left out when `tls_name` is given (a client that only
+    /// ever authenticates with its certificate).
+    #[serde(default)]
     pub sha256: String,
+    /// A verified client certificate (mTLS, `[gateway.tls] client_auth`) whose name is this one
+    /// (its first DNS or URI subject alternative name, such as a SPIFFE ID, or else its common
+    /// name) authenticates as this client, without a key: same rate, limits and jobs.
+    #[serde(default)]
+    pub tls_name: Option<String>,
     /// This key's rate (`"N/s"`, `"N/m"`, `"N/h"`, `"off"`); the gateway's `rate` if absent.
     #[serde(default)]
     pub rate: Option<String>,
@@ -362,6 +372,7 @@ impl Default for GatewayConfig {
             connections: pixmesh_chassis::serve::ConnectionLimits::default(),
             signed_urls: Default::default(),
             cluster: Default::default(),
+            tls: Default::default(),
         }
     }
 }
@@ -491,6 +502,7 @@ impl GatewayConfig {
 
         parse_rate(&self.rate).map_err(|e| format!("gateway.rate: {e}"))?;
         self.connections.validate("gateway.connections")?;
+        self.tls.validate("gateway.tls")?;
         for k in &self.api_keys {
             k.validate()?;
         }
@@ -500,7 +512,11 @@ impl GatewayConfig {
 
 impl ApiKeyConfig {
     pub fn validate(&self) -> Result<(), String> {
-        crate::keys::parse_hash(&self.sha256).map_err(|e| format!("gateway api key {}: {e}", self.name))?;
+        match (&self.tls_name, self.sha256.is_empty()) {
+            (Some(name), _) if name.is_empty() => return Err(format!("gateway api key {}: tls_name is empty", self.name)),
+            (Some(_), true) => {}
+            _ => drop(crate::keys::parse_hash(&self.sha256).map_err(|e| format!("gateway api key {}: {e}", self.name))?),
+        }
         if let Some(rate) = &self.rate {
             parse_rate(rate).map_err(|e| format!("gateway api key {}: {e}", self.name))?;
         }

@@ -36,7 +36,10 @@ pub struct Client {
 
 #[derive(Debug)]
 struct Key {
-    hash: [u8; 32],
+    /// `None` for a client known by its certificate only.
+    hash: Option<[u8; 32]>,
+    /// The client-certificate name that authenticates as this client.
+    tls_name: Option<String>,
     client: Arc<Client>,
 }
 
@@ -84,25 +87,33 @@ impl ApiKeys {
         admins: &[(String, String)],
         previous: Option<&ApiKeys>,
     ) -> Result<ApiKeys, String> {
-        let mut entries: Vec<(ApiKeyConfig, [u8; 32])> = Vec::new();
+        let mut entries: Vec<(ApiKeyConfig, Option<[u8; 32]>)> = Vec::new();
+        let hash_of = |k: &ApiKeyConfig| -> Result<Option<[u8; 32]>, String> {
+            if k.sha256.is_empty() && k.tls_name.is_some() {
+                return Ok(None);
+            }
+            parse_hash(&k.sha256).map(Some).map_err(|e| format!("API key {}: {e}", k.name))
+        };
         for k in &config.api_keys {
-            entries.push((k.clone(), parse_hash(&k.sha256).map_err(|e| format!("API key {}: {e}", k.name))?));
+            entries.push((k.clone(), hash_of(k)?));
         }
         if let Some(path) = &config.api_keys_file {
             let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read API keys file {}: {e}", path.display()))?;
             let file: KeysFile = toml::from_str(&text).map_err(|e| format!("API keys file {}: {}", path.display(), e.message()))?;
             for k in file.keys {
                 k.validate().map_err(|e| format!("API keys file {}: {e}", path.display()))?;
-                let hash = parse_hash(&k.sha256).map_err(|e| format!("API key {}: {e}", k.name))?;
+                let hash = hash_of(&k)?;
                 entries.push((k, hash));
             }
         }
         for (name, key) in plain {
-            entries.push((ApiKeyConfig { name: name.clone(), ..ApiKeyConfig::default() }, Sha256::digest(key.as_bytes()).into()));
+            entries.push((ApiKeyConfig { name: name.clone(), ..ApiKeyConfig::default() }, Some(Sha256::digest(key.as_bytes()).into())));
         }
         for (name, key) in admins {
-            entries
-                .push((ApiKeyConfig { name: name.clone(), admin: true, ..ApiKeyConfig::default() }, Sha256::digest(key.as_bytes()).into()));
+            entries.push((
+                ApiKeyConfig { name: name.clone(), admin: true, ..ApiKeyConfig::default() },
+                Some(Sha256::digest(key.as_bytes()).into()),
+            ));
         }
         // Jobs belong to a key's name: two keys with one name would read each other's jobs.
         let mut names: Vec<&str> = entries.iter().map(|(k, _)| k.name.as_str()).collect();
@@ -126,7 +137,8 @@ impl ApiKeys {
                 max_output_side: k.max_output_side,
                 presets: k.presets,
             };
-            keys.keys.push(Key { hash, client: Arc::new(Client { name: k.name, admin: k.admin, limits, limiter, quota }) });
+            let tls_name = k.tls_name;
+            keys.keys.push(Key { hash, tls_name, client: Arc::new(Client { name: k.name, admin: k.admin, limits, limiter, quota }) });
         }
         Ok(keys)
     }
@@ -149,11 +161,17 @@ impl ApiKeys {
         let hash: [u8; 32] = Sha256::digest(presented).into();
         let mut found = None;
         for key in &self.keys {
-            if bool::from(key.hash.ct_eq(&hash)) && found.is_none() {
+            let Some(stored) = &key.hash else { continue };
+            if bool::from(stored.ct_eq(&hash)) && found.is_none() {
                 found = Some(&key.client);
             }
         }
         found
+    }
+
+    /// The client a verified client certificate of this name authenticates as (`tls_name`).
+    pub fn by_certificate(&self, name: &str) -> Option<&Arc<Client>> {
+        self.keys.iter().find(|k| k.tls_name.as_deref() == Some(name)).map(|k| &k.client)
     }
 }
 
@@ -204,6 +222,21 @@ mod tests {
         let faster = ApiKeyConfig { rate: Some("5/s".into()), ..slow };
         let reloaded = ApiKeys::load(&config_with(vec![faster]), &[], Some(&keys)).unwrap();
         assert!(reloaded.check(b"s").unwrap().limiter.as_ref().unwrap().check().is_ok());
+    }
+
+    #[test]
+    fn a_client_may_be_known_by_its_certificate_name_alone() {
+        let by_cert = ApiKeyConfig { name: "billing".into(), tls_name: Some("billing.internal".into()), ..Default::default() };
+        let both =
+            ApiKeyConfig { name: "ops".into(), sha256: hash_key("o"), tls_name: Some("spiffe://x/ops".into()), ..Default::default() };
+        let keys = ApiKeys::load(&config_with(vec![by_cert, both]), &[], None).unwrap();
+        assert_eq!(keys.by_certificate("billing.internal").unwrap().name, "billing");
+        assert_eq!(keys.by_certificate("spiffe://x/ops").unwrap().name, "ops");
+        assert_eq!(keys.check(b"o").unwrap().name, "ops");
+        assert!(keys.by_certificate("billing").is_none(), "the certificate's name, not the client's");
+        assert!(keys.check(b"").is_none(), "a certificate-only client has no key to match");
+        let neither = ApiKeyConfig { name: "x".into(), ..Default::default() };
+        assert!(neither.validate().unwrap_err().contains("64 hex"));
     }
 
     #[test]

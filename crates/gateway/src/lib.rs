@@ -20,28 +20,41 @@ pub mod split;
 pub mod stack;
 pub mod upstream;
 
-pub use config::{GatewayConfig, ImageLimitsConfig, RouteConfig, UpstreamConfig};
+pub use config::{ApiKeyConfig, GatewayConfig, ImageLimitsConfig, RouteConfig, UpstreamConfig};
 pub use reload::Source;
 
 use arc_swap::ArcSwap;
 use pixmesh_chassis::Shutdown;
+use pixmesh_chassis::tls::Tls;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-/// A configuration generation loaded and checked, keys file included, before any port is bound.
+/// A configuration generation loaded and checked, keys file and TLS files included, before any
+/// port is bound.
 pub struct Prepared {
     source: Source,
     config: GatewayConfig,
     snapshot: snapshot::Snapshot,
     stamps: reload::Stamps,
+    tls: Option<Arc<Tls>>,
 }
 
-/// Loads and validates the configuration and reads the API keys, without binding anything.
+/// What the gateway's stack fronts: pixmesh's own public API, or one application it does not
+/// own, as the inbound side of `pixmesh sidecar` (see [`stack::inbound`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    Api,
+    Sidecar,
+}
+
+/// Loads and validates the configuration and reads the API keys and TLS files, without
+/// binding anything.
 pub fn prepare(source: Source) -> Result<Prepared, String> {
     let (config, snapshot) = source.build(None)?;
     let stamps = reload::stamps(&source, &config);
-    Ok(Prepared { source, config, snapshot, stamps })
+    let tls = Tls::load(&config.tls).map_err(|e| e.to_string())?;
+    Ok(Prepared { source, config, snapshot, stamps, tls })
 }
 
 /// Serves the gateway on `http` until `shutdown`, with the configuration `source` gives now
@@ -53,11 +66,23 @@ pub async fn run(source: Source, http: TcpListener, admin: TcpListener, shutdown
 
 /// Serves a [`prepare`]d gateway on `http` until `shutdown`.
 pub async fn serve(prepared: Prepared, http: TcpListener, admin: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
-    let Prepared { source, config, snapshot, stamps } = prepared;
+    serve_as(Surface::Api, "gateway", prepared, http, admin, shutdown).await
+}
+
+/// Serves a [`prepare`]d configuration as `role`, in front of `surface`, until `shutdown`.
+pub async fn serve_as(
+    surface: Surface,
+    role: &'static str,
+    prepared: Prepared,
+    http: TcpListener,
+    admin: TcpListener,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
+    let Prepared { source, config, snapshot, stamps, tls } = prepared;
     if config.require_api_key && snapshot.keys.is_empty() {
         tracing::warn!("no API keys are configured: every request will be refused with 401");
     }
-    tracing::info!(config = %snapshot.summary, "gateway configuration loaded");
+    tracing::info!(config = %snapshot.summary, tls = tls.is_some(), "{role} configuration loaded");
     let grace = Duration::from_millis(config.drain_grace_ms);
     // Connection limits belong to the listener: read at start, not reloaded.
     let limits = config.connections;
@@ -67,8 +92,11 @@ pub async fn serve(prepared: Prepared, http: TcpListener, admin: TcpListener, sh
     let cluster = cluster::Cluster::new(config.cluster.clone(), status);
     tokio::spawn(reload::watch(source, config, stamps, Arc::clone(&shared), shutdown.clone()));
     let streams_stop = shutdown.clone();
-    pixmesh_chassis::serve::http_role("gateway", http, admin, shutdown, grace, limits, |_| async move {
-        Ok(stack::app(shared, upstream::Clients::new(), cluster, streams_stop))
+    pixmesh_chassis::serve::http_role_tls(role, http, admin, shutdown, grace, limits, tls, |_| async move {
+        Ok(match surface {
+            Surface::Api => stack::app(shared, upstream::Clients::new(), cluster, streams_stop),
+            Surface::Sidecar => stack::inbound(shared, upstream::Clients::new(), streams_stop),
+        })
     })
     .await
 }

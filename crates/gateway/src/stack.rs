@@ -42,3 +42,27 @@ pub fn app(shared: Shared, clients: Clients, cluster: Cluster, shutdown: Shutdow
     let cluster = Router::new().route("/api/cluster", get(crate::cluster::answer)).with_state(cluster);
     Router::new().fallback(proxy::forward).with_state(clients).merge(cluster).layer(interceptors).merge(crate::console::routes())
 }
+
+/// The inbound side of `pixmesh sidecar`, in front of one application it does not own: the
+/// same interceptors minus what only pixmesh's API has (output limits, `/api/cluster`, the
+/// console), so every path is the application's. A request passes, in order:
+pub fn inbound(shared: Shared, clients: Clients, shutdown: Shutdown) -> Router {
+    let interceptors = ServiceBuilder::new()
+        // The configuration generation and route, whatever reloads.
+        .layer(PinLayer::layer(shared))
+        // An id on every response, refusals included (and passed to the application).
+        .layer(RequestIdLayer::layer())
+        // Continue the caller's trace, or start one; the application gets `traceparent`.
+        .layer(TraceparentLayer::layer())
+        // Sees every outcome below it, refusals included.
+        .layer(AccessLogLayer::layer())
+        // The caller: an `X-API-KEY`, or the TLS listener's verified client certificate.
+        .layer(ApiKeyLayer::layer())
+        // Per client.
+        .layer(RateLimitLayer::layer())
+        // Body limits (and image checks on routes that set `image`), before forwarding.
+        .layer(UploadGuardLayer::layer())
+        // Last: the route's in-flight slots and bounded queue, past them a fast 503.
+        .layer(AdmissionLayer::layer(shutdown));
+    Router::new().fallback(proxy::forward).with_state(clients).layer(interceptors)
+}

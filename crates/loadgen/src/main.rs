@@ -60,6 +60,9 @@ enum Mode {
         /// A request without its whole answer after this long counts as an error.
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
+        /// For an https:// URL: the CA certificates (PEM) to trust, and only those.
+        #[arg(long)]
+        ca: Option<std::path::PathBuf>,
     },
     /// Fixed-rate GETs at `factor` × `knee` req/s (the knee: the proxy's saturation throughput,
     /// e.g. wrk's closed-loop req/s); the same report as `rate`.
@@ -321,7 +324,7 @@ async fn flood(addr: String, path: String, clients: usize, bytes: u64, seconds: 
         });
         let url = format!("http://{addr}{path}?legit=1");
         Some(
-            fixed_rate(legit_rps, seconds, Duration::from_secs(30), || {
+            fixed_rate(&open_loop::client(None)?, legit_rps, seconds, Duration::from_secs(30), || {
                 http::Request::post(&url)
                     .header("x-api-key", &key)
                     .header("content-type", "image/jpeg")
@@ -414,9 +417,17 @@ async fn bare_proxy(listen: String, upstream: String) -> anyhow::Result<()> {
 }
 
 /// Fixed-rate GETs of `url`; the report of [`open_loop::Outcomes`].
-async fn rate(url: &str, rps: u64, seconds: u64, api_key: Option<String>, timeout_ms: u64) -> anyhow::Result<serde_json::Value> {
+async fn rate(
+    url: &str,
+    rps: u64,
+    seconds: u64,
+    api_key: Option<String>,
+    timeout_ms: u64,
+    ca: Option<&std::path::Path>,
+) -> anyhow::Result<serde_json::Value> {
     let uri: http::Uri = url.parse().context("bad URL")?;
-    let outcomes = fixed_rate(rps, seconds, Duration::from_millis(timeout_ms), || {
+    let client = open_loop::client(ca)?;
+    let outcomes = fixed_rate(&client, rps, seconds, Duration::from_millis(timeout_ms), || {
         let mut b = http::Request::get(uri.clone());
         if let Some(k) = &api_key {
             b = b.header("x-api-key", k);
@@ -432,14 +443,14 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.mode {
-            Mode::Rate { url, rps, seconds, api_key, timeout_ms } => {
-                println!("{}", rate(&url, rps, seconds, api_key, timeout_ms).await?);
+            Mode::Rate { url, rps, seconds, api_key, timeout_ms, ca } => {
+                println!("{}", rate(&url, rps, seconds, api_key, timeout_ms, ca.as_deref()).await?);
                 Ok(())
             }
             Mode::Overload { url, knee, factor, seconds, api_key, timeout_ms } => {
                 anyhow::ensure!(knee >= 1.0 && factor > 0.0, "--knee must be at least 1 req/s and --factor above 0");
                 let rps = (knee * factor).round() as u64;
-                let mut report = rate(&url, rps, seconds, api_key, timeout_ms).await?;
+                let mut report = rate(&url, rps, seconds, api_key, timeout_ms, None).await?;
                 report["knee"] = json!(knee);
                 report["factor"] = json!(factor);
                 println!("{report}");

@@ -13,20 +13,38 @@
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-pub fn client() -> HttpClient {
+/// A client for `http://` URLs, and `https://` ones trusting the CA certificates (PEM) in
+/// `ca` only (none: no HTTPS server is trusted).
+pub fn client(ca: Option<&Path>) -> anyhow::Result<HttpClient> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(ca) = ca {
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca)? {
+            roots.add(cert?)?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let mut c = HttpConnector::new();
     c.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(c)
+    c.enforce_http(false);
+    let https = HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().wrap_connector(c);
+    Ok(Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(https))
 }
 
 /// Latency percentiles of `micros`, in milliseconds.
@@ -124,11 +142,10 @@ impl Outcomes {
 
 /// Sends `make()` at `rps` for `seconds`; a request without its whole answer after `timeout`
 /// counts as an error.
-pub async fn fixed_rate<F>(rps: u64, seconds: u64, timeout: Duration, make: F) -> Outcomes
+pub async fn fixed_rate<F>(client: &HttpClient, rps: u64, seconds: u64, timeout: Duration, make: F) -> Outcomes
 where
     F: Fn() -> http::Request<Full<Bytes>>,
 {
-    let client = client();
     let outcomes =
         Arc::new(Mutex::new(Outcomes { rps, seconds, served: Vec::with_capacity((rps * seconds) as usize), ..Outcomes::default() }));
     let start = tokio::time::Instant::now();
@@ -221,7 +238,7 @@ mod tests {
     #[tokio::test]
     async fn served_refused_and_failed_requests_are_counted_apart() {
         let url = shedding_server().await;
-        let o = fixed_rate(100, 1, Duration::from_secs(10), get(&url)).await;
+        let o = fixed_rate(&client(None).unwrap(), 100, 1, Duration::from_secs(10), get(&url)).await;
         assert_eq!(o.sent, 100);
         // Of each ten: five 200s, four 503s, one without an answer.
         assert_eq!((o.served.len(), o.refused.len(), o.error_count()), (50, 40, 10), "{}", o.report());
@@ -237,7 +254,7 @@ mod tests {
     #[tokio::test]
     async fn no_server_means_connect_errors_not_a_failed_run() {
         let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let o = fixed_rate(50, 1, Duration::from_secs(10), get(&format!("http://{dead}/"))).await;
+        let o = fixed_rate(&client(None).unwrap(), 50, 1, Duration::from_secs(10), get(&format!("http://{dead}/"))).await;
         assert_eq!(o.errors.get("connect"), Some(&50));
         assert!(o.served.is_empty() && o.refused.is_empty());
         assert_eq!(o.report()["failed_share"], 1.0);
@@ -255,7 +272,7 @@ mod tests {
                 held.push(s);
             }
         });
-        let o = fixed_rate(20, 1, Duration::from_millis(200), get(&format!("http://{addr}/"))).await;
+        let o = fixed_rate(&client(None).unwrap(), 20, 1, Duration::from_millis(200), get(&format!("http://{addr}/"))).await;
         assert_eq!(o.errors.get("timeout"), Some(&20));
     }
 }

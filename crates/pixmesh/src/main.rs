@@ -100,6 +100,30 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum Sidecar {
+    /// In front of an application: TLS (certificates reloaded on change), callers' API keys or
+    /// client certificates (mTLS), per-caller rate limits, body limits, access log and metrics,
+    /// then plain HTTP to the application (the settings sidecar.inbound.*; keys as the
+    /// gateway's, PIXMESH_API_KEY included).
+    Inbound {
+        /// Where callers connect (sidecar.inbound.listen).
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<String>,
+        /// The application, http://127.0.0.1:PORT (sidecar.inbound.app).
+        #[arg(long, value_name = "URL")]
+        app: Option<String>,
+        /// The certificate chain, PEM (sidecar.inbound.tls.cert).
+        #[arg(long, value_name = "FILE")]
+        tls_cert: Option<String>,
+        /// Its private key, PEM (sidecar.inbound.tls.key).
+        #[arg(long, value_name = "FILE")]
+        tls_key: Option<String>,
+        /// CA certificates for client certificates, PEM (sidecar.inbound.tls.client_ca).
+        #[arg(long, value_name = "FILE")]
+        client_ca: Option<String>,
+        /// none, optional or required (sidecar.inbound.tls.client_auth).
+        #[arg(long, value_name = "MODE")]
+        client_auth: Option<String>,
+    },
     /// Scrape an application's own metrics (Redis INFO, nginx stub_status) and serve them as
     /// Prometheus text on /metrics (the settings sidecar.metrics.*).
     Metrics {
@@ -247,6 +271,14 @@ fn main() -> ExitCode {
     if let Command::Sidecar(sidecar) = &cli.command {
         let list = |items: &[String]| format!("[{}]", items.iter().map(|s| toml_string(s)).collect::<Vec<_>>().join(","));
         let sets: Vec<(&str, Option<String>)> = match sidecar {
+            Sidecar::Inbound { listen, app, tls_cert, tls_key, client_ca, client_auth } => vec![
+                ("sidecar.inbound.listen", listen.as_deref().map(toml_string)),
+                ("sidecar.inbound.app", app.as_deref().map(toml_string)),
+                ("sidecar.inbound.tls.cert", tls_cert.as_deref().map(toml_string)),
+                ("sidecar.inbound.tls.key", tls_key.as_deref().map(toml_string)),
+                ("sidecar.inbound.tls.client_ca", client_ca.as_deref().map(toml_string)),
+                ("sidecar.inbound.tls.client_auth", client_auth.as_deref().map(toml_string)),
+            ],
             Sidecar::Metrics { listen, source } => {
                 vec![
                     ("sidecar.metrics.listen", listen.as_deref().map(toml_string)),
@@ -369,7 +401,8 @@ fn main() -> ExitCode {
 fn describe_metrics(role: &str) {
     pixmesh_chassis::instruments::describe();
     match role {
-        "gateway" => pixmesh_gateway::instruments::describe(),
+        // The sidecar's inbound side is the gateway's stack, with its metrics.
+        "gateway" | "sidecar" => pixmesh_gateway::instruments::describe(),
         "upload" => {
             pixmesh_upload::instruments::describe();
             pixmesh_store::instruments::describe();
@@ -469,6 +502,23 @@ fn exit_with_supervisor(env: &HashMap<String, String>, shutdown: &Shutdown) {
     }
 }
 
+/// Where the gateway's stack (the gateway, the sidecar's inbound side) reads its configuration,
+/// at start and on every reload: the file, the environment and `--set`, through `section`; and
+/// the keys of `PIXMESH_API_KEY` / `PIXMESH_ADMIN_API_KEY`.
+fn gateway_source(
+    env: &HashMap<String, String>,
+    config_file: Option<PathBuf>,
+    sets: Vec<String>,
+    section: fn(Config) -> pixmesh_gateway::GatewayConfig,
+) -> pixmesh_gateway::Source {
+    let key = |name: &str, var: &str| env.get(var).filter(|k| !k.is_empty()).map(|k| (name.to_string(), k.clone())).into_iter().collect();
+    let (plain_keys, admin_keys) = (key("env", "PIXMESH_API_KEY"), key("admin", "PIXMESH_ADMIN_API_KEY"));
+    let (file, reload_env) = (config_file.clone(), env.clone());
+    let load: pixmesh_gateway::reload::LoadConfig =
+        std::sync::Arc::new(move || load_config_from(file.as_deref(), &sets, &reload_env).map(section).map_err(|e| format!("{e:#}")));
+    pixmesh_gateway::Source { load, config_file, plain_keys, admin_keys }
+}
+
 async fn run(
     command: Command,
     config: Config,
@@ -505,25 +555,21 @@ async fn run(
         }
         Command::Gateway => {
             let c = config.gateway;
-            let mut plain_keys = Vec::new();
-            if let Some(key) = env.get("PIXMESH_API_KEY").filter(|k| !k.is_empty()) {
-                plain_keys.push(("env".to_string(), key.clone()));
-            }
-            // A reload reads the same sources as the start: the file, the environment, --set.
-            let (file, reload_env, reload_sets) = (config_file.clone(), env.clone(), sets.clone());
-            let load: pixmesh_gateway::reload::LoadConfig = std::sync::Arc::new(move || {
-                load_config_from(file.as_deref(), &reload_sets, &reload_env).map(|c| c.gateway).map_err(|e| format!("{e:#}"))
-            });
-            let mut admin_keys = Vec::new();
-            if let Some(key) = env.get("PIXMESH_ADMIN_API_KEY").filter(|k| !k.is_empty()) {
-                admin_keys.push(("admin".to_string(), key.clone()));
-            }
-            let source = pixmesh_gateway::Source { load, config_file, plain_keys, admin_keys };
+            let source = gateway_source(&env, config_file, sets, |c| c.gateway);
             // The whole configuration, the keys file included, is checked before binding.
             let prepared = pixmesh_gateway::prepare(source).map_err(|e| anyhow::anyhow!("gateway configuration: {e}"))?;
             let http = bind("gateway", c.listen).await?;
             let admin = bind("gateway admin", c.admin_listen).await?;
             Ok(pixmesh_gateway::serve(prepared, http, admin, shutdown).await?)
+        }
+        Command::Sidecar(Sidecar::Inbound { .. }) => {
+            let c = config.sidecar.inbound;
+            let source = gateway_source(&env, config_file, sets, |c| c.sidecar.inbound.gateway());
+            let prepared = pixmesh_gateway::prepare(source).map_err(|e| anyhow::anyhow!("sidecar configuration: {e}"))?;
+            let http = bind("sidecar inbound", c.listen).await?;
+            let admin = bind("sidecar admin", c.admin_listen).await?;
+            let surface = pixmesh_gateway::Surface::Sidecar;
+            Ok(pixmesh_gateway::serve_as(surface, "sidecar", prepared, http, admin, shutdown).await?)
         }
         Command::Upload => {
             let mut c = config.upload;

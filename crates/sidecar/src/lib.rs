@@ -1,11 +1,16 @@
-//! `pixmesh sidecar`: beside an application pixmesh does not own, in its pod. The adapters turn
-//! what the application has into what the platform expects:
+//! `pixmesh sidecar`: beside an application pixmesh does not own, in its pod.
+//!
+//! - [`inbound`]: in front of it, TLS (mTLS too), callers' keys, rate limits, body limits,
+//!   access log and metrics, then plain HTTP to the application on localhost.
+//!
+//! The adapters turn what the application has into what the platform expects:
 //!
 //! - [`metrics`]: its own metrics (Redis `INFO`, nginx `stub_status`) as Prometheus text;
 //! - [`logs`]: its log file, followed through rotations, as JSON lines on stdout;
 //! - [`health`]: rich checks (TCP, HTTP, Redis `PING`, SQL, a command) as `/readyz`/`/healthz`.
 
 pub mod health;
+pub mod inbound;
 pub mod logs;
 pub mod metrics;
 
@@ -19,6 +24,7 @@ use tokio::net::TcpListener;
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SidecarConfig {
+    pub inbound: inbound::InboundConfig,
     pub metrics: metrics::MetricsAdapterConfig,
     pub logs: logs::LogsAdapterConfig,
     pub health: health::HealthAdapterConfig,
@@ -26,6 +32,7 @@ pub struct SidecarConfig {
 
 impl SidecarConfig {
     pub fn validate(&self) -> Result<(), String> {
+        self.inbound.validate()?;
         self.metrics.validate()?;
         self.logs.validate()?;
         self.health.validate()

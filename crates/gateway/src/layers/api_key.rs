@@ -10,12 +10,18 @@
 //! `pixmesh_chassis::signed_url`), for `GET` and `HEAD`: when its signature holds it goes on
 //! with `x-pixmesh-signed: true` and no client (the status service lets it read the one job of
 //! the signed path); when it does not, or it expired, 401 with the reason.
+//!
+//! On a TLS listener that verifies client certificates, a request without a key is the client
+//! whose `tls_name` is the certificate's name (mTLS); a certificate naming no client is refused
+//! like an unknown key. A key, when sent, decides (a proxy's one connection may carry several
+//! clients).
 
 use super::{Pinned, ResponseFuture, ready};
 use crate::keys::Client;
 use axum::body::Body;
 use axum::response::IntoResponse;
 use http::{HeaderName, HeaderValue, Request, Response};
+use pixmesh_chassis::tls::PeerIdentity;
 use pixmesh_chassis::{ApiError, ErrorCode};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -85,12 +91,22 @@ where
             };
         }
         let presented = presented.as_ref();
-        let client: Option<Arc<Client>> = presented.and_then(|v| pinned.snapshot.keys.check(v.as_bytes())).cloned();
-        let refusal = match (&client, presented) {
-            (Some(_), _) => None,
-            (None, _) if !pinned.snapshot.require_api_key => None,
-            (None, Some(_)) => Some("unknown API key; check the X-API-KEY header or ask the operator for a key"),
-            (None, None) => Some("missing X-API-KEY header; send your API key in it"),
+        // Without a key, the connection's verified client certificate (mTLS) may name a client.
+        let certificate = request.extensions().get::<PeerIdentity>().filter(|_| presented.is_none());
+        let client: Option<Arc<Client>> = match (presented, certificate) {
+            (Some(v), _) => pinned.snapshot.keys.check(v.as_bytes()).cloned(),
+            (None, Some(PeerIdentity(name))) => pinned.snapshot.keys.by_certificate(name).cloned(),
+            (None, None) => None,
+        };
+        let refusal = match (&client, presented, certificate) {
+            (Some(_), _, _) => None,
+            (None, _, _) if !pinned.snapshot.require_api_key => None,
+            (None, Some(_), _) => Some("unknown API key; check the X-API-KEY header or ask the operator for a key".to_string()),
+            (None, None, Some(PeerIdentity(name))) => Some(format!(
+                "the client certificate names {name:?}, which is no known client (no key has tls_name = {name:?}); \
+                 send an X-API-KEY or ask the operator to add it"
+            )),
+            (None, None, None) => Some("missing X-API-KEY header; send your API key in it".to_string()),
         };
         if let Some(message) = refusal {
             pinned.snapshot.metrics.auth_refused.increment(1);

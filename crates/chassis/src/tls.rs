@@ -1,0 +1,355 @@
+//! TLS on a listener: rustls (on ring, as the rest of the tree), certificate files reloaded when
+//! they change, and optional client certificates (mTLS) whose name becomes the caller's
+//! identity.
+//!
+//! The files are watched by polling their modification time and size once a second, as the
+//! gateway's configuration is: it also sees a Kubernetes Secret's symlink swap or cert-manager's
+//! rename. A new certificate serves new connections at once; open connections keep the one they
+//! were made with. A bad new file (half written, a key that does not match) is logged and
+//! counted, and the previous certificate stays.
+
+use crate::shutdown::Shutdown;
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ServerConfig, WebPkiClientVerifier};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+/// `[….tls]` of a listener. Without `cert` the listener speaks plain TCP.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The certificate chain, PEM (the server's certificate first).
+    pub cert: Option<PathBuf>,
+    /// The private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// The CA certificates (PEM) that client certificates must chain to.
+    pub client_ca: Option<PathBuf>,
+    /// Client certificates: `none` (not asked for), `optional` (verified when sent; a client
+    /// may instead send an API key) or `required` (a connection without one fails its handshake).
+    pub client_auth: ClientAuth,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    #[default]
+    None,
+    Optional,
+    Required,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some()
+    }
+
+    pub fn validate(&self, section: &str) -> Result<(), String> {
+        match (&self.cert, &self.key) {
+            (Some(_), None) | (None, Some(_)) => return Err(format!("{section}.cert and {section}.key go together")),
+            (None, None) if self.client_ca.is_some() || self.client_auth != ClientAuth::None => {
+                return Err(format!("{section}.client_ca and client_auth need {section}.cert and key (TLS)"));
+            }
+            _ => {}
+        }
+        if self.client_auth != ClientAuth::None && self.client_ca.is_none() {
+            return Err(format!("{section}.client_auth = {:?} needs {section}.client_ca", self.client_auth));
+        }
+        Ok(())
+    }
+
+    fn files(&self) -> Vec<&Path> {
+        [&self.cert, &self.key, &self.client_ca].into_iter().flatten().map(PathBuf::as_path).collect()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} {path}: {source}")]
+    Pem { what: &'static str, path: PathBuf, source: rustls_pki_types::pem::Error },
+    #[error("{path} holds no certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("TLS settings: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("certificate {path} with key {key}: {source}")]
+    Certificate { path: PathBuf, key: PathBuf, source: rustls::Error },
+    #[error("client CA {path}: {message}")]
+    ClientCa { path: PathBuf, message: String },
+}
+
+/// The caller's name from its verified client certificate: its first DNS or URI subject
+/// alternative name (a SPIFFE ID, say), or else its subject's common name. Requests carry it as
+/// an extension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity(pub Arc<str>);
+
+/// A listener's TLS: the server configuration in force, replaced when the files change.
+pub struct Tls {
+    config: TlsConfig,
+    current: RwLock<Arc<ServerConfig>>,
+}
+
+impl Tls {
+    /// Reads the files; `None` when `config` has no certificate (plain TCP).
+    pub fn load(config: &TlsConfig) -> Result<Option<Arc<Tls>>, TlsError> {
+        if !config.enabled() {
+            return Ok(None);
+        }
+        let server = server_config(config)?;
+        Ok(Some(Arc::new(Tls { config: config.clone(), current: RwLock::new(Arc::new(server)) })))
+    }
+
+    /// The acceptor for the next connection, with the certificate in force now.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let current = self.current.read().map(|c| Arc::clone(&c)).unwrap_or_else(|poisoned| Arc::clone(&poisoned.into_inner()));
+        tokio_rustls::TlsAcceptor::from(current)
+    }
+
+    /// Reloads the certificate when its files change, until `shutdown`.
+    pub async fn watch(self: Arc<Self>, shutdown: Shutdown) {
+        let mut stamps = stamps(&self.config);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => return,
+                _ = tick.tick() => {}
+            }
+            let now = stamps_now(&self.config);
+            if now == stamps {
+                continue;
+            }
+            stamps = now;
+            match server_config(&self.config) {
+                Ok(server) => {
+                    if let Ok(mut current) = self.current.write() {
+                        *current = Arc::new(server);
+                    }
+                    tracing::info!(cert = ?self.config.cert, "TLS certificate reloaded");
+                    metrics::counter!(crate::instruments::TLS_RELOADS, "outcome" => "ok").increment(1);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS certificate reload failed; keeping the current one");
+                    metrics::counter!(crate::instruments::TLS_RELOADS, "outcome" => "failed").increment(1);
+                }
+            }
+        }
+    }
+}
+
+type Stamps = Vec<Option<(SystemTime, u64)>>;
+
+fn stamps(config: &TlsConfig) -> Stamps {
+    stamps_now(config)
+}
+
+fn stamps_now(config: &TlsConfig) -> Stamps {
+    config
+        .files()
+        .into_iter()
+        .map(|path| {
+            let meta = std::fs::metadata(path).ok()?;
+            Some((meta.modified().ok()?, meta.len()))
+        })
+        .collect()
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = |source| TlsError::Pem { what, path: path.to_path_buf(), source };
+    let certs = CertificateDer::pem_file_iter(path).map_err(pem)?.collect::<Result<Vec<_>, _>>().map_err(pem)?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate { path: path.to_path_buf() });
+    }
+    Ok(certs)
+}
+
+fn server_config(config: &TlsConfig) -> Result<ServerConfig, TlsError> {
+    let (Some(cert), Some(key)) = (&config.cert, &config.key) else {
+        return Err(TlsError::Rustls(rustls::Error::General("no certificate configured".into())));
+    };
+    let chain = certificates("certificate", cert)?;
+    let key_path = key;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Pem { what: "private key", path: key.clone(), source })?;
+    let builder = ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = match (&config.client_ca, config.client_auth) {
+        (Some(ca), ClientAuth::Optional | ClientAuth::Required) => {
+            let mut roots = RootCertStore::empty();
+            for c in certificates("client CA", ca)? {
+                roots.add(c)?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+            let verifier = if config.client_auth == ClientAuth::Optional { verifier.allow_unauthenticated() } else { verifier };
+            let verifier = verifier.build().map_err(|e| TlsError::ClientCa { path: ca.clone(), message: e.to_string() })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    let mut server = builder.with_single_cert(chain, key).map_err(|source| TlsError::Certificate {
+        path: cert.clone(),
+        key: key_path.clone(),
+        source,
+    })?;
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(server)
+}
+
+/// The identity in a verified client certificate (see [`PeerIdentity`]).
+pub fn identity(certificate: &CertificateDer<'_>) -> Option<PeerIdentity> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(certificate.as_ref()).ok()?;
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(n) | GeneralName::URI(n) => return Some(PeerIdentity(Arc::from(*n))),
+                _ => {}
+            }
+        }
+    }
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(PeerIdentity(Arc::from(cn)))
+}
+
+/// A development certificate authority: certificates for `pixmesh up --tls` and for tests, so
+/// every hop can be tried with TLS and mTLS without an outside CA. Never for production: its
+/// key lives in a file beside the certificates.
+pub struct DevCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+/// A certificate and its key, PEM.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// From an hour ago (clocks differ a little) for a year.
+fn validity(params: &mut rcgen::CertificateParams) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - std::time::Duration::from_secs(3600);
+    params.not_after = now + std::time::Duration::from_secs(365 * 24 * 3600);
+}
+
+impl DevCa {
+    /// A new CA named `name`, valid for a year.
+    pub fn new(name: &str) -> Result<DevCa, rcgen::Error> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        validity(&mut params);
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate()?)?;
+        Ok(DevCa { issuer })
+    }
+
+    /// The CA's certificate, PEM: what servers and clients trust.
+    pub fn cert_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A certificate for `names` (DNS names, IP addresses, or `spiffe://…` URIs; the first is
+    /// also the common name), for serving (`server`) and/or for client authentication.
+    pub fn issue(&self, names: &[&str], server: bool, client: bool) -> Result<Issued, rcgen::Error> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        for name in names {
+            let san = if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+                rcgen::SanType::IpAddress(ip)
+            } else if name.contains("://") {
+                rcgen::SanType::URI((*name).try_into()?)
+            } else {
+                rcgen::SanType::DnsName((*name).try_into()?)
+            };
+            params.subject_alt_names.push(san);
+        }
+        if let Some(first) = names.first() {
+            params.distinguished_name.push(rcgen::DnType::CommonName, *first);
+        }
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages =
+            [(server, rcgen::ExtendedKeyUsagePurpose::ServerAuth), (client, rcgen::ExtendedKeyUsagePurpose::ClientAuth)]
+                .into_iter()
+                .filter_map(|(wanted, usage)| wanted.then_some(usage))
+                .collect();
+        validity(&mut params);
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+    use super::*;
+
+    #[test]
+    fn settings_that_cannot_work_are_refused_with_the_reason() {
+        let cert = Some(PathBuf::from("c.pem"));
+        let key = Some(PathBuf::from("k.pem"));
+        let only_cert = TlsConfig { cert: cert.clone(), ..TlsConfig::default() };
+        assert!(only_cert.validate("gateway.tls").unwrap_err().contains("go together"));
+        let mtls_without_ca = TlsConfig { cert: cert.clone(), key: key.clone(), client_auth: ClientAuth::Required, ..TlsConfig::default() };
+        assert!(mtls_without_ca.validate("gateway.tls").unwrap_err().contains("needs gateway.tls.client_ca"));
+        let ca_without_tls = TlsConfig { client_ca: Some("ca.pem".into()), ..TlsConfig::default() };
+        assert!(ca_without_tls.validate("gateway.tls").is_err());
+        assert!(TlsConfig::default().validate("gateway.tls").is_ok());
+        assert!(Tls::load(&TlsConfig::default()).unwrap().is_none(), "no certificate: plain TCP");
+    }
+
+    #[test]
+    fn the_identity_is_the_first_dns_or_uri_name_else_the_common_name() {
+        let ca = DevCa::new("test CA").unwrap();
+        let der = |issued: &Issued| CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        let dns = ca.issue(&["billing.internal", "127.0.0.1"], false, true).unwrap();
+        assert_eq!(identity(&der(&dns)).unwrap().0.as_ref(), "billing.internal");
+        let spiffe = ca.issue(&["spiffe://pixmesh.dev/ns/a/sa/web"], false, true).unwrap();
+        assert_eq!(identity(&der(&spiffe)).unwrap().0.as_ref(), "spiffe://pixmesh.dev/ns/a/sa/web");
+        let ip_only = ca.issue(&["10.0.0.7"], true, false).unwrap();
+        assert_eq!(identity(&der(&ip_only)).unwrap().0.as_ref(), "10.0.0.7", "no DNS or URI name: the common name");
+        assert!(identity(&CertificateDer::from(vec![1u8, 2, 3])).is_none(), "not a certificate: no identity");
+        for pem in [ca.cert_pem(), dns.cert_pem] {
+            let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+            let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+            assert!(cert.validity().is_valid(), "valid now: {:?}", cert.validity());
+            assert!(cert.validity().time_to_expiration().unwrap() > time::Duration::days(300));
+        }
+    }
+
+    #[test]
+    fn a_server_config_is_built_from_issued_files_with_and_without_client_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::new("test CA").unwrap();
+        let server = ca.issue(&["localhost", "127.0.0.1"], true, false).unwrap();
+        let (cert, key, ca_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"), dir.path().join("ca.crt"));
+        std::fs::write(&cert, &server.cert_pem).unwrap();
+        std::fs::write(&key, &server.key_pem).unwrap();
+        std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+        let plain = TlsConfig { cert: Some(cert.clone()), key: Some(key.clone()), ..TlsConfig::default() };
+        assert!(Tls::load(&plain).unwrap().is_some());
+        let mtls = TlsConfig { client_ca: Some(ca_file), client_auth: ClientAuth::Required, ..plain.clone() };
+        assert!(Tls::load(&mtls).unwrap().is_some());
+        // A key that is not the certificate's is refused, naming the problem.
+        std::fs::write(&key, ca.issue(&["other"], true, false).unwrap().key_pem).unwrap();
+        assert!(Tls::load(&plain).is_err());
+    }
+
+    #[test]
+    fn unreadable_or_empty_files_are_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let config = TlsConfig { cert: Some(empty.clone()), key: Some(empty.clone()), ..TlsConfig::default() };
+        let err = Tls::load(&config).err().unwrap().to_string();
+        assert!(err.contains("holds no certificate") && err.contains("empty.pem"), "{err}");
+        let missing = TlsConfig { cert: Some(dir.path().join("nope.pem")), key: Some(empty), ..TlsConfig::default() };
+        let err = Tls::load(&missing).err().unwrap().to_string();
+        assert!(err.contains("nope.pem"), "{err}");
+    }
+}
