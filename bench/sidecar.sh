@@ -74,6 +74,10 @@ for run in ("direct", "sidecar"):
     p99 = [x["latency"]["p99_ms"] for x in runs]
     failed = [x["failed_share"] for x in runs]
     med[run] = (statistics.median(p50), statistics.median(p99))
+    for r, x in enumerate(runs, 1):
+        bad = {k: v for k, v in x.get("statuses", {}).items() if not k.startswith("2")}
+        if bad or x.get("errors"):
+            print(f"  {run} round {r}: answers other than 2xx {bad}, errors {x.get('errors')}")
     print(f"  {run:8} p50 ms " + " ".join(f"{v:6.3f}" for v in p50) + "   p99 ms " + " ".join(f"{v:6.3f}" for v in p99)
           + f"   median p50 {med[run][0]:.3f} p99 {med[run][1]:.3f}   failed {max(failed):.4f}")
 added = med["sidecar"][1] - med["direct"][1]
@@ -83,3 +87,6 @@ PY
 echo
 echo "the sidecar's TLS handshakes and answers (its /metrics):"
 curl -s "http://$admin/metrics" | grep -E '^(pixmesh_tls_handshakes_total|pixmesh_gateway_responses_total)' | sed 's/^/  /'
+echo
+echo "the sidecar's warnings and errors (first 5 of $(grep -cE '"level":"(WARN|ERROR)"' "$work/sc.err" || true)):"
+grep -E '"level":"(WARN|ERROR)"' "$work/sc.err" | head -5 | cut -c1-300 | sed 's/^/  /' || true

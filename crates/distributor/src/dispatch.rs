@@ -56,7 +56,11 @@ impl Dispatcher {
     pub fn new(config: DistributorConfig, stores: Stores, workers: WorkerSet, owner: String) -> Dispatcher {
         let slots = crate::discovery::Slots::of(&stores);
         let config = DistributorConfig { concurrency: config.effective_concurrency(slots), ..config };
-        let budget = RetryBudget::new(config.retry_budget_percent, config.retry_budget_per_second);
+        let budget = RetryBudget::with_metric(
+            config.retry_budget_percent,
+            config.retry_budget_per_second,
+            <crate::GrpcWorkers as pixmesh_balance::Transport>::METRICS.retries_refused,
+        );
         Dispatcher { config, stores, workers, owner: owner.into(), budget: Arc::new(budget) }
     }
 
@@ -634,7 +638,7 @@ impl Dispatcher {
             let Some(slot) = self.workers.acquire_within(&tried, WAIT_FOR_WORKER).await else { break };
             let Some(timeout) = remaining(self.workers.call_timeout(), started) else { break };
             let endpoint = Arc::clone(slot.endpoint());
-            let client = endpoint.client();
+            let client = endpoint.client().grpc;
             calls += 1;
             // One staging object per call: a late answer of an abandoned call cannot touch it.
             let call = match step {

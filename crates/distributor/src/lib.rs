@@ -10,20 +10,18 @@
 //! A claim's lease is short and renewed in the background while the claim is held
 //! (`lease.rs`), so the jobs of a distributor that died are claimed again within seconds; a
 //! call to a worker that discovery dropped and that no longer answers is abandoned and sent
-//! elsewhere at once (`workers.rs`, `dispatch.rs`).
+//! elsewhere at once (`pixmesh_balance`'s set, `dispatch.rs`).
 
 mod admin;
-pub mod breaker;
-pub mod budget;
 pub mod discovery;
 mod dispatch;
 pub mod instruments;
 mod lease;
 mod workers;
 
-pub use breaker::BreakerConfig;
 pub use dispatch::Dispatcher;
-pub use workers::{WorkerEndpoint, WorkerSet};
+pub use pixmesh_balance::{BreakerConfig, breaker, budget};
+pub use workers::{GrpcWorkers, WorkerEndpoint, WorkerSet};
 
 use discovery::Slots;
 use pixmesh_chassis::Shutdown;
@@ -176,7 +174,7 @@ impl DistributorConfig {
         if self.poll_interval_ms == 0 || self.discovery_interval_ms == 0 {
             return Err("distributor.poll_interval_ms and distributor.discovery_interval_ms must be above 0".into());
         }
-        self.breaker.validate()
+        self.breaker.validate().map_err(|e| format!("distributor.{e}"))
     }
 }
 

@@ -129,7 +129,7 @@ impl Balancer {
         // As the distributor does: wait for a slot, woken when one is freed.
         let slot = self.set.acquire_within(&[], wait).await?;
         let i = self.addresses.iter().position(|a| *a == slot.endpoint().address).unwrap_or(0);
-        let ok = slot.endpoint().client().process(request()).await.is_ok();
+        let ok = slot.endpoint().client().grpc.process(request()).await.is_ok();
         slot.finish(!ok);
         ok.then(|| (i, started.elapsed().as_micros() as u64))
     }

@@ -124,6 +124,10 @@ enum Sidecar {
         #[arg(long, value_name = "MODE")]
         client_auth: Option<String>,
     },
+    /// The ambassador for an application's calls to remote services: one local port per
+    /// service (sidecar.outbound.services), instances from a list, DNS or the registry,
+    /// balanced with breakers, over TLS or mTLS, with deadlines and budgeted retries.
+    Outbound,
     /// Scrape an application's own metrics (Redis INFO, nginx stub_status) and serve them as
     /// Prometheus text on /metrics (the settings sidecar.metrics.*).
     Metrics {
@@ -279,6 +283,7 @@ fn main() -> ExitCode {
                 ("sidecar.inbound.tls.client_ca", client_ca.as_deref().map(toml_string)),
                 ("sidecar.inbound.tls.client_auth", client_auth.as_deref().map(toml_string)),
             ],
+            Sidecar::Outbound => vec![],
             Sidecar::Metrics { listen, source } => {
                 vec![
                     ("sidecar.metrics.listen", listen.as_deref().map(toml_string)),
@@ -320,6 +325,9 @@ fn main() -> ExitCode {
         Command::Sidecar(Sidecar::Metrics { .. }) => pixmesh_sidecar::metrics::Source::parse(&config.sidecar.metrics.source).err(),
         Command::Sidecar(Sidecar::Logs { .. }) if config.sidecar.logs.path.as_os_str().is_empty() => {
             Some("sidecar.logs.path is empty: give the log file to follow (--path FILE)".to_string())
+        }
+        Command::Sidecar(Sidecar::Outbound) if config.sidecar.outbound.services.is_empty() => {
+            Some("sidecar.outbound.services is empty: give at least one remote service ([[sidecar.outbound.services]])".to_string())
         }
         Command::Sidecar(Sidecar::Health { .. })
             if config.sidecar.health.checks.is_empty() && config.sidecar.health.live_checks.is_empty() =>
@@ -402,7 +410,11 @@ fn describe_metrics(role: &str) {
     pixmesh_chassis::instruments::describe();
     match role {
         // The sidecar's inbound side is the gateway's stack, with its metrics.
-        "gateway" | "sidecar" => pixmesh_gateway::instruments::describe(),
+        "gateway" => pixmesh_gateway::instruments::describe(),
+        "sidecar" => {
+            pixmesh_gateway::instruments::describe();
+            pixmesh_sidecar::instruments::describe();
+        }
         "upload" => {
             pixmesh_upload::instruments::describe();
             pixmesh_store::instruments::describe();
@@ -615,6 +627,16 @@ async fn run(
             let c = config.ambassador.redis;
             let (redis, admin) = (bind("redis ambassador", c.listen).await?, bind("ambassador admin", c.admin_listen).await?);
             pixmesh_ambassador::redis::run(c, redis, admin, shutdown).await.map_err(anyhow::Error::msg)
+        }
+        Command::Sidecar(Sidecar::Outbound) => {
+            let c = config.sidecar.outbound;
+            let mut services = Vec::new();
+            for service in &c.services {
+                services.push((service.clone(), bind(&format!("sidecar outbound {}", service.name), service.listen).await?));
+            }
+            let admin = bind("sidecar admin", c.admin_listen).await?;
+            let bound = pixmesh_sidecar::outbound::Bound { services };
+            pixmesh_sidecar::outbound::run(c, bound, admin, shutdown).await.map_err(anyhow::Error::msg)
         }
         Command::Sidecar(Sidecar::Metrics { .. }) => {
             let c = config.sidecar.metrics;

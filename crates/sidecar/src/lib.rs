@@ -2,6 +2,8 @@
 //!
 //! - [`inbound`]: in front of it, TLS (mTLS too), callers' keys, rate limits, body limits,
 //!   access log and metrics, then plain HTTP to the application on localhost.
+//! - [`outbound`]: its calls to remote services, one local port each: discovery, balancing,
+//!   breakers, TLS or mTLS, deadlines and budgeted retries of what is safe to retry.
 //!
 //! The adapters turn what the application has into what the platform expects:
 //!
@@ -11,8 +13,10 @@
 
 pub mod health;
 pub mod inbound;
+pub mod instruments;
 pub mod logs;
 pub mod metrics;
+pub mod outbound;
 
 use pixmesh_chassis::Shutdown;
 use pixmesh_chassis::announce::Announcement;
@@ -25,6 +29,7 @@ use tokio::net::TcpListener;
 #[serde(deny_unknown_fields, default)]
 pub struct SidecarConfig {
     pub inbound: inbound::InboundConfig,
+    pub outbound: outbound::OutboundConfig,
     pub metrics: metrics::MetricsAdapterConfig,
     pub logs: logs::LogsAdapterConfig,
     pub health: health::HealthAdapterConfig,
@@ -33,6 +38,7 @@ pub struct SidecarConfig {
 impl SidecarConfig {
     pub fn validate(&self) -> Result<(), String> {
         self.inbound.validate()?;
+        self.outbound.validate()?;
         self.metrics.validate()?;
         self.logs.validate()?;
         self.health.validate()

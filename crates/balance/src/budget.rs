@@ -18,14 +18,18 @@ pub const MAX_PERCENT: u32 = 1000;
 
 pub struct RetryBudget {
     inner: TpsBudget,
+    /// The counter of retries refused.
+    refused: &'static str,
 }
 
 impl RetryBudget {
     /// `percent` of first calls (at most [`MAX_PERCENT`]) plus `per_second` retries.
-    pub fn new(percent: u32, per_second: u32) -> RetryBudget {
+    /// `percent` of first calls (at most [`MAX_PERCENT`]) plus `per_second` retries; a
+    /// refusal counts in the counter `refused`.
+    pub fn with_metric(percent: u32, per_second: u32, refused: &'static str) -> RetryBudget {
         let percent = percent.min(MAX_PERCENT);
         let per_second = per_second.min(i32::MAX as u32 - 1);
-        RetryBudget { inner: TpsBudget::new(TTL, per_second, percent as f32 / 100.0) }
+        RetryBudget { inner: TpsBudget::new(TTL, per_second, percent as f32 / 100.0), refused }
     }
 
     /// A first call was made: it earns its share of a retry.
@@ -37,15 +41,9 @@ impl RetryBudget {
     pub fn withdraw(&self) -> bool {
         let granted = self.inner.withdraw();
         if !granted {
-            metrics::counter!(crate::instruments::RETRIES_REFUSED).increment(1);
+            metrics::counter!(self.refused).increment(1);
         }
         granted
-    }
-}
-
-impl Default for RetryBudget {
-    fn default() -> Self {
-        RetryBudget::new(20, 10)
     }
 }
 
@@ -60,7 +58,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retries_are_a_share_of_calls_plus_a_floor() {
-        let b = RetryBudget::new(20, 10);
+        let b = RetryBudget::with_metric(20, 10, "test_retries_refused_total");
         // The floor: 10 a second over the 10-second window, then it is spent.
         let granted = (0..1000).take_while(|_| b.withdraw()).count();
         assert_eq!(granted, 100);
@@ -73,7 +71,7 @@ mod tests {
         tokio::time::advance(TTL + Duration::from_secs(1)).await;
         assert_eq!((0..200).filter(|_| b.withdraw()).count(), 100);
         // Without a floor, retries come only from first calls.
-        let none = RetryBudget::new(20, 0);
+        let none = RetryBudget::with_metric(20, 0, "test_retries_refused_total");
         assert!(!none.withdraw());
         for _ in 0..5 {
             none.deposit();

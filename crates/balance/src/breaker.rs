@@ -1,4 +1,4 @@
-//! A circuit breaker per worker: a sliding window of the last calls (the last N, or those of
+//! A circuit breaker per instance: a sliding window of the last calls (the last N, or those of
 //! the last T); it opens when the failure rate or the slow-call rate crosses its threshold
 //! (once the window holds enough calls) or after N failures in a row, refuses calls while
 //! open, lets a few trial calls through when half-open, and closes again when they succeed.
@@ -16,7 +16,7 @@ use tokio::time::Instant;
 /// The most calls a time-based window keeps, whatever its length (bounds its memory).
 const MAX_WINDOW_CALLS: usize = 10_000;
 
-/// `[distributor.breaker]`.
+/// An instance's breaker: `[distributor.breaker]`, a sidecar service's `breaker`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerConfig {
@@ -61,13 +61,13 @@ impl Default for BreakerConfig {
 impl BreakerConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.window_ms == 0 && self.window_calls == 0 {
-            return Err("distributor.breaker.window_calls must be at least 1 (or set window_ms)".into());
+            return Err("breaker.window_calls must be at least 1 (or set window_ms)".into());
         }
         if !(1..=100).contains(&self.failure_rate_percent) || !(1..=100).contains(&self.slow_call_rate_percent) {
-            return Err("distributor.breaker rate thresholds must be between 1 and 100 percent".into());
+            return Err("breaker rate thresholds must be between 1 and 100 percent".into());
         }
         if self.open_ms == 0 || self.half_open_calls == 0 {
-            return Err("distributor.breaker.open_ms and half_open_calls must be at least 1".into());
+            return Err("breaker.open_ms and half_open_calls must be at least 1".into());
         }
         Ok(())
     }
@@ -131,10 +131,15 @@ pub struct Breaker {
     config: BreakerConfig,
     inner: Mutex<Inner>,
     name: String,
+    /// The counter of transitions (by the state entered), and the labels it adds.
+    transitions: &'static str,
+    labels: Vec<(&'static str, String)>,
 }
 
 impl Breaker {
-    pub fn new(name: &str, config: BreakerConfig) -> Breaker {
+    /// A breaker for the instance `name`, counting its transitions in the counter `transitions`
+    /// (with `labels` beside `to`).
+    pub fn new(name: &str, config: BreakerConfig, transitions: &'static str, labels: Vec<(&'static str, String)>) -> Breaker {
         let inner = Inner {
             state: State::Closed,
             window: VecDeque::new(),
@@ -144,7 +149,7 @@ impl Breaker {
             trials: 0,
             trial_successes: 0,
         };
-        Breaker { config, inner: Mutex::new(inner), name: name.to_string() }
+        Breaker { config, inner: Mutex::new(inner), name: name.to_string(), transitions, labels }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -156,8 +161,10 @@ impl Breaker {
         if inner.state == to {
             return;
         }
-        tracing::warn!(worker = %self.name, from = ?inner.state, to = ?to, "circuit breaker");
-        metrics::counter!(crate::instruments::BREAKER_TRANSITIONS, "to" => format!("{to:?}").to_lowercase()).increment(1);
+        tracing::warn!(instance = %self.name, from = ?inner.state, to = ?to, "circuit breaker");
+        let mut labels: Vec<metrics::Label> = self.labels.iter().map(|(k, v)| metrics::Label::new(*k, v.clone())).collect();
+        labels.push(metrics::Label::new("to", format!("{to:?}").to_lowercase()));
+        metrics::counter!(self.transitions, labels).increment(1);
         inner.state = to;
         match to {
             State::Open => {
@@ -302,7 +309,7 @@ mod tests {
     fn breaker() -> Breaker {
         let config =
             BreakerConfig { window_calls: 10, min_calls: 4, consecutive_failures: 0, slow_call_ms: 10_000, ..BreakerConfig::default() };
-        Breaker::new("w", config)
+        Breaker::new("w", config, "test_transitions_total", vec![])
     }
 
     #[tokio::test(start_paused = true)]
@@ -381,7 +388,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn opens_after_failures_in_a_row_whatever_the_window_says() {
-        let b = Breaker::new("w", BreakerConfig::default());
+        let b = Breaker::new("w", BreakerConfig::default(), "test_transitions_total", vec![]);
         let ok = Duration::from_millis(5);
         for _ in 0..17 {
             b.record(false, ok);
@@ -400,7 +407,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_time_based_window_forgets_calls_older_than_its_span() {
         let config = BreakerConfig { window_ms: 10_000, min_calls: 4, consecutive_failures: 0, ..BreakerConfig::default() };
-        let b = Breaker::new("w", config);
+        let b = Breaker::new("w", config, "test_transitions_total", vec![]);
         let ok = Duration::from_millis(5);
         // Three failures, then 11 s of nothing: they slide out.
         for _ in 0..3 {
