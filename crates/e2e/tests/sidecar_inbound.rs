@@ -5,14 +5,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
-use bytes::Bytes;
-use http_body_util::Full;
 use pixmesh_chassis::tls::{DevCa, Issued};
+use pixmesh_test_support::echo::{Behaviour, Seen};
 use pixmesh_test_support::{PythonApp, Role};
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const REQUIREMENTS: [&str; 2] = ["httpbin==0.10.4", "gunicorn==27.0.1"];
@@ -163,33 +161,9 @@ async fn tls_keys_and_limits_guard_an_unchanged_app_and_a_new_certificate_serves
     assert!(metric(&admin, "pixmesh_gateway_responses_total", "").await >= 10.0, "the gateway's metrics, per route");
 }
 
-/// A server of the test's own: answers every request with JSON naming itself, the path and the
-/// headers it got; records what it saw.
-async fn echo(name: &'static str) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
-    let recorded = Arc::clone(&seen);
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
-            let recorded = Arc::clone(&recorded);
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let recorded = Arc::clone(&recorded);
-                    async move {
-                        let headers: serde_json::Map<String, Value> =
-                            req.headers().iter().map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or("")))).collect();
-                        recorded.lock().unwrap().push(req.uri().path().to_string());
-                        let body = json!({ "who": name, "path": req.uri().path(), "headers": headers }).to_string();
-                        Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::from(body))))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tcp), service).await;
-            });
-        }
-    });
-    (addr, seen)
+/// An application of the test's own that echoes what it got (see `pixmesh_test_support::echo`).
+async fn echo(name: &'static str) -> (SocketAddr, Seen) {
+    pixmesh_test_support::echo::echo(name, Behaviour::Answer).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,58 +5,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
-use bytes::Bytes;
-use http_body_util::Full;
 use pixmesh_chassis::tls::DevCa;
 use pixmesh_test_support::Role;
-use serde_json::{Value, json};
+use pixmesh_test_support::echo::{Behaviour, Seen, echo};
+use serde_json::Value;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// What an instance does with every request.
-#[derive(Clone, Copy)]
-enum Behaviour {
-    Answer,
-    Unavailable,
-    Sleep(Duration),
-}
-
-/// An instance of the test's own: answers JSON naming itself, the method, the path and the
-/// headers it got, and records each request as "METHOD PATH".
-async fn instance(name: &'static str, behaviour: Behaviour) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
-    let recorded = Arc::clone(&seen);
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
-            let recorded = Arc::clone(&recorded);
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let recorded = Arc::clone(&recorded);
-                    async move {
-                        recorded.lock().unwrap().push(format!("{} {}", req.method(), req.uri().path()));
-                        let headers: serde_json::Map<String, Value> =
-                            req.headers().iter().map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or("")))).collect();
-                        let body = json!({ "who": name, "path": req.uri().path(), "headers": headers }).to_string();
-                        let mut response = http::Response::new(Full::new(Bytes::from(body)));
-                        match behaviour {
-                            Behaviour::Answer => {}
-                            Behaviour::Unavailable => *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE,
-                            Behaviour::Sleep(d) => tokio::time::sleep(d).await,
-                        }
-                        Ok::<_, hyper::Error>(response)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tcp), service).await;
-            });
-        }
-    });
-    (addr, seen)
+async fn instance(name: &'static str, behaviour: Behaviour) -> (SocketAddr, Seen) {
+    echo(name, behaviour).await.unwrap()
 }
 
 fn write(path: &Path, text: &str) {

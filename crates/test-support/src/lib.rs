@@ -5,6 +5,7 @@
 //! announcement lines `up` prints. Images are generated in code, so tests need no fixtures;
 //! [`corpus`] finds the shared corpus when it is there.
 
+pub mod echo;
 pub mod nats;
 pub mod otlp;
 pub mod postgres;
