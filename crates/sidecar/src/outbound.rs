@@ -243,6 +243,7 @@ fn https_client(tls: &ClientTls, service: &ServiceConfig) -> Result<HttpsClient,
 /// One service, ready to forward to.
 pub struct Service {
     config: ServiceConfig,
+    metrics: ServiceMetrics,
     set: EndpointSet<Http>,
     budget: RetryBudget,
 }
@@ -254,7 +255,7 @@ impl Service {
         let timeout = Duration::from_millis(config.timeout_ms);
         let set = EndpointSet::with_transport(Http { client, scheme }, timeout, &config.breaker).with_label("service", &config.name);
         let budget = RetryBudget::with_metric(config.retry_budget_percent, config.retry_budget_per_second, METRICS.retries_refused);
-        Ok(Service { config, set, budget })
+        Ok(Service { metrics: ServiceMetrics::new(&config.name), config, set, budget })
     }
 
     fn discovery(&self) -> Result<Box<dyn Discovery>, String> {
@@ -328,7 +329,7 @@ async fn forward(State(service): State<Arc<Service>>, request: Request<Body>) ->
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            record(name, "timeout", started);
+            service.metrics.done(&service.metrics.timeout, started);
             return last
                 .unwrap_or_else(|| error(ErrorCode::Timeout, format!("{name} did not answer within {} ms", service.config.timeout_ms)));
         }
@@ -337,10 +338,10 @@ async fn forward(State(service): State<Arc<Service>>, request: Request<Body>) ->
         let slot = if all_open { None } else { service.set.acquire_within(&tried, left).await };
         let Some(slot) = slot else {
             if let Some(answer) = last {
-                record(name, "unavailable", started);
+                service.metrics.done(&service.metrics.unavailable, started);
                 return answer;
             }
-            record(name, "no_instance", started);
+            service.metrics.done(&service.metrics.no_instance, started);
             let known = service.set.len();
             let detail = if why.is_empty() { String::new() } else { format!(" (last: {why})") };
             return error(
@@ -377,7 +378,7 @@ async fn forward(State(service): State<Arc<Service>>, request: Request<Body>) ->
         let retry = match outcome {
             Tried::Answered(response) => {
                 slot.finish(false);
-                record(name, "ok", started);
+                service.metrics.done(&service.metrics.ok, started);
                 return response;
             }
             Tried::Unavailable(response) => {
@@ -400,17 +401,17 @@ async fn forward(State(service): State<Arc<Service>>, request: Request<Body>) ->
             }
             Tried::TimedOut => {
                 slot.finish(true);
-                record(name, "timeout", started);
+                service.metrics.done(&service.metrics.timeout, started);
                 return error(ErrorCode::Timeout, format!("{name} ({address}) did not answer within {} ms", service.config.timeout_ms));
             }
         };
         tried.push(address);
         let may = retry && tried.len() <= service.config.retries as usize && service.budget.withdraw();
         if !may {
-            record(name, "failed", started);
+            service.metrics.done(&service.metrics.failed, started);
             return last.unwrap_or_else(|| error(ErrorCode::Unavailable, format!("{name} could not be reached: {why}")));
         }
-        metrics::counter!(crate::instruments::OUTBOUND_RETRIES, "service" => name.clone()).increment(1);
+        service.metrics.retries.increment(1);
         tracing::debug!(service = %name, %why, "retrying on another instance");
         // An instance excluded for this request may be the only one: after every instance was
         // tried once, any may be tried again.
@@ -420,9 +421,37 @@ async fn forward(State(service): State<Arc<Service>>, request: Request<Body>) ->
     }
 }
 
-fn record(service: &str, outcome: &'static str, started: Instant) {
-    metrics::counter!(crate::instruments::OUTBOUND_REQUESTS, "service" => service.to_string(), "outcome" => outcome).increment(1);
-    metrics::histogram!(crate::instruments::OUTBOUND_DURATION, "service" => service.to_string()).record(started.elapsed().as_secs_f64());
+/// A service's metrics, registered once (not looked up by label per request).
+struct ServiceMetrics {
+    ok: metrics::Counter,
+    failed: metrics::Counter,
+    timeout: metrics::Counter,
+    unavailable: metrics::Counter,
+    no_instance: metrics::Counter,
+    retries: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+impl ServiceMetrics {
+    fn new(service: &str) -> ServiceMetrics {
+        let outcome =
+            |o: &'static str| metrics::counter!(crate::instruments::OUTBOUND_REQUESTS, "service" => service.to_string(), "outcome" => o);
+        ServiceMetrics {
+            ok: outcome("ok"),
+            failed: outcome("failed"),
+            timeout: outcome("timeout"),
+            unavailable: outcome("unavailable"),
+            no_instance: outcome("no_instance"),
+            retries: metrics::counter!(crate::instruments::OUTBOUND_RETRIES, "service" => service.to_string()),
+            duration: metrics::histogram!(crate::instruments::OUTBOUND_DURATION, "service" => service.to_string()),
+        }
+    }
+
+    /// Counts a request that ended as `outcome`, and its time.
+    fn done(&self, outcome: &metrics::Counter, started: Instant) {
+        outcome.increment(1);
+        self.duration.record(started.elapsed().as_secs_f64());
+    }
 }
 
 /// The services, bound: each has its listener (already bound, so a port taken fails before
