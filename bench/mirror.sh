@@ -10,21 +10,11 @@
 # route's p99 over /plain's, then the copies the mirror answered, failed and skipped.
 #
 # Usage: bench/mirror.sh      Env: RATE (2000), RUN_SECONDS (10), ROUNDS (3)
-set -euo pipefail
-cd "$(dirname "$0")/.."
 RATE="${RATE:-2000}"
 SECONDS_PER_RUN="${RUN_SECONDS:-10}"
 ROUNDS="${ROUNDS:-3}"
-cargo build --release -q -p pixmesh -p pixmesh-loadgen
-T="${CARGO_TARGET_DIR:-target}/release"
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh" pixmesh pixmesh-loadgen
 
 start_sink() { # name [flags] ; prints the sink's address
   "$T/pixmesh-loadgen" sink "${@:2}" >"$work/$1.out" 2>"$work/$1.err" &

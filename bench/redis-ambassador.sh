@@ -11,8 +11,6 @@
 #      TESTS (set,get,mset), HASH (fnv1a_64: twemproxy's default),
 #      AMB_THREADS (the ambassador's runtime threads; default one per core. twemproxy has one:
 #      AMB_THREADS=1 compares them thread for thread)
-set -euo pipefail
-cd "$(dirname "$0")/.."
 ROUNDS="${ROUNDS:-5}"
 REQUESTS="${REQUESTS:-300000}"
 DEPTH="${DEPTH:-16}"
@@ -21,16 +19,8 @@ KEYS="${KEYS:-1000000}"
 TESTS="${TESTS:-set,get,mset}"
 HASH="${HASH:-fnv1a_64}"
 command -v nutcracker >/dev/null || { echo "needs twemproxy: apt-get install nutcracker" >&2; exit 1; }
-cargo build --release -q -p pixmesh
-T="${CARGO_TARGET_DIR:-target}/release"
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh" pixmesh
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing on port $1" >&2; exit 1; }

@@ -10,21 +10,11 @@
 # (its median p99 minus the direct one): the target is at most 1 ms at 2,000 req/s.
 #
 # Usage: bench/sidecar.sh      Env: RATE (2000), RUN_SECONDS (10), ROUNDS (3)
-set -euo pipefail
-cd "$(dirname "$0")/.."
 RATE="${RATE:-2000}"
 SECONDS_PER_RUN="${RUN_SECONDS:-10}"
 ROUNDS="${ROUNDS:-3}"
-cargo build --release -q -p pixmesh -p pixmesh-loadgen
-T="${CARGO_TARGET_DIR:-target}/release"
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh" pixmesh pixmesh-loadgen
 
 # A CA and the sidecar's certificate for 127.0.0.1 (ECDSA P-256, as `pixmesh up --tls` makes).
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \

@@ -10,22 +10,12 @@
 # medians, on/off, and the spans the receiver took per job.
 #
 # Usage: bench/tracing.sh     Env: JOBS (1500), CONCURRENCY (32), WORKERS (2), ROUNDS (3)
-set -euo pipefail
-cd "$(dirname "$0")/.."
 JOBS="${JOBS:-1500}"
 CONCURRENCY="${CONCURRENCY:-32}"
 WORKERS="${WORKERS:-2}"
 ROUNDS="${ROUNDS:-3}"
-cargo build --release -q -p pixmesh -p pixmesh-loadgen
-T="${CARGO_TARGET_DIR:-target}/release"
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh" pixmesh pixmesh-loadgen
 
 run() { # label dir [VAR=value ...] ; prints jobs/s
   local label="$1" dir="$2"

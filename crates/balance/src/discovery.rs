@@ -3,6 +3,7 @@
 //! per ready pod); and the task that keeps a set in line with its source.
 
 use crate::set::{EndpointSet, Transport};
+use pixmesh_chassis::grpc::Dialer;
 use pixmesh_proto::v1::WatchRequest;
 use pixmesh_proto::v1::registry_client::RegistryClient;
 use std::future::Future;
@@ -38,9 +39,9 @@ pub struct RegistryWatch {
 }
 
 impl RegistryWatch {
-    /// The instances of `service` registered at the registry at `address`.
-    pub fn new(address: &str, service: &str) -> Result<RegistryWatch, tonic::transport::Error> {
-        let client = RegistryClient::new(pixmesh_registry::client::watch_channel(address)?);
+    /// The instances of `service` registered at the registry at `address`, dialed by `dialer`.
+    pub fn new(address: &str, service: &str, dialer: &Dialer) -> Result<RegistryWatch, tonic::transport::Error> {
+        let client = RegistryClient::new(pixmesh_registry::client::watch_channel(address, dialer)?);
         Ok(RegistryWatch { client, service: service.to_string(), stream: None })
     }
 }

@@ -18,6 +18,7 @@ pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod error;
+pub mod grpc;
 pub mod headers;
 pub mod http_span;
 pub mod instruments;

@@ -67,6 +67,71 @@ impl TlsConfig {
     }
 }
 
+/// `[….client_tls]` of a role that calls others over TLS: the CA their certificates must chain
+/// to, and a certificate of its own to present (mTLS). Without `ca` the role dials in plaintext
+/// (gRPC) or, for `https://` URLs, trusts the system's roots.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientTlsConfig {
+    /// The CA certificates (PEM) servers' certificates must chain to.
+    pub ca: Option<PathBuf>,
+    /// A client certificate chain and its key (PEM) to present.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl ClientTlsConfig {
+    /// Whether calls speak TLS (a CA is set).
+    pub fn enabled(&self) -> bool {
+        self.ca.is_some()
+    }
+
+    pub fn validate(&self, section: &str) -> Result<(), String> {
+        if self.cert.is_some() != self.key.is_some() {
+            return Err(format!("{section}.cert and {section}.key go together"));
+        }
+        Ok(())
+    }
+
+    /// The rustls client configuration: `ca` as the only roots (the system's when none is
+    /// set) and the client certificate when one is set. No ALPN: the connector sets it.
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
+        let mut roots = RootCertStore::empty();
+        match &self.ca {
+            Some(ca) => {
+                for c in certificates("CA", ca)? {
+                    roots.add(c)?;
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                for c in found.certs {
+                    // A system store holds the odd certificate rustls cannot use; skip it.
+                    let _ = roots.add(c);
+                }
+            }
+        }
+        let builder =
+            rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?.with_root_certificates(roots);
+        Ok(match (&self.cert, &self.key) {
+            (Some(cert), Some(key_path)) => {
+                let chain = certificates("client certificate", cert)?;
+                let key = PrivateKeyDer::from_pem_file(key_path).map_err(|source| TlsError::Pem {
+                    what: "private key",
+                    path: key_path.clone(),
+                    source,
+                })?;
+                builder.with_client_auth_cert(chain, key).map_err(|source| TlsError::Certificate {
+                    path: cert.clone(),
+                    key: key_path.clone(),
+                    source,
+                })?
+            }
+            _ => builder.with_no_client_auth(),
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {what} {path}: {source}")]
@@ -220,7 +285,8 @@ pub fn identity(certificate: &CertificateDer<'_>) -> Option<PeerIdentity> {
 /// every hop can be tried with TLS and mTLS without an outside CA. Never for production: its
 /// key lives in a file beside the certificates.
 pub struct DevCa {
-    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    cert_pem: String,
 }
 
 /// A certificate and its key, PEM.
@@ -245,13 +311,35 @@ impl DevCa {
         params.distinguished_name.push(rcgen::DnType::CommonName, name);
         params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
         validity(&mut params);
-        let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate()?)?;
-        Ok(DevCa { issuer })
+        let key = rcgen::KeyPair::generate()?;
+        let cert_pem = params.self_signed(&key)?.pem();
+        Ok(DevCa { issuer: rcgen::Issuer::new(params, key), cert_pem })
+    }
+
+    /// The CA saved earlier: its certificate and key, PEM (what [`DevCa::cert_pem`] and
+    /// [`DevCa::key_pem`] gave).
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<DevCa, rcgen::Error> {
+        let key = rcgen::KeyPair::from_pem(key_pem)?;
+        let issuer = rcgen::Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(DevCa { issuer, cert_pem: cert_pem.to_string() })
     }
 
     /// The CA's certificate, PEM: what servers and clients trust.
     pub fn cert_pem(&self) -> String {
-        self.issuer.pem()
+        self.cert_pem.clone()
+    }
+
+    /// How long the CA's certificate stays valid from now (zero when it has expired or cannot
+    /// be read).
+    pub fn remaining(&self) -> Duration {
+        let der = CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).ok();
+        let parsed = der.as_ref().and_then(|der| x509_parser::parse_x509_certificate(der).ok());
+        parsed.and_then(|(_, cert)| cert.validity().time_to_expiration()).and_then(|d| Duration::try_from(d).ok()).unwrap_or_default()
+    }
+
+    /// The CA's private key, PEM (to keep beside its certificate, readable by its owner only).
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
     }
 
     /// A certificate for `names` (DNS names, IP addresses, or `spiffe://…` URIs; the first is

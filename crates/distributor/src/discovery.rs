@@ -6,6 +6,7 @@
 use crate::DistributorConfig;
 use crate::workers::WorkerSet;
 pub use pixmesh_balance::discovery::{Discovery, Dns, Member, Next, RegistryWatch, Static};
+use pixmesh_chassis::grpc::Dialer;
 use std::time::Duration;
 
 /// Which of a worker's numbers bounds its calls here (its bulkhead).
@@ -60,13 +61,14 @@ impl Discovery for NatsKv {
 }
 
 /// The discovery the configuration asks for: `registry`, else `dns`, else `workers`.
-pub fn from_config(config: &DistributorConfig) -> Result<Box<dyn Discovery>, String> {
+/// Pixmesh's registry is dialed by `dialer` (plaintext or TLS).
+pub fn from_config(config: &DistributorConfig, dialer: &Dialer) -> Result<Box<dyn Discovery>, String> {
     if config.registry.starts_with("nats://") || config.registry.starts_with("tls://") {
         pixmesh_queue::nats_url("distributor.registry", &config.registry)?;
         return Ok(Box::new(NatsKv::new(&config.registry)));
     }
     if !config.registry.is_empty() {
-        return Ok(Box::new(RegistryWatch::new(&config.registry, "worker").map_err(|e| format!("distributor.registry: {e}"))?));
+        return Ok(Box::new(RegistryWatch::new(&config.registry, "worker", dialer).map_err(|e| format!("distributor.registry: {e}"))?));
     }
     let capacity = config.worker_capacity as usize;
     let transfers = match config.worker_transfers {
@@ -111,7 +113,8 @@ mod tests {
     async fn a_static_list_takes_four_transfers_per_slot_unless_configured() {
         let config = DistributorConfig { workers: vec!["127.0.0.1:1".into()], worker_capacity: 3, ..DistributorConfig::default() };
         for (configured, expected) in [(0, 12), (5, 5), (1, 3)] {
-            let mut source = from_config(&DistributorConfig { worker_transfers: configured, ..config.clone() }).unwrap();
+            let mut source =
+                from_config(&DistributorConfig { worker_transfers: configured, ..config.clone() }, &Dialer::default()).unwrap();
             let member = source.next().await.unwrap().remove(0);
             assert_eq!(member.transfers, expected, "worker_transfers = {configured} (never below the inline calls)");
         }

@@ -27,6 +27,8 @@ use discovery::Slots;
 use pixmesh_chassis::Shutdown;
 use pixmesh_chassis::admin::Readiness;
 use pixmesh_chassis::announce::Announcement;
+use pixmesh_chassis::grpc::Dialer;
+use pixmesh_chassis::tls::ClientTlsConfig;
 use pixmesh_queue::Queue;
 use pixmesh_store::{Access, Stores};
 use serde::Deserialize;
@@ -91,6 +93,9 @@ pub struct DistributorConfig {
     pub drain_grace_ms: u64,
     /// The per-worker circuit breaker.
     pub breaker: BreakerConfig,
+    /// TLS to the workers and to pixmesh's registry (`[distributor.client_tls]`: their CA, and
+    /// this distributor's certificate for mTLS). Without a CA, plaintext.
+    pub client_tls: ClientTlsConfig,
 }
 
 /// Jobs in flight at once by default, with the bytes in the calls and with presigned URLs.
@@ -132,6 +137,7 @@ impl Default for DistributorConfig {
             discovery_interval_ms: 500,
             drain_grace_ms: 30_000,
             breaker: BreakerConfig::default(),
+            client_tls: ClientTlsConfig::default(),
         }
     }
 }
@@ -174,6 +180,7 @@ impl DistributorConfig {
         if self.poll_interval_ms == 0 || self.discovery_interval_ms == 0 {
             return Err("distributor.poll_interval_ms and distributor.discovery_interval_ms must be above 0".into());
         }
+        self.client_tls.validate("distributor.client_tls")?;
         self.breaker.validate().map_err(|e| format!("distributor.{e}"))
     }
 }
@@ -191,7 +198,9 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let readiness = Readiness::new();
     let admin_addr = admin.local_addr()?;
-    let workers = WorkerSet::with_breaker(Duration::from_millis(config.call_timeout_ms), &config.breaker);
+    let dialer = Dialer::new(&config.client_tls).map_err(std::io::Error::other)?;
+    let transport = GrpcWorkers::new(dialer.clone());
+    let workers = WorkerSet::with_transport(transport, Duration::from_millis(config.call_timeout_ms), &config.breaker);
     let admin_server =
         pixmesh_chassis::serve::admin_with("distributor", admin, readiness.clone(), shutdown.clone(), admin::routes(workers.clone()));
     let scraped = workers.clone();
@@ -205,7 +214,7 @@ pub async fn run(
     // Ended jobs are deleted after their retention (several distributors may prune at once).
     let pruner = stores.spawn_pruner(shutdown.clone());
     let queue_stats = admin::spawn_queue_stats(&stores, shutdown.clone());
-    let source = discovery::from_config(&config).map_err(std::io::Error::other)?;
+    let source = discovery::from_config(&config, &dialer).map_err(std::io::Error::other)?;
     let discovery = discovery::spawn(source, workers.clone(), slots, Duration::from_millis(config.discovery_interval_ms), shutdown.clone());
     let owner = format!("distributor-{}", uuid::Uuid::now_v7().simple());
     Announcement::new("distributor").with("admin", admin_addr).with("id", &owner).print();

@@ -4,16 +4,25 @@
 //! left on purpose answers, a frozen one does not).
 
 use pixmesh_balance::set::{MetricNames, ProbeFuture, Transport};
+use pixmesh_chassis::grpc::Dialer;
 use pixmesh_proto::MAX_MESSAGE_BYTES;
 use pixmesh_proto::v1::image_worker_client::ImageWorkerClient;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-/// Image workers over gRPC.
+/// Image workers over gRPC, dialed in plaintext or over TLS (`distributor.client_tls`).
 #[derive(Debug, Default)]
-pub struct GrpcWorkers;
+pub struct GrpcWorkers {
+    dialer: Dialer,
+}
+
+impl GrpcWorkers {
+    pub fn new(dialer: Dialer) -> GrpcWorkers {
+        GrpcWorkers { dialer }
+    }
+}
 
 /// One worker's client, and the channel it runs on (for the health check).
 #[derive(Clone)]
@@ -31,13 +40,14 @@ impl Transport for GrpcWorkers {
     };
 
     fn client(&self, address: &str) -> Result<WorkerClient, String> {
-        let channel = Endpoint::from_shared(format!("http://{address}"))
+        let endpoint = self
+            .dialer
+            .endpoint(address)
             .map_err(|e| e.to_string())?
             .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy();
+            .keep_alive_timeout(Duration::from_secs(5));
+        let channel = self.dialer.connect_lazy(endpoint);
         let grpc = ImageWorkerClient::new(channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -42,7 +42,7 @@ async fn workers_join_and_leave_through_the_watch() {
     let shutdown = Shutdown::new();
     let set = WorkerSet::new(Duration::from_secs(5));
     let config = DistributorConfig { registry: addr.clone(), discovery_interval_ms: 100, ..DistributorConfig::default() };
-    let source = pixmesh_distributor::discovery::from_config(&config).unwrap();
+    let source = pixmesh_distributor::discovery::from_config(&config, &Default::default()).unwrap();
     let _discovery = pixmesh_distributor::discovery::spawn(
         source,
         set.clone(),
@@ -51,9 +51,9 @@ async fn workers_join_and_leave_through_the_watch() {
         shutdown.clone(),
     );
 
-    let a = Registration::start(channel(&addr).unwrap(), worker("a", 1), Duration::from_millis(100));
+    let a = Registration::start(channel(&addr, &Default::default()).unwrap(), worker("a", 1), Duration::from_millis(100));
     let joined = until("a joins", &set, 1, Duration::from_secs(1)).await;
-    let b = Registration::start(channel(&addr).unwrap(), worker("b", 2), Duration::from_millis(100));
+    let b = Registration::start(channel(&addr, &Default::default()).unwrap(), worker("b", 2), Duration::from_millis(100));
     until("b joins", &set, 2, Duration::from_secs(1)).await;
     b.deregister().await;
     until("b leaves", &set, 1, Duration::from_secs(1)).await;
@@ -67,7 +67,7 @@ async fn workers_join_and_leave_through_the_watch() {
     until("a is back after the registry restart", &set, 1, Duration::from_secs(3)).await;
 
     // A worker that stops heartbeating (its process is gone) expires: 3 × 100 ms + a sweep.
-    let mut raw = RegistryClient::new(channel(&addr).unwrap());
+    let mut raw = RegistryClient::new(channel(&addr, &Default::default()).unwrap());
     raw.register(RegisterRequest { instance: Some(worker("c", 3)) }).await.unwrap();
     until("c joins", &set, 2, Duration::from_secs(1)).await;
     until("c expires", &set, 1, Duration::from_secs(2)).await;

@@ -78,7 +78,7 @@ async fn dead_workers_are_retried_elsewhere_and_bad_images_fail_once() {
     let dead = dead_address().await;
     let config = DistributorConfig { workers: vec![dead.clone(), live.clone()], call_timeout_ms: 5_000, ..DistributorConfig::default() };
     let workers = WorkerSet::with_breaker(Duration::from_millis(config.call_timeout_ms), &config.breaker);
-    let source = pixmesh_distributor::discovery::from_config(&config).unwrap();
+    let source = pixmesh_distributor::discovery::from_config(&config, &Default::default()).unwrap();
     let discovery_stop = Shutdown::new();
     let _discovery = pixmesh_distributor::discovery::spawn(
         source,
@@ -194,7 +194,7 @@ async fn an_internal_failure_is_retried_once_on_another_worker_then_the_job_fail
         }
         let config = DistributorConfig { workers: addresses, call_timeout_ms: 10_000, ..DistributorConfig::default() };
         let workers = WorkerSet::with_breaker(Duration::from_millis(config.call_timeout_ms), &config.breaker);
-        let source = pixmesh_distributor::discovery::from_config(&config).unwrap();
+        let source = pixmesh_distributor::discovery::from_config(&config, &Default::default()).unwrap();
         let discovery_stop = Shutdown::new();
         let _discovery = pixmesh_distributor::discovery::spawn(
             source,

@@ -198,7 +198,7 @@ async fn instances_come_and_go_through_the_registry() {
             ..Default::default()
         };
         pixmesh_registry::client::Registration::start(
-            pixmesh_registry::client::channel(&registry_addr).unwrap(),
+            pixmesh_registry::client::channel(&registry_addr, &Default::default()).unwrap(),
             instance,
             Duration::from_millis(200),
         )
@@ -228,4 +228,75 @@ async fn instances_come_and_go_through_the_registry() {
     }
     assert_eq!(seen_one.lock().unwrap().len(), before, "a deregistered instance gets nothing");
     second.deregister().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_is_watched_over_mtls_when_it_asks_for_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    let ca = DevCa::new("registry CA").unwrap();
+    let server = ca.issue(&["localhost", "127.0.0.1"], true, false).unwrap();
+    let member = ca.issue(&["echo.internal"], false, true).unwrap();
+    for (name, text) in [
+        ("ca.crt", ca.cert_pem()),
+        ("server.crt", server.cert_pem),
+        ("server.key", server.key_pem),
+        ("member.crt", member.cert_pem),
+        ("member.key", member.key_pem),
+    ] {
+        write(&path(name), &text);
+    }
+    let setting = |key: &str, file: &str| format!("registry.tls.{key}={:?}", path(file).display().to_string());
+    let sets = [
+        "registry.listen=\"127.0.0.1:0\"".to_string(),
+        setting("cert", "server.crt"),
+        setting("key", "server.key"),
+        setting("client_ca", "ca.crt"),
+        "registry.tls.client_auth=\"required\"".to_string(),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let registry = Role::start("registry", None, &sets, &[]).await.unwrap();
+    let registry_addr = registry.addresses["grpc"].clone();
+    let (one, seen) = instance("one", Behaviour::Answer).await;
+    let client_tls =
+        pixmesh_chassis::tls::ClientTlsConfig { ca: Some(path("ca.crt")), cert: Some(path("member.crt")), key: Some(path("member.key")) };
+    let dialer = pixmesh_chassis::grpc::Dialer::new(&client_tls).unwrap();
+    let instance = pixmesh_proto::v1::Instance {
+        id: "one".into(),
+        service: "echo".into(),
+        address: one.to_string(),
+        capacity: 16,
+        ..Default::default()
+    };
+    let registration = pixmesh_registry::client::Registration::start(
+        pixmesh_registry::client::channel(&registry_addr, &dialer).unwrap(),
+        instance,
+        Duration::from_millis(200),
+    );
+    // Two sidecars: one dials the registry over mTLS, one in plaintext.
+    let tls =
+        format!("[sidecar.outbound.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n", path("ca.crt"), path("member.crt"), path("member.key"));
+    let service = format!("[[sidecar.outbound.services]]\nname = \"echo\"\nlisten = \"127.0.0.1:0\"\nregistry = \"{registry_addr}\"\n");
+    write(&path("mtls.toml"), &format!("{tls}{service}registry_tls = true\n"));
+    write(&path("plain.toml"), &format!("{tls}{service}"));
+    let with_tls = Role::start("sidecar outbound", Some(&path("mtls.toml")), &[], &[]).await.unwrap();
+    let without = Role::start("sidecar outbound", Some(&path("plain.toml")), &[], &[]).await.unwrap();
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let res = client.get(format!("http://{}/x", with_tls.addresses["echo"])).send().await.unwrap();
+        if res.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the instance registered over mTLS was never reached: {}", res.status());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!seen.lock().unwrap().is_empty());
+    // The sidecar that dials in plaintext learns no instance: it is not ready and answers 503.
+    let admin = without.addresses["admin"].clone();
+    let ready = reqwest::get(format!("http://{admin}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let res = client.get(format!("http://{}/x", without.addresses["echo"])).send().await.unwrap();
+    assert_eq!(res.status(), 503);
+    registration.deregister().await;
 }

@@ -68,12 +68,16 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn new(config: ClusterConfig, status: Option<String>) -> Cluster {
-        let http = reqwest::Client::builder()
+    /// `tls` (the gateway's `client_tls`) for `https://` sources and status service.
+    pub fn new(config: ClusterConfig, status: Option<String>, tls: Option<rustls::ClientConfig>) -> Cluster {
+        let builder = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.timeout_ms))
-            .connect_timeout(Duration::from_millis(config.timeout_ms))
-            .build()
-            .unwrap_or_default();
+            .connect_timeout(Duration::from_millis(config.timeout_ms));
+        let builder = match tls {
+            Some(tls) => builder.use_preconfigured_tls(tls),
+            None => builder,
+        };
+        let http = builder.build().unwrap_or_default();
         Cluster { config: Arc::new(config), status, http, cached: Arc::default() }
     }
 }

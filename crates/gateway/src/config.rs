@@ -60,6 +60,10 @@ pub struct GatewayConfig {
     /// TLS on the public listener (`[gateway.tls]`): certificate files (reloaded when they
     /// change) and client certificates. Without a certificate the listener speaks plain HTTP.
     pub tls: pixmesh_chassis::tls::TlsConfig,
+    /// TLS to `https://` upstreams and admin ports (`[gateway.client_tls]`): the CA their
+    /// certificates chain to (the system's roots when unset) and the gateway's own certificate
+    /// for mTLS. Read at start.
+    pub client_tls: pixmesh_chassis::tls::ClientTlsConfig,
 }
 
 /// An upstream pool: `"http://a:1"`, `["http://a:1", "http://b:1"]`, or
@@ -373,6 +377,7 @@ impl Default for GatewayConfig {
             signed_urls: Default::default(),
             cluster: Default::default(),
             tls: Default::default(),
+            client_tls: Default::default(),
         }
     }
 }
@@ -399,8 +404,8 @@ pub fn parse_rate(text: &str) -> Result<Option<Duration>, String> {
 }
 
 fn check_url(name: &str, url: &str) -> Result<(), String> {
-    if !url.starts_with("http://") {
-        return Err(format!("gateway upstream {name} = {url:?} must be an http:// URL"));
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(format!("gateway upstream {name} = {url:?} must be an http:// or https:// URL"));
     }
     let uri = url.parse::<http::Uri>().map_err(|e| format!("gateway upstream {name} = {url:?}: {e}"))?;
     if uri.authority().is_none() {
@@ -503,6 +508,7 @@ impl GatewayConfig {
         parse_rate(&self.rate).map_err(|e| format!("gateway.rate: {e}"))?;
         self.connections.validate("gateway.connections")?;
         self.tls.validate("gateway.tls")?;
+        self.client_tls.validate("gateway.client_tls")?;
         for k in &self.api_keys {
             k.validate()?;
         }

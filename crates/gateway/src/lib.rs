@@ -38,6 +38,7 @@ pub struct Prepared {
     snapshot: snapshot::Snapshot,
     stamps: reload::Stamps,
     tls: Option<Arc<Tls>>,
+    clients: upstream::Clients,
 }
 
 /// What the gateway's stack fronts: pixmesh's own public API, or one application it does not
@@ -54,7 +55,8 @@ pub fn prepare(source: Source) -> Result<Prepared, String> {
     let (config, snapshot) = source.build(None)?;
     let stamps = reload::stamps(&source, &config);
     let tls = Tls::load(&config.tls).map_err(|e| e.to_string())?;
-    Ok(Prepared { source, config, snapshot, stamps, tls })
+    let clients = upstream::Clients::new(&config.client_tls).map_err(|e| format!("gateway.client_tls: {e}"))?;
+    Ok(Prepared { source, config, snapshot, stamps, tls, clients })
 }
 
 /// Serves the gateway on `http` until `shutdown`, with the configuration `source` gives now
@@ -78,7 +80,7 @@ pub async fn serve_as(
     admin: TcpListener,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
-    let Prepared { source, config, snapshot, stamps, tls } = prepared;
+    let Prepared { source, config, snapshot, stamps, tls, clients } = prepared;
     if config.require_api_key && snapshot.keys.is_empty() {
         tracing::warn!("no API keys are configured: every request will be refused with 401");
     }
@@ -89,13 +91,14 @@ pub async fn serve_as(
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     // The cluster view asks the status service for recent errors: the `status` upstream.
     let status = config.upstreams.get("status").and_then(|u| u.pool().urls.first().cloned());
-    let cluster = cluster::Cluster::new(config.cluster.clone(), status);
+    let client_tls = if config.client_tls.enabled() { config.client_tls.client_config().ok() } else { None };
+    let cluster = cluster::Cluster::new(config.cluster.clone(), status, client_tls);
     tokio::spawn(reload::watch(source, config, stamps, Arc::clone(&shared), shutdown.clone()));
     let streams_stop = shutdown.clone();
     pixmesh_chassis::serve::http_role_tls(role, http, admin, shutdown, grace, limits, tls, |_| async move {
         Ok(match surface {
-            Surface::Api => stack::app(shared, upstream::Clients::new(), cluster, streams_stop),
-            Surface::Sidecar => stack::inbound(shared, upstream::Clients::new(), streams_stop),
+            Surface::Api => stack::app(shared, clients, cluster, streams_stop),
+            Surface::Sidecar => stack::inbound(shared, clients, streams_stop),
         })
     })
     .await

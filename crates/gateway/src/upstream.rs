@@ -18,43 +18,49 @@ use crate::config::PoolConfig;
 use axum::body::Body;
 use http::Uri;
 use http::uri::{Authority, PathAndQuery, Scheme};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use pixmesh_chassis::tls::{ClientTlsConfig, TlsError};
 use pixmesh_chassis::{ApiError, ErrorCode};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// What the pools connect with: TCP, and TLS for `https://` instances.
+pub type Connector = HttpsConnector<HttpConnector>;
+
 /// The connection pools. Built once per process: a reload keeps every open upstream connection.
+/// `https://` instances are reached over TLS with `[gateway.client_tls]` (read at start).
 #[derive(Clone)]
 pub struct Clients {
-    http1: Client<HttpConnector, Body>,
-    h2c: Client<HttpConnector, Body>,
+    http1: Client<Connector, Body>,
+    h2c: Client<Connector, Body>,
 }
 
 impl Clients {
-    pub fn new() -> Clients {
+    pub fn new(tls: &ClientTlsConfig) -> Result<Clients, TlsError> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        connector.enforce_http(false);
+        let config = tls.client_config()?;
+        let http1_connector =
+            HttpsConnectorBuilder::new().with_tls_config(config.clone()).https_or_http().enable_http1().wrap_connector(connector.clone());
+        // HTTP/2 only: h2c with prior knowledge to http:// instances, h2 by ALPN to https:// ones.
+        let h2_connector = HttpsConnectorBuilder::new().with_tls_config(config).https_or_http().enable_http2().wrap_connector(connector);
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(1024)
-            .build(connector.clone());
-        let h2c = Client::builder(TokioExecutor::new()).http2_only(true).pool_idle_timeout(Duration::from_secs(60)).build(connector);
-        Clients { http1, h2c }
+            .build(http1_connector);
+        let h2c = Client::builder(TokioExecutor::new()).http2_only(true).pool_idle_timeout(Duration::from_secs(60)).build(h2_connector);
+        Ok(Clients { http1, h2c })
     }
 
-    pub fn for_pool(&self, pool: &Pool) -> &Client<HttpConnector, Body> {
+    pub fn for_pool(&self, pool: &Pool) -> &Client<Connector, Body> {
         if pool.config.h2c { &self.h2c } else { &self.http1 }
-    }
-}
-
-impl Default for Clients {
-    fn default() -> Self {
-        Clients::new()
     }
 }
 
@@ -66,8 +72,9 @@ fn now_ms() -> u64 {
 
 #[derive(Debug)]
 pub struct Instance {
-    /// `http://host:port` (with any base path), no trailing slash.
+    /// `http://host:port` or `https://…` (with any base path), no trailing slash.
     pub base: String,
+    scheme: Scheme,
     authority: Option<Authority>,
     /// A path in the URL, put before every forwarded path.
     base_path: String,
@@ -85,9 +92,11 @@ impl Instance {
         let base = url.trim_end_matches('/').to_string();
         let parsed = base.parse::<Uri>().ok();
         let authority = parsed.as_ref().and_then(|u| u.authority().cloned());
+        let scheme = if parsed.as_ref().and_then(|u| u.scheme()) == Some(&Scheme::HTTPS) { Scheme::HTTPS } else { Scheme::HTTP };
         let base_path = parsed.as_ref().map(|u| u.path().trim_end_matches('/').to_string()).unwrap_or_default();
         Instance {
             base,
+            scheme,
             authority,
             base_path,
             consecutive_failures: AtomicU32::new(0),
@@ -117,7 +126,7 @@ impl Instance {
         let bad = |e: http::Error| ApiError::new(ErrorCode::BadRequest, format!("cannot forward this path: {e}"));
         let authority =
             self.authority.clone().ok_or_else(|| ApiError::new(ErrorCode::Internal, format!("upstream {} has no host", self.base)))?;
-        let builder = Uri::builder().scheme(Scheme::HTTP).authority(authority);
+        let builder = Uri::builder().scheme(self.scheme.clone()).authority(authority);
         if self.base_path.is_empty() {
             builder.path_and_query(path_and_query.clone()).build().map_err(bad)
         } else {

@@ -5,9 +5,6 @@
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use pixmesh_store::{StoreConfig, Stores};
 use serde_json::json;
 use std::path::PathBuf;
@@ -27,6 +24,8 @@ pub struct E2e {
     pub query: String,
     /// A process whose CPU time during the run is reported (a distributor).
     pub watch_pid: Option<u32>,
+    /// The CA to trust for an https:// gateway.
+    pub ca: Option<PathBuf>,
 }
 
 /// User + system CPU time of process `pid` so far, from `/proc/PID/stat`.
@@ -102,7 +101,7 @@ fn zlib_stored(data: &[u8]) -> Vec<u8> {
 pub async fn run(run: E2e) -> anyhow::Result<serde_json::Value> {
     let stores = Stores::open(&StoreConfig::default().with_data_dir(&run.data_dir).with_database(&run.database)).await?;
     let before: u64 = stores.jobs.counts().await?.iter().map(|(_, n)| n).sum();
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let client = crate::open_loop::client(run.ca.as_deref())?;
     let (image, content_type) = match &run.image {
         Some(path) => (Bytes::from(std::fs::read(path).with_context(|| format!("{}", path.display()))?), content_type_of(path)),
         None => (tiny_png(), "image/png"),

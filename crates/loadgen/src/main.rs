@@ -166,6 +166,9 @@ enum Mode {
         /// Report the CPU time this process (a distributor) spent during the run, per job.
         #[arg(long)]
         watch_pid: Option<u32>,
+        /// For an https:// gateway: the CA certificates (PEM) to trust, and only those.
+        #[arg(long)]
+        ca: Option<std::path::PathBuf>,
     },
     /// A real S3-compatible server (s3s-fs, signatures checked) for the benchmarks: prints its
     /// endpoint and key pair as one JSON line, serves until killed.
@@ -492,8 +495,8 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", dispatch::run(run).await?);
                 Ok(())
             }
-            Mode::E2e { gateway, key, database, data_dir, jobs, concurrency, image, query, watch_pid } => {
-                let run = e2e::E2e { gateway, key, database, data_dir, jobs, concurrency, image, query, watch_pid };
+            Mode::E2e { gateway, key, database, data_dir, jobs, concurrency, image, query, watch_pid, ca } => {
+                let run = e2e::E2e { gateway, key, database, data_dir, jobs, concurrency, image, query, watch_pid, ca };
                 println!("{}", e2e::run(run).await?);
                 Ok(())
             }

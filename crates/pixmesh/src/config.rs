@@ -70,6 +70,24 @@ mod tests {
     }
 
     #[test]
+    fn tls_settings_that_cannot_work_stop_the_role_at_start_naming_the_setting() {
+        let cases = [
+            ("PIXMESH__WORKER__TLS__CLIENT_AUTH", "required", "worker.tls"),
+            ("PIXMESH__REGISTRY__TLS__CERT", "/x.pem", "registry.tls.cert and registry.tls.key go together"),
+            ("PIXMESH__UPLOAD__TLS__CLIENT_CA", "/ca.pem", "upload.tls.client_ca"),
+            ("PIXMESH__STATUS__TLS__KEY", "/k.pem", "status.tls.cert and status.tls.key go together"),
+            ("PIXMESH__DISTRIBUTOR__CLIENT_TLS__CERT", "/c.pem", "distributor.client_tls.cert and distributor.client_tls.key go together"),
+            ("PIXMESH__WORKER__CLIENT_TLS__KEY", "/k.pem", "worker.client_tls.cert and worker.client_tls.key go together"),
+            ("PIXMESH__GATEWAY__CLIENT_TLS__CERT", "/c.pem", "gateway.client_tls.cert and gateway.client_tls.key go together"),
+        ];
+        for (var, value, expected) in cases {
+            let env = [(var.to_string(), value.to_string())].into_iter().collect();
+            let err = pixmesh_chassis::config::load::<Config>(None, &env, &[]).unwrap_err();
+            assert!(err.to_string().contains(expected), "{var}: {err}");
+        }
+    }
+
+    #[test]
     fn the_example_config_is_valid() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pixmesh.example.toml");
         let config: Config = pixmesh_chassis::config::load(Some(&path), &HashMap::new(), &[]).unwrap();

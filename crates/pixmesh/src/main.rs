@@ -66,6 +66,10 @@ enum Command {
         /// Seconds each role gets to drain after SIGTERM.
         #[arg(long, default_value_t = 20)]
         grace_secs: u64,
+        /// mTLS between every role and HTTPS on the gateway, with certificates from a
+        /// development CA kept in DATA_DIR/tls (clients trust DATA_DIR/tls/ca.pem).
+        #[arg(long)]
+        tls: bool,
     },
     /// The public HTTP gateway.
     Gateway,
@@ -543,7 +547,7 @@ async fn run(
     exit_with_supervisor(&env, &shutdown);
     let store = config.store.clone();
     match command {
-        Command::Up { data_dir, listen, workers, grace_secs } => {
+        Command::Up { data_dir, listen, workers, grace_secs, tls } => {
             // The roles open the stores themselves; opening them here first refuses a bad
             // URL or an unreachable engine before anything starts, and applies migrations once.
             drop(open_stores(&store.clone().with_data_dir(&data_dir)).await?);
@@ -562,6 +566,7 @@ async fn run(
                 workers,
                 external_registry,
                 grace: std::time::Duration::from_secs(grace_secs),
+                tls,
             };
             pixmesh_supervisor::run(options, shutdown).await
         }

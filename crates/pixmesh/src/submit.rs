@@ -37,6 +37,10 @@ pub struct SubmitArgs {
     /// An API key of the gateway.
     #[arg(long, env = "PIXMESH_API_KEY", hide_env_values = true)]
     key: String,
+    /// A CA certificate (PEM) to trust for an https:// gateway, besides the system's: the
+    /// development CA of `pixmesh up --tls` (DATA_DIR/tls/ca.pem).
+    #[arg(long, env = "PIXMESH_CACERT", value_name = "FILE")]
+    cacert: Option<PathBuf>,
     /// What to make of every image, as upload parameters: `width=800&format=webp`, or named
     /// outputs `outputs=thumb:width=200;large:width=1600`.
     #[arg(long, short = 'q', default_value = "")]
@@ -105,7 +109,14 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<Summary> {
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot make {}", args.out.display()))?;
     let outputs = output_names(&args.query);
-    let client = reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).build()?;
+    let mut client = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+    if let Some(file) = &args.cacert {
+        let pem = std::fs::read(file).with_context(|| format!("cannot read --cacert {}", file.display()))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem).with_context(|| format!("--cacert {}", file.display()))? {
+            client = client.add_root_certificate(cert);
+        }
+    }
+    let client = client.build()?;
     let bar = ProgressBar::new(items.len() as u64).with_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} files  {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),

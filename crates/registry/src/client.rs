@@ -1,5 +1,6 @@
 //! Self-registration: register, heartbeat, and deregister on a graceful stop.
 
+use pixmesh_chassis::grpc::Dialer;
 use pixmesh_proto::v1::registry_client::RegistryClient;
 use pixmesh_proto::v1::{DeregisterRequest, HeartbeatRequest, Instance, RegisterRequest};
 use std::time::Duration;
@@ -7,21 +8,22 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-/// The registry at `address` (`host:port` or `http://host:port`).
-fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
-    let uri = if address.starts_with("http://") { address.to_string() } else { format!("http://{address}") };
-    Ok(Endpoint::from_shared(uri)?.connect_timeout(Duration::from_secs(2)))
+/// The registry at `address` (`host:port` or `http://host:port`), dialed by `dialer`
+/// (plaintext, or TLS with the role's `client_tls`).
+fn endpoint(address: &str, dialer: &Dialer) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(dialer.endpoint(address)?.connect_timeout(Duration::from_secs(2)))
 }
 
 /// Connects lazily to a registry at `address`, for short calls.
-pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(endpoint(address)?.timeout(Duration::from_secs(5)).connect_lazy())
+pub fn channel(address: &str, dialer: &Dialer) -> Result<Channel, tonic::transport::Error> {
+    Ok(dialer.connect_lazy(endpoint(address, dialer)?.timeout(Duration::from_secs(5))))
 }
 
 /// Like [`channel`], without a per-request timeout but with keep-alive pings: for the
 /// long-lived watch stream.
-pub fn watch_channel(address: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(endpoint(address)?.http2_keep_alive_interval(Duration::from_secs(5)).keep_alive_timeout(Duration::from_secs(5)).connect_lazy())
+pub fn watch_channel(address: &str, dialer: &Dialer) -> Result<Channel, tonic::transport::Error> {
+    let endpoint = endpoint(address, dialer)?.http2_keep_alive_interval(Duration::from_secs(5)).keep_alive_timeout(Duration::from_secs(5));
+    Ok(dialer.connect_lazy(endpoint))
 }
 
 /// A live registration: heartbeats run until [`Registration::deregister`].

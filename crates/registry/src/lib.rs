@@ -13,6 +13,7 @@ pub use service::{Registry, RegistryService};
 use pixmesh_chassis::Shutdown;
 use pixmesh_chassis::admin::Readiness;
 use pixmesh_chassis::announce::Announcement;
+use pixmesh_chassis::tls::{Tls, TlsConfig};
 use pixmesh_proto::v1::registry_server::RegistryServer;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -27,6 +28,9 @@ pub struct RegistryConfig {
     pub heartbeat_interval_ms: u64,
     /// Heartbeats an instance may miss before it expires.
     pub missed_heartbeats: u32,
+    /// TLS on the gRPC listener (`[registry.tls]`; with `client_auth = "required"`, only
+    /// callers with a certificate from `client_ca` may register or watch).
+    pub tls: TlsConfig,
 }
 
 impl Default for RegistryConfig {
@@ -36,6 +40,7 @@ impl Default for RegistryConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             heartbeat_interval_ms: 1000,
             missed_heartbeats: 3,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -48,7 +53,7 @@ impl RegistryConfig {
         if self.missed_heartbeats == 0 {
             return Err("registry.missed_heartbeats must be at least 1".into());
         }
-        Ok(())
+        self.tls.validate("registry.tls")
     }
 
     pub fn ttl(&self) -> Duration {
@@ -58,6 +63,7 @@ impl RegistryConfig {
 
 /// Serves the registry on `grpc` until `shutdown`.
 pub async fn run(config: RegistryConfig, grpc: TcpListener, admin: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
+    let tls = Tls::load(&config.tls).map_err(std::io::Error::other)?;
     let readiness = Readiness::new();
     let grpc_addr = grpc.local_addr()?;
     let admin_addr = admin.local_addr()?;
@@ -72,10 +78,11 @@ pub async fn run(config: RegistryConfig, grpc: TcpListener, admin: TcpListener, 
     });
     Announcement::new("registry").with("grpc", grpc_addr).with("admin", admin_addr).print();
     readiness.set_ready(true);
-    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, ttl_ms = config.ttl().as_millis() as u64, "registry ready");
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, ttl_ms = config.ttl().as_millis() as u64, tls = tls.is_some(), "registry ready");
+    let incoming = pixmesh_chassis::grpc::incoming(grpc, tls, shutdown.clone());
     let result = tonic::transport::Server::builder()
         .add_service(RegistryServer::new(RegistryService::new(registry)))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), shutdown.wait_owned())
+        .serve_with_incoming_shutdown(incoming, shutdown.wait_owned())
         .await;
     sweeper.abort();
     admin_server.stop().await;

@@ -151,8 +151,8 @@ mod tests {
         let mut clash = InboundConfig::default();
         clash.upstreams.insert(APP.into(), UpstreamConfig::Url("http://127.0.0.1:1".into()));
         assert!(clash.validate().unwrap_err().contains("sidecar.inbound.app"));
-        let bad = InboundConfig { app: UpstreamConfig::Url("https://x".into()), ..InboundConfig::default() };
-        assert!(bad.validate().unwrap_err().contains("http://"));
+        let bad = InboundConfig { app: UpstreamConfig::Url("ftp://x".into()), ..InboundConfig::default() };
+        assert!(bad.validate().unwrap_err().contains("http:// or https://"));
         let bad_tls = InboundConfig { tls: TlsConfig { cert: Some("c.pem".into()), ..TlsConfig::default() }, ..InboundConfig::default() };
         assert!(bad_tls.validate().unwrap_err().contains("go together"));
     }

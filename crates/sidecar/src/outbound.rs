@@ -29,10 +29,11 @@ use pixmesh_balance::breaker::{BreakerConfig, State as BreakerState};
 use pixmesh_balance::budget::RetryBudget;
 use pixmesh_balance::discovery::{self, Discovery};
 use pixmesh_balance::set::{EndpointSet, MetricNames, ProbeFuture, Transport};
+use pixmesh_chassis::grpc::Dialer;
+use pixmesh_chassis::tls::ClientTlsConfig;
 use pixmesh_chassis::{ApiError, ErrorCode, Shutdown};
 use serde::Deserialize;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -46,26 +47,15 @@ pub struct OutboundConfig {
     /// `/services` (each service's instances, loads and breakers).
     pub admin_listen: SocketAddr,
     /// TLS to the remote services (`[sidecar.outbound.tls]`).
-    pub tls: ClientTls,
+    pub tls: ClientTlsConfig,
     /// `[[sidecar.outbound.services]]`.
     pub services: Vec<ServiceConfig>,
 }
 
 impl Default for OutboundConfig {
     fn default() -> Self {
-        OutboundConfig { admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)), tls: ClientTls::default(), services: Vec::new() }
+        OutboundConfig { admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)), tls: ClientTlsConfig::default(), services: Vec::new() }
     }
-}
-
-/// How the sidecar speaks TLS to remote services.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ClientTls {
-    /// The CA certificates (PEM) remote certificates must chain to; needed for `tls = true`.
-    pub ca: Option<PathBuf>,
-    /// A client certificate and key (PEM) to present: mTLS.
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
 }
 
 /// One remote service.
@@ -88,6 +78,9 @@ pub struct ServiceConfig {
     pub discovery_interval_ms: u64,
     /// Speak TLS to the instances (with `[sidecar.outbound.tls]`).
     pub tls: bool,
+    /// Dial `registry` over TLS too (with `[sidecar.outbound.tls]`: a registry run with
+    /// `[registry.tls]`).
+    pub registry_tls: bool,
     /// The name the instances' certificates must carry; empty: the instance's host (an IP
     /// address from DNS or the registry rarely is one, so set it for those).
     pub server_name: String,
@@ -117,6 +110,7 @@ impl Default for ServiceConfig {
             registry_service: String::new(),
             discovery_interval_ms: 5_000,
             tls: false,
+            registry_tls: false,
             server_name: String::new(),
             timeout_ms: 10_000,
             retries: 2,
@@ -131,9 +125,7 @@ impl Default for ServiceConfig {
 
 impl OutboundConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if self.tls.cert.is_some() != self.tls.key.is_some() {
-            return Err("sidecar.outbound.tls.cert and key go together".into());
-        }
+        self.tls.validate("sidecar.outbound.tls")?;
         let mut names: Vec<&str> = Vec::new();
         for s in &self.services {
             let what = format!("sidecar.outbound service {:?}", s.name);
@@ -148,8 +140,8 @@ impl OutboundConfig {
             if sources != 1 {
                 return Err(format!("{what} needs exactly one of instances, dns or registry"));
             }
-            if s.tls && self.tls.ca.is_none() {
-                return Err(format!("{what} has tls = true: set sidecar.outbound.tls.ca"));
+            if (s.tls || s.registry_tls) && self.tls.ca.is_none() {
+                return Err(format!("{what} has tls or registry_tls = true: set sidecar.outbound.tls.ca"));
             }
             if s.timeout_ms == 0 || s.max_in_flight_per_instance == 0 || s.discovery_interval_ms == 0 {
                 return Err(format!("{what}: timeout_ms, max_in_flight_per_instance and discovery_interval_ms must be at least 1"));
@@ -202,29 +194,10 @@ impl Transport for Http {
     }
 }
 
-fn https_client(tls: &ClientTls, service: &ServiceConfig) -> Result<HttpsClient, String> {
-    use rustls_pki_types::pem::PemObject;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    if let Some(ca) = &tls.ca {
-        for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
-            roots.add(cert.map_err(|e| format!("{}: {e}", ca.display()))?).map_err(|e| format!("{}: {e}", ca.display()))?;
-        }
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots);
-    let config = match (&tls.cert, &tls.key) {
-        (Some(cert), Some(key)) => {
-            let chain = rustls_pki_types::CertificateDer::pem_file_iter(cert)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| format!("{}: {e}", cert.display()))?;
-            let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
-            builder.with_client_auth_cert(chain, key).map_err(|e| format!("sidecar.outbound.tls: {e}"))?
-        }
-        _ => builder.with_no_client_auth(),
-    };
+fn https_client(tls: &ClientTlsConfig, service: &ServiceConfig) -> Result<HttpsClient, String> {
+    // Without a CA the configuration is never used (`tls = true` needs one), but the connector
+    // wants one.
+    let config = tls.client_config().map_err(|e| format!("sidecar.outbound.tls: {e}"))?;
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.enforce_http(false);
@@ -246,16 +219,20 @@ pub struct Service {
     metrics: ServiceMetrics,
     set: EndpointSet<Http>,
     budget: RetryBudget,
+    /// How the registry is dialed (`registry_tls`).
+    registry: Dialer,
 }
 
 impl Service {
-    fn new(config: ServiceConfig, tls: &ClientTls) -> Result<Service, String> {
+    fn new(config: ServiceConfig, tls: &ClientTlsConfig) -> Result<Service, String> {
         let client = https_client(tls, &config)?;
         let scheme = if config.tls { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP };
         let timeout = Duration::from_millis(config.timeout_ms);
         let set = EndpointSet::with_transport(Http { client, scheme }, timeout, &config.breaker).with_label("service", &config.name);
         let budget = RetryBudget::with_metric(config.retry_budget_percent, config.retry_budget_per_second, METRICS.retries_refused);
-        Ok(Service { metrics: ServiceMetrics::new(&config.name), config, set, budget })
+        let registry =
+            if config.registry_tls { Dialer::new(tls).map_err(|e| format!("sidecar.outbound.tls: {e}"))? } else { Dialer::default() };
+        Ok(Service { metrics: ServiceMetrics::new(&config.name), config, set, budget, registry })
     }
 
     fn discovery(&self) -> Result<Box<dyn Discovery>, String> {
@@ -264,7 +241,7 @@ impl Service {
         let interval = Duration::from_millis(c.discovery_interval_ms);
         if !c.registry.is_empty() {
             let service = if c.registry_service.is_empty() { &c.name } else { &c.registry_service };
-            return discovery::RegistryWatch::new(&c.registry, service)
+            return discovery::RegistryWatch::new(&c.registry, service, &self.registry)
                 .map(|w| Box::new(w) as Box<dyn Discovery>)
                 .map_err(|e| e.to_string());
         }
@@ -555,7 +532,7 @@ mod tests {
             (OutboundConfig { services: vec![ServiceConfig { timeout_ms: 0, ..service("a") }], ..OutboundConfig::default() }, "at least 1"),
             (
                 OutboundConfig {
-                    tls: ClientTls { cert: Some("c.pem".into()), ..ClientTls::default() },
+                    tls: ClientTlsConfig { cert: Some("c.pem".into()), ..ClientTlsConfig::default() },
                     services: vec![service("a")],
                     ..OutboundConfig::default()
                 },

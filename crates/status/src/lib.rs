@@ -19,6 +19,7 @@ pub use handler::{Live, router};
 
 use pixmesh_chassis::Shutdown;
 use pixmesh_chassis::serve::ConnectionLimits;
+use pixmesh_chassis::tls::{Tls, TlsConfig};
 use pixmesh_store::{Access, Stores};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -39,6 +40,9 @@ pub struct StatusConfig {
     /// How often the read model's projector looks for new events (each round that finds some
     /// is one write transaction): the most a listing lags behind the events.
     pub projection_poll_ms: u64,
+    /// TLS on the HTTP listener (`[status.tls]`): the gateway, or whoever calls this role,
+    /// over TLS, and with `client_auth = "required"` only with a certificate from `client_ca`.
+    pub tls: TlsConfig,
     /// The deployment's URL signing keys, from `[gateway.signed_urls]` (not a `[status]` key):
     /// a succeeded job's `result_url` is signed with them.
     #[serde(skip)]
@@ -58,6 +62,7 @@ impl Default for StatusConfig {
             max_streams: 10_000,
             keep_alive_ms: 15_000,
             projection_poll_ms: 100,
+            tls: TlsConfig::default(),
             signed_urls: Default::default(),
             openapi: None,
         }
@@ -69,7 +74,7 @@ impl StatusConfig {
         if self.max_streams == 0 || self.keep_alive_ms == 0 || self.projection_poll_ms == 0 {
             return Err("status.max_streams, status.keep_alive_ms and status.projection_poll_ms must be above 0".into());
         }
-        Ok(())
+        self.tls.validate("status.tls")
     }
 }
 
@@ -91,7 +96,9 @@ pub async fn run(config: StatusConfig, stores: Stores, http: TcpListener, admin:
     });
     let keep_alive = Duration::from_millis(config.keep_alive_ms);
     let live = Live { hub, max_streams: config.max_streams, keep_alive, shutdown: shutdown.clone() };
-    pixmesh_chassis::serve::http_role("status", http, admin, shutdown, grace, ConnectionLimits::default(), |readiness| async move {
+    let tls = Tls::load(&config.tls).map_err(std::io::Error::other)?;
+    let limits = ConnectionLimits::default();
+    pixmesh_chassis::serve::http_role_tls("status", http, admin, shutdown, grace, limits, tls, |readiness| async move {
         stores.watch_health("status", Access::ReadOnly, readiness, probe_stop).await;
         let app = router(stores, signer, live);
         Ok(match config.openapi {

@@ -9,7 +9,12 @@
 //!
 //! Children watch their stdin: when `up` dies, the pipe closes and they shut down, so a killed
 //! supervisor leaves no orphans.
+//!
+//! With `--tls` every hop between roles is mTLS (gateway → upload and status, distributor →
+//! workers, workers and distributor → registry) and the gateway serves HTTPS, each role with a
+//! certificate of its own from a development CA in the data dir ([`certs`]).
 
+mod certs;
 mod child;
 mod keys;
 
@@ -39,6 +44,9 @@ pub struct UpOptions {
     pub external_registry: Option<String>,
     /// Time each child gets to stop after SIGTERM.
     pub grace: Duration,
+    /// mTLS on every hop between roles, and TLS on the gateway, with certificates from a
+    /// development CA in the data dir (see [`certs`]).
+    pub tls: bool,
 }
 
 fn set(key: &str, value: &str) -> [String; 2] {
@@ -64,12 +72,54 @@ fn admin_sources<'a>(children: impl Iterator<Item = (&'a str, &'a Announcement)>
     format!("{{{}}}", entries.join(", "))
 }
 
+/// The settings that give child `name` its certificate: `server` (a `[section.tls]` that
+/// requires client certificates from the CA, or, for the public gateway, asks for none) and
+/// `client` (a `[section.client_tls]` to call the others with).
+fn tls_sets(
+    pki: Option<&certs::DevPki>,
+    name: &str,
+    server: Option<(&str, bool)>,
+    client: Option<&str>,
+) -> anyhow::Result<Vec<[String; 2]>> {
+    let Some(pki) = pki else { return Ok(Vec::new()) };
+    let files = pki.issue(name)?;
+    let ca = pki.ca_file();
+    let mut sets = Vec::new();
+    if let Some((section, mutual)) = server {
+        sets.push(set(&format!("{section}.tls.cert"), &files.cert));
+        sets.push(set(&format!("{section}.tls.key"), &files.key));
+        if mutual {
+            sets.push(set(&format!("{section}.tls.client_ca"), &ca));
+            sets.push(set(&format!("{section}.tls.client_auth"), "required"));
+        }
+    }
+    if let Some(section) = client {
+        sets.push(set(&format!("{section}.client_tls.ca"), &ca));
+        sets.push(set(&format!("{section}.client_tls.cert"), &files.cert));
+        sets.push(set(&format!("{section}.client_tls.key"), &files.key));
+    }
+    Ok(sets)
+}
+
 /// Runs the system until `shutdown`.
 pub async fn run(options: UpOptions, shutdown: Shutdown) -> anyhow::Result<()> {
     std::fs::create_dir_all(&options.data_dir)?;
     let data_dir = std::fs::canonicalize(&options.data_dir)?;
     let key = keys::ensure_dev_key(&data_dir)?;
     let data = data_dir.display().to_string();
+    let pki = if options.tls {
+        let (pki, origin) = certs::DevPki::ensure(&data_dir)?;
+        match origin {
+            certs::Origin::Created => println!("Created a development CA: {} (clients trust it)", pki.ca_file()),
+            certs::Origin::Renewed => println!("The development CA was about to expire; made a new one: {}", pki.ca_file()),
+            certs::Origin::Existing => println!("Development CA: {}", pki.ca_file()),
+        }
+        Some(pki)
+    } else {
+        None
+    };
+    let pki = pki.as_ref();
+    let scheme = if options.tls { "https" } else { "http" };
 
     let mut common: Vec<String> = Vec::new();
     if let Some(file) = &options.config_file {
@@ -95,7 +145,8 @@ pub async fn run(options: UpOptions, shutdown: Shutdown) -> anyhow::Result<()> {
         let registry_addr = match &options.external_registry {
             Some(url) => url.clone(),
             None => {
-                let registry = Supervised::start(spec("registry", "registry", vec![])).await?;
+                let extra = tls_sets(pki, "registry", Some(("registry", true)), None)?;
+                let registry = Supervised::start(spec("registry", "registry", extra)).await?;
                 let registry_addr = addr(registry.announcement(), "grpc")?.to_string();
                 groups.push(vec![registry]);
                 registry_addr
@@ -105,36 +156,36 @@ pub async fn run(options: UpOptions, shutdown: Shutdown) -> anyhow::Result<()> {
         let mut workers = Vec::new();
         for i in 1..=options.workers {
             let name = format!("worker-{i}");
-            let extra = vec![set("worker.registry", &registry_addr), set("worker.id", &name)];
+            let mut extra = vec![set("worker.registry", &registry_addr), set("worker.id", &name)];
+            extra.extend(tls_sets(pki, &name, Some(("worker", true)), Some("worker"))?);
             workers.push(Supervised::start(spec(&name, "worker", extra)).await?);
         }
         groups.push(workers);
 
-        let distributor = Supervised::start(spec("distributor", "distributor", vec![set("distributor.registry", &registry_addr)])).await?;
+        let mut extra = vec![set("distributor.registry", &registry_addr)];
+        extra.extend(tls_sets(pki, "distributor", None, Some("distributor"))?);
+        let distributor = Supervised::start(spec("distributor", "distributor", extra)).await?;
         groups.push(vec![distributor]);
 
-        let upload = Supervised::start(spec("upload", "upload", vec![])).await?;
-        let status = Supervised::start(spec("status", "status", vec![])).await?;
-        let upload_url = format!("http://{}", addr(upload.announcement(), "http")?);
-        let status_url = format!("http://{}", addr(status.announcement(), "http")?);
+        let upload = Supervised::start(spec("upload", "upload", tls_sets(pki, "upload", Some(("upload", true)), None)?)).await?;
+        let status = Supervised::start(spec("status", "status", tls_sets(pki, "status", Some(("status", true)), None)?)).await?;
+        let upload_url = format!("{scheme}://{}", addr(upload.announcement(), "http")?);
+        let status_url = format!("{scheme}://{}", addr(status.announcement(), "http")?);
         groups.push(vec![upload, status]);
 
         // The gateway's `/api/cluster` reads every role's admin port.
         let sources = admin_sources(groups.iter().flatten().map(|child| (child.name(), child.announcement())));
         let keys_file = data_dir.join(keys::KEYS_FILE).display().to_string();
-        let gateway = Supervised::start(
-            spec(
-                "gateway",
-                "gateway",
-                vec![
-                    set("gateway.listen", &options.listen),
-                    set("gateway.upstreams.upload", &upload_url),
-                    set("gateway.upstreams.status", &status_url),
-                    set("gateway.api_keys_file", &keys_file),
-                    ["--set".to_string(), format!("gateway.cluster.sources={sources}")],
-                ],
-        ))
-        .await?;
+        let mut extra = vec![
+            set("gateway.listen", &options.listen),
+            set("gateway.upstreams.upload", &upload_url),
+            set("gateway.upstreams.status", &status_url),
+            set("gateway.api_keys_file", &keys_file),
+            ["--set".to_string(), format!("gateway.cluster.sources={sources}")],
+        ];
+        // Its public listener serves the CA's certificate too; callers bring API keys.
+        extra.extend(tls_sets(pki, "gateway", Some(("gateway", false)), Some("gateway"))?);
+        let gateway = Supervised::start(spec("gateway", "gateway", extra)).await?;
         let gateway_addr = addr(gateway.announcement(), "http")?.to_string();
         groups.push(vec![gateway]);
 
@@ -143,15 +194,23 @@ pub async fn run(options: UpOptions, shutdown: Shutdown) -> anyhow::Result<()> {
             keys::DevKey::Existing(k) => println!("Development API key: {k}"),
             keys::DevKey::Unknown => println!("API keys: see {}", data_dir.join(keys::KEYS_FILE).display()),
         }
-        let mut ready = Announcement::new("up").with("gateway", &gateway_addr).with("data_dir", &data);
+        let mut ready =
+            Announcement::new("up").with("gateway", &gateway_addr).with("url", format!("{scheme}://{gateway_addr}")).with("data_dir", &data);
         ready.pixmesh = "ready".into();
         if let Some(k) = key.plain() {
             ready = ready.with("api_key", k);
         }
+        let cacert = match pki {
+            Some(pki) => {
+                ready = ready.with("ca", pki.ca_file());
+                format!("--cacert {} ", pki.ca_file())
+            }
+            None => String::new(),
+        };
         ready.print();
-        println!("pixmesh is ready on http://{gateway_addr}  (Ctrl-C to stop)");
+        println!("pixmesh is ready on {scheme}://{gateway_addr}  (Ctrl-C to stop)");
         println!(
-            "  try: curl -H 'X-API-KEY: {}' -H 'Content-Type: image/jpeg' --data-binary @photo.jpg 'http://{gateway_addr}/api/upload?width=800&format=webp'",
+            "  try: curl {cacert}-H 'X-API-KEY: {}' -H 'Content-Type: image/jpeg' --data-binary @photo.jpg '{scheme}://{gateway_addr}/api/upload?width=800&format=webp'",
             key.plain().unwrap_or("<your key>")
         );
         anyhow::Ok(())

@@ -167,6 +167,9 @@ pub struct System {
     pub queue: Option<String>,
     /// The blob store it runs on (`store.blobs`) when not the local default.
     pub blobs: Option<String>,
+    /// The development CA its roles' certificates come from, when started with `--tls`
+    /// ([`System::start_tls`]); its client trusts it.
+    pub ca: Option<PathBuf>,
     children: Arc<Mutex<HashMap<String, ChildInfo>>>,
     client: reqwest::Client,
 }
@@ -184,6 +187,12 @@ impl System {
         System::start_with_env(data_dir, workers, sets, engines, &[]).await
     }
 
+    /// Starts `pixmesh up --tls` (mTLS between the roles, HTTPS on the gateway) on the
+    /// profile's engines, with `env` added to its environment.
+    pub async fn start_tls(data_dir: &Path, workers: usize, sets: &[&str], env: &[(&str, &str)]) -> anyhow::Result<System> {
+        System::launch(data_dir, workers, sets, &Engines::for_profile(data_dir).await, env, &["--tls"]).await
+    }
+
     /// Starts `pixmesh up` on `engines` with `env` added to its environment (its roles inherit it).
     pub async fn start_with_env(
         data_dir: &Path,
@@ -191,6 +200,17 @@ impl System {
         sets: &[&str],
         engines: &Engines,
         env: &[(&str, &str)],
+    ) -> anyhow::Result<System> {
+        System::launch(data_dir, workers, sets, engines, env, &[]).await
+    }
+
+    async fn launch(
+        data_dir: &Path,
+        workers: usize,
+        sets: &[&str],
+        engines: &Engines,
+        env: &[(&str, &str)],
+        up_args: &[&str],
     ) -> anyhow::Result<System> {
         let Engines { database, queue, blobs } = engines.clone();
         let mut cmd = Command::new(pixmesh_bin());
@@ -217,7 +237,8 @@ impl System {
             .arg("--workers")
             .arg(workers.to_string())
             .arg("--grace-secs")
-            .arg("10");
+            .arg("10")
+            .args(up_args);
         quiet_with_announcements(&mut cmd);
         let mut up = cmd.spawn().with_context(|| format!("cannot start {}", pixmesh_bin().display()))?;
         let stdout = up.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
@@ -246,10 +267,15 @@ impl System {
                 }
             }
         });
-        let gateway = format!("http://{}", ready["gateway"].as_str().ok_or_else(|| anyhow!("no gateway address"))?);
+        let gateway = ready["url"].as_str().ok_or_else(|| anyhow!("no gateway URL"))?.to_string();
         let api_key = ready["api_key"].as_str().unwrap_or_default().to_string();
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
-        Ok(System { up, gateway, api_key, data_dir: data_dir.to_path_buf(), database, queue, blobs, children, client })
+        let ca = ready["ca"].as_str().map(PathBuf::from);
+        let mut client = reqwest::Client::builder().timeout(Duration::from_secs(60));
+        if let Some(ca) = &ca {
+            client = client.add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca)?)?);
+        }
+        let client = client.build()?;
+        Ok(System { up, gateway, api_key, data_dir: data_dir.to_path_buf(), database, queue, blobs, ca, children, client })
     }
 
     /// The settings that put another role (started with [`Role::start`]) on this system's

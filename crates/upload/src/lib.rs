@@ -14,6 +14,7 @@ pub use handler::{parse_options, router};
 
 use pixmesh_chassis::Shutdown;
 use pixmesh_chassis::serve::ConnectionLimits;
+use pixmesh_chassis::tls::{Tls, TlsConfig};
 use pixmesh_imaging::Limits;
 use pixmesh_store::{Access, Stores};
 use serde::Deserialize;
@@ -43,6 +44,9 @@ pub struct UploadConfig {
     /// `off`. An identical upload (the same bytes and options) gets the existing result with
     /// no worker call.
     pub cache: CacheScope,
+    /// TLS on the HTTP listener (`[upload.tls]`): the gateway, or whoever calls this role,
+    /// over TLS, and with `client_auth = "required"` only with a certificate from `client_ca`.
+    pub tls: TlsConfig,
     /// The deployment's URL signing keys, from `[gateway.signed_urls]` (not an `[upload]` key):
     /// `result_url` is signed with them.
     #[serde(skip)]
@@ -61,6 +65,7 @@ impl Default for UploadConfig {
             max_outputs: pixmesh_store::DEFAULT_MAX_OUTPUTS,
             presets: Default::default(),
             cache: CacheScope::Key,
+            tls: TlsConfig::default(),
             signed_urls: Default::default(),
         }
     }
@@ -82,7 +87,7 @@ impl UploadConfig {
                 .and_then(|pairs| handler::parse_options(&pairs))
                 .map_err(|e| format!("upload.presets.{name}: {}", e.message))?;
         }
-        Ok(())
+        self.tls.validate("upload.tls")
     }
 }
 
@@ -91,7 +96,9 @@ impl UploadConfig {
 pub async fn run(config: UploadConfig, stores: Stores, http: TcpListener, admin: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
     let grace = Duration::from_millis(config.drain_grace_ms);
     let probe_stop = shutdown.clone();
-    pixmesh_chassis::serve::http_role("upload", http, admin, shutdown, grace, ConnectionLimits::default(), |readiness| async move {
+    let tls = Tls::load(&config.tls).map_err(std::io::Error::other)?;
+    let limits = ConnectionLimits::default();
+    pixmesh_chassis::serve::http_role_tls("upload", http, admin, shutdown, grace, limits, tls, |readiness| async move {
         stores.watch_health("upload", Access::ReadWrite, readiness, probe_stop).await;
         Ok(router(config, stores))
     })

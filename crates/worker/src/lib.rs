@@ -20,6 +20,8 @@ pub use transfer::Transfer;
 use pixmesh_chassis::Shutdown;
 use pixmesh_chassis::admin::Readiness;
 use pixmesh_chassis::announce::Announcement;
+use pixmesh_chassis::grpc::Dialer;
+use pixmesh_chassis::tls::{ClientTlsConfig, Tls, TlsConfig};
 use pixmesh_imaging::Limits;
 use pixmesh_proto::v1::Instance;
 use pixmesh_proto::v1::image_worker_server::ImageWorkerServer;
@@ -69,6 +71,11 @@ pub struct WorkerConfig {
     /// [`MIN_FAULT_MARKER_BYTES`] long so that no real image contains it by chance.
     pub fault_panic_marker: String,
     pub limits: Limits,
+    /// TLS on the gRPC listener (`[worker.tls]`; with `client_auth = "required"`, only
+    /// distributors with a certificate from `client_ca` may call).
+    pub tls: TlsConfig,
+    /// TLS to pixmesh's registry (`[worker.client_tls]`: its CA, and this worker's certificate).
+    pub client_tls: ClientTlsConfig,
 }
 
 /// Shortest `worker.fault_panic_marker` accepted.
@@ -91,6 +98,8 @@ impl Default for WorkerConfig {
             extra_delay_ms: 0,
             fault_panic_marker: String::new(),
             limits: Limits::default(),
+            tls: TlsConfig::default(),
+            client_tls: ClientTlsConfig::default(),
         }
     }
 }
@@ -126,7 +135,8 @@ impl WorkerConfig {
         if self.limits.max_input_bytes > MAX_MESSAGE_BYTES - 1024 * 1024 {
             return Err(format!("worker.limits.max_input_bytes must be at most {}", MAX_MESSAGE_BYTES - 1024 * 1024));
         }
-        Ok(())
+        self.tls.validate("worker.tls")?;
+        self.client_tls.validate("worker.client_tls")
     }
 
     pub fn effective_threads(&self) -> usize {
@@ -147,6 +157,8 @@ impl WorkerConfig {
 /// Serves the worker on `grpc` until `shutdown`, then deregisters, serves on for
 /// `deregister_grace_ms`, stops accepting calls and drains those in flight.
 pub async fn run(config: WorkerConfig, grpc: TcpListener, admin: TcpListener, shutdown: Shutdown) -> std::io::Result<()> {
+    let tls = Tls::load(&config.tls).map_err(std::io::Error::other)?;
+    let dialer = Dialer::new(&config.client_tls).map_err(std::io::Error::other)?;
     let readiness = Readiness::new();
     let grpc_addr = grpc.local_addr()?;
     let admin_addr = admin.local_addr()?;
@@ -179,7 +191,7 @@ pub async fn run(config: WorkerConfig, grpc: TcpListener, admin: TcpListener, sh
         .add_service(
             ImageWorkerServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), stop_serving.wait_owned());
+        .serve_with_incoming_shutdown(pixmesh_chassis::grpc::incoming(grpc, tls, stop_serving.clone()), stop_serving.wait_owned());
     let server = tokio::spawn(server);
 
     // A wildcard listen address with a registry and no `advertise` is refused by `validate`.
@@ -197,7 +209,7 @@ pub async fn run(config: WorkerConfig, grpc: TcpListener, admin: TcpListener, sh
             pixmesh_queue::registry::NatsRegistration::start(&config.registry, &id, member).await.map_err(std::io::Error::other)?;
         Some(Registration::Nats(Box::new(registration)))
     } else {
-        let channel = pixmesh_registry::client::channel(&config.registry).map_err(std::io::Error::other)?;
+        let channel = pixmesh_registry::client::channel(&config.registry, &dialer).map_err(std::io::Error::other)?;
         let instance = Instance {
             id: id.clone(),
             service: "worker".into(),

@@ -1,0 +1,265 @@
+//! `pixmesh up --tls`: a development CA in the data dir, a certificate per role, mTLS on every
+//! hop between roles and HTTPS on the gateway. A job goes through it end to end; every role's
+//! port refuses plaintext, a client without a certificate and one with a certificate from
+//! another CA, and takes one from the system's CA; a killed worker comes back on its
+//! certificate; a second start keeps the CA clients trust.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+use pixmesh_chassis::grpc::Dialer;
+use pixmesh_chassis::tls::{ClientTlsConfig, DevCa};
+use pixmesh_proto::v1::image_worker_client::ImageWorkerClient;
+use pixmesh_proto::v1::registry_client::RegistryClient;
+use pixmesh_proto::v1::{ListRequest, ProcessRequest};
+use pixmesh_test_support::{System, corpus, jpeg, pixmesh_bin};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const ADMIN_KEY: &str = "tls-admin-key";
+
+/// Who calls a role's port in these checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    /// No TLS at all.
+    Plain,
+    /// TLS trusting the system's CA, without a certificate.
+    NoCertificate,
+    /// TLS with a certificate from a CA of its own.
+    Stranger,
+    /// TLS with a certificate from the system's CA (the gateway's).
+    Member,
+}
+
+const CALLERS: [Caller; 4] = [Caller::Plain, Caller::NoCertificate, Caller::Stranger, Caller::Member];
+
+struct Identities {
+    ca: PathBuf,
+    member: (PathBuf, PathBuf),
+    stranger: (PathBuf, PathBuf),
+}
+
+impl Identities {
+    fn new(system: &System, dir: &Path) -> Identities {
+        let tls = system.data_dir.join("tls");
+        let other = DevCa::new("someone else's CA").unwrap();
+        let issued = other.issue(&["gateway.pixmesh", "localhost", "127.0.0.1"], true, true).unwrap();
+        let stranger = (dir.join("stranger.pem"), dir.join("stranger-key.pem"));
+        std::fs::write(&stranger.0, &issued.cert_pem).unwrap();
+        std::fs::write(&stranger.1, &issued.key_pem).unwrap();
+        Identities {
+            ca: system.ca.clone().expect("up --tls announces its CA"),
+            member: (tls.join("gateway.pem"), tls.join("gateway-key.pem")),
+            stranger,
+        }
+    }
+
+    fn client_tls(&self, caller: Caller) -> ClientTlsConfig {
+        let with = |(cert, key): &(PathBuf, PathBuf)| ClientTlsConfig {
+            ca: Some(self.ca.clone()),
+            cert: Some(cert.clone()),
+            key: Some(key.clone()),
+        };
+        match caller {
+            Caller::Plain => ClientTlsConfig::default(),
+            Caller::NoCertificate => ClientTlsConfig { ca: Some(self.ca.clone()), ..ClientTlsConfig::default() },
+            Caller::Stranger => with(&self.stranger),
+            Caller::Member => with(&self.member),
+        }
+    }
+
+    fn http(&self, caller: Caller) -> reqwest::Client {
+        let mut builder = reqwest::Client::builder().use_rustls_tls().tls_built_in_root_certs(false).timeout(Duration::from_secs(10));
+        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&self.ca).unwrap()).unwrap());
+        let identity = match caller {
+            Caller::Stranger => Some(&self.stranger),
+            Caller::Member => Some(&self.member),
+            Caller::Plain | Caller::NoCertificate => None,
+        };
+        if let Some((cert, key)) = identity {
+            let pem = [std::fs::read(cert).unwrap(), std::fs::read(key).unwrap()].concat();
+            builder = builder.identity(reqwest::Identity::from_pem(&pem).unwrap());
+        }
+        builder.build().unwrap()
+    }
+}
+
+fn address(system: &System, child: &str, port: &str) -> String {
+    system
+        .child(child)
+        .unwrap_or_else(|| panic!("no {child}"))
+        .addresses
+        .get(port)
+        .unwrap_or_else(|| panic!("{child} has no {port}"))
+        .clone()
+}
+
+/// Whether `caller` gets an HTTP answer from the role at `addr` (`GET /api/status/{id}`: the
+/// job's status from the status service, a 404 from upload).
+async fn http_answers(ids: &Identities, caller: Caller, addr: &str, id: &str) -> bool {
+    let scheme = if caller == Caller::Plain { "http" } else { "https" };
+    match ids.http(caller).get(format!("{scheme}://{addr}/api/status/{id}")).send().await {
+        Ok(res) => {
+            assert!([200, 404].contains(&res.status().as_u16()), "{caller:?} was let in: {}", res.status());
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Whether `caller` gets an answer from the registry at `addr` (`List`), and how many workers.
+async fn registry_answers(ids: &Identities, caller: Caller, addr: &str) -> Option<usize> {
+    let dialer = Dialer::new(&ids.client_tls(caller)).unwrap();
+    let endpoint = dialer.endpoint(addr).unwrap().connect_timeout(Duration::from_secs(3)).timeout(Duration::from_secs(5));
+    let mut client = RegistryClient::new(dialer.connect_lazy(endpoint));
+    let answer = client.list(ListRequest { service: "worker".into() }).await;
+    answer.ok().map(|r| r.into_inner().instances.len())
+}
+
+/// Whether `caller` gets an answer from the worker at `addr`: a call without an image is
+/// refused by the worker itself (InvalidArgument), which only a caller let in can hear.
+async fn worker_answers(ids: &Identities, caller: Caller, addr: &str) -> bool {
+    let dialer = Dialer::new(&ids.client_tls(caller)).unwrap();
+    let endpoint = dialer.endpoint(addr).unwrap().connect_timeout(Duration::from_secs(3)).timeout(Duration::from_secs(5));
+    let mut client = ImageWorkerClient::new(dialer.connect_lazy(endpoint));
+    match client.process(ProcessRequest::default()).await {
+        Ok(_) => panic!("a call without an image cannot succeed"),
+        // Refused callers see the connection fail (Unavailable, or Cancelled when it closes
+        // during the handshake), never the worker's own answer.
+        Err(status) => status.code() == tonic::Code::InvalidArgument,
+    }
+}
+
+async fn metric(admin: &str, name: &str, label: &str) -> f64 {
+    let text = reqwest::get(format!("http://{admin}/metrics")).await.unwrap().text().await.unwrap();
+    text.lines().filter(|l| l.starts_with(name) && l.contains(label)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+async fn upload_and_wait(system: &System, photo: &[u8]) -> String {
+    let (code, body) = system.upload(photo.to_vec(), "image/jpeg", "width=320&format=webp").await.unwrap();
+    assert_eq!(code, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    let done = system.wait_terminal(&id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(done["state"], "succeeded", "{done}");
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_tls_runs_every_hop_over_mtls_and_refuses_callers_without_the_systems_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let system = System::start_tls(&data, 2, &[], &[("PIXMESH_ADMIN_API_KEY", ADMIN_KEY)]).await.unwrap();
+    assert!(system.gateway.starts_with("https://"), "{}", system.gateway);
+    let ids = Identities::new(&system, dir.path());
+
+    // A job end to end: the gateway over HTTPS, then upload, distributor → worker, status, each
+    // hop over mTLS.
+    let photo = corpus("photos").map(|d| std::fs::read(d.join("ladybird-2560x1600.jpg")).unwrap()).unwrap_or_else(|| jpeg(1600, 1000));
+    let id = upload_and_wait(&system, &photo).await;
+    let (code, headers, bytes) = system.result(&id).await.unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(headers["content-type"], "image/webp");
+    assert_eq!(image::load_from_memory(&bytes).unwrap().width(), 320);
+
+    // The gateway reads the status service over mTLS for the cluster view, and every role is
+    // ready.
+    let res = system.client().get(format!("{}/api/cluster", system.gateway)).header("x-api-key", ADMIN_KEY).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let view: serde_json::Value = res.json().await.unwrap();
+    let status_source = view["sources"].as_array().unwrap().iter().find(|s| s["name"] == "status /api/jobs").unwrap();
+    assert_eq!(status_source["ok"], true, "{view}");
+    for role in view["roles"].as_array().unwrap() {
+        assert_eq!(role["state"], "ready", "{role}");
+    }
+
+    // The command-line client trusts the CA it is given, and nothing else.
+    let photos = dir.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    std::fs::write(photos.join("small.jpg"), jpeg(120, 80)).unwrap();
+    let submit = |extra: &[&str]| {
+        std::process::Command::new(pixmesh_bin())
+            .arg("submit")
+            .args(["--url", &system.gateway, "--key", &system.api_key, "-q", "width=60&format=png", "-o"])
+            .arg(dir.path().join("out"))
+            .args(extra)
+            .arg(&photos)
+            .output()
+            .unwrap()
+    };
+    let untrusting = submit(&[]);
+    assert!(!untrusting.status.success(), "a client that does not trust the development CA must not get through");
+    let trusting = submit(&["--cacert", system.ca.as_ref().unwrap().to_str().unwrap()]);
+    assert!(trusting.status.success(), "{}", String::from_utf8_lossy(&trusting.stderr));
+    assert!(dir.path().join("out/small.png").exists());
+
+    // The gateway's public port speaks TLS only.
+    let gateway = system.gateway.trim_start_matches("https://").to_string();
+    assert!(!http_answers(&ids, Caller::Plain, &gateway, &id).await, "the gateway must not answer plaintext");
+
+    // Every role's port: only a certificate from the system's CA gets in.
+    for role in ["upload", "status"] {
+        let addr = address(&system, role, "http");
+        for caller in CALLERS {
+            assert_eq!(http_answers(&ids, caller, &addr, &id).await, caller == Caller::Member, "{role} and {caller:?}");
+        }
+    }
+    let registry = address(&system, "registry", "grpc");
+    for caller in CALLERS {
+        let answer = registry_answers(&ids, caller, &registry).await;
+        if caller == Caller::Member {
+            assert_eq!(answer, Some(2), "both workers registered over mTLS");
+        } else {
+            assert_eq!(answer, None, "the registry let {caller:?} in");
+        }
+    }
+    for worker in ["worker-1", "worker-2"] {
+        let addr = address(&system, worker, "grpc");
+        for caller in CALLERS {
+            assert_eq!(worker_answers(&ids, caller, &addr).await, caller == Caller::Member, "{worker} and {caller:?}");
+        }
+    }
+    // The refusals are counted where they happened.
+    let upload_admin = address(&system, "upload", "admin");
+    assert!(metric(&upload_admin, "pixmesh_tls_handshakes_total", "outcome=\"failed\"").await >= 3.0);
+    assert!(metric(&upload_admin, "pixmesh_tls_handshakes_total", "outcome=\"ok\"").await >= 2.0);
+    let worker_admin = address(&system, "worker-1", "admin");
+    assert!(metric(&worker_admin, "pixmesh_tls_handshakes_total", "outcome=\"failed\"").await >= 2.0);
+
+    // A worker killed outright comes back on its certificate, registers again over mTLS and
+    // takes calls: jobs keep succeeding.
+    let victim = system.child("worker-1").unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim.pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while system.child("worker-1").unwrap().pid == victim.pid {
+        assert!(Instant::now() < deadline, "worker-1 was not restarted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while registry_answers(&ids, Caller::Member, &registry).await != Some(2) {
+        assert!(Instant::now() < deadline, "the restarted worker did not register again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(worker_answers(&ids, Caller::Member, &address(&system, "worker-1", "grpc")).await);
+    for _ in 0..4 {
+        upload_and_wait(&system, &photo).await;
+    }
+    let ca_before = std::fs::read(system.ca.as_ref().unwrap()).unwrap();
+    assert!(system.stop().await.unwrap().success());
+
+    // A second start on the same data dir keeps the CA: what clients trust stays valid.
+    let again = System::start_tls(&data, 1, &[], &[]).await.unwrap();
+    assert_eq!(std::fs::read(again.ca.as_ref().unwrap()).unwrap(), ca_before);
+    let (code, body) = again.status(&id).await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    upload_and_wait(&again, &photo).await;
+    assert!(again.stop().await.unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_tls_up_runs_in_plaintext_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let system = System::start(dir.path(), 1, &[]).await.unwrap();
+    assert!(system.gateway.starts_with("http://"), "{}", system.gateway);
+    assert!(system.ca.is_none());
+    assert!(!dir.path().join("tls").exists(), "no CA is made without --tls");
+    assert!(system.stop().await.unwrap().success());
+}
