@@ -144,6 +144,8 @@ pub enum TlsError {
     Certificate { path: PathBuf, key: PathBuf, source: rustls::Error },
     #[error("client CA {path}: {message}")]
     ClientCa { path: PathBuf, message: String },
+    #[error("development CA: {0}")]
+    DevCa(String),
 }
 
 /// The caller's name from its verified client certificate: its first DNS or URI subject
@@ -318,9 +320,16 @@ impl DevCa {
 
     /// The CA saved earlier: its certificate and key, PEM (what [`DevCa::cert_pem`] and
     /// [`DevCa::key_pem`] gave).
-    pub fn load(cert_pem: &str, key_pem: &str) -> Result<DevCa, rcgen::Error> {
-        let key = rcgen::KeyPair::from_pem(key_pem)?;
-        let issuer = rcgen::Issuer::from_ca_cert_pem(cert_pem, key)?;
+    /// A key that is not the certificate's is refused: what it signed would chain to nothing.
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<DevCa, TlsError> {
+        let bad = |e: &dyn std::fmt::Display| TlsError::DevCa(e.to_string());
+        let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| bad(&e))?;
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| bad(&e))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| bad(&e))?;
+        if cert.public_key().subject_public_key.data.as_ref() != rcgen::PublicKeyData::der_bytes(&key) {
+            return Err(TlsError::DevCa("the key is not the certificate's".into()));
+        }
+        let issuer = rcgen::Issuer::from_ca_cert_der(&der, key).map_err(|e| bad(&e))?;
         Ok(DevCa { issuer, cert_pem: cert_pem.to_string() })
     }
 
@@ -439,5 +448,30 @@ mod tests {
         let missing = TlsConfig { cert: Some(dir.path().join("nope.pem")), key: Some(empty), ..TlsConfig::default() };
         let err = Tls::load(&missing).err().unwrap().to_string();
         assert!(err.contains("nope.pem"), "{err}");
+    }
+
+    #[test]
+    fn a_saved_ca_issues_again_and_knows_how_long_it_lasts() {
+        let ca = DevCa::new("saved CA").unwrap();
+        let days = ca.remaining().as_secs() / 86_400;
+        assert!((364..=365).contains(&days), "{days} days");
+        let again = DevCa::load(&ca.cert_pem(), &ca.key_pem()).unwrap();
+        assert_eq!(again.cert_pem(), ca.cert_pem());
+        assert_eq!(again.remaining().as_secs() / 86_400, days);
+        // What the loaded CA issues verifies against the first one's certificate.
+        let issued = again.issue(&["upload.pixmesh"], true, true).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).unwrap()).unwrap();
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build().unwrap();
+        let cert = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        verifier.verify_client_cert(&cert, &[], rustls_pki_types::UnixTime::now()).unwrap();
+        assert_eq!(identity(&cert), Some(PeerIdentity(Arc::from("upload.pixmesh"))));
+        // A key that is not the CA's, or a certificate that is not one, is refused.
+        assert!(DevCa::load(&ca.cert_pem(), "not a key").is_err());
+        assert!(DevCa::load("not a certificate", &ca.key_pem()).is_err());
+        let other = DevCa::new("another CA").unwrap();
+        let mismatch = DevCa::load(&ca.cert_pem(), &other.key_pem()).err().unwrap().to_string();
+        assert!(mismatch.contains("not the certificate's"), "{mismatch}");
+        assert_eq!(DevCa::load(&ca.cert_pem(), &ca.key_pem()).map(|c| c.remaining() > Duration::ZERO).ok(), Some(true));
     }
 }
