@@ -18,7 +18,7 @@ ROUNDS="${ROUNDS:-3}"
 
 start_sink() { # name [flags] ; prints the sink's address
   "$T/pixmesh-loadgen" sink "${@:2}" >"$work/$1.out" 2>"$work/$1.err" &
-  pids+=($!)
+  track $!
   for _ in $(seq 1 50); do [ -s "$work/$1.out" ] && break; sleep 0.1; done
   python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["sink"])' "$work/$1.out"
 }
@@ -49,7 +49,7 @@ upstream = "primary"
 mirror = { upstream = "hang", percent = 100 }
 EOF
 PIXMESH_API_KEY=bench-key RUST_LOG=warn "$T/pixmesh" --config "$work/gateway.toml" gateway >"$work/gw.out" 2>"$work/gw.err" &
-pids+=($!)
+track $!
 for _ in $(seq 1 50); do grep -q listening "$work/gw.out" 2>/dev/null && break; sleep 0.1; done
 read -r http admin < <(python3 -c 'import json,sys; v=json.loads(open(sys.argv[1]).readline()); print(v["http"], v["admin"])' "$work/gw.out")
 

@@ -29,7 +29,7 @@ shards=()
 for i in 1 2 3; do
   port="$(free_port)"
   redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --logfile "$work/redis-$i.log" &
-  pids+=($!)
+  track $!
   wait_port "$port"
   shards+=("127.0.0.1:$port")
 done
@@ -39,7 +39,8 @@ threads=()
 [ -n "${AMB_THREADS:-}" ] && threads=(TOKIO_WORKER_THREADS="$AMB_THREADS")
 env "${threads[@]}" RUST_LOG=warn "$T/pixmesh" --set "ambassador.redis.hash=\"$HASH\"" ambassador redis --listen "127.0.0.1:$amb_port" \
   --shards "$(IFS=,; echo "${shards[*]}")" >"$work/amb.out" 2>"$work/amb.err" &
-pids+=($!)
+ambassador=$!
+track "$ambassador"
 nut_port="$(free_port)"
 {
   echo "pool:"
@@ -52,7 +53,7 @@ nut_port="$(free_port)"
   for s in "${shards[@]}"; do echo "    - $s:1"; done
 } >"$work/nutcracker.yml"
 nutcracker -c "$work/nutcracker.yml" -s "$(free_port)" -o "$work/nutcracker.log" &
-pids+=($!)
+track $!
 wait_port "$amb_port"
 wait_port "$nut_port"
 
@@ -102,10 +103,10 @@ python3 -c 'import sys
 for i in range(30000): sys.stdout.write(f"SET user:{i} x\r\n")' | redis-cli -h 127.0.0.1 -p "$amb_port" --pipe >/dev/null
 spread "$HASH, user:0 … user:29999"
 # The ambassador's default hash, on its own (twemproxy runs the pool above).
-kill "${pids[3]}"; wait "${pids[3]}" 2>/dev/null || true
+kill "$ambassador"; wait "$ambassador" 2>/dev/null || true
 RUST_LOG=warn "$T/pixmesh" ambassador redis --listen "127.0.0.1:$amb_port" --shards "$(IFS=,; echo "${shards[*]}")" \
   >"$work/amb2.out" 2>"$work/amb2.err" &
-pids+=($!)
+track $!
 wait_port "$amb_port"
 python3 -c 'import sys
 for i in range(30000): sys.stdout.write(f"SET user:{i} x\r\n")' | redis-cli -h 127.0.0.1 -p "$amb_port" --pipe >/dev/null

@@ -26,7 +26,7 @@ openssl x509 -req -in "$work/tls.csr" -CA "$work/ca.crt" -CAkey "$work/ca.key" -
   -extfile "$work/ext" -out "$work/tls.crt" 2>/dev/null
 
 "$T/pixmesh-loadgen" sink >"$work/sink.out" 2>"$work/sink.err" &
-pids+=($!)
+track $!
 for _ in $(seq 1 50); do [ -s "$work/sink.out" ] && break; sleep 0.1; done
 app="$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["sink"])' "$work/sink.out")"
 
@@ -42,7 +42,7 @@ TOML
 # The access log is written (one JSON line per request), as in production.
 PIXMESH_API_KEY=bench-key RUST_LOG=warn,pixmesh_gateway::access=info PIXMESH__LOG__FORMAT=json \
   "$T/pixmesh" --config "$work/pixmesh.toml" sidecar inbound >"$work/sc.out" 2>"$work/sc.err" &
-pids+=($!)
+track $!
 for _ in $(seq 1 50); do grep -q listening "$work/sc.out" 2>/dev/null && break; sleep 0.1; done
 read -r sidecar admin < <(python3 -c 'import json,sys; v=json.loads(open(sys.argv[1]).readline()); print(v["http"], v["admin"])' "$work/sc.out")
 port="${sidecar##*:}"

@@ -29,7 +29,7 @@ run() { # label load-args [--tls] ; prints the loadgen's JSON
   RUST_LOG=warn "$T/pixmesh" up --data-dir "$dir" --listen 127.0.0.1:0 --workers "$WORKERS" "$@" \
     --set log.level=warn --set upload.cache=off --set gateway.rate=off >"$dir/up.out" 2>"$dir/up.err" &
   local pid=$!
-  pids+=("$pid")
+  track "$pid"
   for _ in $(seq 1 120); do grep -q '"pixmesh":"ready"' "$dir/up.out" 2>/dev/null && break; sleep 0.5; done
   local url distributor ca
   read -r url distributor ca < <(python3 -c 'import json,sys
@@ -58,11 +58,13 @@ for round in $(seq 1 "$ROUNDS"); do
     flags=()
     [ "$profile" = tls ] && flags=(--tls)
     echo "== round $round, $profile: tiny images"
-    out="$(run "$profile-tiny" "$tiny" "${flags[@]}")"
+    run "$profile-tiny" "$tiny" "${flags[@]}" >"$work/out.json"
+    out="$(cat "$work/out.json")"
     echo "  $out"
     echo "{\"profile\":\"$profile\",\"kind\":\"tiny\",\"r\":$out}" >>"$results"
     echo "== round $round, $profile: $BIG_JOBS x $(du -h "$BIG_IMAGE" | cut -f1) images"
-    out="$(run "$profile-big" "$big" "${flags[@]}")"
+    run "$profile-big" "$big" "${flags[@]}" >"$work/out.json"
+    out="$(cat "$work/out.json")"
     echo "  $out"
     echo "{\"profile\":\"$profile\",\"kind\":\"big\",\"r\":$out}" >>"$results"
   done

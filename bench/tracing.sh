@@ -24,7 +24,7 @@ run() { # label dir [VAR=value ...] ; prints jobs/s
   env "$@" RUST_LOG=warn "$T/pixmesh" --database "sqlite:$dir/pixmesh.db" up --data-dir "$dir" --listen 127.0.0.1:0 \
     --workers "$WORKERS" --set log.level=warn --set upload.cache=off --set gateway.rate=off >"$dir/up.out" 2>"$dir/up.err" &
   local pid=$!
-  pids+=("$pid")
+  track "$pid"
   for _ in $(seq 1 120); do grep -q '"pixmesh":"ready"' "$dir/up.out" 2>/dev/null && break; sleep 0.5; done
   local gateway
   gateway="$(python3 -c 'import json,sys
@@ -42,7 +42,7 @@ for l in open(sys.argv[1]):
 
 "$T/pixmesh-loadgen" otlp-receiver >"$work/otlp.out" 2>"$work/otlp.err" &
 receiver=$!
-pids+=("$receiver")
+track "$receiver"
 for _ in $(seq 1 50); do [ -s "$work/otlp.out" ] && break; sleep 0.1; done
 endpoint="$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["endpoint"])' "$work/otlp.out")"
 

@@ -93,6 +93,16 @@ impl ClientTlsConfig {
         Ok(())
     }
 
+    /// [`ClientTlsConfig::validate`], for a gRPC caller: it speaks TLS only with a CA, so a
+    /// certificate without one (which would go unused, the calls in plaintext) is refused.
+    pub fn validate_for_grpc(&self, section: &str) -> Result<(), String> {
+        self.validate(section)?;
+        if self.cert.is_some() && self.ca.is_none() {
+            return Err(format!("{section}.cert needs {section}.ca: gRPC speaks TLS only with a CA"));
+        }
+        Ok(())
+    }
+
     /// The rustls client configuration: `ca` as the only roots (the system's when none is
     /// set) and the client certificate when one is set. No ALPN: the connector sets it.
     pub fn client_config(&self) -> Result<rustls::ClientConfig, TlsError> {

@@ -180,7 +180,7 @@ impl DistributorConfig {
         if self.poll_interval_ms == 0 || self.discovery_interval_ms == 0 {
             return Err("distributor.poll_interval_ms and distributor.discovery_interval_ms must be above 0".into());
         }
-        self.client_tls.validate("distributor.client_tls")?;
+        self.client_tls.validate_for_grpc("distributor.client_tls")?;
         self.breaker.validate().map_err(|e| format!("distributor.{e}"))
     }
 }

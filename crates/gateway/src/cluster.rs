@@ -69,7 +69,7 @@ pub struct Cluster {
 
 impl Cluster {
     /// `tls` (the gateway's `client_tls`) for `https://` sources and status service.
-    pub fn new(config: ClusterConfig, status: Option<String>, tls: Option<rustls::ClientConfig>) -> Cluster {
+    pub fn new(config: ClusterConfig, status: Option<String>, tls: Option<rustls::ClientConfig>) -> Result<Cluster, String> {
         let builder = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.timeout_ms))
             .connect_timeout(Duration::from_millis(config.timeout_ms));
@@ -77,8 +77,8 @@ impl Cluster {
             Some(tls) => builder.use_preconfigured_tls(tls),
             None => builder,
         };
-        let http = builder.build().unwrap_or_default();
-        Cluster { config: Arc::new(config), status, http, cached: Arc::default() }
+        let http = builder.build().map_err(|e| format!("gateway.cluster: cannot make its HTTP client: {e}"))?;
+        Ok(Cluster { config: Arc::new(config), status, http, cached: Arc::default() })
     }
 }
 

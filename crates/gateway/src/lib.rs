@@ -91,8 +91,11 @@ pub async fn serve_as(
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     // The cluster view asks the status service for recent errors: the `status` upstream.
     let status = config.upstreams.get("status").and_then(|u| u.pool().urls.first().cloned());
-    let client_tls = if config.client_tls.enabled() { config.client_tls.client_config().ok() } else { None };
-    let cluster = cluster::Cluster::new(config.cluster.clone(), status, client_tls);
+    let client_tls = match config.client_tls.enabled() {
+        true => Some(config.client_tls.client_config().map_err(|e| std::io::Error::other(format!("gateway.client_tls: {e}")))?),
+        false => None,
+    };
+    let cluster = cluster::Cluster::new(config.cluster.clone(), status, client_tls).map_err(std::io::Error::other)?;
     tokio::spawn(reload::watch(source, config, stamps, Arc::clone(&shared), shutdown.clone()));
     let streams_stop = shutdown.clone();
     pixmesh_chassis::serve::http_role_tls(role, http, admin, shutdown, grace, limits, tls, |_| async move {

@@ -80,6 +80,17 @@ mod tests {
             ("PIXMESH__WORKER__CLIENT_TLS__KEY", "/k.pem", "worker.client_tls.cert and worker.client_tls.key go together"),
             ("PIXMESH__GATEWAY__CLIENT_TLS__CERT", "/c.pem", "gateway.client_tls.cert and gateway.client_tls.key go together"),
         ];
+        // A gRPC caller with a certificate but no CA would dial in plaintext: refused.
+        for role in ["DISTRIBUTOR", "WORKER"] {
+            let env = [
+                (format!("PIXMESH__{role}__CLIENT_TLS__CERT"), "/c.pem".to_string()),
+                (format!("PIXMESH__{role}__CLIENT_TLS__KEY"), "/k.pem".to_string()),
+            ]
+            .into_iter()
+            .collect();
+            let err = pixmesh_chassis::config::load::<Config>(None, &env, &[]).unwrap_err().to_string();
+            assert!(err.contains(&format!("{}.client_tls.cert needs", role.to_lowercase())), "{err}");
+        }
         for (var, value, expected) in cases {
             let env = [(var.to_string(), value.to_string())].into_iter().collect();
             let err = pixmesh_chassis::config::load::<Config>(None, &env, &[]).unwrap_err();

@@ -136,7 +136,8 @@ impl WorkerConfig {
             return Err(format!("worker.limits.max_input_bytes must be at most {}", MAX_MESSAGE_BYTES - 1024 * 1024));
         }
         self.tls.validate("worker.tls")?;
-        self.client_tls.validate("worker.client_tls")
+        self.client_tls.validate_for_grpc("worker.client_tls")?;
+        Ok(())
     }
 
     pub fn effective_threads(&self) -> usize {
