@@ -263,6 +263,7 @@ mod tests {
             key: Some(write(dir.path(), "server-key.pem", &server.key_pem)),
             client_ca: Some(ca_file.clone()),
             client_auth: ClientAuth::Required,
+            allowed_names: vec!["distributor.pixmesh".into()],
         };
         let tls = Tls::load(&config).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -275,15 +276,32 @@ mod tests {
         let mut plain = TcpStream::connect(addr).await.unwrap();
         plain.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
 
-        // A client with a certificate from the CA gets through at once all the same.
-        let client_config = ClientTlsConfig {
-            ca: Some(ca_file),
-            cert: Some(write(dir.path(), "client.pem", &client.cert_pem)),
-            key: Some(write(dir.path(), "client-key.pem", &client.key_pem)),
-        }
-        .client_config()
-        .unwrap();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+        // A certificate from the CA that carries a name not allowed: its handshake fails (the
+        // server's alert reaches it at its first read).
+        let other = ca.issue(&["gateway.pixmesh"], false, true).unwrap();
+        let connector_for = |cert: &str, key: &str, tag: &str| {
+            let config = ClientTlsConfig {
+                ca: Some(ca_file.clone()),
+                cert: Some(write(dir.path(), &format!("{tag}.pem"), cert)),
+                key: Some(write(dir.path(), &format!("{tag}-key.pem"), key)),
+            };
+            tokio_rustls::TlsConnector::from(Arc::new(config.client_config().unwrap()))
+        };
+        let refused = connector_for(&other.cert_pem, &other.key_pem, "other");
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let outcome = async {
+            let mut stream = refused.connect(name, tcp).await?;
+            stream.write_all(b"ping").await?;
+            let mut byte = [0u8; 1];
+            tokio::io::AsyncReadExt::read(&mut stream, &mut byte).await
+        };
+        let outcome = tokio::time::timeout(Duration::from_secs(5), outcome).await.unwrap();
+        assert!(!matches!(outcome, Ok(n) if n > 0), "a name not allowed got a session: {outcome:?}");
+
+        // A client with a certificate from the CA and an allowed name gets through at once all
+        // the same: nothing of the others came out of the stream before it.
+        let connector = connector_for(&client.cert_pem, &client.key_pem, "client");
         let dialing = tokio::spawn(async move {
             let tcp = TcpStream::connect(addr).await.unwrap();
             let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();

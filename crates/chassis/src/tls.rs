@@ -10,7 +10,9 @@
 
 use crate::shutdown::Shutdown;
 use rustls::RootCertStore;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -32,6 +34,9 @@ pub struct TlsConfig {
     /// Client certificates: `none` (not asked for), `optional` (verified when sent; a client
     /// may instead send an API key) or `required` (a connection without one fails its handshake).
     pub client_auth: ClientAuth,
+    /// The names (see [`PeerIdentity`]) a client certificate may carry; another one fails its
+    /// handshake. Empty: any certificate of `client_ca`.
+    pub allowed_names: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -58,6 +63,12 @@ impl TlsConfig {
         }
         if self.client_auth != ClientAuth::None && self.client_ca.is_none() {
             return Err(format!("{section}.client_auth = {:?} needs {section}.client_ca", self.client_auth));
+        }
+        if !self.allowed_names.is_empty() && self.client_auth == ClientAuth::None {
+            return Err(format!("{section}.allowed_names needs {section}.client_auth = \"optional\" or \"required\""));
+        }
+        if self.allowed_names.iter().any(String::is_empty) {
+            return Err(format!("{section}.allowed_names holds an empty name"));
         }
         Ok(())
     }
@@ -264,7 +275,11 @@ fn server_config(config: &TlsConfig) -> Result<ServerConfig, TlsError> {
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
             let verifier = if config.client_auth == ClientAuth::Optional { verifier.allow_unauthenticated() } else { verifier };
             let verifier = verifier.build().map_err(|e| TlsError::ClientCa { path: ca.clone(), message: e.to_string() })?;
-            builder.with_client_cert_verifier(verifier)
+            if config.allowed_names.is_empty() {
+                builder.with_client_cert_verifier(verifier)
+            } else {
+                builder.with_client_cert_verifier(Arc::new(NamesAllowed { inner: verifier, names: config.allowed_names.clone() }))
+            }
         }
         _ => builder.with_no_client_auth(),
     };
@@ -275,6 +290,64 @@ fn server_config(config: &TlsConfig) -> Result<ServerConfig, TlsError> {
     })?;
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(server)
+}
+
+/// A client certificate verified by the CA, and then refused unless it carries one of `names`
+/// (rustls checks the chain; this only narrows who may call).
+#[derive(Debug)]
+struct NamesAllowed {
+    inner: Arc<dyn ClientCertVerifier>,
+    names: Vec<String>,
+}
+
+impl ClientCertVerifier for NamesAllowed {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        match identity(end_entity) {
+            Some(PeerIdentity(name)) if self.names.iter().any(|n| **n == *name) => Ok(verified),
+            Some(PeerIdentity(name)) => Err(rustls::Error::General(format!("client certificate {name:?} is not among the allowed names"))),
+            None => Err(rustls::Error::General("client certificate carries no name".into())),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// The identity in a verified client certificate (see [`PeerIdentity`]).
@@ -408,6 +481,13 @@ mod tests {
         assert!(ca_without_tls.validate("gateway.tls").is_err());
         assert!(TlsConfig::default().validate("gateway.tls").is_ok());
         assert!(Tls::load(&TlsConfig::default()).unwrap().is_none(), "no certificate: plain TCP");
+        let names_without_client_auth =
+            TlsConfig { cert: cert.clone(), key: key.clone(), allowed_names: vec!["a".into()], ..TlsConfig::default() };
+        assert!(names_without_client_auth.validate("worker.tls").unwrap_err().contains("worker.tls.allowed_names needs"));
+        let mtls = TlsConfig { cert, key, client_ca: Some("ca.pem".into()), client_auth: ClientAuth::Required, ..TlsConfig::default() };
+        let empty_name = TlsConfig { allowed_names: vec![String::new()], ..mtls.clone() };
+        assert!(empty_name.validate("worker.tls").unwrap_err().contains("empty name"));
+        assert!(TlsConfig { allowed_names: vec!["distributor.pixmesh".into()], ..mtls }.validate("worker.tls").is_ok());
     }
 
     #[test]

@@ -80,8 +80,15 @@ async fn named_outputs_are_made_in_parallel_and_each_downloads_at_its_own_path()
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_saga_survives_kill_9_of_its_distributor_and_a_worker_and_leaves_no_orphan() {
     let dir = tempfile::tempdir().unwrap();
-    // Slow steps (1.5 s each, one at a time per worker): the kills land in the middle.
-    let sets = ["worker.capacity=1", "worker.extra_delay_ms=1500", "distributor.lease_ms=2000", "distributor.lease_renew_ms=500"];
+    // Slow steps (1.5 s each, one at a time per worker, with the bytes in the call or through
+    // presigned URLs alike): the kills land in the middle.
+    let sets = [
+        "worker.capacity=1",
+        "worker.transfers=1",
+        "worker.extra_delay_ms=1500",
+        "distributor.lease_ms=2000",
+        "distributor.lease_renew_ms=500",
+    ];
     let system = System::start(dir.path(), 2, &sets).await.unwrap();
     let store = pixmesh_e2e::job_store(&system).await;
     let before = pixmesh_e2e::blob_files(&system);

@@ -1,8 +1,8 @@
 //! `pixmesh up --tls`: a development CA in the data dir, a certificate per role, mTLS on every
 //! hop between roles and HTTPS on the gateway. A job goes through it end to end; every role's
-//! port refuses plaintext, a client without a certificate and one with a certificate from
-//! another CA, and takes one from the system's CA; a killed worker comes back on its
-//! certificate; a second start keeps the CA clients trust.
+//! port refuses plaintext, a client without a certificate, one with a certificate from another
+//! CA and one of the system's roles not allowed to call it, and takes the role that calls it;
+//! a killed worker comes back on its certificate; a second start keeps the CA clients trust.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
@@ -24,58 +24,60 @@ enum Caller {
     Plain,
     /// TLS trusting the system's CA, without a certificate.
     NoCertificate,
-    /// TLS with a certificate from a CA of its own.
+    /// TLS with a certificate from a CA of its own (naming the gateway).
     Stranger,
-    /// TLS with a certificate from the system's CA (the gateway's).
-    Member,
+    /// TLS with the certificate `up` gave this role child (`gateway`, `distributor`, …).
+    Role(&'static str),
 }
 
-const CALLERS: [Caller; 4] = [Caller::Plain, Caller::NoCertificate, Caller::Stranger, Caller::Member];
+/// Every kind of caller, for a port that `member` may call and `other` (a role of the same
+/// system) may not: only `member` gets in.
+fn callers(member: &'static str, other: &'static str) -> [(Caller, bool); 5] {
+    [
+        (Caller::Plain, false),
+        (Caller::NoCertificate, false),
+        (Caller::Stranger, false),
+        (Caller::Role(other), false),
+        (Caller::Role(member), true),
+    ]
+}
 
 struct Identities {
     ca: PathBuf,
-    member: (PathBuf, PathBuf),
+    roles: PathBuf,
     stranger: (PathBuf, PathBuf),
 }
 
 impl Identities {
     fn new(system: &System, dir: &Path) -> Identities {
-        let tls = system.data_dir.join("tls");
         let other = DevCa::new("someone else's CA").unwrap();
         let issued = other.issue(&["gateway.pixmesh", "localhost", "127.0.0.1"], true, true).unwrap();
         let stranger = (dir.join("stranger.pem"), dir.join("stranger-key.pem"));
         std::fs::write(&stranger.0, &issued.cert_pem).unwrap();
         std::fs::write(&stranger.1, &issued.key_pem).unwrap();
-        Identities {
-            ca: system.ca.clone().expect("up --tls announces its CA"),
-            member: (tls.join("gateway.pem"), tls.join("gateway-key.pem")),
-            stranger,
+        Identities { ca: system.ca.clone().expect("up --tls announces its CA"), roles: system.data_dir.join("tls"), stranger }
+    }
+
+    fn identity(&self, caller: Caller) -> Option<(PathBuf, PathBuf)> {
+        match caller {
+            Caller::Plain | Caller::NoCertificate => None,
+            Caller::Stranger => Some(self.stranger.clone()),
+            Caller::Role(name) => Some((self.roles.join(format!("{name}.pem")), self.roles.join(format!("{name}-key.pem")))),
         }
     }
 
     fn client_tls(&self, caller: Caller) -> ClientTlsConfig {
-        let with = |(cert, key): &(PathBuf, PathBuf)| ClientTlsConfig {
-            ca: Some(self.ca.clone()),
-            cert: Some(cert.clone()),
-            key: Some(key.clone()),
-        };
-        match caller {
-            Caller::Plain => ClientTlsConfig::default(),
-            Caller::NoCertificate => ClientTlsConfig { ca: Some(self.ca.clone()), ..ClientTlsConfig::default() },
-            Caller::Stranger => with(&self.stranger),
-            Caller::Member => with(&self.member),
+        if caller == Caller::Plain {
+            return ClientTlsConfig::default();
         }
+        let (cert, key) = self.identity(caller).unzip();
+        ClientTlsConfig { ca: Some(self.ca.clone()), cert, key }
     }
 
     fn http(&self, caller: Caller) -> reqwest::Client {
         let mut builder = reqwest::Client::builder().use_rustls_tls().tls_built_in_root_certs(false).timeout(Duration::from_secs(10));
         builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&self.ca).unwrap()).unwrap());
-        let identity = match caller {
-            Caller::Stranger => Some(&self.stranger),
-            Caller::Member => Some(&self.member),
-            Caller::Plain | Caller::NoCertificate => None,
-        };
-        if let Some((cert, key)) = identity {
+        if let Some((cert, key)) = self.identity(caller) {
             let pem = [std::fs::read(cert).unwrap(), std::fs::read(key).unwrap()].concat();
             builder = builder.identity(reqwest::Identity::from_pem(&pem).unwrap());
         }
@@ -144,7 +146,7 @@ async fn upload_and_wait(system: &System, photo: &[u8]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_tls_runs_every_hop_over_mtls_and_refuses_callers_without_the_systems_certificate() {
+async fn up_tls_runs_every_hop_over_mtls_and_lets_in_only_the_role_that_calls_each_port() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let system = System::start_tls(&data, 2, &[], &[("PIXMESH_ADMIN_API_KEY", ADMIN_KEY)]).await.unwrap();
@@ -195,36 +197,37 @@ async fn up_tls_runs_every_hop_over_mtls_and_refuses_callers_without_the_systems
     let gateway = system.gateway.trim_start_matches("https://").to_string();
     assert!(!http_answers(&ids, Caller::Plain, &gateway, &id).await, "the gateway must not answer plaintext");
 
-    // Every role's port: only a certificate from the system's CA gets in.
+    // Every role's port: only a certificate from the system's CA that names a role allowed to
+    // call it gets in (upload and status: the gateway; workers: the distributor; the registry:
+    // the distributor and the workers).
     for role in ["upload", "status"] {
         let addr = address(&system, role, "http");
-        for caller in CALLERS {
-            assert_eq!(http_answers(&ids, caller, &addr, &id).await, caller == Caller::Member, "{role} and {caller:?}");
+        for (caller, allowed) in callers("gateway", "worker-1") {
+            assert_eq!(http_answers(&ids, caller, &addr, &id).await, allowed, "{role} and {caller:?}");
         }
     }
     // pixmesh's registry (on the NATS profile, workers register in NATS KV: no registry role).
     let registry = system.queue.is_none().then(|| address(&system, "registry", "grpc"));
-    for caller in CALLERS {
-        let Some(registry) = &registry else { break };
-        let answer = registry_answers(&ids, caller, registry).await;
-        if caller == Caller::Member {
-            assert_eq!(answer, Some(2), "both workers registered over mTLS");
-        } else {
-            assert_eq!(answer, None, "the registry let {caller:?} in");
+    if let Some(registry) = &registry {
+        for member in ["distributor", "worker-2"] {
+            for (caller, allowed) in callers(member, "gateway") {
+                let answer = registry_answers(&ids, caller, registry).await;
+                assert_eq!(answer, allowed.then_some(2), "the registry and {caller:?} (both workers registered over mTLS)");
+            }
         }
     }
     for worker in ["worker-1", "worker-2"] {
         let addr = address(&system, worker, "grpc");
-        for caller in CALLERS {
-            assert_eq!(worker_answers(&ids, caller, &addr).await, caller == Caller::Member, "{worker} and {caller:?}");
+        for (caller, allowed) in callers("distributor", "gateway") {
+            assert_eq!(worker_answers(&ids, caller, &addr).await, allowed, "{worker} and {caller:?}");
         }
     }
     // The refusals are counted where they happened.
     let upload_admin = address(&system, "upload", "admin");
-    assert!(metric(&upload_admin, "pixmesh_tls_handshakes_total", "outcome=\"failed\"").await >= 3.0);
+    assert!(metric(&upload_admin, "pixmesh_tls_handshakes_total", "outcome=\"failed\"").await >= 4.0);
     assert!(metric(&upload_admin, "pixmesh_tls_handshakes_total", "outcome=\"ok\"").await >= 2.0);
     let worker_admin = address(&system, "worker-1", "admin");
-    assert!(metric(&worker_admin, "pixmesh_tls_handshakes_total", "outcome=\"failed\"").await >= 2.0);
+    assert!(metric(&worker_admin, "pixmesh_tls_handshakes_total", "outcome=\"failed\"").await >= 3.0);
 
     // A worker killed outright comes back on its certificate, registers again over mTLS and
     // takes the distributor's calls over mTLS.

@@ -66,7 +66,7 @@ impl DevPki {
 
     /// A new certificate for the role child `name`, written as `name.pem` and `name-key.pem`.
     pub fn issue(&self, name: &str) -> anyhow::Result<RoleFiles> {
-        let identity = format!("{name}.pixmesh");
+        let identity = identity(name);
         let issued = self
             .ca
             .issue(&[identity.as_str(), "localhost", "127.0.0.1", "::1"], true, true)
@@ -76,6 +76,11 @@ impl DevPki {
         write(&cert, &issued.cert_pem, false)?;
         Ok(RoleFiles { cert: cert.display().to_string(), key: key.display().to_string() })
     }
+}
+
+/// The name in child `name`'s certificate, what servers allow callers by: `upload.pixmesh`.
+pub fn identity(name: &str) -> String {
+    format!("{name}.pixmesh")
 }
 
 /// Writes `path` whole (a temporary file renamed over it), `private` ones readable by their

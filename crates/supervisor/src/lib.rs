@@ -72,25 +72,28 @@ fn admin_sources<'a>(children: impl Iterator<Item = (&'a str, &'a Announcement)>
     format!("{{{}}}", entries.join(", "))
 }
 
-/// The settings that give child `name` its certificate: `server` (a `[section.tls]` that
-/// requires client certificates from the CA, or, for the public gateway, asks for none) and
-/// `client` (a `[section.client_tls]` to call the others with).
+/// The settings that give child `name` its certificate: `server` (a `[section.tls]`, with
+/// `Some(callers)`: requiring a certificate from the CA that names one of those children; with
+/// `None`, for the public gateway, asking for none) and `client` (a `[section.client_tls]` to
+/// call the others with).
 fn tls_sets(
     pki: Option<&certs::DevPki>,
     name: &str,
-    server: Option<(&str, bool)>,
+    server: Option<(&str, Option<&[String]>)>,
     client: Option<&str>,
 ) -> anyhow::Result<Vec<[String; 2]>> {
     let Some(pki) = pki else { return Ok(Vec::new()) };
     let files = pki.issue(name)?;
     let ca = pki.ca_file();
     let mut sets = Vec::new();
-    if let Some((section, mutual)) = server {
+    if let Some((section, callers)) = server {
         sets.push(set(&format!("{section}.tls.cert"), &files.cert));
         sets.push(set(&format!("{section}.tls.key"), &files.key));
-        if mutual {
+        if let Some(callers) = callers {
             sets.push(set(&format!("{section}.tls.client_ca"), &ca));
             sets.push(set(&format!("{section}.tls.client_auth"), "required"));
+            let names: Vec<String> = callers.iter().map(|c| toml_string(&certs::identity(c))).collect();
+            sets.push(["--set".to_string(), format!("{section}.tls.allowed_names=[{}]", names.join(","))]);
         }
     }
     if let Some(section) = client {
@@ -141,11 +144,15 @@ pub async fn run(options: UpOptions, shutdown: Shutdown) -> anyhow::Result<()> {
 
     println!("pixmesh up: data in {data}");
     let mut groups: Vec<Vec<Supervised>> = Vec::new();
+    // Who may call whom under `--tls`, by child name.
+    let worker_names: Vec<String> = (1..=options.workers).map(|i| format!("worker-{i}")).collect();
+    let distributor = ["distributor".to_string()];
     let result = async {
         let registry_addr = match &options.external_registry {
             Some(url) => url.clone(),
             None => {
-                let extra = tls_sets(pki, "registry", Some(("registry", true)), None)?;
+                let callers: Vec<String> = std::iter::once("distributor".to_string()).chain(worker_names.iter().cloned()).collect();
+                let extra = tls_sets(pki, "registry", Some(("registry", Some(&callers))), None)?;
                 let registry = Supervised::start(spec("registry", "registry", extra)).await?;
                 let registry_addr = addr(registry.announcement(), "grpc")?.to_string();
                 groups.push(vec![registry]);
@@ -154,11 +161,10 @@ pub async fn run(options: UpOptions, shutdown: Shutdown) -> anyhow::Result<()> {
         };
 
         let mut workers = Vec::new();
-        for i in 1..=options.workers {
-            let name = format!("worker-{i}");
-            let mut extra = vec![set("worker.registry", &registry_addr), set("worker.id", &name)];
-            extra.extend(tls_sets(pki, &name, Some(("worker", true)), Some("worker"))?);
-            workers.push(Supervised::start(spec(&name, "worker", extra)).await?);
+        for name in &worker_names {
+            let mut extra = vec![set("worker.registry", &registry_addr), set("worker.id", name)];
+            extra.extend(tls_sets(pki, name, Some(("worker", Some(&distributor))), Some("worker"))?);
+            workers.push(Supervised::start(spec(name, "worker", extra)).await?);
         }
         groups.push(workers);
 
@@ -167,8 +173,9 @@ pub async fn run(options: UpOptions, shutdown: Shutdown) -> anyhow::Result<()> {
         let distributor = Supervised::start(spec("distributor", "distributor", extra)).await?;
         groups.push(vec![distributor]);
 
-        let upload = Supervised::start(spec("upload", "upload", tls_sets(pki, "upload", Some(("upload", true)), None)?)).await?;
-        let status = Supervised::start(spec("status", "status", tls_sets(pki, "status", Some(("status", true)), None)?)).await?;
+        let gateway_only = ["gateway".to_string()];
+        let upload = Supervised::start(spec("upload", "upload", tls_sets(pki, "upload", Some(("upload", Some(&gateway_only))), None)?)).await?;
+        let status = Supervised::start(spec("status", "status", tls_sets(pki, "status", Some(("status", Some(&gateway_only))), None)?)).await?;
         let upload_url = format!("{scheme}://{}", addr(upload.announcement(), "http")?);
         let status_url = format!("{scheme}://{}", addr(status.announcement(), "http")?);
         groups.push(vec![upload, status]);
@@ -184,7 +191,7 @@ pub async fn run(options: UpOptions, shutdown: Shutdown) -> anyhow::Result<()> {
             ["--set".to_string(), format!("gateway.cluster.sources={sources}")],
         ];
         // Its public listener serves the CA's certificate too; callers bring API keys.
-        extra.extend(tls_sets(pki, "gateway", Some(("gateway", false)), Some("gateway"))?);
+        extra.extend(tls_sets(pki, "gateway", Some(("gateway", None)), Some("gateway"))?);
         let gateway = Supervised::start(spec("gateway", "gateway", extra)).await?;
         let gateway_addr = addr(gateway.announcement(), "http")?.to_string();
         groups.push(vec![gateway]);
