@@ -331,6 +331,35 @@ impl ConnTable {
     }
 }
 
+/// The pause after an accept that failed for want of descriptors or memory, so an accept loop
+/// does not spin: 5 ms, doubling up to 1 s, and 5 ms again after an accept that worked.
+#[derive(Debug)]
+pub struct AcceptBackoff(std::time::Duration);
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        AcceptBackoff(AcceptBackoff::FIRST)
+    }
+}
+
+impl AcceptBackoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(5);
+    const MOST: std::time::Duration = std::time::Duration::from_secs(1);
+
+    pub fn accepted(&mut self) {
+        self.0 = AcceptBackoff::FIRST;
+    }
+
+    /// Waits when `e` is a resource error (see [`is_resource_error`]); other errors concern one
+    /// connection only and are passed at once.
+    pub async fn failed(&mut self, e: &io::Error) {
+        if is_resource_error(e) {
+            tokio::time::sleep(self.0).await;
+            self.0 = (self.0 * 2).min(AcceptBackoff::MOST);
+        }
+    }
+}
+
 /// True for accept errors that mean the process or the system is out of something.
 pub fn is_resource_error(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(code) if code == libc_codes::EMFILE || code == libc_codes::ENFILE || code == libc_codes::ENOBUFS || code == libc_codes::ENOMEM)

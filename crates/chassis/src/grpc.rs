@@ -116,7 +116,7 @@ pub fn incoming(listener: TcpListener, tls: Option<Arc<Tls>>, shutdown: Shutdown
     let (ready, taken) = mpsc::channel::<GrpcConn>(READY_QUEUE);
     tokio::spawn(Arc::clone(&tls).watch(shutdown.clone()));
     tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(5);
+        let mut backoff = crate::conn::AcceptBackoff::default();
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -125,15 +125,12 @@ pub fn incoming(listener: TcpListener, tls: Option<Arc<Tls>>, shutdown: Shutdown
             };
             let (tcp, peer) = match accepted {
                 Ok(pair) => {
-                    backoff = Duration::from_millis(5);
+                    backoff.accepted();
                     pair
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "gRPC accept failed");
-                    if crate::conn::is_resource_error(&e) {
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                    }
+                    backoff.failed(&e).await;
                     continue;
                 }
             };

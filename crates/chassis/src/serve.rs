@@ -140,7 +140,7 @@ pub async fn serve_tls(
     let builder = Arc::new(builder(&limits));
     let table = ConnTable::new(name, cap, limits);
     let mut connections = JoinSet::new();
-    let mut backoff = Duration::from_millis(5);
+    let mut backoff = crate::conn::AcceptBackoff::default();
     loop {
         while connections.try_join_next().is_some() {}
         if table.is_full() && !table.make_room() {
@@ -158,7 +158,7 @@ pub async fn serve_tls(
         };
         let (tcp, peer) = match accepted {
             Ok(pair) => {
-                backoff = Duration::from_millis(5);
+                backoff.accepted();
                 pair
             }
             Err(e) => {
@@ -167,9 +167,8 @@ pub async fn serve_tls(
                 table.accept_failed(&e);
                 if crate::conn::is_resource_error(&e) {
                     table.make_room();
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
+                backoff.failed(&e).await;
                 continue;
             }
         };

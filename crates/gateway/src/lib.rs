@@ -38,7 +38,8 @@ pub struct Prepared {
     snapshot: snapshot::Snapshot,
     stamps: reload::Stamps,
     tls: Option<Arc<Tls>>,
-    clients: upstream::Clients,
+    /// `[gateway.client_tls]`, read once: the upstream pools' and the cluster view's TLS.
+    client_tls: rustls::ClientConfig,
 }
 
 /// What the gateway's stack fronts: pixmesh's own public API, or one application it does not
@@ -55,8 +56,8 @@ pub fn prepare(source: Source) -> Result<Prepared, String> {
     let (config, snapshot) = source.build(None)?;
     let stamps = reload::stamps(&source, &config);
     let tls = Tls::load(&config.tls).map_err(|e| e.to_string())?;
-    let clients = upstream::Clients::new(&config.client_tls).map_err(|e| format!("gateway.client_tls: {e}"))?;
-    Ok(Prepared { source, config, snapshot, stamps, tls, clients })
+    let client_tls = config.client_tls.client_config().map_err(|e| format!("gateway.client_tls: {e}"))?;
+    Ok(Prepared { source, config, snapshot, stamps, tls, client_tls })
 }
 
 /// Serves the gateway on `http` until `shutdown`, with the configuration `source` gives now
@@ -80,7 +81,7 @@ pub async fn serve_as(
     admin: TcpListener,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
-    let Prepared { source, config, snapshot, stamps, tls, clients } = prepared;
+    let Prepared { source, config, snapshot, stamps, tls, client_tls } = prepared;
     if config.require_api_key && snapshot.keys.is_empty() {
         tracing::warn!("no API keys are configured: every request will be refused with 401");
     }
@@ -91,11 +92,9 @@ pub async fn serve_as(
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     // The cluster view asks the status service for recent errors: the `status` upstream.
     let status = config.upstreams.get("status").and_then(|u| u.pool().urls.first().cloned());
-    let client_tls = match config.client_tls.enabled() {
-        true => Some(config.client_tls.client_config().map_err(|e| std::io::Error::other(format!("gateway.client_tls: {e}")))?),
-        false => None,
-    };
-    let cluster = cluster::Cluster::new(config.cluster.clone(), status, client_tls).map_err(std::io::Error::other)?;
+    let cluster_tls = config.client_tls.enabled().then(|| client_tls.clone());
+    let cluster = cluster::Cluster::new(config.cluster.clone(), status, cluster_tls).map_err(std::io::Error::other)?;
+    let clients = upstream::Clients::new(client_tls);
     tokio::spawn(reload::watch(source, config, stamps, Arc::clone(&shared), shutdown.clone()));
     let streams_stop = shutdown.clone();
     pixmesh_chassis::serve::http_role_tls(role, http, admin, shutdown, grace, limits, tls, |_| async move {

@@ -22,7 +22,6 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use pixmesh_chassis::tls::{ClientTlsConfig, TlsError};
 use pixmesh_chassis::{ApiError, ErrorCode};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -41,12 +40,12 @@ pub struct Clients {
 }
 
 impl Clients {
-    pub fn new(tls: &ClientTlsConfig) -> Result<Clients, TlsError> {
+    /// `config`: the TLS for `https://` instances (`[gateway.client_tls]`).
+    pub fn new(config: rustls::ClientConfig) -> Clients {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         connector.enforce_http(false);
-        let config = tls.client_config()?;
         let http1_connector =
             HttpsConnectorBuilder::new().with_tls_config(config.clone()).https_or_http().enable_http1().wrap_connector(connector.clone());
         // HTTP/2 only: h2c with prior knowledge to http:// instances, h2 by ALPN to https:// ones.
@@ -56,7 +55,7 @@ impl Clients {
             .pool_max_idle_per_host(1024)
             .build(http1_connector);
         let h2c = Client::builder(TokioExecutor::new()).http2_only(true).pool_idle_timeout(Duration::from_secs(60)).build(h2_connector);
-        Ok(Clients { http1, h2c })
+        Clients { http1, h2c }
     }
 
     pub fn for_pool(&self, pool: &Pool) -> &Client<Connector, Body> {
