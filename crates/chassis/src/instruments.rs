@@ -23,7 +23,7 @@ pub const HTTP_REQUESTS_REFUSED: &str = "pixmesh_http_requests_refused_total";
 pub const CLOCK_OFFSET_REJECTED: &str = "pixmesh_clock_offset_rejected_total";
 /// TLS handshakes on a listener, by outcome (ok, failed, timeout).
 pub const TLS_HANDSHAKES: &str = "pixmesh_tls_handshakes_total";
-/// Reloads of a listener's TLS certificate files, by outcome (ok, failed).
+/// Reloads of TLS certificate files, by side (listener, caller) and outcome (ok, failed).
 pub const TLS_RELOADS: &str = "pixmesh_tls_reloads_total";
 
 /// Every name above (the dashboard in `deploy/grafana` may use no other).
@@ -67,7 +67,11 @@ pub fn describe() {
     );
     metrics::describe_counter!(CLOCK_OFFSET_REJECTED, Unit::Count, "Hybrid-logical-clock times received too far ahead to adopt, by peer");
     metrics::describe_counter!(TLS_HANDSHAKES, Unit::Count, "TLS handshakes on a listener, by outcome (ok, failed, timeout)");
-    metrics::describe_counter!(TLS_RELOADS, Unit::Count, "Reloads of a listener's TLS certificate files, by outcome (ok, failed)");
+    metrics::describe_counter!(
+        TLS_RELOADS,
+        Unit::Count,
+        "Reloads of TLS certificate files, by side (listener, caller) and outcome (ok, failed)"
+    );
 }
 
 /// A gRPC status code as the `rpc_grpc_status_code` label: its number, as OpenTelemetry has it.

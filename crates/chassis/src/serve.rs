@@ -23,7 +23,7 @@ use crate::admin::{self, Readiness};
 use crate::announce::Announcement;
 use crate::conn::{Close, ConnTable};
 use crate::shutdown::Shutdown;
-use crate::tls::{PeerIdentity, Tls};
+use crate::tls::{OverTls, PeerIdentity, Tls};
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -122,8 +122,8 @@ pub async fn serve(
 }
 
 /// [`serve`], speaking TLS when `tls` is given: the handshake runs on the connection's own task
-/// and must end within the header-read timeout; a verified client certificate's name goes into
-/// every request of the connection as a [`PeerIdentity`].
+/// and must end within the header-read timeout. Every request of a TLS connection carries
+/// [`OverTls`], and a verified client certificate's name as a [`PeerIdentity`].
 pub async fn serve_tls(
     name: &'static str,
     listener: TcpListener,
@@ -197,7 +197,7 @@ pub async fn serve_tls(
                         Some(Ok(Ok(stream))) => {
                             metrics::counter!(crate::instruments::TLS_HANDSHAKES, "outcome" => "ok").increment(1);
                             let identity = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(crate::tls::identity);
-                            served.drive(stream, identity, &builder).await
+                            served.drive(stream, Some(identity), &builder).await
                         }
                         Some(Ok(Err(e))) => {
                             metrics::counter!(crate::instruments::TLS_HANDSHAKES, "outcome" => "failed").increment(1);
@@ -244,7 +244,9 @@ struct Served {
 impl Served {
     /// Serves the connection's requests until it ends, the watchdog closes it (the reason is
     /// returned) or shutdown drains it.
-    async fn drive<IO>(self, io: IO, identity: Option<PeerIdentity>, builder: &auto::Builder<TokioExecutor>) -> Option<Close>
+    /// `session`: `None` for plain TCP; for TLS, the caller's verified name if it showed a
+    /// certificate.
+    async fn drive<IO>(self, io: IO, session: Option<Option<PeerIdentity>>, builder: &auto::Builder<TokioExecutor>) -> Option<Close>
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -252,8 +254,11 @@ impl Served {
         let (io, watch) = crate::conn::watched(io, Arc::clone(&conn));
         let service = hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
             request.extensions_mut().insert(ConnectInfo(peer));
-            if let Some(identity) = &identity {
-                request.extensions_mut().insert(identity.clone());
+            if let Some(identity) = &session {
+                request.extensions_mut().insert(OverTls);
+                if let Some(identity) = identity {
+                    request.extensions_mut().insert(identity.clone());
+                }
             }
             let busy = conn.request_started();
             let response = app.clone().oneshot(request.map(axum::body::Body::new));

@@ -1,25 +1,27 @@
-//! TLS on a listener: rustls (on ring, as the rest of the tree), certificate files reloaded when
-//! they change, and optional client certificates (mTLS) whose name becomes the caller's
-//! identity.
+//! TLS on a listener and for a caller: rustls (on ring, as the rest of the tree), certificate
+//! files reloaded when they change, and optional client certificates (mTLS) whose name becomes
+//! the caller's identity.
 //!
-//! The files are watched by polling their modification time and size once a second, as the
-//! gateway's configuration is: it also sees a Kubernetes Secret's symlink swap or cert-manager's
-//! rename. A new certificate serves new connections at once; open connections keep the one they
-//! were made with. A bad new file (half written, a key that does not match) is logged and
-//! counted, and the previous certificate stays.
+//! The files are watched by polling their modification time and size once a second (a
+//! listener's by a task, a caller's on its next handshake), as the gateway's configuration is:
+//! it also sees a Kubernetes Secret's symlink swap or cert-manager's rename. New files serve new
+//! connections at once; open connections keep what they were made with. A bad new file (half
+//! written, a key that does not match) is logged and counted, and the previous one stays.
 
 use crate::shutdown::Shutdown;
 use rustls::RootCertStore;
-use rustls::client::danger::HandshakeSignatureValid;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 /// `[….tls]` of a listener. Without `cert` the listener speaks plain TCP.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -104,6 +106,10 @@ impl ClientTlsConfig {
         Ok(())
     }
 
+    fn files(&self) -> Vec<&Path> {
+        [&self.ca, &self.cert, &self.key].into_iter().flatten().map(PathBuf::as_path).collect()
+    }
+
     /// [`ClientTlsConfig::validate`], for a gRPC caller: it speaks TLS only with a CA, so a
     /// certificate without one (which would go unused, the calls in plaintext) is refused.
     pub fn validate_for_grpc(&self, section: &str) -> Result<(), String> {
@@ -116,25 +122,80 @@ impl ClientTlsConfig {
 
     /// The rustls client configuration: `ca` as the only roots (the system's when none is
     /// set) and the client certificate when one is set. No ALPN: the connector sets it.
+    ///
+    /// The files are re-read when they change, as a listener's are: on a handshake, at most
+    /// once a second, so a rotated certificate or CA serves the next connection with no
+    /// restart. A bad new file is logged and counted and the one in force stays. The system's
+    /// roots are read once.
     pub fn client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
-        let mut roots = RootCertStore::empty();
-        match &self.ca {
-            Some(ca) => {
-                for c in certificates("CA", ca)? {
-                    roots.add(c)?;
-                }
-            }
+        let files = Arc::new(CallerFiles::load(self)?);
+        let builder = rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+        let builder = match &self.ca {
+            Some(_) => builder.dangerous().with_custom_certificate_verifier(Arc::clone(&files) as Arc<dyn ServerCertVerifier>),
             None => {
-                let found = rustls_native_certs::load_native_certs();
-                for c in found.certs {
+                let mut roots = RootCertStore::empty();
+                for c in rustls_native_certs::load_native_certs().certs {
                     // A system store holds the odd certificate rustls cannot use; skip it.
                     let _ = roots.add(c);
                 }
+                builder.with_root_certificates(roots)
             }
-        }
-        let builder =
-            rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?.with_root_certificates(roots);
-        Ok(match (&self.cert, &self.key) {
+        };
+        Ok(match &self.cert {
+            Some(_) => builder.with_client_cert_resolver(files),
+            None => builder.with_no_client_auth(),
+        })
+    }
+}
+
+/// What a caller trusts (`ca`) and presents (`cert`, `key`), re-read when the files change.
+/// It is both the configuration's server-certificate verifier (when `ca` is set) and its
+/// client-certificate resolver (when `cert` is): rustls asks it on every handshake.
+#[derive(Debug)]
+struct CallerFiles {
+    config: ClientTlsConfig,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+    current: Mutex<CallerState>,
+}
+
+#[derive(Debug)]
+struct CallerState {
+    checked: Instant,
+    stamps: Stamps,
+    /// Some when `ca` is set.
+    roots: Option<Arc<WebPkiServerVerifier>>,
+    /// Some when `cert` is set.
+    key: Option<Arc<CertifiedKey>>,
+}
+
+type CallerParts = (Option<Arc<WebPkiServerVerifier>>, Option<Arc<CertifiedKey>>);
+
+impl CallerFiles {
+    fn load(config: &ClientTlsConfig) -> Result<CallerFiles, TlsError> {
+        let stamps = file_stamps(&config.files());
+        let (roots, key) = Self::read(config)?;
+        Ok(CallerFiles {
+            config: config.clone(),
+            algorithms: provider().signature_verification_algorithms,
+            current: Mutex::new(CallerState { checked: Instant::now(), stamps, roots, key }),
+        })
+    }
+
+    fn read(config: &ClientTlsConfig) -> Result<CallerParts, TlsError> {
+        let roots = match &config.ca {
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                for c in certificates("CA", ca)? {
+                    roots.add(c)?;
+                }
+                let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+                    .build()
+                    .map_err(|e| TlsError::Ca { path: ca.clone(), message: e.to_string() })?;
+                Some(verifier)
+            }
+            None => None,
+        };
+        let key = match (&config.cert, &config.key) {
             (Some(cert), Some(key_path)) => {
                 let chain = certificates("client certificate", cert)?;
                 let key = PrivateKeyDer::from_pem_file(key_path).map_err(|source| TlsError::Pem {
@@ -142,14 +203,90 @@ impl ClientTlsConfig {
                     path: key_path.clone(),
                     source,
                 })?;
-                builder.with_client_auth_cert(chain, key).map_err(|source| TlsError::Certificate {
+                let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(|source| TlsError::Certificate {
                     path: cert.clone(),
                     key: key_path.clone(),
                     source,
-                })?
+                })?;
+                Some(Arc::new(certified))
             }
-            _ => builder.with_no_client_auth(),
-        })
+            _ => None,
+        };
+        Ok((roots, key))
+    }
+
+    /// The roots and certificate in force, after re-reading the files if a second has passed
+    /// since the last look and they changed.
+    fn current(&self) -> CallerParts {
+        let mut state = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if state.checked.elapsed() >= RELOAD_CHECK {
+            state.checked = Instant::now();
+            let now = file_stamps(&self.config.files());
+            if now != state.stamps {
+                state.stamps = now;
+                match Self::read(&self.config) {
+                    Ok((roots, key)) => {
+                        (state.roots, state.key) = (roots, key);
+                        tracing::info!(ca = ?self.config.ca, cert = ?self.config.cert, "caller TLS files reloaded");
+                        metrics::counter!(crate::instruments::TLS_RELOADS, "side" => "caller", "outcome" => "ok").increment(1);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "caller TLS reload failed; keeping the files in force");
+                        metrics::counter!(crate::instruments::TLS_RELOADS, "side" => "caller", "outcome" => "failed").increment(1);
+                    }
+                }
+            }
+        }
+        (state.roots.clone(), state.key.clone())
+    }
+
+    fn roots(&self) -> Result<Arc<WebPkiServerVerifier>, rustls::Error> {
+        self.current().0.ok_or_else(|| rustls::Error::General("no CA configured".into()))
+    }
+}
+
+impl ServerCertVerifier for CallerFiles {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.roots()?.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+impl ResolvesClientCert for CallerFiles {
+    fn resolve(&self, _root_hint_subjects: &[&[u8]], _sigschemes: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.current().1
+    }
+
+    fn has_certs(&self) -> bool {
+        self.config.cert.is_some()
     }
 }
 
@@ -163,6 +300,8 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("certificate {path} with key {key}: {source}")]
     Certificate { path: PathBuf, key: PathBuf, source: rustls::Error },
+    #[error("CA {path}: {message}")]
+    Ca { path: PathBuf, message: String },
     #[error("client CA {path}: {message}")]
     ClientCa { path: PathBuf, message: String },
     #[error("development CA: {0}")]
@@ -174,6 +313,11 @@ pub enum TlsError {
 /// an extension.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity(pub Arc<str>);
+
+/// Marks every request that arrived over TLS, so a proxy can tell its upstream the scheme the
+/// client used (`X-Forwarded-Proto: https`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverTls;
 
 /// A listener's TLS: the server configuration in force, replaced when the files change.
 pub struct Tls {
@@ -199,14 +343,14 @@ impl Tls {
 
     /// Reloads the certificate when its files change, until `shutdown`.
     pub async fn watch(self: Arc<Self>, shutdown: Shutdown) {
-        let mut stamps = stamps(&self.config);
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut stamps = file_stamps(&self.config.files());
+        let mut tick = tokio::time::interval(RELOAD_CHECK);
         loop {
             tokio::select! {
                 _ = shutdown.wait() => return,
                 _ = tick.tick() => {}
             }
-            let now = stamps_now(&self.config);
+            let now = file_stamps(&self.config.files());
             if now == stamps {
                 continue;
             }
@@ -217,27 +361,26 @@ impl Tls {
                         *current = Arc::new(server);
                     }
                     tracing::info!(cert = ?self.config.cert, "TLS certificate reloaded");
-                    metrics::counter!(crate::instruments::TLS_RELOADS, "outcome" => "ok").increment(1);
+                    metrics::counter!(crate::instruments::TLS_RELOADS, "side" => "listener", "outcome" => "ok").increment(1);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "TLS certificate reload failed; keeping the current one");
-                    metrics::counter!(crate::instruments::TLS_RELOADS, "outcome" => "failed").increment(1);
+                    metrics::counter!(crate::instruments::TLS_RELOADS, "side" => "listener", "outcome" => "failed").increment(1);
                 }
             }
         }
     }
 }
 
+/// How often a changed certificate file is looked for.
+const RELOAD_CHECK: Duration = Duration::from_secs(1);
+
 type Stamps = Vec<Option<(SystemTime, u64)>>;
 
-fn stamps(config: &TlsConfig) -> Stamps {
-    stamps_now(config)
-}
-
-fn stamps_now(config: &TlsConfig) -> Stamps {
-    config
-        .files()
-        .into_iter()
+/// The modification time and size of each file: a change to either is a new file.
+fn file_stamps(files: &[&Path]) -> Stamps {
+    files
+        .iter()
         .map(|path| {
             let meta = std::fs::metadata(path).ok()?;
             Some((meta.modified().ok()?, meta.len()))
@@ -538,6 +681,65 @@ mod tests {
         let missing = TlsConfig { cert: Some(dir.path().join("nope.pem")), key: Some(empty), ..TlsConfig::default() };
         let err = Tls::load(&missing).err().unwrap().to_string();
         assert!(err.contains("nope.pem"), "{err}");
+    }
+
+    /// Whether a handshake over an in-memory pipe succeeds on both sides (in TLS 1.3 the
+    /// client is done before the server has judged its certificate).
+    async fn handshake(server: &Tls, client: &rustls::ClientConfig) -> bool {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client.clone()));
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let (client_side, server_side) = tokio::join!(connector.connect(name, a), server.acceptor().accept(b));
+        client_side.is_ok() && server_side.is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_callers_rotated_ca_and_certificate_serve_the_next_handshake_and_a_bad_file_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        let (ca, other_ca) = (DevCa::new("test CA").unwrap(), DevCa::new("another CA").unwrap());
+        let server = ca.issue(&["localhost"], true, false).unwrap();
+        write("server.pem", &server.cert_pem);
+        write("server-key.pem", &server.key_pem);
+        write("server-ca.pem", &ca.cert_pem());
+        let listener = TlsConfig {
+            cert: Some(path("server.pem")),
+            key: Some(path("server-key.pem")),
+            client_ca: Some(path("server-ca.pem")),
+            client_auth: ClientAuth::Required,
+            allowed_names: vec!["new.caller".into()],
+        };
+        let listener = Tls::load(&listener).unwrap().unwrap();
+        let set_caller = |name: &str| {
+            let issued = ca.issue(&[name], false, true).unwrap();
+            write("caller.pem", &issued.cert_pem);
+            write("caller-key.pem", &issued.key_pem);
+        };
+        // It trusts another CA and presents a name the listener does not let in.
+        write("ca.pem", &other_ca.cert_pem());
+        set_caller("old.caller");
+        let caller = ClientTlsConfig { ca: Some(path("ca.pem")), cert: Some(path("caller.pem")), key: Some(path("caller-key.pem")) };
+        let config = caller.client_config().unwrap();
+        assert!(!handshake(&listener, &config).await, "the server's CA is not trusted yet");
+        let after_a_look = || tokio::time::sleep(RELOAD_CHECK + Duration::from_millis(100));
+
+        write("ca.pem", &ca.cert_pem());
+        after_a_look().await;
+        assert!(!handshake(&listener, &config).await, "the CA is right now, the name not yet");
+
+        set_caller("new.caller");
+        after_a_look().await;
+        assert!(handshake(&listener, &config).await, "the same configuration presents the new certificate");
+
+        // A half-written certificate and a CA file that holds none: the ones in force stay.
+        write("caller.pem", "-----BEGIN CERTIFICATE-----\nMIIB");
+        write("ca.pem", "");
+        after_a_look().await;
+        assert!(handshake(&listener, &config).await, "a bad file is not taken");
+        // Without a client certificate the listener refuses; a CA without a certificate is fine.
+        let anonymous = ClientTlsConfig { ca: Some(path("server-ca.pem")), ..ClientTlsConfig::default() };
+        assert!(!handshake(&listener, &anonymous.client_config().unwrap()).await);
     }
 
     #[test]

@@ -24,6 +24,7 @@ use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt;
+use pixmesh_chassis::tls::OverTls;
 use pixmesh_chassis::{ApiError, ErrorCode};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -102,7 +103,8 @@ async fn forward_inner(clients: &Clients, peer: SocketAddr, request: Request) ->
             None => path,
         }
     };
-    prepare_headers(&mut parts.headers, peer, pool.config.h2c);
+    let over_tls = parts.extensions.get::<OverTls>().is_some();
+    prepare_headers(&mut parts.headers, peer, over_tls, pool.config.h2c);
     let bodiless = body.is_end_stream();
     let retry_idempotent = bodiless && idempotent(&parts.method);
     let path_and_query = PathAndQuery::try_from(path_and_query)
@@ -216,7 +218,9 @@ fn unavailable(pool: &Pool) -> ApiError {
 }
 
 /// Hop-by-hop headers out, `X-Forwarded-*` in. `Host` goes: the upstream URI names it.
-fn prepare_headers(headers: &mut HeaderMap, peer: SocketAddr, h2c: bool) {
+/// `X-Forwarded-Proto` is the scheme the client reached the gateway with; a client's own value
+/// is replaced, never trusted.
+fn prepare_headers(headers: &mut HeaderMap, peer: SocketAddr, over_tls: bool, h2c: bool) {
     let original_host = headers.remove(header::HOST);
     // gRPC over h2c needs `te: trailers` end to end; it is the one TE value an h2 hop allows.
     let te_trailers = h2c && headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
@@ -231,7 +235,7 @@ fn prepare_headers(headers: &mut HeaderMap, peer: SocketAddr, h2c: bool) {
     if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
         headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if over_tls { "https" } else { "http" }));
     if let Some(host) = original_host {
         headers.insert(X_FORWARDED_HOST, host);
     }
@@ -252,15 +256,18 @@ mod tests {
         h.insert("host", HeaderValue::from_static("example.com"));
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         h.insert("x-kept", HeaderValue::from_static("1"));
-        prepare_headers(&mut h, "127.0.0.2:5000".parse().unwrap(), false);
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        prepare_headers(&mut h, "127.0.0.2:5000".parse().unwrap(), false, false);
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort();
         assert_eq!(names, ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-kept"]);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.2");
         assert_eq!(h["x-forwarded-host"], "example.com");
+        assert_eq!(h["x-forwarded-proto"], "http", "a client's claim is replaced");
         let mut h = HeaderMap::new();
         h.insert("te", HeaderValue::from_static("trailers"));
-        prepare_headers(&mut h, "127.0.0.2:5000".parse().unwrap(), true);
+        prepare_headers(&mut h, "127.0.0.2:5000".parse().unwrap(), true, true);
+        assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["te"], "trailers", "kept for h2c (gRPC)");
     }
 

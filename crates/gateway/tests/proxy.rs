@@ -9,6 +9,7 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{any, get};
 use pixmesh_chassis::Shutdown;
+use pixmesh_chassis::tls::{DevCa, TlsConfig};
 use pixmesh_gateway::{GatewayConfig, RouteConfig, Source, UpstreamConfig};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -36,7 +37,12 @@ async fn upstream() -> String {
 }
 
 async fn gateway(upstream_url: &str) -> (String, Shutdown) {
-    let mut config = GatewayConfig { max_body_bytes: 16 * 1024 * 1024, ..GatewayConfig::default() };
+    gateway_with(upstream_url, TlsConfig::default()).await
+}
+
+async fn gateway_with(upstream_url: &str, tls: TlsConfig) -> (String, Shutdown) {
+    let scheme = if tls.cert.is_some() { "https" } else { "http" };
+    let mut config = GatewayConfig { max_body_bytes: 16 * 1024 * 1024, tls, ..GatewayConfig::default() };
     config.upstreams.insert("legacy".into(), UpstreamConfig::Url(upstream_url.into()));
     config.upstreams.insert("upload".into(), UpstreamConfig::Url("http://127.0.0.1:9".into())); // nothing listens there
     config.upstreams.insert("status".into(), UpstreamConfig::Url(upstream_url.into()));
@@ -48,7 +54,7 @@ async fn gateway(upstream_url: &str) -> (String, Shutdown) {
     });
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = format!("http://{}", http.local_addr().unwrap());
+    let addr = format!("{scheme}://{}", http.local_addr().unwrap());
     let shutdown = Shutdown::new();
     let source = Source::fixed(config, vec![("tester".into(), "k1".into())]);
     tokio::spawn(pixmesh_gateway::run(source, http, admin, shutdown.clone()));
@@ -112,6 +118,42 @@ async fn wraps_an_upstream_it_does_not_own() {
     assert_eq!(res.json::<Value>().await.unwrap()["body_len"], 10 * 1024 * 1024);
 
     shutdown.trigger();
+}
+
+/// Behind a gateway that serves HTTPS the upstream hears `X-Forwarded-Proto: https`, whatever
+/// the client claims; a plain-HTTP gateway says `http` even when the client claims `https`.
+#[tokio::test]
+async fn the_forwarded_scheme_is_the_one_the_client_used() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = DevCa::new("test CA").unwrap();
+    let issued = ca.issue(&["localhost", "127.0.0.1"], true, false).unwrap();
+    std::fs::write(dir.path().join("gw.pem"), &issued.cert_pem).unwrap();
+    std::fs::write(dir.path().join("gw-key.pem"), &issued.key_pem).unwrap();
+    let tls = TlsConfig { cert: Some(dir.path().join("gw.pem")), key: Some(dir.path().join("gw-key.pem")), ..TlsConfig::default() };
+    let (secure, secure_shutdown) = gateway_with(&up, tls).await;
+    let (plain, plain_shutdown) = gateway(&up).await;
+    let https = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.cert_pem().as_bytes()).unwrap())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    for (c, gw, expected) in [(&https, &secure, "https"), (&client(), &plain, "http")] {
+        for claimed in [None, Some("https"), Some("http")] {
+            let mut request = c.get(format!("{gw}/legacy/who")).header("x-api-key", "k1");
+            if let Some(claimed) = claimed {
+                request = request.header("x-forwarded-proto", claimed);
+            }
+            let res = request.send().await.unwrap();
+            assert_eq!(res.status(), 200, "{gw}");
+            let v: Value = res.json().await.unwrap();
+            assert_eq!(v["headers"]["x-forwarded-proto"], expected, "{gw} with a client claiming {claimed:?}");
+        }
+    }
+    secure_shutdown.trigger();
+    plain_shutdown.trigger();
 }
 
 #[tokio::test]
