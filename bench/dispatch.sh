@@ -67,7 +67,7 @@ WITH next AS (SELECT id FROM q WHERE state = 'queued' ORDER BY created_at, id LI
 UPDATE q SET state = 'processing', lease_owner = 'bench', lease_expires_at = 0 FROM next WHERE q.id = next.id RETURNING q.id AS claimed \gset
 UPDATE q SET state = 'done', lease_owner = NULL, lease_expires_at = NULL WHERE id = :claimed;
 SQL
-floor=$(pgbench -n -c 4 -j 2 -t "$per_client" -f "$work/loop.sql" "$floor_url" 2>/dev/null | awk '/^tps/ { print $3; exit }')
+floor=$(pgbench -n -c 4 -j 2 -t "$per_client" -f "$work/loop.sql" "$floor_url" 2>/dev/null | awk '/^tps/ && !seen { print $3; seen = 1 }')
 echo "  $floor jobs/s"
 
 echo "== floor: JetStream publish + consume/ack, work-queue stream, file storage"

@@ -78,4 +78,4 @@ for route in ("slow", "hang"):
 EOF
 echo
 echo "the mirror's copies (gateway /metrics):"
-curl -s "http://$admin/metrics" | grep '^pixmesh_gateway_mirror_requests_total' | sed 's/^/  /'
+curl -s "http://$admin/metrics" | { grep '^pixmesh_gateway_mirror_requests_total' || echo "(none)"; } | sed 's/^/  /'

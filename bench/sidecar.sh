@@ -76,7 +76,7 @@ print(f"  the sidecar adds p50 {med['sidecar'][0] - med['direct'][0]:+.3f} ms, p
 PY
 echo
 echo "the sidecar's TLS handshakes and answers (its /metrics):"
-curl -s "http://$admin/metrics" | grep -E '^(pixmesh_tls_handshakes_total|pixmesh_gateway_responses_total)' | sed 's/^/  /'
+curl -s "http://$admin/metrics" | { grep -E '^(pixmesh_tls_handshakes_total|pixmesh_gateway_responses_total)' || echo "(none)"; } | sed 's/^/  /'
 echo
 echo "the sidecar's warnings and errors (first 5 of $(grep -cE '"level":"(WARN|ERROR)"' "$work/sc.err" || true)):"
 grep -E '"level":"(WARN|ERROR)"' "$work/sc.err" | head -5 | cut -c1-300 | sed 's/^/  /' || true

@@ -183,7 +183,13 @@ impl Dialer {
         if !config.enabled() {
             return Ok(Dialer::default());
         }
-        Ok(Dialer { tls: Some(Arc::new(config.client_config()?)) })
+        Ok(Dialer::with_config(config.client_config()?))
+    }
+
+    /// TLS with a configuration built already (to share one [`ClientTlsConfig::client_config`],
+    /// and its file watch, with other clients of the role).
+    pub fn with_config(config: rustls::ClientConfig) -> Dialer {
+        Dialer { tls: Some(Arc::new(config)) }
     }
 
     pub fn is_tls(&self) -> bool {

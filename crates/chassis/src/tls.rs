@@ -125,8 +125,8 @@ impl ClientTlsConfig {
     ///
     /// The files are re-read when they change, as a listener's are: on a handshake, at most
     /// once a second, so a rotated certificate or CA serves the next connection with no
-    /// restart. A bad new file is logged and counted and the one in force stays. The system's
-    /// roots are read once.
+    /// restart (sessions are not resumed, which would skip both). A bad new file is logged and
+    /// counted and the one in force stays. The system's roots are read once.
     pub fn client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
         let files = Arc::new(CallerFiles::load(self)?);
         let builder = rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
@@ -141,10 +141,17 @@ impl ClientTlsConfig {
                 builder.with_root_certificates(roots)
             }
         };
-        Ok(match &self.cert {
+        let mut config = match &self.cert {
             Some(_) => builder.with_client_cert_resolver(files),
             None => builder.with_no_client_auth(),
-        })
+        };
+        if self.ca.is_some() || self.cert.is_some() {
+            // A resumed session skips both the server's certificate and ours, so after a
+            // rotation it would go on with the old CA or the old name. Connections are pooled
+            // and long-lived; a full handshake on the odd new one costs little.
+            config.resumption = rustls::client::Resumption::disabled();
+        }
+        Ok(config)
     }
 }
 
@@ -216,27 +223,36 @@ impl CallerFiles {
     }
 
     /// The roots and certificate in force, after re-reading the files if a second has passed
-    /// since the last look and they changed.
+    /// since the last look and they changed. The lock is not held over the files: one caller
+    /// claims the look, the others go on with what is in force.
     fn current(&self) -> CallerParts {
-        let mut state = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if state.checked.elapsed() >= RELOAD_CHECK {
+        let lock = || self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let seen = {
+            let mut state = lock();
+            if state.checked.elapsed() < RELOAD_CHECK {
+                return (state.roots.clone(), state.key.clone());
+            }
             state.checked = Instant::now();
-            let now = file_stamps(&self.config.files());
-            if now != state.stamps {
-                state.stamps = now;
-                match Self::read(&self.config) {
-                    Ok((roots, key)) => {
-                        (state.roots, state.key) = (roots, key);
-                        tracing::info!(ca = ?self.config.ca, cert = ?self.config.cert, "caller TLS files reloaded");
-                        metrics::counter!(crate::instruments::TLS_RELOADS, "side" => "caller", "outcome" => "ok").increment(1);
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "caller TLS reload failed; keeping the files in force");
-                        metrics::counter!(crate::instruments::TLS_RELOADS, "side" => "caller", "outcome" => "failed").increment(1);
-                    }
+            state.stamps.clone()
+        };
+        let now = file_stamps(&self.config.files());
+        if now != seen {
+            let read = Self::read(&self.config);
+            let mut state = lock();
+            state.stamps = now;
+            match read {
+                Ok((roots, key)) => {
+                    (state.roots, state.key) = (roots, key);
+                    tracing::info!(ca = ?self.config.ca, cert = ?self.config.cert, "caller TLS files reloaded");
+                    metrics::counter!(crate::instruments::TLS_RELOADS, "side" => "caller", "outcome" => "ok").increment(1);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "caller TLS reload failed; keeping the files in force");
+                    metrics::counter!(crate::instruments::TLS_RELOADS, "side" => "caller", "outcome" => "failed").increment(1);
                 }
             }
         }
+        let state = lock();
         (state.roots.clone(), state.key.clone())
     }
 
@@ -690,11 +706,19 @@ mod tests {
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client.clone()));
         let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
         let (client_side, server_side) = tokio::join!(connector.connect(name, a), server.acceptor().accept(b));
-        client_side.is_ok() && server_side.is_ok()
+        let (Ok(mut client_side), Ok(mut server_side)) = (client_side, server_side) else {
+            return false;
+        };
+        // A byte from the server: the client reads the session tickets sent before it, so a
+        // later handshake could resume this session if resumption were on.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        server_side.write_all(b"x").await.unwrap();
+        server_side.flush().await.unwrap();
+        client_side.read_exact(&mut [0u8; 1]).await.is_ok()
     }
 
     #[tokio::test]
-    async fn a_callers_rotated_ca_and_certificate_serve_the_next_handshake_and_a_bad_file_changes_nothing() {
+    async fn a_callers_rotated_ca_and_certificate_serve_the_next_handshake_unresumed_and_a_bad_file_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let path = |name: &str| dir.path().join(name);
         let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
@@ -732,11 +756,22 @@ mod tests {
         after_a_look().await;
         assert!(handshake(&listener, &config).await, "the same configuration presents the new certificate");
 
-        // A half-written certificate and a CA file that holds none: the ones in force stay.
-        write("caller.pem", "-----BEGIN CERTIFICATE-----\nMIIB");
+        // A half-written certificate, then a CA file that holds none: the ones in force stay.
+        let issued = std::fs::read_to_string(path("caller.pem")).unwrap();
+        write("caller.pem", &issued[..issued.len() / 2]);
+        after_a_look().await;
+        assert!(handshake(&listener, &config).await, "a half-written certificate is not taken");
+        write("caller.pem", &issued);
         write("ca.pem", "");
         after_a_look().await;
-        assert!(handshake(&listener, &config).await, "a bad file is not taken");
+        assert!(handshake(&listener, &config).await, "an empty CA file is not taken");
+        // Back to a name the listener refuses (the files are taken together, so the CA is mended
+        // too): the sessions made with the allowed one are not resumed, which would skip the
+        // check.
+        write("ca.pem", &ca.cert_pem());
+        set_caller("old.caller");
+        after_a_look().await;
+        assert!(!handshake(&listener, &config).await, "a session of the old files is not resumed");
         // Without a client certificate the listener refuses; a CA without a certificate is fine.
         let anonymous = ClientTlsConfig { ca: Some(path("server-ca.pem")), ..ClientTlsConfig::default() };
         assert!(!handshake(&listener, &anonymous.client_config().unwrap()).await);

@@ -38,7 +38,8 @@ pub struct Prepared {
     snapshot: snapshot::Snapshot,
     stamps: reload::Stamps,
     tls: Option<Arc<Tls>>,
-    /// `[gateway.client_tls]`, read once: the upstream pools' and the cluster view's TLS.
+    /// `[gateway.client_tls]`, built once (its files re-read when they change): the upstream
+    /// pools' and the cluster view's TLS.
     client_tls: rustls::ClientConfig,
 }
 

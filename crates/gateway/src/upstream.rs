@@ -32,7 +32,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub type Connector = HttpsConnector<HttpConnector>;
 
 /// The connection pools. Built once per process: a reload keeps every open upstream connection.
-/// `https://` instances are reached over TLS with `[gateway.client_tls]` (read at start).
+/// `https://` instances are reached over TLS with `[gateway.client_tls]` (its settings read at
+/// start, its files re-read when they change).
 #[derive(Clone)]
 pub struct Clients {
     http1: Client<Connector, Body>,

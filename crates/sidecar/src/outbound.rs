@@ -194,10 +194,10 @@ impl Transport for Http {
     }
 }
 
-fn https_client(tls: &ClientTlsConfig, service: &ServiceConfig) -> Result<HttpsClient, String> {
-    // Without a CA the configuration is never used (`tls = true` needs one), but the connector
-    // wants one.
-    let config = tls.client_config().map_err(|e| format!("sidecar.outbound.tls: {e}"))?;
+/// `tls`: `[sidecar.outbound.tls]`, built once for every service. Without a CA it is never used
+/// (`tls = true` needs one), but the connector wants one.
+fn https_client(tls: &rustls::ClientConfig, service: &ServiceConfig) -> Result<HttpsClient, String> {
+    let config = tls.clone();
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.enforce_http(false);
@@ -224,14 +224,15 @@ pub struct Service {
 }
 
 impl Service {
-    fn new(config: ServiceConfig, tls: &ClientTlsConfig) -> Result<Service, String> {
+    /// `tls`: the services' TLS, and `registry_tls` the dialer for a registry over TLS; both
+    /// built once, so a rotated file is read once.
+    fn new(config: ServiceConfig, tls: &rustls::ClientConfig, registry_tls: &Dialer) -> Result<Service, String> {
         let client = https_client(tls, &config)?;
         let scheme = if config.tls { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP };
         let timeout = Duration::from_millis(config.timeout_ms);
         let set = EndpointSet::with_transport(Http { client, scheme }, timeout, &config.breaker).with_label("service", &config.name);
         let budget = RetryBudget::with_metric(config.retry_budget_percent, config.retry_budget_per_second, METRICS.retries_refused);
-        let registry =
-            if config.registry_tls { Dialer::new(tls).map_err(|e| format!("sidecar.outbound.tls: {e}"))? } else { Dialer::default() };
+        let registry = if config.registry_tls { registry_tls.clone() } else { Dialer::default() };
         Ok(Service { metrics: ServiceMetrics::new(&config.name), config, set, budget, registry })
     }
 
@@ -448,8 +449,10 @@ pub async fn run(config: OutboundConfig, bound: Bound, admin: TcpListener, shutd
     let mut services = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
     let mut announce = pixmesh_chassis::announce::Announcement::new("sidecar-outbound");
+    let tls = config.tls.client_config().map_err(|e| format!("sidecar.outbound.tls: {e}"))?;
+    let registry_tls = if config.tls.enabled() { Dialer::with_config(tls.clone()) } else { Dialer::default() };
     for (service_config, listener) in bound.services {
-        let service = Arc::new(Service::new(service_config, &config.tls)?);
+        let service = Arc::new(Service::new(service_config, &tls, &registry_tls)?);
         let discovery = service.discovery()?;
         let retry = Duration::from_millis(service.config.discovery_interval_ms.min(5_000));
         // An instance takes what it registered (when it said), at most the configured limit.
